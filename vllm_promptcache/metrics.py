@@ -1,0 +1,176 @@
+"""The plugin's counters: collected on both connector sides, exported by vLLM.
+
+Both sides fill a `PromptCacheStats` payload each step (the scheduler side: lookups,
+hits, evictions, tier occupancy; the worker side: bytes and seconds moved).  vLLM
+aggregates the payloads and hands them to `PromptCachePromMetrics`, which exports
+them on the OpenAI server's `/metrics` as `vllm:promptcache_*`.  Offline,
+`read_metrics(llm)` reads the same numbers through `LLM.get_metrics()`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .compat import stats_bases
+
+KVConnectorStats, KVConnectorPromMetrics = stats_bases()
+
+PREFIX = "vllm:promptcache_"
+COUNTER, GAUGE = "counter", "gauge"
+
+# name -> (type, has a tier label, help)
+METRICS: dict[str, tuple[str, bool, str]] = {
+    "lookups_total": (COUNTER, False, "Requests looked up in the prompt cache."),
+    "lookup_hits_total": (COUNTER, False, "Requests that loaded at least one block from the prompt cache."),
+    "hit_tokens_total": (COUNTER, True, "Prompt tokens loaded from a prompt-cache tier instead of computed."),
+    "loaded_bytes_total": (COUNTER, True, "KV bytes loaded from a tier into vLLM's paged cache."),
+    "saved_bytes_total": (COUNTER, True, "KV bytes saved from vLLM's paged cache into a tier."),
+    "load_seconds_total": (COUNTER, True, "Seconds spent loading KV from a tier."),
+    "save_seconds_total": (COUNTER, True, "Seconds spent saving KV into a tier (off the critical path)."),
+    "saved_blocks_total": (COUNTER, True, "KV blocks saved into a tier."),
+    "save_failures_total": (COUNTER, True, "Block saves that failed and were dropped (never served)."),
+    "evictions_total": (COUNTER, True, "Blocks evicted from a tier."),
+    "tier_bytes_in_use": (GAUGE, True, "Bytes of a tier holding KV blocks."),
+    "tier_capacity_bytes": (GAUGE, True, "The byte bound of a tier."),
+}
+
+
+def _key(name: str, tier: str | None) -> str:
+    return f"{name}|{tier or ''}"
+
+
+def _split(key: str) -> tuple[str, str]:
+    name, _, tier = key.partition("|")
+    return name, tier
+
+
+@dataclass
+class PromptCacheStats(KVConnectorStats):
+    """Payload: {"counter": {"name|tier": value}, "gauge": {...}}; plain dicts, so it
+    crosses vLLM's IPC as is."""
+
+    def __post_init__(self):
+        if COUNTER not in self.data:
+            self.reset()
+
+    def reset(self):
+        self.data = {COUNTER: {}, GAUGE: {}}
+
+    def inc(self, name: str, value: float = 1, tier: str | None = None) -> None:
+        assert METRICS[name][0] == COUNTER, name
+        k = _key(name, tier)
+        self.data[COUNTER][k] = self.data[COUNTER].get(k, 0) + value
+
+    def set(self, name: str, value: float, tier: str | None = None) -> None:
+        assert METRICS[name][0] == GAUGE, name
+        self.data[GAUGE][_key(name, tier)] = value
+
+    def aggregate(self, other: "KVConnectorStats") -> "KVConnectorStats":
+        if other is None or other.is_empty():
+            return self
+        for k, v in other.data.get(COUNTER, {}).items():
+            self.data[COUNTER][k] = self.data[COUNTER].get(k, 0) + v
+        self.data[GAUGE].update(other.data.get(GAUGE, {}))
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out = {}
+        for kind in (COUNTER, GAUGE):
+            for k, v in self.data[kind].items():
+                name, tier = _split(k)
+                out[f"promptcache_{name}" + (f"[{tier}]" if tier else "")] = round(v, 6)
+        return out
+
+    def is_empty(self) -> bool:
+        return not (self.data.get(COUNTER) or self.data.get(GAUGE))
+
+    def take(self) -> "PromptCacheStats | None":
+        """This interval's payload, leaving self empty for the next one."""
+        if self.is_empty():
+            return None
+        out = PromptCacheStats(data=self.data)
+        self.reset()
+        return out
+
+
+class PromptCachePromMetrics(KVConnectorPromMetrics):
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._families = {}
+        for name, (kind, tiered, doc) in METRICS.items():
+            labels = list(labelnames) + (["tier"] if tiered else [])
+            if kind == COUNTER:
+                fam = self._counter_cls(name=PREFIX + name, documentation=doc, labelnames=labels)
+            else:
+                fam = self._gauge_cls(name=PREFIX + name, documentation=doc, labelnames=labels,
+                                      multiprocess_mode="mostrecent")
+            self._families[name] = fam
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
+        base = list(self.per_engine_labelvalues[engine_idx])
+        for kind in (COUNTER, GAUGE):
+            for k, v in transfer_stats_data.get(kind, {}).items():
+                name, tier = _split(k)
+                if name not in self._families:
+                    continue
+                child = self._families[name].labels(*(base + ([tier] if METRICS[name][1] else [])))
+                if kind == COUNTER:
+                    child.inc(v)
+                else:
+                    child.set(v)
+
+
+# ---------------------------------------------------------------------------
+# Reading the numbers back
+# ---------------------------------------------------------------------------
+
+Snapshot = dict[str, Any]  # name -> value, or name -> {tier: value}
+
+
+def _put(snap: Snapshot, name: str, tier: str | None, value: float) -> None:
+    # prometheus_client drops a counter's `_total` in some views and not others;
+    # snapshots use the names of METRICS, with it.
+    if name not in METRICS and name + "_total" in METRICS:
+        name += "_total"
+    if tier:
+        snap.setdefault(name, {})
+        snap[name][tier] = snap[name].get(tier, 0) + value
+    else:
+        snap[name] = snap.get(name, 0) + value
+
+
+def read_metrics(llm: Any) -> Snapshot:
+    """The prompt cache's counters from an offline `LLM` (built with `engine_kwargs()`,
+    which keeps vLLM's stat logging on).  Example: `read_metrics(llm)["hit_tokens_total"]["host"]`.
+    """
+    try:
+        metrics = llm.get_metrics()
+    except AssertionError:
+        raise RuntimeError("read_metrics needs stat logging: build the LLM with "
+                           "engine_kwargs() or disable_log_stats=False") from None
+    snap: Snapshot = {}
+    for m in metrics:
+        if not m.name.startswith(PREFIX):
+            continue
+        value = getattr(m, "value", None)
+        if value is None:
+            continue
+        _put(snap, m.name[len(PREFIX):], (m.labels or {}).get("tier"), float(value))
+    return snap
+
+
+_LINE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
+
+
+def parse_prometheus(text: str) -> Snapshot:
+    """The prompt cache's counters from a `/metrics` page."""
+    snap: Snapshot = {}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m or not m.group("name").startswith(PREFIX) or m.group("name").endswith("_created"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels") or ""))
+        _put(snap, m.group("name")[len(PREFIX):], labels.get("tier"), float(m.group("value")))
+    return snap

@@ -1,0 +1,101 @@
+"""The `vllm.general_plugins` entry point: adds `--promptcache` to vLLM's CLI.
+
+vLLM calls `register()` inside `AsyncEngineArgs.add_cli_args`, before the serve
+parser is built, and again in every engine and worker process.  It wraps
+`EngineArgs.add_cli_args` (to add the flags) and `EngineArgs.from_cli_args` (to
+turn them into a `kv_transfer_config` naming our connector, validating first so a
+bad value stops start-up before any engine exists).  Both wrappers are installed
+once per process; without `--promptcache` vLLM behaves exactly as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from .config import FLAGS, EVICTION_POLICIES, PromptCacheConfigError, build_config
+
+logger = logging.getLogger("vllm_promptcache")
+_installed = False
+
+
+def add_promptcache_args(parser: Any) -> Any:
+    if any(a.dest == "promptcache" for a in getattr(parser, "_actions", [])):
+        return parser
+    group = parser.add_argument_group(
+        "vllm-promptcache", "Reuse KV of earlier prompts and conversations from a host-RAM tier.")
+    group.add_argument("--promptcache", action="store_true", default=False,
+                       help="Turn the prompt cache on (a KV connector; needs no other flag).")
+    group.add_argument("--promptcache-config", default=None, metavar="FILE",
+                       help="YAML file of prompt-cache options (see README).")
+    group.add_argument(FLAGS["host_gb"], dest="promptcache_host_gb", type=str, default=None,
+                       metavar="GIB", help="Host-RAM tier size in GiB, (0, 4096]. Default 4.")
+    group.add_argument(FLAGS["eviction_policy"], dest="promptcache_eviction_policy", default=None,
+                       metavar="NAME", help=f"Eviction policy: {', '.join(EVICTION_POLICIES)}.")
+    group.add_argument(FLAGS["save_decode_tokens"], dest="promptcache_save_decode_tokens",
+                       default=None, metavar="BOOL",
+                       help="Also save KV of generated tokens (true/false). Default true.")
+    group.add_argument(FLAGS["min_load_blocks"], dest="promptcache_min_load_blocks", default=None,
+                       metavar="N", help="Shortest hit, in blocks, worth loading. Default 1.")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, f"promptcache_{name}", None) for name in FLAGS}
+
+
+def apply_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
+    """Set `engine_args.kv_transfer_config` from the --promptcache flags."""
+    from .engine_config import kv_transfer_config_dict
+
+    enabled = bool(getattr(args, "promptcache", False))
+    given = [FLAGS[n] for n, v in _overrides(args).items() if v is not None]
+    if getattr(args, "promptcache_config", None):
+        given.append("--promptcache-config")
+    if not enabled:
+        if given:
+            raise SystemExit(f"error: {', '.join(given)} need(s) --promptcache")
+        return engine_args
+    if engine_args.kv_transfer_config is not None:
+        raise SystemExit("error: --promptcache sets the KV connector; it cannot be combined "
+                         "with --kv-transfer-config")
+    try:
+        config = build_config(args.promptcache_config,
+                              {k: v for k, v in _overrides(args).items() if v is not None})
+    except PromptCacheConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    from vllm.config import KVTransferConfig
+
+    engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config_dict(config))
+    logger.info("vllm-promptcache enabled: %s", config.summary())
+    return engine_args
+
+
+def install_cli_hooks() -> None:
+    global _installed
+    if _installed:
+        return
+    from .compat import engine_args_class
+
+    EngineArgs = engine_args_class()
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args(parser, *a, **kw):
+        return add_promptcache_args(original_add(parser, *a, **kw))
+
+    def from_cli_args(cls, args):
+        return apply_cli_args(original_from(cls, args), args)
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    _installed = True
+
+
+def register() -> None:
+    """Entry point for `vllm.general_plugins`; safe to call many times."""
+    from .compat import check_vllm_version
+
+    check_vllm_version()
+    install_cli_hooks()

@@ -1,0 +1,1 @@
+"""Where KV lives outside vLLM's GPU pool: block keys, tiers and eviction policies."""

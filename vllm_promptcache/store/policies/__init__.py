@@ -1,0 +1,16 @@
+"""Eviction policies for the tiers, chosen by name."""
+
+from .base import EvictionPolicy
+from .lru import LruPolicy
+
+POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LruPolicy}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(POLICIES)}") from None
+
+
+__all__ = ["EvictionPolicy", "LruPolicy", "POLICIES", "make_policy"]

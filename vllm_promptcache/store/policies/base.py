@@ -1,0 +1,28 @@
+"""The interface every tier's eviction policy implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Hashable
+
+
+class EvictionPolicy(ABC):
+    """Orders a tier's resident entries for eviction.
+
+    The tier tells the policy what was inserted, used and removed; the policy
+    only answers which evictable entry should go next.  Entries the tier cannot
+    give up (pinned, being written) are filtered by `evictable`.
+    """
+
+    @abstractmethod
+    def inserted(self, entry: Hashable) -> None: ...
+
+    @abstractmethod
+    def accessed(self, entry: Hashable) -> None: ...
+
+    @abstractmethod
+    def removed(self, entry: Hashable) -> None: ...
+
+    @abstractmethod
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
+        """The entry to evict next, or None if nothing evictable is resident."""

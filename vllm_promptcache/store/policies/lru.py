@@ -1,0 +1,30 @@
+"""Least-recently-used eviction."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Hashable
+
+from .base import EvictionPolicy
+
+
+class LruPolicy(EvictionPolicy):
+    def __init__(self) -> None:
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def inserted(self, entry: Hashable) -> None:
+        self._order[entry] = None
+        self._order.move_to_end(entry)
+
+    def accessed(self, entry: Hashable) -> None:
+        if entry in self._order:
+            self._order.move_to_end(entry)
+
+    def removed(self, entry: Hashable) -> None:
+        self._order.pop(entry, None)
+
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
+        for entry in self._order:  # oldest first
+            if evictable(entry):
+                return entry
+        return None
