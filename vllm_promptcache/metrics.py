@@ -141,23 +141,28 @@ def _put(snap: Snapshot, name: str, tier: str | None, value: float) -> None:
         snap[name] = snap.get(name, 0) + value
 
 
-def read_metrics(llm: Any) -> Snapshot:
-    """The prompt cache's counters from an offline `LLM` (built with `engine_kwargs()`,
-    which keeps vLLM's stat logging on).  Example: `read_metrics(llm)["hit_tokens_total"]["host"]`.
+def read_metrics(llm: Any = None) -> Snapshot:
+    """The prompt cache's counters, offline: `read_metrics(llm)["hit_tokens_total"]["host"]`.
+
+    Needs vLLM's stat logging, which `engine_kwargs()` keeps on.  Reads this
+    process's Prometheus registry, as `LLM.get_metrics()` does, but keeps float
+    values (vLLM's reader truncates counters to integers, which would zero the
+    `*_seconds_total` counters).  vLLM re-registers its metrics for each new
+    engine, so the figures are those of the most recently built LLM.
     """
-    try:
-        metrics = llm.get_metrics()
-    except AssertionError:
+    from prometheus_client import REGISTRY
+
+    if llm is not None and getattr(getattr(llm, "llm_engine", None), "log_stats", True) is False:
         raise RuntimeError("read_metrics needs stat logging: build the LLM with "
-                           "engine_kwargs() or disable_log_stats=False") from None
+                           "engine_kwargs() or disable_log_stats=False")
     snap: Snapshot = {}
-    for m in metrics:
-        if not m.name.startswith(PREFIX):
+    for family in REGISTRY.collect():
+        if not family.name.startswith(PREFIX):
             continue
-        value = getattr(m, "value", None)
-        if value is None:
-            continue
-        _put(snap, m.name[len(PREFIX):], (m.labels or {}).get("tier"), float(value))
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            _put(snap, sample.name[len(PREFIX):], sample.labels.get("tier"), float(sample.value))
     return snap
 
 

@@ -121,7 +121,8 @@ class HostTier:
     def commit(self, slots: Sequence[int]) -> None:
         """Saves into these slots finished: they become servable."""
         with self._lock:
-            for slot in slots:
+            # Tail first, so the run's head is the most recent (see _touch).
+            for slot in reversed(slots):
                 if self._state[slot] is SlotState.PENDING:
                     self._state[slot] = SlotState.READY
                     self._policy.inserted(slot)

@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny model, and vLLM engines that whole test modules share."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+# Engines in tests are CPU engines; keep vLLM from warning about unknown env vars
+# of ours being set by a test and from binding all cores to one process.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+ENGINE_DEFAULTS = dict(
+    enforce_eager=True,
+    gpu_memory_utilization=0.2,
+    max_model_len=2048,
+    dtype="bfloat16",
+    seed=0,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from vllm_promptcache.tiny_model import build_model
+
+    return build_model("tiny")
+
+
+def make_llm(model: str, **kwargs):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model, **{**ENGINE_DEFAULTS, **kwargs})
+    # vLLM 0.32's CPU worker dies (SIGILL) when an engine's very first forward is
+    # a prompt of a few tokens; after one longer prompt, short ones are fine.
+    llm.generate([{"prompt_token_ids": list(range(100, 300))}], SamplingParams(max_tokens=1),
+                 use_tqdm=False)
+    return llm
+
+
+def close_llm(llm) -> None:
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    shutdown = getattr(engine_core, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    del llm
+    gc.collect()

@@ -1,0 +1,41 @@
+"""Block copies are byte-exact on the paged layouts vLLM uses."""
+
+import pytest
+import torch
+
+from vllm_promptcache.kernels import (block_dim, blocks_first, load_slots_into_blocks,
+                                      save_blocks_to_slots)
+
+
+@pytest.mark.parametrize("shape,bdim", [
+    ((13, 2, 128, 64), 0),          # CPU backend: (blocks, K/V, ...)
+    ((2, 13, 16, 2, 32), 1),        # FlashAttention: (K/V, blocks, block_size, heads, dim)
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_round_trip_is_bit_exact(shape, bdim, dtype):
+    g = torch.Generator().manual_seed(1)
+    kv = torch.randn(shape, generator=g).to(dtype)
+    # Include NaN payloads and -0.0: a byte copy must keep them.
+    kv.view(-1)[:3] = torch.tensor([float("nan"), -0.0, float("inf")]).to(dtype)
+    assert block_dim(kv, 13) == bdim
+    view = blocks_first(kv, 13)
+    page = view[0].numel() * view.element_size()
+    host = torch.zeros(8, page, dtype=torch.uint8)
+    src = torch.tensor([3, 7, 12])
+    slots = torch.tensor([5, 0, 2])
+    save_blocks_to_slots(view, src, host, slots)
+
+    target = torch.full_like(kv, 7.0)
+    tview = blocks_first(target, 13)
+    dst = torch.tensor([1, 2, 4])
+    load_slots_into_blocks(host, slots, tview, dst)
+    for s, d in zip(src.tolist(), dst.tolist()):
+        assert torch.equal(tview[d].view(torch.uint8) if dtype != torch.float32 else tview[d].view(torch.int32),
+                           view[s].view(torch.uint8) if dtype != torch.float32 else view[s].view(torch.int32))
+    untouched = [b for b in range(13) if b not in dst.tolist()]
+    assert (tview[untouched] == 7.0).all(), "only the target blocks are written"
+
+
+def test_block_dim_requires_a_matching_dimension():
+    with pytest.raises(ValueError, match="no dimension of size 5"):
+        block_dim(torch.zeros(2, 3, 4), 5)
