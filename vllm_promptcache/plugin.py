@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import FLAGS, EVICTION_POLICIES, PromptCacheConfigError, build_config
 
-logger = logging.getLogger("vllm_promptcache")
+logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 _installed = False
 
 

@@ -18,7 +18,7 @@ from ..metrics import PromptCachePromMetrics, PromptCacheStats
 from .metadata import PromptCacheMetadata
 
 KVConnectorBase_V1, _, KVConnectorRole, _ = compat.connector_base()
-logger = logging.getLogger("vllm_promptcache")
+logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
 EXTRA_CONFIG_KEY = "promptcache"
 

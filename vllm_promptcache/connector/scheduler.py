@@ -24,7 +24,7 @@ from ..store.keys import BlockKeyer, ModelFingerprint
 from ..store.policies import make_policy
 from .metadata import BlockTransfer, PromptCacheMetadata
 
-logger = logging.getLogger("vllm_promptcache")
+logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
 
 def host_tier_geometry(vllm_config: Any, kv_cache_config: Any, config: PromptCacheConfig) -> tuple[int, int]:

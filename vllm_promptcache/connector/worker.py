@@ -27,7 +27,7 @@ from ..store.host_buffer import HostBuffer
 from .metadata import BlockTransfer, PromptCacheMetadata, PromptCacheWorkerMeta
 from .scheduler import host_tier_geometry
 
-logger = logging.getLogger("vllm_promptcache")
+logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
 
 class PromptCacheWorker:
