@@ -1,8 +1,8 @@
 """Whole-block copies between a layer of vLLM's paged KV cache and host-tier slots.
 
 Works on any paged layout: the block dimension is found by its size and moved to
-the front as a view, so FlashAttention's (2, N, block, heads, dim) and the CPU
-backend's (N, 2, ...) are handled alike.  A copy moves raw bytes, so a loaded
+the front as a view, so vLLM 0.26 FlashAttention's (2, N, block, heads, dim), 0.32's
+(N, heads, block, 2 * dim) and the CPU backend's packed pages are handled alike.  A copy moves raw bytes, so a loaded
 block is bit-identical to the saved one whatever the dtype.
 """
 

@@ -1,0 +1,406 @@
+"""Copy K/V of a run of tokens into vLLM's paged KV cache, rotating K by a RoPE delta.
+
+KV computed for tokens at positions p can be reused at positions p + delta: RoPE is a
+rotation, RoPE(x, p + d) = R(d) RoPE(x, p), so K only needs rotating by the delta's
+angles and V is position-free.  `rope_shift_` writes
+
+    dst_k[slot] <- R(delta) src_k        dst_v[slot] <- src_v
+
+for every token whose slot is not -1.  V, the non-rotary tail of K (dims >= rotary_dim)
+and K of tokens with delta == 0 are copied bit-for-bit (no arithmetic); the rotation is
+computed in float32 from float64 angles reduced into [-pi, pi] (delta * inv_freq is exact
+in float64 for |delta| < 2**29), so large deltas lose no accuracy.
+
+The frequencies are not derived here: pass the model's own `inv_freq` (e.g. what
+`RotaryEmbedding._compute_inv_freq(base)` of the layer's vLLM rotary embedding returns,
+which includes Llama-3 / linear scaling).
+
+Destinations
+------------
+`dst_k` / `dst_v` are views of one layer of the paged cache, either
+
+* 4-D ``[num_blocks, block_size, num_kv_heads, head_size]`` with any strides, or
+* 6-D "packed" ``[num_blocks, block_size // TG, TG, num_kv_heads, head_size // DG, DG]``
+  with any strides, for caches whose token and head-dim axes are interleaved in groups
+  (vLLM's CPU AMX layout) and so have no 4-D strided view.
+
+`paged_kv_views` builds them from a layer's KV tensor; see its docstring for the layouts.
+
+Layout findings (vLLM 0.32, read from site-packages and checked against the installed
+``torch.ops._C.cpu_attn_reshape_and_cache`` in tests/kernels/test_rope_shift.py):
+
+* Every backend's layer tensor is the logical ``[B, H, N, C]`` page of
+  ``vllm/v1/kv_cache_interface.py`` (``compute_layer_kv_cache_shape_bytes``: blocks,
+  ``num_heads`` (= num_kv_heads), ``num_states`` (= block_size tokens),
+  ``state_content_size_bytes`` = (head_size + head_size_v) * dtype size), viewed as the
+  KV dtype; the physical order is the group's ``KVCacheLayout`` (``vllm/v1/kv_cache_layout.py``).
+* FlashAttention (``v1/attention/backends/flash_attn.py``, ``forward``):
+  ``key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)``,
+  i.e. per token K is content[:head_size], V is content[head_size:].  Older vLLM used
+  ``(2, num_blocks, block_size, num_kv_heads, head_size)``; both are accepted.
+* CPU (``v1/attention/backends/cpu_attn.py``): ``supported_kv_cache_layouts`` is only
+  ``KVCacheLayout.LBHNC``, so each (block, head) page of ``block_size * 2 * head_size``
+  elements is contiguous, and ``forward``/``do_kv_cache_update`` do
+  ``kv_cache.view((num_blocks, num_kv_heads, block_size * 2, -1)).chunk(2, dim=2)``:
+  the first half of the page is K, the second half V -- *not* K|V per token as the
+  shape ``(num_blocks, num_kv_heads, block_size, 2 * head_size)`` suggests.  Inside each
+  half the C++ ``reshape_and_cache`` of the layer's ISA (``_get_attn_isa``, stored on
+  the layer as ``layer.isa``) packs the data:
+
+  - ``vec`` / ``vec16`` (x86 without AMX tiles or not bf16; vec16 also for head sizes
+    that are a multiple of 16 but not 32): K transposed ``[head_size, block_size]``,
+    V ``[block_size, head_size]`` (found by probing the installed op).
+  - ``amx`` (bf16 and block_size % 32 == 0 on CPUs with AMX tiles; csrc/cpu/
+    cpu_attn_amx.hpp ``reshape_and_cache``, and the installed op): K element (o, d)
+    at ``(o//16)*16*D + (d//2)*32 + (o%16)*2 + d%2``; V element (o, d) at
+    ``(o//2)*32 + o%2 + (d//16)*16*N + (d%16)*2`` (N = block_size, D = head_size).
+
+  The observed ``(num_blocks, 2, 128, 64)`` bf16 tensor with strides
+  ``(16384, 8192, 64, 1)`` is therefore 2 KV heads, block 128, head 32, and on an AMX
+  machine its K/V are AMX-packed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - CPU installs without triton use the reference
+    HAS_TRITON = False
+
+# Launch parameters (one program per token; it loops over the heads BLOCK_H at a time).
+MAX_BLOCK_H = 8
+NUM_WARPS = 4
+
+# 2*pi split for Cody-Waite reduction: TWO_PI_HI is float32-exact, so turns * TWO_PI_HI
+# is exact in float64 for |turns| < 2**29.
+TWO_PI_HI = float(torch.tensor(2 * math.pi, dtype=torch.float32).item())
+TWO_PI_LO = 2 * math.pi - TWO_PI_HI
+INV_TWO_PI = 1.0 / (2 * math.pi)
+
+# vLLM CPU AMX packing (csrc/cpu/cpu_attn_amx.hpp): 64-byte tile rows, 4-byte words.
+AMX_TILE_ROW_BYTES = 64
+AMX_WORD_BYTES = 4
+
+PAGED_LAYOUTS = ("flash_attn", "cpu")
+CPU_ISAS = ("vec", "vec16", "amx")
+
+
+# --------------------------------------------------------------------------- views
+
+def _as_paged6(dst: torch.Tensor) -> torch.Tensor:
+    """[B, N, H, D] (any strides) -> [B, 1, N, H, 1, D]; 6-D views pass through."""
+    if dst.dim() == 6:
+        return dst
+    if dst.dim() != 4:
+        raise ValueError(f"paged destination must be 4-D or 6-D, got shape {tuple(dst.shape)}")
+    return dst.unsqueeze(1).unsqueeze(4)
+
+
+def _cpu_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size)
+
+
+def paged_kv_views(kv_cache: torch.Tensor, layout: str, num_kv_heads: int, head_size: int,
+                   block_size: int, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dst_k, dst_v) views of one layer's KV tensor, for `rope_shift_`.
+
+    layout "flash_attn": vLLM 0.32's ``[num_blocks, num_kv_heads, block_size, 2*head_size]``
+        (any physical permutation), K = content[:head_size]; or the older 5-D
+        ``(2, num_blocks, block_size, num_kv_heads, head_size)``.  Returns 4-D views.
+    layout "cpu": the CPU backend's ``[num_blocks, num_kv_heads, block_size, 2*head_size]``
+        (LBHNC, page-contiguous), K = first half of each (block, head) page, V = second
+        half, packed per `isa` (the layer's ``layer.isa``; by default what vLLM's
+        ``_get_attn_isa(kv_cache.dtype, block_size, head_size)`` picks on this machine --
+        pass it explicitly when the model dtype differs from the cache's).  "vec"/"vec16"
+        give 4-D views, "amx" 6-D packed views.  See the module docstring.
+    """
+    H, D, N = num_kv_heads, head_size, block_size
+    if layout == "flash_attn":
+        if kv_cache.dim() == 5:
+            if kv_cache.shape[0] != 2 or tuple(kv_cache.shape[2:]) != (N, H, D):
+                raise ValueError(f"expected (2, blocks, {N}, {H}, {D}), "
+                                 f"got {tuple(kv_cache.shape)}")
+            return kv_cache[0], kv_cache[1]
+        if kv_cache.dim() != 4 or tuple(kv_cache.shape[1:]) != (H, N, 2 * D):
+            raise ValueError(f"expected (blocks, {H}, {N}, {2 * D}), got {tuple(kv_cache.shape)}")
+        k, v = kv_cache.transpose(1, 2).split(D, dim=-1)
+        return k, v
+    if layout != "cpu":
+        raise ValueError(f"unknown paged layout {layout!r}; expected one of {PAGED_LAYOUTS}")
+
+    if kv_cache.dim() != 4 or tuple(kv_cache.shape[1:]) != (H, N, 2 * D):
+        raise ValueError(f"expected (blocks, {H}, {N}, {2 * D}), got {tuple(kv_cache.shape)}")
+    if kv_cache.stride(3) != 1 or kv_cache.stride(2) != 2 * D:
+        raise ValueError("CPU KV pages must be contiguous per (block, head) (layout LBHNC), "
+                         f"got strides {kv_cache.stride()}")
+    isa = isa or _cpu_isa(kv_cache.dtype, N, D)
+    B = kv_cache.shape[0]
+    sb, sh = kv_cache.stride(0), kv_cache.stride(1)
+    base = kv_cache.storage_offset()
+    v_base = base + N * D  # V is the second half of each (block, head) page
+    if isa in ("vec", "vec16"):
+        # K page is [D, N] (transposed), V page is [N, D].
+        k = kv_cache.as_strided((B, N, H, D), (sb, 1, sh, N), base)
+        v = kv_cache.as_strided((B, N, H, D), (sb, D, sh, 1), v_base)
+        return k, v
+    if isa == "amx":
+        elem = kv_cache.element_size()
+        if AMX_WORD_BYTES % elem or elem == AMX_WORD_BYTES:
+            raise ValueError(f"AMX KV packing is for 16-bit caches, got {kv_cache.dtype}")
+        per_word = AMX_WORD_BYTES // elem                     # head dims (K) / tokens (V) per word
+        k_tokens = AMX_TILE_ROW_BYTES // AMX_WORD_BYTES       # tokens per K group (16)
+        v_dims = AMX_TILE_ROW_BYTES // AMX_WORD_BYTES         # head dims per V group (16)
+        if N % k_tokens or D % per_word or D % v_dims:
+            raise ValueError(f"AMX packing needs block_size % {k_tokens} == 0 and "
+                             f"head_size % {v_dims} == 0, got {N}, {D}")
+        k = kv_cache.as_strided(
+            (B, N // k_tokens, k_tokens, H, D // per_word, per_word),
+            (sb, k_tokens * D, per_word, sh, k_tokens * per_word, 1), base)
+        v = kv_cache.as_strided(
+            (B, N // per_word, per_word, H, D // v_dims, v_dims),
+            (sb, per_word * v_dims, 1, sh, N * v_dims, per_word), v_base)
+        return k, v
+    raise NotImplementedError(f"CPU attention ISA {isa!r} packs KV in a layout not handled "
+                              f"here (handled: {CPU_ISAS})")
+
+
+# ------------------------------------------------------------------------ checking
+
+def _check(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq, rotary_dim):
+    if src_k.dim() != 3 or src_v.shape != src_k.shape:
+        raise ValueError(f"src_k/src_v must be [tokens, heads, head_size], got "
+                         f"{tuple(src_k.shape)} / {tuple(src_v.shape)}")
+    T, H, D = src_k.shape
+    if len({src_k.dtype, src_v.dtype, dst_k.dtype, dst_v.dtype}) != 1:
+        raise ValueError("src_k, src_v, dst_k and dst_v must share one dtype (copies are "
+                         f"bit-exact), got {src_k.dtype}, {src_v.dtype}, {dst_k.dtype}, "
+                         f"{dst_v.dtype}")
+    if src_k.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {src_k.dtype}")
+    k6, v6 = _as_paged6(dst_k), _as_paged6(dst_v)
+    for name, d6 in (("dst_k", k6), ("dst_v", v6)):
+        if d6.shape[3] != H or d6.shape[4] * d6.shape[5] != D:
+            raise ValueError(f"{name} of shape {tuple(d6.shape)} does not hold {H} heads of {D}")
+    if k6.shape[0] != v6.shape[0] or k6.shape[1] * k6.shape[2] != v6.shape[1] * v6.shape[2]:
+        raise ValueError("dst_k and dst_v disagree on blocks / block size")
+    if slot_mapping.shape != (T,) or delta.shape != (T,):
+        raise ValueError(f"slot_mapping and delta must be [{T}]")
+    if rotary_dim % 2 or not 0 <= rotary_dim <= D:
+        raise ValueError(f"rotary_dim must be even and <= head_size, got {rotary_dim}")
+    if inv_freq.numel() != rotary_dim // 2:
+        raise ValueError(f"inv_freq has {inv_freq.numel()} entries, rotary_dim // 2 = "
+                         f"{rotary_dim // 2}")
+    return k6, v6
+
+
+# ----------------------------------------------------------------------- reference
+
+def rope_shift_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
+                         dst_v: torch.Tensor, slot_mapping: torch.Tensor, delta: torch.Tensor,
+                         inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool) -> None:
+    """Plain-torch `rope_shift_`: the CPU path and the test oracle (same semantics)."""
+    k6, v6 = _check(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq, rotary_dim)
+    T, H, D = src_k.shape
+    keep = (slot_mapping >= 0).nonzero().flatten()
+    if keep.numel() == 0:
+        return
+    slots = slot_mapping[keep].to(torch.int64)
+    d = delta[keep].to(torch.int64)
+    k = src_k[keep]
+    v = src_v[keep]
+
+    if rotary_dim > 0:
+        ang = d.to(torch.float64)[:, None] * inv_freq.to(torch.float64).flatten()[None, :]
+        cos = ang.cos().to(torch.float32)[:, None, :]
+        sin = ang.sin().to(torch.float32)[:, None, :]
+        rot = k[..., :rotary_dim].float()
+        if is_neox_style:
+            x1, x2 = rot.chunk(2, dim=-1)
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        if is_neox_style:
+            rotated = torch.cat((o1, o2), dim=-1)
+        else:
+            rotated = torch.stack((o1, o2), dim=-1).flatten(-2)
+        rotated = rotated.to(k.dtype)
+        unshifted = (d == 0)[:, None, None]
+        rotated = torch.where(unshifted, k[..., :rotary_dim], rotated)
+        k = torch.cat((rotated, k[..., rotary_dim:]), dim=-1)
+
+    for d6, x in ((k6, k), (v6, v)):
+        tg = d6.shape[2]
+        block_size = d6.shape[1] * tg
+        blk, off = slots // block_size, slots % block_size
+        d6[blk, off // tg, off % tg] = x.reshape(x.shape[0], H, d6.shape[4], d6.shape[5])
+
+
+# -------------------------------------------------------------------------- triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _f32_to_bf16_rtne(x):
+        # float32 -> bfloat16, round to nearest even, spelled out: the GPU's cast does
+        # this too, but the interpreter's cast truncates.  (No NaNs reach it.)
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + (0x7FFF + ((u >> 16) & 1))
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _rope_shift_kernel(
+        src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, slot_ptr, delta_ptr, inv_freq_ptr,
+        num_heads, head_size, rotary_dim, block_size,
+        sk_t, sk_h, sk_d, sv_t, sv_h, sv_d,
+        # destinations as [block, token group, token in group, head, dim group, dim in group]
+        dk_b, dk_g, dk_t, dk_h, dk_dg, dk_d, k_tg, k_dg,
+        dv_b, dv_g, dv_t, dv_h, dv_dg, dv_d, v_tg, v_dg,
+        IS_NEOX: tl.constexpr, IS_BF16: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        TWO_PI_HI: tl.constexpr, TWO_PI_LO: tl.constexpr, INV_TWO_PI: tl.constexpr,
+    ):
+        tok = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        if slot >= 0:
+            delta = tl.load(delta_ptr + tok).to(tl.int64)
+            blk = slot // block_size
+            off = slot % block_size
+
+            d = tl.arange(0, BLOCK_D)
+            d_mask = d < head_size
+            is_rot = d < rotary_dim
+            if IS_NEOX:
+                half = rotary_dim // 2
+                lo = d < half
+                fidx = tl.where(lo, d, d - half)
+                partner = tl.where(lo, d + half, d - half)
+                sign = tl.where(lo, -1.0, 1.0)
+            else:
+                odd = d % 2
+                fidx = d // 2
+                partner = d + 1 - 2 * odd
+                sign = tl.where(odd == 0, -1.0, 1.0)
+            partner = tl.where(is_rot, partner, d)
+            freq = tl.load(inv_freq_ptr + fidx, mask=is_rot & d_mask, other=0.0)
+            # Exact float64 angle, reduced to [-pi, pi] before the float32 sin/cos.
+            ang = delta.to(tl.float64) * freq.to(tl.float64)
+            # (Float constants may be materialised as float32: HI is float32-exact and LO's
+            # rounding costs ~1e-14 rad per turn.)
+            turns = tl.floor(ang * INV_TWO_PI + 0.5)
+            red = (ang - turns * TWO_PI_HI) - turns * TWO_PI_LO
+            red = red.to(tl.float32)
+            cos = tl.cos(red)
+            sin = tl.sin(red) * sign
+            keep_k = (~is_rot)[None, :] | (delta == 0)
+
+            k_tok = blk * dk_b + (off // k_tg) * dk_g + (off % k_tg) * dk_t
+            k_dim = (d // k_dg) * dk_dg + (d % k_dg) * dk_d
+            v_tok = blk * dv_b + (off // v_tg) * dv_g + (off % v_tg) * dv_t
+            v_dim = (d // v_dg) * dv_dg + (d % v_dg) * dv_d
+
+            for h0 in range(0, num_heads, BLOCK_H):
+                h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+                mask = (h < num_heads)[:, None] & d_mask[None, :]
+                src_k_row = src_k_ptr + tok * sk_t + h[:, None] * sk_h
+                k = tl.load(src_k_row + d[None, :] * sk_d, mask=mask)
+                kp = tl.load(src_k_row + partner[None, :] * sk_d, mask=mask)
+                rot = k.to(tl.float32) * cos[None, :] + kp.to(tl.float32) * sin[None, :]
+                if IS_BF16:
+                    rot = _f32_to_bf16_rtne(rot)
+                else:
+                    rot = rot.to(k.dtype)
+                out = tl.where(keep_k, k, rot)
+                tl.store(dst_k_ptr + k_tok + h[:, None] * dk_h + k_dim[None, :], out, mask=mask)
+                v = tl.load(src_v_ptr + tok * sv_t + h[:, None] * sv_h + d[None, :] * sv_d,
+                            mask=mask)
+                tl.store(dst_v_ptr + v_tok + h[:, None] * dv_h + v_dim[None, :], v, mask=mask)
+
+    _interpreted_kernel = None
+
+    def _kernel_for_launch():
+        """The jitted kernel; under TRITON_INTERPRET=1 an interpreted one even when this
+        module was imported (and decorated) before the variable was set."""
+        global _interpreted_kernel
+        if not _interpreting():
+            return _rope_shift_kernel
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if isinstance(_rope_shift_kernel, InterpretedFunction):
+            return _rope_shift_kernel
+        if _interpreted_kernel is None:
+            _interpreted_kernel = InterpretedFunction(_rope_shift_kernel.fn)
+        return _interpreted_kernel
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _grid(num_tokens: int) -> tuple[int]:
+    return (num_tokens,)
+
+
+def rope_shift_triton(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
+                      dst_v: torch.Tensor, slot_mapping: torch.Tensor, delta: torch.Tensor,
+                      inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool) -> None:
+    """Launch the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    k6, v6 = _check(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq, rotary_dim)
+    T, H, D = src_k.shape
+    if T == 0:
+        return
+    inv_freq = inv_freq.to(device=src_k.device, dtype=torch.float32).contiguous()
+    if inv_freq.numel() == 0:
+        inv_freq = torch.zeros(1, dtype=torch.float32, device=src_k.device)
+    slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    delta = delta.to(device=src_k.device, dtype=torch.int64).contiguous()
+    block_size = k6.shape[1] * k6.shape[2]
+    _kernel_for_launch()[_grid(T)](
+        src_k, src_v, k6, v6, slot_mapping, delta, inv_freq,
+        H, D, rotary_dim, block_size,
+        *src_k.stride(), *src_v.stride(),
+        *k6.stride(), k6.shape[2], k6.shape[5],
+        *v6.stride(), v6.shape[2], v6.shape[5],
+        IS_NEOX=bool(is_neox_style), IS_BF16=src_k.dtype == torch.bfloat16,
+        BLOCK_H=min(triton.next_power_of_2(H), MAX_BLOCK_H),
+        BLOCK_D=triton.next_power_of_2(D),
+        TWO_PI_HI=TWO_PI_HI, TWO_PI_LO=TWO_PI_LO, INV_TWO_PI=INV_TWO_PI,
+        num_warps=NUM_WARPS,
+    )
+
+
+def rope_shift_(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
+                dst_v: torch.Tensor, slot_mapping: torch.Tensor, delta: torch.Tensor,
+                inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool) -> None:
+    """dst_k[slot] <- RoPE-rotate(src_k, delta), dst_v[slot] <- src_v, skipping slot -1.
+
+    src_k, src_v: [num_tokens, num_kv_heads, head_size] (fp32 / bf16 / fp16).
+    dst_k, dst_v: views of the paged cache (see `paged_kv_views`), written in place; the
+        same dtype as the sources (copies are bit-exact, nothing is converted).
+    slot_mapping: [num_tokens] int64, slot = block_id * block_size + offset, -1 = skip.
+    delta: [num_tokens] int64 position deltas (any sign, |delta| < 2**29).
+    inv_freq: [rotary_dim // 2] float32, the model's rotary frequencies.
+    rotary_dim: dims [0, rotary_dim) rotate, the rest are copied.
+    is_neox_style: NeoX halves (vLLM's default) or GPT-J interleaved pairs.
+
+    Slots are not range-checked by the Triton path (out-of-range slots write out of
+    bounds); the reference raises on them.
+    """
+    if HAS_TRITON and (src_k.is_cuda or _interpreting()):
+        rope_shift_triton(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq,
+                          rotary_dim, is_neox_style)
+    else:
+        rope_shift_reference(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq,
+                             rotary_dim, is_neox_style)
