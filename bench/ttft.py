@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
 import json
 import os
 import platform
@@ -88,22 +87,13 @@ def engine_defaults(max_len: int) -> dict:
     )
 
 
-def make_llm(model: str, **kwargs):
-    from vllm import LLM
-
-    return LLM(model, **kwargs)
-
-
 def close_llm(llm) -> None:
-    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    shutdown = getattr(engine_core, "shutdown", None)
-    if shutdown is not None:
-        try:
-            shutdown()
-        except Exception as e:  # noqa: BLE001 - a failed shutdown must not lose the results
-            log(f"warning: engine shutdown failed: {e!r}")
-    del llm
-    gc.collect()
+    from vllm_promptcache.compat import shutdown_llm
+
+    try:
+        shutdown_llm(llm)
+    except Exception as e:  # noqa: BLE001 - a failed shutdown must not lose the results
+        log(f"warning: engine shutdown failed: {e!r}")
 
 
 def timed_generate(llm, prompt: list[int]) -> dict:
@@ -178,8 +168,10 @@ def run_case(case: str, model: str, lengths: list[int], reps: int, seed: int) ->
         kwargs.update(engine_kwargs(host_gb=HOST_GB))
         kwargs["enable_prefix_caching"] = False
     log(f"[{case}] starting engine ...")
+    from vllm import LLM
+
     t0 = time.perf_counter()
-    llm = make_llm(model, **kwargs)
+    llm = LLM(model, **kwargs)
     log(f"[{case}] engine up in {time.perf_counter() - t0:.1f} s")
     prompts = Prompts(seed + CASES.index(case))
     results = {}

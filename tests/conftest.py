@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
@@ -39,9 +38,6 @@ def make_llm(model: str, **kwargs):
 
 
 def close_llm(llm) -> None:
-    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    shutdown = getattr(engine_core, "shutdown", None)
-    if shutdown is not None:
-        shutdown()
-    del llm
-    gc.collect()
+    from vllm_promptcache.compat import shutdown_llm
+
+    shutdown_llm(llm)

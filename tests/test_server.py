@@ -73,10 +73,10 @@ class Server:
 @pytest.fixture(scope="module")
 def servers(tiny_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("servers")
+    port = free_port()
     cached = Server([sys.executable, "-m", "vllm_promptcache", "serve", tiny_model, "--port",
-                     str(free_port()), "--promptcache", "--promptcache-host-gb", "0.05",
-                     "--no-enable-prefix-caching", *COMMON], 0, logs / "cached.log")
-    cached.port = int(cached.proc.args[cached.proc.args.index("--port") + 1])
+                     str(port), "--promptcache", "--promptcache-host-gb", "0.05",
+                     "--no-enable-prefix-caching", *COMMON], port, logs / "cached.log")
     ref_port = free_port()
     reference = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                         tiny_model, "--port", str(ref_port), *COMMON], ref_port, logs / "reference.log")
@@ -106,10 +106,10 @@ def host_hits(server) -> float:
 
 
 def test_three_chat_turns_reuse_host_kv_and_match_the_reference(servers, tiny_model):
-    import json as _json
+    import requests
 
     cached, reference = servers
-    system = " ".join(_json.__doc__.split()) + " " + " ".join(socket.__doc__.split())
+    system = " ".join(json.__doc__.split()) + " " + " ".join(socket.__doc__.split())
     questions = ["What does the json module do?", "And what about sockets?",
                  "Summarise both in one line."]
     history = [{"role": "system", "content": system}]
@@ -124,7 +124,7 @@ def test_three_chat_turns_reuse_host_kv_and_match_the_reference(servers, tiny_mo
     assert hits[1] > 0, "turn 2 reuses turn 1's KV from the host tier"
     assert hits[2] > hits[1], "turn 3 reuses turn 2's KV from the host tier"
     # The reference has no prompt-cache metrics at all.
-    assert "vllm:promptcache_" not in __import__("requests").get(reference.base + "/metrics").text
+    assert "vllm:promptcache_" not in requests.get(reference.base + "/metrics").text
 
 
 @pytest.mark.parametrize("launcher,bad,expect", [

@@ -133,6 +133,18 @@ def layer_page_bytes(kv_cache_config: Any) -> list[tuple[str, int]]:
     return out
 
 
+def shutdown_llm(llm: Any) -> None:
+    """Stop an offline `LLM`'s engine-core and worker processes now, not at garbage
+    collection (vLLM 0.32: `llm.llm_engine.engine_core.shutdown()`)."""
+    import gc
+
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    shutdown = getattr(engine_core, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    gc.collect()
+
+
 def engine_args_class():
     from vllm.engine.arg_utils import EngineArgs
 

@@ -130,10 +130,6 @@ Snapshot = dict[str, Any]  # name -> value, or name -> {tier: value}
 
 
 def _put(snap: Snapshot, name: str, tier: str | None, value: float) -> None:
-    # prometheus_client drops a counter's `_total` in some views and not others;
-    # snapshots use the names of METRICS, with it.
-    if name not in METRICS and name + "_total" in METRICS:
-        name += "_total"
     if tier:
         snap.setdefault(name, {})
         snap[name][tier] = snap[name].get(tier, 0) + value
