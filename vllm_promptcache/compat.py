@@ -119,6 +119,21 @@ def request_block_ids(blocks: Any) -> list[int]:
     return list(blocks.get_block_ids()[0])
 
 
+def worker_meta_supported() -> bool:
+    """Workers can report back to the scheduler side (KVConnectorWorkerMetadata; 0.26+)."""
+    return connector_base()[3] is not None
+
+
+def tp_rank() -> int:
+    """This worker's tensor-parallel rank."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    try:
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, RuntimeError):  # no TP group: a single worker
+        return 0
+
+
 def worker_meta_of(connector_output: Any) -> Any:
     return getattr(connector_output, "kv_connector_worker_meta", None)
 

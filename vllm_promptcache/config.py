@@ -14,13 +14,16 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 ENV_PREFIX = "VLLM_PROMPTCACHE_"
-EVICTION_POLICIES = ("lru",)
+EVICTION_POLICIES = ("scheduler-aware", "lru")
+DEFAULT_DISK_DIR = os.path.join("~", ".cache", "vllm-promptcache", "kv")
 # The CLI flag of each field, used in error messages and by the CLI hook.
 FLAGS = {
     "host_gb": "--promptcache-host-gb",
     "eviction_policy": "--promptcache-eviction-policy",
     "save_decode_tokens": "--promptcache-save-decode-tokens",
     "min_load_blocks": "--promptcache-min-load-blocks",
+    "disk_path": "--promptcache-disk-path",
+    "disk_gb": "--promptcache-disk-gb",
 }
 
 
@@ -32,12 +35,19 @@ class PromptCacheConfigError(ValueError):
 class PromptCacheConfig:
     # Host-RAM tier size in GiB: one buffer allocated at start, never exceeded.
     host_gb: float = 4.0
-    # Which eviction policy the host tier uses.
-    eviction_policy: str = "lru"
+    # Which eviction policy the host and disk tiers use: "scheduler-aware" keeps
+    # blocks of queued requests and evicts conversations with nothing queued
+    # first (CachedAttention); "lru" ignores the queue.
+    eviction_policy: str = "scheduler-aware"
     # Save the KV of generated tokens too (multi-turn reuse needs it).
     save_decode_tokens: bool = True
     # Smallest run of blocks worth loading; shorter hits are recomputed.
     min_load_blocks: int = 1
+    # Disk tier: a directory of KV files, written through on every save and kept
+    # across restarts.  "" means DEFAULT_DISK_DIR.
+    disk_path: str = ""
+    # Disk tier cap in GiB; 0 turns the disk tier off.
+    disk_gb: float = 32.0
 
     def validate(self) -> "PromptCacheConfig":
         def bad(name: str, allowed: str) -> PromptCacheConfigError:
@@ -57,7 +67,24 @@ class PromptCacheConfig:
         if not isinstance(self.min_load_blocks, int) or isinstance(self.min_load_blocks, bool) \
                 or not (1 <= self.min_load_blocks <= 1 << 20):
             raise bad("min_load_blocks", "an integer in [1, 1048576]")
+        if not isinstance(self.disk_gb, (int, float)) or isinstance(self.disk_gb, bool) \
+                or not (0 <= self.disk_gb <= 1 << 20):
+            raise bad("disk_gb", "a number of GiB in [0, 1048576]; 0 turns the disk tier off")
+        if not isinstance(self.disk_path, str):
+            raise bad("disk_path", "a directory path")
         return self
+
+    @property
+    def disk_enabled(self) -> bool:
+        return self.disk_gb > 0
+
+    @property
+    def disk_bytes(self) -> int:
+        return int(self.disk_gb * (1 << 30))
+
+    @property
+    def disk_dir(self) -> str:
+        return os.path.abspath(os.path.expanduser(self.disk_path or DEFAULT_DISK_DIR))
 
     @property
     def host_bytes(self) -> int:
@@ -80,7 +107,9 @@ class PromptCacheConfig:
         return cls(**values).validate()
 
     def summary(self) -> str:
-        return (f"host tier {self.host_gb:g} GiB ({self.eviction_policy}), "
+        disk = (f"disk tier {self.disk_gb:g} GiB at {self.disk_dir}" if self.disk_enabled
+                else "disk tier off")
+        return (f"host tier {self.host_gb:g} GiB, {disk}, eviction {self.eviction_policy}, "
                 f"save decode tokens: {self.save_decode_tokens}, "
                 f"min load blocks: {self.min_load_blocks}")
 
@@ -166,7 +195,16 @@ def build_config(config_file: str | os.PathLike | None = None,
     for name, value in (overrides or {}).items():
         if value is not None:
             merged[name] = value
-    return PromptCacheConfig.from_dict(merged, "promptcache options")
+    config = PromptCacheConfig.from_dict(merged, "promptcache options")
+    if config.disk_enabled:
+        # Fail at start-up, before any engine exists, not at the first save.
+        from .store.disk_tier import DiskTierError, prepare_directory
+
+        try:
+            prepare_directory(config.disk_dir)
+        except DiskTierError as e:
+            raise PromptCacheConfigError(f"invalid promptcache option {FLAGS['disk_path']}: {e}") from None
+    return config
 
 
 def _field(name: str) -> dataclasses.Field:

@@ -32,6 +32,11 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "saved_blocks_total": (COUNTER, True, "KV blocks saved into a tier."),
     "save_failures_total": (COUNTER, True, "Block saves that failed and were dropped (never served)."),
     "evictions_total": (COUNTER, True, "Blocks evicted from a tier."),
+    "corrupt_blocks_total": (COUNTER, True, "Blocks found corrupt (header or checksum), deleted and treated as a miss."),
+    "promoted_blocks_total": (COUNTER, True, "Blocks read from a tier into the host tier (disk to host)."),
+    "prefetch_blocks_total": (COUNTER, False, "Blocks a queued request needs that were read into host before its turn."),
+    "prefetch_hit_blocks_total": (COUNTER, False, "Loaded blocks that a prefetch had brought into host."),
+    "dropped_saves_total": (COUNTER, True, "Block saves dropped because a tier was full or busy (a future miss only)."),
     "tier_bytes_in_use": (GAUGE, True, "Bytes of a tier holding KV blocks."),
     "tier_capacity_bytes": (GAUGE, True, "The byte bound of a tier."),
 }

@@ -14,7 +14,7 @@ import argparse
 import logging
 from typing import Any
 
-from .config import FLAGS, EVICTION_POLICIES, PromptCacheConfigError, build_config
+from .config import DEFAULT_DISK_DIR, EVICTION_POLICIES, FLAGS, PromptCacheConfigError, build_config
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 _installed = False
@@ -24,7 +24,7 @@ def add_promptcache_args(parser: Any) -> Any:
     if any(a.dest == "promptcache" for a in getattr(parser, "_actions", [])):
         return parser
     group = parser.add_argument_group(
-        "vllm-promptcache", "Reuse KV of earlier prompts and conversations from a host-RAM tier.")
+        "vllm-promptcache", "Reuse KV of earlier prompts and conversations from host RAM and disk.")
     group.add_argument("--promptcache", action="store_true", default=False,
                        help="Turn the prompt cache on (a KV connector; needs no other flag).")
     group.add_argument("--promptcache-config", default=None, metavar="FILE",
@@ -38,6 +38,10 @@ def add_promptcache_args(parser: Any) -> Any:
                        help="Also save KV of generated tokens (true/false). Default true.")
     group.add_argument(FLAGS["min_load_blocks"], dest="promptcache_min_load_blocks", default=None,
                        metavar="N", help="Shortest hit, in blocks, worth loading. Default 1.")
+    group.add_argument(FLAGS["disk_path"], dest="promptcache_disk_path", default=None,
+                       metavar="DIR", help=f"Disk tier directory. Default {DEFAULT_DISK_DIR}.")
+    group.add_argument(FLAGS["disk_gb"], dest="promptcache_disk_gb", default=None, metavar="GIB",
+                       help="Disk tier cap in GiB; 0 turns the disk tier off. Default 32.")
     return parser
 
 

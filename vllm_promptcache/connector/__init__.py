@@ -89,6 +89,9 @@ class PromptCacheConnector(KVConnectorBase_V1):
             self._worker.shutdown()
 
     # -- scheduler side --------------------------------------------------------
+    def on_new_request(self, request) -> None:
+        self._scheduler.on_new_request(request)
+
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
@@ -105,9 +108,9 @@ class PromptCacheConnector(KVConnectorBase_V1):
         return self._scheduler.request_finished(request, block_ids)
 
     def has_pending_push_work(self) -> bool:
-        # Keep the engine stepping until finished requests' saves are done, so a
-        # conversation's next turn finds them even if the engine went idle.
-        return self._scheduler.has_pending_saves() if self._scheduler else False
+        # Keep the engine stepping until saves, disk writes and promotions are
+        # done, so a conversation's next turn finds them even if the engine went idle.
+        return self._scheduler.has_pending_work() if self._scheduler else False
 
     def reset_cache(self):
         return self._scheduler.reset_cache() if self._scheduler else None

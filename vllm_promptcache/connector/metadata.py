@@ -23,26 +23,58 @@ class BlockTransfer:
 
 
 @dataclass
+class DiskWrite:
+    """Write GPU blocks `block_ids` of a finished request as disk file `file_id`."""
+
+    req_id: str
+    file_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
+class Promotion:
+    """Read blocks `indices` of disk file `file_id` into host slots `slots`."""
+
+    promo_id: str
+    file_id: str
+    indices: list[int]
+    slots: list[int]
+
+
+@dataclass
 class PromptCacheMetadata(KVConnectorMetadata):
     # host -> GPU, needed by this step's forward (synchronous loads)
     loads: list[BlockTransfer] = field(default_factory=list)
     # GPU -> host, of finished requests whose blocks vLLM keeps until we report them
     saves: list[BlockTransfer] = field(default_factory=list)
+    # GPU -> disk (write-through), of the same finished requests
+    disk_writes: list[DiskWrite] = field(default_factory=list)
+    # disk -> host, for queued requests (prefetch) and lookups that found blocks on disk
+    promotions: list[Promotion] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.saves)
+        return not (self.loads or self.saves or self.disk_writes or self.promotions)
 
 
 if _KVConnectorWorkerMetadata is not None:
     @dataclass
     class PromptCacheWorkerMeta(_KVConnectorWorkerMetadata):
-        """Requests whose save failed on some worker: their slots must never be served."""
+        """What workers report to the scheduler side after a step."""
 
+        # Requests whose host save failed on some worker: never serve their slots.
         failed_saves: set[str] = field(default_factory=set)
+        # Finished background jobs, one entry per worker: (kind, id, ok), kind
+        # "write" (a disk file) or "promote" (disk -> host).  The scheduler side
+        # waits for every rank's entry.
+        events: list[tuple[str, str, bool]] = field(default_factory=list)
+        # Disk files found corrupt (and deleted) by some worker.
+        corrupt_files: set[str] = field(default_factory=set)
 
         def aggregate(self, other):
-            # A save is good only if every TP rank wrote its shard.
             self.failed_saves |= other.failed_saves
+            self.events.extend(other.events)
+            self.corrupt_files |= other.corrupt_files
             return self
 else:  # pragma: no cover - a vLLM without worker metadata: failures are logged only
     PromptCacheWorkerMeta = None

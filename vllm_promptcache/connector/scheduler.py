@@ -1,30 +1,47 @@
-"""The connector's scheduler side: what can be loaded, what must be saved.
+"""The connector's scheduler side: what can be loaded, what must be saved, what to prefetch.
 
-Runs in vLLM's engine-core process.  It owns the host tier's index (`HostTier`)
-and decides, per step, which host slots are copied into which GPU blocks and the
-reverse; it never touches tensors.  Invariants that make it safe:
+Runs in vLLM's engine-core process.  It owns the indexes of the host tier
+(`HostTier`) and the disk tier (`DiskTier`) and decides, per step, which bytes
+move where; it never touches tensors.  Lookup order: vLLM's own prefix cache
+(the blocks it already computed), then host, then disk.  Disk blocks are first
+read into host (a promotion, in the background) and then loaded like host
+blocks; meanwhile the lookup answers None ("ask again") and vLLM schedules
+other requests.  When a request is queued (`on_new_request`) its disk blocks
+are promoted ahead of its turn, and its keys are marked queued so a
+scheduler-aware policy evicts them last.
 
-- a slot is served only once READY, i.e. after the worker reported its save done;
-- a slot is only reused (evicted) in `request_finished`, and the save into it is
-  sent in a later step's metadata than any load planned before, which the worker
-  executes in order, each step's loads finishing inside that step.
+Invariants that make it safe:
+- a host slot or disk file is served only once READY, i.e. after every worker
+  reported its write done and good;
+- a host slot is only reused (evicted) when reserved for a save or a promotion,
+  which is sent in a later step's metadata than any load planned from it before;
+  the worker executes steps in order, each step's loads finishing inside it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from itertools import count
 from typing import Any
 
 from .. import compat
 from ..config import PromptCacheConfig
 from ..metrics import PromptCacheStats
+from ..store import disk_format as fmt
+from ..store.disk_tier import DiskTier, prepare_directory
 from ..store.host_tier import HostTier, slots_for
-from ..store.keys import BlockKeyer, ModelFingerprint
+from ..store.keys import BlockKey, BlockKeyer, ModelFingerprint
 from ..store.policies import make_policy
-from .metadata import BlockTransfer, PromptCacheMetadata
+from .metadata import BlockTransfer, DiskWrite, PromptCacheMetadata, Promotion
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
+
+# Disk files hold at most this many bytes per rank (several blocks of one request).
+DISK_FILE_BYTES = 64 << 20
+WRITE, PROMOTE = "write", "promote"
 
 
 def host_tier_geometry(vllm_config: Any, kv_cache_config: Any, config: PromptCacheConfig) -> tuple[int, int]:
@@ -34,11 +51,31 @@ def host_tier_geometry(vllm_config: Any, kv_cache_config: Any, config: PromptCac
     return slots_for(config.host_bytes // world, slot_bytes), slot_bytes
 
 
+def disk_directory(vllm_config: Any, config: PromptCacheConfig) -> tuple[str, str]:
+    """(directory, fingerprint hex): one sub-directory per model fingerprint, so
+    different models, dtypes or layouts never share files."""
+    fingerprint = ModelFingerprint.from_vllm_config(vllm_config, tp_rank=0).digest().hex()
+    return os.path.join(config.disk_dir, fingerprint), fingerprint
+
+
 @dataclass
 class _Lookup:
-    local_tokens: int  # tokens vLLM's own prefix cache already holds
-    keys: list[bytes]  # keys of the leading READY blocks
-    slots: list[int]   # their host slots
+    local_tokens: int   # tokens vLLM's own prefix cache already holds
+    keys: list[BlockKey]  # keys of the blocks to load, from local_tokens on
+    slots: list[int]    # their host slots
+
+
+@dataclass
+class _Job:
+    """A background job every worker must report on (a disk write or a promotion)."""
+
+    kind: str
+    reports: int = 0
+    ok: bool = True
+    slots: list[int] = field(default_factory=list)     # promotion: host slots being filled
+    keys: list[BlockKey] = field(default_factory=list)  # promotion: their keys
+    file_id: str = ""
+    prefetch: bool = False
 
 
 class PromptCacheScheduler:
@@ -49,67 +86,168 @@ class PromptCacheScheduler:
         self.fingerprint = ModelFingerprint.from_vllm_config(vllm_config, tp_rank=0)
         self.keyer = BlockKeyer(self.fingerprint)
         num_slots, slot_bytes = host_tier_geometry(vllm_config, kv_cache_config, config)
+        self.slot_bytes = slot_bytes
         self.world_size = vllm_config.parallel_config.world_size
-        self.host = HostTier(num_slots, slot_bytes, make_policy(config.eviction_policy))
+        self.layout = tuple(compat.layer_page_bytes(kv_cache_config))
+        # Keys that requests waiting in vLLM's queue will read (scheduler-aware eviction).
+        self.queued: Counter[BlockKey] = Counter()
+        self.host = HostTier(num_slots, slot_bytes, make_policy(config.eviction_policy), self.queued)
+        self.disk: DiskTier | None = None
+        if config.disk_enabled and compat.worker_meta_supported():
+            directory, fp_hex = disk_directory(vllm_config, config)
+            self.disk = DiskTier(prepare_directory(directory), config.disk_bytes, self.world_size,
+                                 make_policy(config.eviction_policy), self.queued)
+            files, blocks = self.disk.scan(self._accept_file(fp_hex))
+        elif config.disk_enabled:
+            logger.warning("promptcache: this vLLM has no connector worker metadata; "
+                           "the disk tier is off")
         self.stats = PromptCacheStats()
         self._lookups: dict[str, _Lookup] = {}
         self._looked_up: set[str] = set()
+        self._queued_keys: dict[str, list[BlockKey]] = {}
         self._loads: list[BlockTransfer] = []
         self._saves: list[BlockTransfer] = []
+        self._disk_writes: list[DiskWrite] = []
+        self._promotions: list[Promotion] = []
         self._inflight_saves: dict[str, list[int]] = {}
-        self._evictions_reported = 0
+        self._jobs: dict[tuple[str, str], _Job] = {}
+        self._job_ids = count()
+        # Keys a promotion brought into host and no load used yet: True if by prefetch.
+        self._promoted: OrderedDict[BlockKey, bool] = OrderedDict()
+        self._reported = {"host": 0, "disk": 0, "corrupt": 0}
+        disk_line = (f"disk tier {config.disk_gb:g} GiB at {self.disk.directory}, "
+                     f"{files} files / {blocks} blocks found" if self.disk else "disk tier off")
         logger.info(
-            "vllm-promptcache: %s; %d host slots of one %d-token block (%.2f MiB per slot "
-            "per worker, %d worker(s)); model %s",
-            config.summary(), num_slots, self.block_size, slot_bytes / 2**20,
-            self.world_size, self.fingerprint.model)
+            "vllm-promptcache: host tier %.2f GiB = %d slots of one %d-token block "
+            "(%.2f MiB per slot per worker, %d worker(s)); %s; eviction %s; model %s",
+            config.host_gb, num_slots, self.block_size, slot_bytes / 2**20, self.world_size,
+            disk_line, config.eviction_policy, self.fingerprint.model)
+
+    def _accept_file(self, fp_hex: str):
+        def accept(header: fmt.FileHeader) -> str | None:
+            if header.fingerprint != fp_hex:
+                return "another model fingerprint"
+            if header.layout != self.layout or header.block_bytes != self.slot_bytes:
+                return "another KV layout"
+            return None
+        return accept
 
     # -- loads -----------------------------------------------------------------
+    def on_new_request(self, request: Any) -> None:
+        """A request joined vLLM's queue: mark its blocks queued and prefetch them from disk."""
+        keys = self._keys(request)
+        if not keys:
+            return
+        self._queued_keys[request.request_id] = keys
+        self.queued.update(keys)
+        if self.disk is None:
+            return
+        start = len(self.host.ready_prefix(keys, touch=True))
+        if start < len(keys) and not self.host.is_pending(keys[start]):
+            issued = self._promote(keys, start, prefetch=True)
+            if issued:
+                self.stats.inc("prefetch_blocks_total", issued)
+
     def get_num_new_matched_tokens(self, request: Any,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         req_id = request.request_id
         if req_id not in self._looked_up:
             self._looked_up.add(req_id)
             self.stats.inc("lookups_total")
-        tokens = request.all_token_ids
-        # The last token is always computed: its logits are the next token's.
-        max_blocks = (len(tokens) - 1) // self.block_size
-        keys = self.keyer.block_keys(tokens, compat.request_cache_salt(request), max_blocks)
-        slots = self.host.ready_prefix(keys, touch=False)
-        hit_tokens = len(slots) * self.block_size
-        if (len(slots) < len(keys) and self.host.is_pending(keys[len(slots)])
-                and hit_tokens + self.block_size > num_computed_tokens):
-            # The next block's save is in flight (a conversation's previous turn
-            # that just finished): ask again next step rather than recompute it.
-            return None, False
-        if len(slots) < self.config.min_load_blocks or hit_tokens <= num_computed_tokens:
+        keys = self._keys(request)
+        start = num_computed_tokens // self.block_size
+        slots = self.host.ready_prefix(keys[start:], touch=False)
+        end = start + len(slots)
+        if end < len(keys):
+            if self.host.is_pending(keys[end]):
+                # The next block is on its way into host (a save of a conversation's
+                # previous turn, or a promotion from disk): ask again next step.
+                return None, False
+            if self.disk is not None and self._promote(keys, end, prefetch=False):
+                return None, False
+        if len(slots) < self.config.min_load_blocks or not slots:
             self._lookups.pop(req_id, None)
             return 0, False
-        self._lookups[req_id] = _Lookup(num_computed_tokens, keys[:len(slots)], slots)
-        return hit_tokens - num_computed_tokens, False
+        self._lookups[req_id] = _Lookup(num_computed_tokens, keys[start:end], slots)
+        return end * self.block_size - num_computed_tokens, False
+
+    def _keys(self, request: Any) -> list[BlockKey]:
+        # The last token is always computed: its logits are the next token's.
+        max_blocks = (len(request.all_token_ids) - 1) // self.block_size
+        return self.keyer.block_keys(request.all_token_ids, compat.request_cache_salt(request),
+                                     max_blocks)
+
+    def _promote(self, keys: list[BlockKey], start: int, prefetch: bool) -> int:
+        """Read the run of keys[start:] found on disk into host; returns blocks issued."""
+        run = []  # (key, file id, index in file)
+        for key in keys[start:]:
+            where = self.disk.locate(key)
+            if where is None:
+                break
+            run.append((key, *where))
+        if not run:
+            return 0
+        claimed = self.host.reserve([key for key, _, _ in run])
+        run = run[:len(claimed)]  # none was resident, so claims follow the run in order
+        by_file: dict[str, list[tuple[BlockKey, int, int]]] = {}
+        for (key, file_id, index), (_, slot) in zip(run, claimed):
+            by_file.setdefault(file_id, []).append((key, index, slot))
+        for file_id, blocks in by_file.items():
+            promo_id = f"p{next(self._job_ids)}"
+            slots = [slot for _, _, slot in blocks]
+            self._promotions.append(Promotion(promo_id, file_id, [i for _, i, _ in blocks], slots))
+            self._jobs[(PROMOTE, promo_id)] = _Job(
+                PROMOTE, slots=slots, keys=[k for k, _, _ in blocks], file_id=file_id,
+                prefetch=prefetch)
+            self.disk.pin([file_id])
+        self.disk.touch([f for f in reversed(list(by_file))])
+        logger.debug("promptcache: promoting %d blocks from %d disk file(s)%s",
+                     len(run), len(by_file), " (prefetch)" if prefetch else "")
+        return len(run)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self._unqueue(request.request_id)
         lookup = self._lookups.pop(request.request_id, None)
         if num_external_tokens == 0 or lookup is None:
             return
         assert num_external_tokens % self.block_size == 0, num_external_tokens
         first = lookup.local_tokens // self.block_size
-        last = first + num_external_tokens // self.block_size
-        block_ids = compat.request_block_ids(blocks)[first:last]
-        slots = lookup.slots[first:last]
-        self.host.ready_prefix(lookup.keys[:last], touch=True)
+        n = num_external_tokens // self.block_size
+        block_ids = compat.request_block_ids(blocks)[first:first + n]
+        slots = lookup.slots[:n]
+        self.host.ready_prefix(lookup.keys[:n], touch=True)
         self._loads.append(BlockTransfer(request.request_id, block_ids, slots))
+        from_disk = prefetched = 0
+        for key in lookup.keys[:n]:
+            by_prefetch = self._promoted.pop(key, None)
+            if by_prefetch is not None:
+                from_disk += 1
+                prefetched += by_prefetch
         self.stats.inc("lookup_hits_total")
-        self.stats.inc("hit_tokens_total", num_external_tokens, tier="host")
-        logger.debug("promptcache: request %s loads %d tokens (%d blocks) from host; "
-                     "%d were in vLLM's prefix cache", request.request_id,
-                     num_external_tokens, len(slots), lookup.local_tokens)
+        if n - from_disk:
+            self.stats.inc("hit_tokens_total", (n - from_disk) * self.block_size, tier="host")
+        if from_disk:
+            self.stats.inc("hit_tokens_total", from_disk * self.block_size, tier="disk")
+        if prefetched:
+            self.stats.inc("prefetch_hit_blocks_total", prefetched)
+        logger.debug("promptcache: request %s loads %d tokens (%d blocks, %d of them from disk) "
+                     "through host; %d were in vLLM's prefix cache", request.request_id,
+                     num_external_tokens, n, from_disk, lookup.local_tokens)
+
+    def _unqueue(self, req_id: str) -> None:
+        keys = self._queued_keys.pop(req_id, None)
+        if keys:
+            self.queued.subtract(keys)
+            for key in keys:
+                if self.queued[key] <= 0:
+                    del self.queued[key]
 
     # -- saves -----------------------------------------------------------------
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         req_id = request.request_id
         self._lookups.pop(req_id, None)
         self._looked_up.discard(req_id)
+        self._unqueue(req_id)
         tokens = request.all_token_ids
         # KV exists for the tokens fed to the model: never the last sampled one.
         n_tokens = min(request.num_computed_tokens, len(tokens) - 1)
@@ -120,29 +258,53 @@ class PromptCacheScheduler:
             return False, None
         keys = self.keyer.block_keys(tokens, compat.request_cache_salt(request), n_blocks)
         claimed = self.host.reserve(keys)
-        if not claimed:
-            return False, None
         slots = [slot for _, slot in claimed]
-        self._saves.append(BlockTransfer(req_id, [block_ids[i] for i, _ in claimed], slots))
+        if claimed:
+            self._saves.append(BlockTransfer(req_id, [block_ids[i] for i, _ in claimed], slots))
+        writes = self._plan_disk_writes(req_id, keys, block_ids) if self.disk else 0
+        if not claimed and not writes:
+            return False, None
         self._inflight_saves[req_id] = slots
-        logger.debug("promptcache: request %s finished; saving %d of its %d full blocks to host",
-                     req_id, len(slots), n_blocks)
+        logger.debug("promptcache: request %s finished; saving %d of its %d full blocks to "
+                     "host, %d to disk", req_id, len(slots), n_blocks, writes)
         # Keep the blocks until the worker reports the save done (get_finished).
         return True, None
 
+    def _plan_disk_writes(self, req_id: str, keys: list[BlockKey], block_ids: list[int]) -> int:
+        new = [i for i, key in enumerate(keys) if key not in self.disk]
+        per_file = max(1, DISK_FILE_BYTES // fmt.align_up(self.slot_bytes))
+        planned = 0
+        for lo in range(0, len(new), per_file):
+            idx = new[lo:lo + per_file]
+            file_id = fmt.new_file_id()
+            file_keys = [keys[i] for i in idx]
+            if not self.disk.reserve(file_id, file_keys, self._file_bytes(len(idx))):
+                self.stats.inc("dropped_saves_total", len(new) - lo, tier="disk")
+                break
+            self._disk_writes.append(DiskWrite(req_id, file_id, file_keys, [block_ids[i] for i in idx]))
+            self._jobs[(WRITE, file_id)] = _Job(WRITE, file_id=file_id)
+            planned += len(idx)
+        return planned
+
+    def _file_bytes(self, num_blocks: int) -> int:
+        """Bytes of one file on every rank, for the disk cap."""
+        header = fmt.FileHeader("0" * 32, self.world_size - 1, self.world_size, self.layout,
+                                self.slot_bytes, (b"\0" * 16,) * num_blocks,
+                                (b"\0" * fmt.CHECKSUM_BYTES,) * num_blocks)
+        one = len(header.encode()) + num_blocks * fmt.align_up(self.slot_bytes)
+        return one * self.world_size
+
     # -- per step --------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: Any) -> PromptCacheMetadata:
-        meta = PromptCacheMetadata(loads=self._loads, saves=self._saves)
-        self._loads, self._saves = [], []
+        meta = PromptCacheMetadata(loads=self._loads, saves=self._saves,
+                                   disk_writes=self._disk_writes, promotions=self._promotions)
+        self._loads, self._saves, self._disk_writes, self._promotions = [], [], [], []
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
-        done = connector_output.finished_sending or ()
-        if not done:
-            return
         worker_meta = compat.worker_meta_of(connector_output)
         failed = worker_meta.failed_saves if worker_meta is not None else set()
-        for req_id in done:
+        for req_id in connector_output.finished_sending or ():
             slots = self._inflight_saves.pop(req_id, None)
             if slots is None:
                 continue
@@ -151,20 +313,65 @@ class PromptCacheScheduler:
                 self.stats.inc("save_failures_total", len(slots), tier="host")
             else:
                 self.host.commit(slots)
+        if worker_meta is not None:
+            for file_id in worker_meta.corrupt_files:
+                self.disk.discard(file_id, corrupt=True)
+            for kind, job_id, ok in worker_meta.events:
+                self._job_report(kind, job_id, ok)
 
-    def has_pending_saves(self) -> bool:
-        return bool(self._saves or self._inflight_saves)
+    def _job_report(self, kind: str, job_id: str, ok: bool) -> None:
+        job = self._jobs.get((kind, job_id))
+        if job is None:
+            return
+        job.reports += 1
+        job.ok = job.ok and ok
+        if job.reports < self.world_size:
+            return
+        del self._jobs[(kind, job_id)]
+        if kind == WRITE:
+            if job.ok:
+                self.disk.commit(job_id)
+            else:
+                self.stats.inc("save_failures_total", len(self.disk.file_keys(job_id)), tier="disk")
+                self.disk.abort(job_id)
+            return
+        self.disk.unpin([job.file_id])
+        if job.ok:
+            self.host.commit(job.slots)
+            self.stats.inc("promoted_blocks_total", len(job.slots), tier="disk")
+            for key in job.keys:
+                self._promoted[key] = job.prefetch
+                self._promoted.move_to_end(key)
+            while len(self._promoted) > self.host.num_slots:
+                self._promoted.popitem(last=False)
+        else:
+            self.host.abort(job.slots)
+            # Unreadable on some rank (corrupt, or deleted by another engine): a miss from now on.
+            self.disk.discard(job.file_id)
+
+    def has_pending_work(self) -> bool:
+        return bool(self._saves or self._inflight_saves or self._disk_writes
+                    or self._promotions or self._jobs)
 
     def get_kv_connector_stats(self) -> PromptCacheStats | None:
-        new_evictions = self.host.evictions - self._evictions_reported
-        if new_evictions:
-            self.stats.inc("evictions_total", new_evictions, tier="host")
-            self._evictions_reported = self.host.evictions
+        self._report_delta("host", self.host.evictions, "evictions_total")
         self.stats.set("tier_bytes_in_use", self.host.bytes_in_use * self.world_size, tier="host")
         self.stats.set("tier_capacity_bytes", self.host.capacity_bytes * self.world_size, tier="host")
+        if self.disk is not None:
+            self._report_delta("disk", self.disk.evictions, "evictions_total")
+            self._report_delta("corrupt", self.disk.corrupt_blocks, "corrupt_blocks_total", "disk")
+            self.stats.set("tier_bytes_in_use", self.disk.bytes_in_use, tier="disk")
+            self.stats.set("tier_capacity_bytes", self.disk.capacity_bytes, tier="disk")
         return self.stats.take()
+
+    def _report_delta(self, name: str, total: int, metric: str, tier: str | None = None) -> None:
+        new = total - self._reported[name]
+        if new:
+            self.stats.inc(metric, new, tier=tier or name)
+            self._reported[name] = total
 
     def reset_cache(self) -> bool:
         dropped = self.host.clear()
-        logger.info("promptcache: host tier reset, %d blocks dropped", dropped)
+        logger.info("promptcache: host tier reset, %d blocks dropped (the disk tier is kept)",
+                    dropped)
         return True

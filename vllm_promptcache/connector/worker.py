@@ -1,11 +1,15 @@
-"""The connector's worker side: moves KV bytes between vLLM's paged cache and the host buffer.
+"""The connector's worker side: moves KV bytes between vLLM's paged cache, the
+host buffer and the disk files.
 
 Runs in each vLLM worker.  Loads are synchronous from vLLM's point of view and
 layer-wise: on CUDA they are issued on a side stream in `start_load_kv`, one
 event per layer, and each attention layer waits only for its own layer
 (`wait_for_layer_load`), so copies overlap the forward.  On CPU they run in
 `start_load_kv`.  Saves run on a background thread, never on the step: vLLM holds
-the finished request's blocks until `get_finished` reports the save.
+the finished request's blocks until `get_finished` reports the save.  A save
+also stages the blocks for the disk tier (write-through); the file is written
+by `DiskIO`'s writer thread after vLLM got its blocks back.  Promotions (disk
+-> host) run on `DiskIO`'s reader pool; both report through the worker metadata.
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ from .. import compat
 from ..config import PromptCacheConfig
 from ..kernels import blocks_first, load_slots_into_blocks, save_blocks_to_slots
 from ..metrics import PromptCacheStats
+from ..store.disk_io import DiskIO
 from ..store.host_buffer import HostBuffer
-from .metadata import BlockTransfer, PromptCacheMetadata, PromptCacheWorkerMeta
-from .scheduler import host_tier_geometry
+from .metadata import BlockTransfer, DiskWrite, PromptCacheMetadata, PromptCacheWorkerMeta
+from .scheduler import disk_directory, host_tier_geometry
+
+# Staged (GPU -> RAM copied, not yet on disk) bytes beyond which disk saves are dropped.
+MAX_STAGED_BYTES = 1 << 30
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
@@ -47,6 +55,12 @@ class PromptCacheWorker:
         self._layer_events: dict[str, Any] = {}
         self._load_stream = None
         self._save_stream = None
+        self.disk: DiskIO | None = None
+        if config.disk_enabled and PromptCacheWorkerMeta is not None:
+            directory, fingerprint = disk_directory(vllm_config, config)
+            self.disk = DiskIO(directory, fingerprint, compat.tp_rank(),
+                               vllm_config.parallel_config.world_size, self.layer_pages,
+                               MAX_STAGED_BYTES)
 
     # -- set-up ----------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -101,45 +115,76 @@ class PromptCacheWorker:
 
     # -- saves -----------------------------------------------------------------
     def wait_for_save(self, meta: PromptCacheMetadata) -> None:
-        # Loads of this step must be done before a save may reuse one of their slots.
+        # Loads of this step must be done before a save or promotion may reuse one
+        # of their slots.
         self._layer_events.clear()
         if self._load_stream is not None:
             self._load_stream.synchronize()
-        if not meta.saves:
+        for promo in meta.promotions:
+            self.disk.promote(promo.promo_id, promo.file_id, promo.indices, promo.slots,
+                              self.buffer)
+        if not (meta.saves or meta.disk_writes):
             return
         ready = None
         if self._save_stream is not None:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
+        jobs: dict[str, tuple[BlockTransfer | None, list[DiskWrite]]] = {}
         for save in meta.saves:
-            self._saver.submit(self._save, save, ready)
+            jobs[save.req_id] = (save, [])
+        for write in meta.disk_writes:
+            jobs.setdefault(write.req_id, (None, []))[1].append(write)
+        for req_id, (save, writes) in jobs.items():
+            self._saver.submit(self._save, req_id, save, writes, ready)
 
-    def _save(self, save: BlockTransfer, ready: Any) -> None:
+    def _copy_out(self, block_ids: list[int], dst: HostBuffer, slots: list[int], ready: Any) -> None:
+        """dst slots <- bytes of GPU blocks, every layer; returns when the copy is done."""
+        src_blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        dst_slots = torch.tensor(slots, dtype=torch.long)
+        if self._save_stream is None:
+            for name, kv in self.kv.items():
+                save_blocks_to_slots(kv, src_blocks, dst.layer_view(name), dst_slots)
+            return
+        with torch.cuda.stream(self._save_stream):
+            self._save_stream.wait_event(ready)
+            for name, kv in self.kv.items():
+                save_blocks_to_slots(kv, src_blocks, dst.layer_view(name), dst_slots)
+        self._save_stream.synchronize()
+
+    def _save(self, req_id: str, save: BlockTransfer | None, writes: list[DiskWrite],
+              ready: Any) -> None:
         start = time.perf_counter()
         ok = True
-        try:
-            src_blocks = torch.tensor(save.block_ids, dtype=torch.long, device=self.device)
-            dst_slots = torch.tensor(save.slots, dtype=torch.long)
-            if self._save_stream is None:
-                for name, kv in self.kv.items():
-                    save_blocks_to_slots(kv, src_blocks, self.buffer.layer_view(name), dst_slots)
-            else:
-                with torch.cuda.stream(self._save_stream):
-                    self._save_stream.wait_event(ready)
-                    for name, kv in self.kv.items():
-                        save_blocks_to_slots(kv, src_blocks, self.buffer.layer_view(name), dst_slots)
-                self._save_stream.synchronize()
-        except Exception:
-            ok = False
-            logger.exception("promptcache: saving request %s to host failed; its blocks "
-                             "will not be served", save.req_id)
+        if save is not None:
+            try:
+                self._copy_out(save.block_ids, self.buffer, save.slots, ready)
+            except Exception:
+                ok = False
+                logger.exception("promptcache: saving request %s to host failed; its blocks "
+                                 "will not be served", req_id)
+        staged = []
+        for write in writes:
+            if not self.disk.try_stage(len(write.block_ids)):
+                self.disk.drop_write(write.file_id, "too many disk writes queued")
+                continue
+            try:
+                staging = HostBuffer(len(write.block_ids), self.layer_pages,
+                                     pin=self._save_stream is not None)
+                self._copy_out(write.block_ids, staging, list(range(len(write.block_ids))), ready)
+                staged.append((write, staging))
+            except Exception:
+                self.disk.unstage(len(write.block_ids))
+                self.disk.drop_write(write.file_id, "staging failed")
+                logger.exception("promptcache: staging request %s for disk failed", req_id)
         with self._stats_lock:
-            if ok:
-                nbytes = len(save.slots) * self.slot_bytes
-                self._stats.inc("saved_bytes_total", nbytes, tier="host")
+            if ok and save is not None:
+                self._stats.inc("saved_bytes_total", len(save.slots) * self.slot_bytes, tier="host")
                 self._stats.inc("saved_blocks_total", len(save.slots), tier="host")
             self._stats.inc("save_seconds_total", time.perf_counter() - start, tier="host")
-        self._saved.put((save.req_id, ok))
+        # vLLM may reuse the request's GPU blocks from here on; the files follow.
+        self._saved.put((req_id, ok))
+        for write, staging in staged:
+            self.disk.write(write.file_id, write.keys, staging)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done = set()
@@ -154,18 +199,31 @@ class PromptCacheWorker:
         return (done or None), None
 
     def build_worker_meta(self) -> Any:
-        if not self._failed or PromptCacheWorkerMeta is None:
+        if PromptCacheWorkerMeta is None:
             return None
-        meta = PromptCacheWorkerMeta(failed_saves=self._failed)
+        events, corrupt = self.disk.take_events() if self.disk else ([], set())
+        if not (self._failed or events or corrupt):
+            return None
+        meta = PromptCacheWorkerMeta(failed_saves=self._failed, events=events,
+                                     corrupt_files=corrupt)
         self._failed = set()
         return meta
 
     def get_kv_connector_stats(self) -> PromptCacheStats | None:
         with self._stats_lock:
+            if self.disk is not None:
+                written, read = self.disk.take_byte_counts()
+                if written:
+                    self._stats.inc("saved_bytes_total", written, tier="disk")
+                if read:
+                    self._stats.inc("loaded_bytes_total", read, tier="disk")
             return self._stats.take()
+
 
     def shutdown(self) -> None:
         self._saver.shutdown(wait=True)
+        if self.disk is not None:
+            self.disk.shutdown()
 
 
 def _concat(transfers: list[BlockTransfer]) -> tuple[list[int], list[int]]:

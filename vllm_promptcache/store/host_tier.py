@@ -3,7 +3,9 @@
 This object lives on the scheduler side and never touches bytes; the bytes are in
 `HostBuffer` in each worker, addressed by the same slot numbers.  A slot is FREE,
 PENDING (a save into it is in flight: not servable, not evictable) or READY.
-Pinned READY slots are not evicted either.  The number of slots is fixed at
+Pinned READY slots are not evicted either.  `queued` counts the keys that
+requests waiting in vLLM's queue will read; scheduler-aware policies evict those
+last.  The number of slots is fixed at
 start (`slots_for`), so the tier can never hold more than its byte bound.
 """
 
@@ -43,7 +45,8 @@ def slots_for(capacity_bytes: int, slot_bytes: int) -> int:
 class HostTier:
     name = "host"
 
-    def __init__(self, num_slots: int, slot_bytes: int, policy: EvictionPolicy):
+    def __init__(self, num_slots: int, slot_bytes: int, policy: EvictionPolicy,
+                 queued: Counter[BlockKey] | None = None):
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
         self._policy = policy
@@ -53,6 +56,7 @@ class HostTier:
         self._slot_of_key: dict[BlockKey, int] = {}
         self._free = list(range(num_slots - 1, -1, -1))
         self._pins: Counter[int] = Counter()
+        self._queued = queued if queued is not None else Counter()
         self.evictions = 0
 
     # -- queries ---------------------------------------------------------------
@@ -167,10 +171,14 @@ class HostTier:
     def _evictable(self, slot) -> bool:
         return self._state[slot] is SlotState.READY and not self._pins.get(slot)
 
+    def _is_queued(self, slot) -> bool:
+        key = self._key_of_slot[slot]
+        return key is not None and self._queued.get(key, 0) > 0
+
     def _allocate(self) -> int | None:
         if self._free:
             return self._free.pop()
-        victim = self._policy.victim(self._evictable)
+        victim = self._policy.victim(self._evictable, self._is_queued)
         if victim is None:
             return None
         self._release(victim)

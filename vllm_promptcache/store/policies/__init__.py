@@ -2,8 +2,12 @@
 
 from .base import EvictionPolicy
 from .lru import LruPolicy
+from .scheduler_aware import SchedulerAwarePolicy
 
-POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LruPolicy}
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    "scheduler-aware": SchedulerAwarePolicy,
+    "lru": LruPolicy,
+}
 
 
 def make_policy(name: str) -> EvictionPolicy:
@@ -13,4 +17,4 @@ def make_policy(name: str) -> EvictionPolicy:
         raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(POLICIES)}") from None
 
 
-__all__ = ["EvictionPolicy", "LruPolicy", "POLICIES", "make_policy"]
+__all__ = ["EvictionPolicy", "LruPolicy", "SchedulerAwarePolicy", "POLICIES", "make_policy"]

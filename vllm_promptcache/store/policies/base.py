@@ -6,12 +6,18 @@ from abc import ABC, abstractmethod
 from typing import Callable, Hashable
 
 
+def _nothing_queued(entry: Hashable) -> bool:
+    return False
+
+
 class EvictionPolicy(ABC):
     """Orders a tier's resident entries for eviction.
 
     The tier tells the policy what was inserted, used and removed; the policy
     only answers which evictable entry should go next.  Entries the tier cannot
-    give up (pinned, being written) are filtered by `evictable`.
+    give up (pinned, being written) are filtered by `evictable`; `queued` says
+    whether a request waiting in vLLM's queue will read the entry, for policies
+    that look at the scheduler.
     """
 
     @abstractmethod
@@ -24,5 +30,6 @@ class EvictionPolicy(ABC):
     def removed(self, entry: Hashable) -> None: ...
 
     @abstractmethod
-    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
+    def victim(self, evictable: Callable[[Hashable], bool],
+               queued: Callable[[Hashable], bool] = _nothing_queued) -> Hashable | None:
         """The entry to evict next, or None if nothing evictable is resident."""

@@ -1,11 +1,11 @@
-"""Least-recently-used eviction."""
+"""Least-recently-used eviction; blind to the scheduler's queue."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Callable, Hashable
 
-from .base import EvictionPolicy
+from .base import EvictionPolicy, _nothing_queued
 
 
 class LruPolicy(EvictionPolicy):
@@ -23,8 +23,12 @@ class LruPolicy(EvictionPolicy):
     def removed(self, entry: Hashable) -> None:
         self._order.pop(entry, None)
 
-    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
+    def oldest(self, accept: Callable[[Hashable], bool]) -> Hashable | None:
         for entry in self._order:  # oldest first
-            if evictable(entry):
+            if accept(entry):
                 return entry
         return None
+
+    def victim(self, evictable: Callable[[Hashable], bool],
+               queued: Callable[[Hashable], bool] = _nothing_queued) -> Hashable | None:
+        return self.oldest(evictable)

@@ -1,0 +1,225 @@
+"""The disk tier's file format: one file holds a run of KV blocks of one worker.
+
+Layout (all offsets 4 KiB-aligned, so reads and writes are large and aligned):
+
+    [prefix][header JSON][header checksum] ...padding to 4 KiB...
+    [block 0][pad to 4 KiB][block 1][pad] ...
+
+- prefix: magic, format version, JSON length (struct `_PREFIX`);
+- the JSON names the model fingerprint, the worker's rank and world size, the
+  per-layer layout, the block size in bytes, every block's key and every block's
+  blake3 checksum;
+- the header checksum is blake3 over prefix + JSON.  It covers the block
+  checksums, so header and payload are both checked, and one block can be read
+  and verified without reading the rest of the file.
+
+A file is written under a temporary name, fsynced, then renamed into place, so a
+crash leaves either a whole file or a `*.tmp` that is never indexed.  Names are
+unique per writer (time, pid, random), so engines sharing a directory never write
+the same file; a file never changes after the rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from blake3 import blake3
+
+MAGIC = b"VPCKVBLK"
+FORMAT_VERSION = 1
+ALIGN = 4096
+SUFFIX = ".kv"
+TMP_SUFFIX = ".tmp"
+CHECKSUM_BYTES = 32
+_PREFIX = struct.Struct("<8sII")  # magic, version, JSON length
+_MAX_HEADER_BYTES = 64 << 20
+
+
+class CorruptFile(Exception):
+    """A file whose header or a block does not match its checksum or format."""
+
+
+def align_up(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def checksum(data) -> bytes:
+    return blake3(data).digest()
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    fingerprint: str                   # ModelFingerprint digest, hex
+    rank: int                          # the TP rank whose shard this is
+    world: int                         # TP world size
+    layout: tuple[tuple[str, int], ...]  # (layer name, page bytes) in slot order
+    block_bytes: int
+    keys: tuple[bytes, ...]
+    block_checksums: tuple[bytes, ...]
+    header_bytes: int = 0              # set when decoded / encoded
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.keys)
+
+    @property
+    def block_stride(self) -> int:
+        return align_up(self.block_bytes)
+
+    def block_offset(self, index: int) -> int:
+        return self.header_bytes + index * self.block_stride
+
+    @property
+    def file_bytes(self) -> int:
+        return self.header_bytes + self.num_blocks * self.block_stride
+
+    def encode(self) -> bytes:
+        body = json.dumps({
+            "fingerprint": self.fingerprint, "rank": self.rank, "world": self.world,
+            "layout": [list(x) for x in self.layout], "block_bytes": self.block_bytes,
+            "keys": [k.hex() for k in self.keys],
+            "checksums": [c.hex() for c in self.block_checksums],
+        }, separators=(",", ":")).encode()
+        head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + body
+        head += checksum(head)
+        return head + b"\0" * (align_up(len(head)) - len(head))
+
+    @classmethod
+    def decode(cls, data: bytes, where: str) -> "FileHeader":
+        if len(data) < _PREFIX.size:
+            raise CorruptFile(f"{where}: truncated header")
+        magic, version, body_len = _PREFIX.unpack_from(data)
+        if magic != MAGIC:
+            raise CorruptFile(f"{where}: bad magic {magic!r}")
+        if version != FORMAT_VERSION:
+            raise CorruptFile(f"{where}: format version {version}, expected {FORMAT_VERSION}")
+        end = _PREFIX.size + body_len
+        if body_len > _MAX_HEADER_BYTES or len(data) < end + CHECKSUM_BYTES:
+            raise CorruptFile(f"{where}: truncated header")
+        if checksum(data[:end]) != data[end:end + CHECKSUM_BYTES]:
+            raise CorruptFile(f"{where}: header checksum mismatch")
+        try:
+            body = json.loads(data[_PREFIX.size:end])
+            header = cls(
+                fingerprint=str(body["fingerprint"]), rank=int(body["rank"]),
+                world=int(body["world"]),
+                layout=tuple((str(n), int(b)) for n, b in body["layout"]),
+                block_bytes=int(body["block_bytes"]),
+                keys=tuple(bytes.fromhex(k) for k in body["keys"]),
+                block_checksums=tuple(bytes.fromhex(c) for c in body["checksums"]),
+                header_bytes=align_up(end + CHECKSUM_BYTES))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptFile(f"{where}: malformed header ({e})") from None
+        if len(header.keys) != len(header.block_checksums) or not header.keys:
+            raise CorruptFile(f"{where}: header lists {len(header.keys)} keys and "
+                              f"{len(header.block_checksums)} checksums")
+        return header
+
+
+def new_file_id() -> str:
+    """Unique across processes and hosts sharing a directory; sorts by creation time."""
+    return f"{time.time_ns():016x}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def file_name(file_id: str, rank: int) -> str:
+    return f"{file_id}.r{rank}{SUFFIX}"
+
+
+def parse_file_name(name: str) -> tuple[str, int] | None:
+    """(file id, rank) of a finished file's name, None for anything else."""
+    if not name.endswith(SUFFIX):
+        return None
+    stem = name[:-len(SUFFIX)]
+    file_id, dot, rank = stem.rpartition(".r")
+    if not dot or not rank.isdigit() or not file_id:
+        return None
+    return file_id, int(rank)
+
+
+def write_file(path: str, header: FileHeader, blocks: Sequence) -> int:
+    """Write header + blocks (bytes-like, each `header.block_bytes` long) atomically.
+
+    Returns the bytes written.  On any error the temporary file is removed and
+    nothing appears under `path`.
+    """
+    head = header.encode()
+    pad = b"\0" * (header.block_stride - header.block_bytes)
+    tmp = f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, head)
+        for block in blocks:
+            _write_all(fd, block)
+            if pad:
+                _write_all(fd, pad)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+    return len(head) + len(blocks) * header.block_stride
+
+
+def read_header(path: str) -> FileHeader:
+    """Read and verify only the header: a few KiB, never the payload."""
+    with open(path, "rb", buffering=0) as fh:
+        data = fh.read(ALIGN)
+        if len(data) >= _PREFIX.size:
+            magic, _, body_len = _PREFIX.unpack_from(data)
+            need = _PREFIX.size + body_len + CHECKSUM_BYTES
+            if magic == MAGIC and len(data) < need <= _MAX_HEADER_BYTES:
+                data += fh.read(need - len(data))
+        header = FileHeader.decode(data, path)
+        size = os.fstat(fh.fileno()).st_size
+    if size < header.file_bytes:
+        raise CorruptFile(f"{path}: {size} bytes, the header needs {header.file_bytes}")
+    return header
+
+
+def read_block_into(fd: int, header: FileHeader, index: int, out: memoryview, where: str) -> None:
+    """Read block `index` into `out` (writable, block_bytes long) and verify it."""
+    n = os.preadv(fd, [out], header.block_offset(index))
+    if n != header.block_bytes:
+        raise CorruptFile(f"{where}: block {index} truncated ({n} of {header.block_bytes} bytes)")
+    if checksum(out) != header.block_checksums[index]:
+        raise CorruptFile(f"{where}: block {index} checksum mismatch")
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

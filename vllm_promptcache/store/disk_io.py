@@ -1,0 +1,214 @@
+"""The disk tier's bytes, on each worker: writes staged KV blocks into files and
+reads file blocks into host-buffer slots.
+
+Runs in the worker process, off vLLM's step: one writer thread (large sequential
+writes, tmp + fsync + rename through `disk_format`) and a pool of reader threads
+(one aligned `pread` per block, in parallel).  Every outcome is reported as an
+event, (kind, id, ok), that the connector forwards to the scheduler side, which
+owns the index (`DiskTier`).  A block that fails its checksum deletes its file
+and is reported, so it is never served.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import torch
+
+from . import disk_format as fmt
+from .host_buffer import HostBuffer
+
+logger = logging.getLogger("vllm.promptcache")
+
+READ_THREADS = 4
+WARN_EVERY_SECONDS = 60.0
+WRITE = "write"
+PROMOTE = "promote"
+
+
+class _RateLimitedWarning:
+    """One warning per interval for a recurring condition (a full disk)."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._last = -float("inf")
+        self.suppressed = 0
+
+    def __call__(self, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            if self.suppressed:
+                msg += f" ({self.suppressed} more since the last warning)"
+            logger.warning(msg, *args)
+            self._last, self.suppressed = now, 0
+        else:
+            self.suppressed += 1
+
+
+class _Promotion:
+    def __init__(self, remaining: int):
+        self.remaining = remaining
+        self.ok = True
+        self.corrupt = False
+        self.lock = threading.Lock()
+
+
+class DiskIO:
+    def __init__(self, directory: str, fingerprint: str, rank: int, world: int,
+                 layout: Sequence[tuple[str, int]], max_staged_bytes: int):
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.rank = rank
+        self.world = world
+        self.layout = tuple((str(n), int(b)) for n, b in layout)
+        self.block_bytes = sum(b for _, b in self.layout)
+        self.max_staged_bytes = max_staged_bytes
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="promptcache-disk-write")
+        self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="promptcache-disk-read")
+        self._events: queue.SimpleQueue[tuple[str, str, bool]] = queue.SimpleQueue()
+        self._corrupt: set[str] = set()
+        self._corrupt_lock = threading.Lock()
+        self._staged_bytes = 0
+        self._staged_lock = threading.Lock()
+        self._warn_full = _RateLimitedWarning(WARN_EVERY_SECONDS)
+        self._moved = {"written": 0, "read": 0}
+        self._moved_lock = threading.Lock()
+
+    def path(self, file_id: str) -> str:
+        return os.path.join(self.directory, fmt.file_name(file_id, self.rank))
+
+    # -- writes ----------------------------------------------------------------
+    def try_stage(self, num_blocks: int) -> bool:
+        """Claim staging memory for a write; False (drop the write) when too much is queued."""
+        need = num_blocks * self.block_bytes
+        with self._staged_lock:
+            if self._staged_bytes + need > self.max_staged_bytes:
+                return False
+            self._staged_bytes += need
+            return True
+
+    def unstage(self, num_blocks: int) -> None:
+        with self._staged_lock:
+            self._staged_bytes -= num_blocks * self.block_bytes
+
+    def drop_write(self, file_id: str, why: str) -> None:
+        self._warn_full("promptcache: disk tier dropped a save (%s); serving goes on", why)
+        self._events.put((WRITE, file_id, False))
+
+    def write(self, file_id: str, keys: Sequence[bytes], staging: HostBuffer) -> None:
+        """Queue the staged blocks (claimed with try_stage) for writing as one file."""
+        self._writer.submit(self._write, file_id, tuple(keys), staging)
+
+    def _write(self, file_id: str, keys: tuple[bytes, ...], staging: HostBuffer) -> None:
+        ok = False
+        try:
+            rows = [staging.data[i].numpy() for i in range(len(keys))]
+            header = fmt.FileHeader(self.fingerprint, self.rank, self.world, self.layout,
+                                    self.block_bytes, keys, tuple(fmt.checksum(r) for r in rows))
+            self._count("written", fmt.write_file(self.path(file_id), header, rows))
+            ok = True
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._warn_full("promptcache: disk tier is full (%s); dropping saves", self.directory)
+            else:
+                logger.warning("promptcache: writing disk file %s failed: %s", file_id, e)
+        except Exception:
+            logger.exception("promptcache: writing disk file %s failed", file_id)
+        finally:
+            self.unstage(len(keys))
+        self._events.put((WRITE, file_id, ok))
+
+    # -- reads -----------------------------------------------------------------
+    def promote(self, promo_id: str, file_id: str, indices: Sequence[int], slots: Sequence[int],
+                buffer: HostBuffer) -> None:
+        """Read blocks `indices` of a file into host slots, in parallel; report when all are in."""
+        state = _Promotion(len(indices))
+        for index, slot in zip(indices, slots):
+            self._readers.submit(self._read_one, promo_id, file_id, index,
+                                 buffer.data[slot], state)
+
+    def _read_one(self, promo_id: str, file_id: str, index: int, row: torch.Tensor,
+                  state: _Promotion) -> None:
+        path = self.path(file_id)
+        ok, corrupt = False, False
+        try:
+            with state.lock:
+                skip = not state.ok
+            if not skip:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    header = _read_header_fd(fd, path)
+                    if index >= header.num_blocks or header.block_bytes != self.block_bytes:
+                        raise fmt.CorruptFile(f"{path}: no block {index} of {self.block_bytes} bytes")
+                    fmt.read_block_into(fd, header, index, memoryview(row.numpy()), path)
+                finally:
+                    os.close(fd)
+                self._count("read", self.block_bytes)
+                ok = True
+        except fmt.CorruptFile as e:
+            corrupt = True
+            logger.warning("promptcache: corrupt disk block, deleting the file: %s", e)
+        except FileNotFoundError:
+            logger.info("promptcache: disk file %s is gone (evicted by another engine?)", path)
+        except Exception:
+            logger.exception("promptcache: reading %s block %d failed", path, index)
+        with state.lock:
+            state.ok = state.ok and ok
+            state.corrupt |= corrupt
+            state.remaining -= 1
+            last = state.remaining == 0
+        if last:
+            if state.corrupt:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                with self._corrupt_lock:
+                    self._corrupt.add(file_id)
+            self._events.put((PROMOTE, promo_id, state.ok))
+
+    # -- reports ---------------------------------------------------------------
+    def _count(self, what: str, nbytes: int) -> None:
+        with self._moved_lock:
+            self._moved[what] += nbytes
+
+    def take_byte_counts(self) -> tuple[int, int]:
+        """(bytes written, bytes read) since the last call."""
+        with self._moved_lock:
+            out = self._moved["written"], self._moved["read"]
+            self._moved = {"written": 0, "read": 0}
+        return out
+
+    def take_events(self) -> tuple[list[tuple[str, str, bool]], set[str]]:
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        with self._corrupt_lock:
+            corrupt, self._corrupt = self._corrupt, set()
+        return events, corrupt
+
+    def shutdown(self) -> None:
+        # Writes finish (files are durable before the engine exits); reads are dropped.
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        self._writer.shutdown(wait=True)
+
+
+def _read_header_fd(fd: int, path: str) -> fmt.FileHeader:
+    data = os.pread(fd, fmt.ALIGN, 0)
+    try:
+        return fmt.FileHeader.decode(data, path)
+    except fmt.CorruptFile:
+        # A header longer than one page: read exactly what it says it needs.
+        if len(data) < fmt.ALIGN:
+            raise
+        return fmt.read_header(path)

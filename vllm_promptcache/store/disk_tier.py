@@ -1,0 +1,284 @@
+"""The disk tier's index: which block key lies in which file, bounded by a byte cap.
+
+Lives on the scheduler side, like `HostTier`; the workers read and write the
+files (`disk_format`).  A file is PENDING while a worker writes it (not
+servable, not evictable) and READY once every rank reported it durable.  Pinned
+files (being read into host) are not evicted.  Eviction deletes whole files, in
+the order the policy gives.  `scan` rebuilds the index after a restart from the
+files' headers alone.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from . import disk_format as fmt
+from .keys import BlockKey
+from .policies import EvictionPolicy
+
+logger = logging.getLogger("vllm.promptcache")
+
+# A temporary or incomplete file older than this is a crashed writer's leftover.
+STALE_SECONDS = 600.0
+
+
+class DiskTierError(RuntimeError):
+    pass
+
+
+class FileState(enum.Enum):
+    PENDING = 1
+    READY = 2
+
+
+@dataclass
+class _DiskFile:
+    keys: tuple[BlockKey, ...]
+    nbytes: int  # all ranks together
+    state: FileState
+
+
+def prepare_directory(path: str) -> str:
+    """Create `path` and prove it writable, or raise a clear DiskTierError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".probe-{fmt.new_file_id()}{fmt.TMP_SUFFIX}")
+        with open(probe, "wb") as fh:
+            fh.write(b"ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise DiskTierError(
+            f"the promptcache disk directory {path} is not writable ({e.strerror or e}); "
+            f"pass another --promptcache-disk-path, or --promptcache-disk-gb 0 to turn "
+            f"the disk tier off") from None
+    return path
+
+
+class DiskTier:
+    name = "disk"
+
+    def __init__(self, directory: str, capacity_bytes: int, world: int, policy: EvictionPolicy,
+                 queued: Counter[BlockKey] | None = None):
+        self.directory = directory
+        self.capacity_bytes = capacity_bytes
+        self.world = world
+        self._policy = policy
+        self._queued = queued if queued is not None else Counter()
+        self._lock = threading.RLock()
+        self._files: dict[str, _DiskFile] = {}
+        self._where: dict[BlockKey, tuple[str, int]] = {}
+        self._pending: dict[BlockKey, str] = {}
+        self._pins: Counter[str] = Counter()
+        self._bytes = 0
+        self.evictions = 0        # files
+        self.corrupt_blocks = 0   # blocks dropped for a bad header or checksum
+
+    # -- queries ---------------------------------------------------------------
+    def locate(self, key: BlockKey) -> tuple[str, int] | None:
+        """(file id, index in file) of a READY copy of `key`."""
+        with self._lock:
+            return self._where.get(key)
+
+    def is_pending(self, key: BlockKey) -> bool:
+        with self._lock:
+            return key in self._pending
+
+    def __contains__(self, key: BlockKey) -> bool:
+        with self._lock:
+            return key in self._where or key in self._pending
+
+    def file_keys(self, file_id: str) -> tuple[BlockKey, ...]:
+        with self._lock:
+            f = self._files.get(file_id)
+            return f.keys if f else ()
+
+    @property
+    def bytes_in_use(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    @property
+    def num_files(self) -> int:
+        with self._lock:
+            return len(self._files)
+
+    def path(self, file_id: str, rank: int = 0) -> str:
+        return os.path.join(self.directory, fmt.file_name(file_id, rank))
+
+    # -- writes ----------------------------------------------------------------
+    def reserve(self, file_id: str, keys: Sequence[BlockKey], nbytes: int) -> bool:
+        """Make room for a new file of `nbytes` (all ranks) and mark its keys PENDING."""
+        with self._lock:
+            if nbytes > self.capacity_bytes:
+                return False
+            while self._bytes + nbytes > self.capacity_bytes:
+                if not self._evict_one():
+                    return False
+            self._files[file_id] = _DiskFile(tuple(keys), nbytes, FileState.PENDING)
+            for key in keys:
+                self._pending[key] = file_id
+            self._bytes += nbytes
+            return True
+
+    def commit(self, file_id: str) -> None:
+        """Every rank wrote its file: the keys become servable."""
+        with self._lock:
+            f = self._files.get(file_id)
+            if f is None or f.state is not FileState.PENDING:
+                return
+            f.state = FileState.READY
+            for i, key in enumerate(f.keys):
+                if self._pending.get(key) == file_id:
+                    del self._pending[key]
+                self._where.setdefault(key, (file_id, i))
+            self._policy.inserted(file_id)
+
+    def abort(self, file_id: str) -> None:
+        """A write failed on some rank: forget the file and delete what was written."""
+        self.discard(file_id)
+
+    def discard(self, file_id: str, corrupt: bool = False) -> int:
+        """Drop a file from the index and delete it on every rank; returns its block count."""
+        with self._lock:
+            f = self._files.pop(file_id, None)
+            if f is None:
+                return 0
+            for i, key in enumerate(f.keys):
+                if self._where.get(key) == (file_id, i):
+                    del self._where[key]
+                if self._pending.get(key) == file_id:
+                    del self._pending[key]
+            if f.state is FileState.READY:
+                self._policy.removed(file_id)
+            self._pins.pop(file_id, None)
+            self._bytes -= f.nbytes
+            if corrupt:
+                self.corrupt_blocks += len(f.keys)
+        for rank in range(self.world):
+            _unlink(self.path(file_id, rank))
+        return len(f.keys)
+
+    def touch(self, file_ids: Sequence[str]) -> None:
+        with self._lock:
+            for file_id in file_ids:
+                if file_id in self._files:
+                    self._policy.accessed(file_id)
+
+    def pin(self, file_ids: Sequence[str]) -> None:
+        with self._lock:
+            self._pins.update(file_ids)
+
+    def unpin(self, file_ids: Sequence[str]) -> None:
+        with self._lock:
+            self._pins.subtract(file_ids)
+            for f in file_ids:
+                if self._pins[f] <= 0:
+                    del self._pins[f]
+
+    # -- restart ---------------------------------------------------------------
+    def scan(self, accept: Callable[[fmt.FileHeader], str | None]) -> tuple[int, int]:
+        """Index the READY files already in the directory, oldest first.
+
+        Reads headers only.  `accept(header)` returns None for a file this engine
+        can serve, or why not (another model, another layout).  Corrupt files
+        are deleted; temporary files and incomplete rank sets older than
+        STALE_SECONDS (crashed writers) are deleted.  Returns (files, blocks).
+        """
+        now = time.time()
+        ranks: dict[str, dict[int, float]] = {}
+        for entry in os.scandir(self.directory):
+            if not entry.is_file():
+                continue
+            try:
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if entry.name.endswith(fmt.TMP_SUFFIX):
+                if now - mtime > STALE_SECONDS:
+                    _unlink(entry.path)
+                continue
+            parsed = fmt.parse_file_name(entry.name)
+            if parsed is not None:
+                ranks.setdefault(parsed[0], {})[parsed[1]] = mtime
+        found = []
+        for file_id, seen in ranks.items():
+            if set(seen) != set(range(self.world)):
+                if now - max(seen.values()) > STALE_SECONDS:
+                    for rank in seen:
+                        _unlink(self.path(file_id, rank))
+                continue
+            entry = self._check_file(file_id, accept)
+            if entry is not None:
+                found.append((min(seen.values()), file_id, entry))
+        found.sort(key=lambda x: x[0])
+        with self._lock:
+            for _, file_id, (keys, nbytes) in found:
+                if file_id in self._files:
+                    continue
+                self._files[file_id] = _DiskFile(keys, nbytes, FileState.PENDING)
+                self._bytes += nbytes
+                self.commit(file_id)
+            while self._bytes > self.capacity_bytes and self._evict_one():
+                pass
+            return len(self._files), len(self._where)
+
+    def _check_file(self, file_id: str, accept) -> tuple[tuple[BlockKey, ...], int] | None:
+        keys, nbytes = None, 0
+        for rank in range(self.world):
+            path = self.path(file_id, rank)
+            try:
+                header = fmt.read_header(path)
+            except FileNotFoundError:
+                return None
+            except (fmt.CorruptFile, OSError) as e:
+                logger.warning("promptcache: dropping corrupt disk file: %s", e)
+                self._drop_files(file_id, max(len(keys or ()), 1))
+                return None
+            why = accept(header)
+            if why is None and (header.rank != rank or header.world != self.world):
+                why = f"rank {header.rank}/{header.world} in a file named for {rank}/{self.world}"
+            if why is None and keys is not None and header.keys != keys:
+                why = "ranks disagree on the keys"
+            if why is not None:
+                logger.warning("promptcache: ignoring disk file %s: %s", path, why)
+                return None
+            keys = header.keys
+            nbytes += header.file_bytes
+        return keys, nbytes
+
+    def _drop_files(self, file_id: str, blocks: int) -> None:
+        for rank in range(self.world):
+            _unlink(self.path(file_id, rank))
+        with self._lock:
+            self.corrupt_blocks += blocks
+
+    # -- internals -------------------------------------------------------------
+    def _evictable(self, file_id: str) -> bool:
+        f = self._files.get(file_id)
+        return f is not None and f.state is FileState.READY and not self._pins.get(file_id)
+
+    def _is_queued(self, file_id: str) -> bool:
+        f = self._files.get(file_id)
+        return f is not None and any(self._queued.get(k, 0) > 0 for k in f.keys)
+
+    def _evict_one(self) -> bool:
+        victim = self._policy.victim(self._evictable, self._is_queued)
+        if victim is None:
+            return False
+        self.discard(victim)
+        self.evictions += 1
+        return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
