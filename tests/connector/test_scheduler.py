@@ -50,7 +50,7 @@ def output(finished, failed=()):
 @pytest.fixture
 def sched():
     return PromptCacheScheduler(vllm_config(), kv_cache_config(),
-                                PromptCacheConfig(host_gb=64 * 2 * PAGE / 2**30).validate())
+                                PromptCacheConfig(host_gb=64 * 2 * PAGE / 2**30, disk_gb=0).validate())
 
 
 def finish_and_save(sched, req, block_ids, ok=True):
@@ -87,12 +87,12 @@ def test_failed_save_is_never_served(sched):
 def test_lookup_waits_for_a_save_in_flight(sched):
     toks = list(range(300, 313))
     sched.request_finished(request("a", toks), [1, 2, 3])
-    assert sched.has_pending_saves()
+    assert sched.has_pending_work()
     nxt = request("b", toks + [9])
     assert sched.get_num_new_matched_tokens(nxt, 0) == (None, False), "ask again, do not recompute"
     sched.build_connector_meta(None)
     sched.update_connector_output(output({"a"}))
-    assert not sched.has_pending_saves()
+    assert not sched.has_pending_work()
     assert sched.get_num_new_matched_tokens(nxt, 0) == (3 * BS, False)
 
 
@@ -111,3 +111,104 @@ def test_decode_tokens_are_skipped_when_configured():
     toks = list(range(500, 517))  # 5 prompt tokens + 12 generated
     _, meta = finish_and_save(s, request("a", toks, prompt=5), [1, 2, 3, 4])
     assert [t.block_ids for t in meta.saves] == [[1]]
+
+
+# -- the disk tier --------------------------------------------------------------
+
+def events_output(events, corrupt=()):
+    meta = PromptCacheWorkerMeta(events=list(events), corrupt_files=set(corrupt))
+    return SimpleNamespace(finished_sending=set(), kv_connector_worker_meta=meta)
+
+
+@pytest.fixture
+def disk_sched(tmp_path):
+    cfg = PromptCacheConfig(host_gb=64 * 2 * PAGE / 2**30, disk_gb=1, disk_path=str(tmp_path))
+    return PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg.validate())
+
+
+def finish_with_disk(sched, req, block_ids):
+    sched.request_finished(req, block_ids)
+    meta = sched.build_connector_meta(None)
+    assert meta.disk_writes, "every save is written through to disk"
+    sched.update_connector_output(SimpleNamespace(
+        finished_sending={req.request_id},
+        kv_connector_worker_meta=PromptCacheWorkerMeta(
+            events=[("write", w.file_id, True) for w in meta.disk_writes])))
+    return meta
+
+
+def test_write_through_then_promote_from_disk(disk_sched):
+    toks = list(range(13))  # 3 full blocks
+    meta = finish_with_disk(disk_sched, request("a", toks), [1, 2, 3])
+    assert sum(len(w.keys) for w in meta.disk_writes) == 3
+    assert not disk_sched.has_pending_work()
+    disk_sched.host.clear()  # host pressure: only disk has it now
+    nxt = request("b", toks + [99, 98, 97], computed=0)
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
+    promos = disk_sched.build_connector_meta(None).promotions
+    assert sum(len(p.slots) for p in promos) == 3
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)  # still reading
+    disk_sched.update_connector_output(events_output([("promote", p.promo_id, True) for p in promos]))
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (12, False)
+    disk_sched.update_state_after_alloc(nxt, Blocks([7, 8, 9, 10]), 12)
+    stats = disk_sched.get_kv_connector_stats().data["counter"]
+    assert stats["hit_tokens_total|disk"] == 12 and "hit_tokens_total|host" not in stats
+    assert stats["promoted_blocks_total|disk"] == 3
+
+
+def test_prefetch_on_queue_and_prefetch_hits(disk_sched):
+    toks = list(range(9))  # 2 full blocks
+    finish_with_disk(disk_sched, request("a", toks), [1, 2])
+    disk_sched.host.clear()
+    nxt = request("b", toks + [5, 5, 5], computed=0)
+    disk_sched.on_new_request(nxt)
+    promos = disk_sched.build_connector_meta(None).promotions
+    assert sum(len(p.slots) for p in promos) == 2
+    disk_sched.update_connector_output(events_output([("promote", p.promo_id, True) for p in promos]))
+    # By its turn, the blocks are in host: a plain host load, counted as a prefetch hit.
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (8, False)
+    disk_sched.update_state_after_alloc(nxt, Blocks([4, 5, 6]), 8)
+    stats = disk_sched.get_kv_connector_stats().data["counter"]
+    assert stats["prefetch_blocks_total|"] == 2 and stats["prefetch_hit_blocks_total|"] == 2
+
+
+def test_a_corrupt_disk_file_becomes_a_miss(disk_sched):
+    toks = list(range(9))
+    finish_with_disk(disk_sched, request("a", toks), [1, 2])
+    disk_sched.host.clear()
+    nxt = request("b", toks + [1], computed=0)
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
+    promos = disk_sched.build_connector_meta(None).promotions
+    disk_sched.update_connector_output(events_output(
+        [("promote", p.promo_id, False) for p in promos], corrupt={p.file_id for p in promos}))
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (0, False)  # recompute, never serve
+    assert not disk_sched.build_connector_meta(None).promotions
+    stats = disk_sched.get_kv_connector_stats().data["counter"]
+    assert stats["corrupt_blocks_total|disk"] == 2
+
+
+def test_a_failed_disk_write_is_never_indexed(disk_sched):
+    toks = list(range(9))
+    disk_sched.request_finished(request("a", toks), [1, 2])
+    meta = disk_sched.build_connector_meta(None)
+    disk_sched.update_connector_output(SimpleNamespace(
+        finished_sending={"a"}, kv_connector_worker_meta=PromptCacheWorkerMeta(
+            events=[("write", w.file_id, False) for w in meta.disk_writes])))
+    disk_sched.host.clear()
+    assert disk_sched.get_num_new_matched_tokens(request("b", toks + [1], computed=0), 0) == (0, False)
+    assert disk_sched.disk.bytes_in_use == 0
+
+
+@pytest.mark.parametrize("policy,kept", [("scheduler-aware", 8), ("lru", 0)])
+def test_queued_requests_blocks_are_evicted_last(policy, kept):
+    # A host tier of 4 slots: with the scheduler-aware policy a queued conversation's
+    # blocks survive a flood of other saves; LRU evicts them.
+    cfg = PromptCacheConfig(host_gb=4 * 2 * PAGE / 2**30, disk_gb=0,
+                            eviction_policy=policy).validate()
+    sched = PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg)
+    conv = list(range(1000, 1009))
+    finish_and_save(sched, request("c1", conv), [1, 2])
+    sched.on_new_request(request("c2", conv + [7, 7], computed=0))
+    for i in range(3):
+        finish_and_save(sched, request(f"x{i}", [i] * 9), [3, 4])
+    assert sched.get_num_new_matched_tokens(request("c2", conv + [7, 7], computed=0), 0) == (kept, False)
