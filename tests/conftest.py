@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 # Engines in tests are CPU engines; keep vLLM from warning about unknown env vars
 # of ours being set by a test and from binding all cores to one process.
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# The disk tier is on by default; tests never write into the user's cache directory.
+os.environ.setdefault("VLLM_PROMPTCACHE_DISK_PATH",
+                      tempfile.mkdtemp(prefix="vllm-promptcache-test-kv-"))
 
 ENGINE_DEFAULTS = dict(
     enforce_eager=True,

@@ -1,6 +1,7 @@
 """End to end through vLLM: reuse is bit-exact, isolated, bounded, with prefix caching on or off.
 
-Three engines are shared by the whole module: vLLM without the plugin (the
+These are the host tier's tests (the disk tier is off here; see
+test_disk_restart.py).  Three engines are shared by the whole module: vLLM without the plugin (the
 reference), the plugin with vLLM's prefix cache off (every hit comes from the host
 tier), and the plugin with it on.  Tests run in file order, and `read_metrics`
 sees the most recently built engine (vLLM re-registers its metrics per engine),
@@ -40,7 +41,7 @@ def baseline(tiny_model):
 def cached(tiny_model):
     from vllm_promptcache import engine_kwargs
 
-    llm = make_llm(tiny_model, enable_prefix_caching=False, **engine_kwargs(host_gb=HOST_GB))
+    llm = make_llm(tiny_model, enable_prefix_caching=False, **engine_kwargs(host_gb=HOST_GB, disk_gb=0))
     yield llm
     close_llm(llm)
 
@@ -49,7 +50,7 @@ def cached(tiny_model):
 def cached_pc(tiny_model):
     from vllm_promptcache import engine_kwargs
 
-    llm = make_llm(tiny_model, enable_prefix_caching=True, **engine_kwargs(host_gb=0.05))
+    llm = make_llm(tiny_model, enable_prefix_caching=True, **engine_kwargs(host_gb=0.05, disk_gb=0))
     yield llm
     close_llm(llm)
 
