@@ -13,7 +13,7 @@ def test_defaults_are_valid():
     ({"host_gb": 0}, "--promptcache-host-gb", "(0, 4096]"),
     ({"host_gb": -2}, "--promptcache-host-gb", "(0, 4096]"),
     ({"host_gb": 10_000}, "--promptcache-host-gb", "(0, 4096]"),
-    ({"eviction_policy": "fifo"}, "--promptcache-eviction-policy", "lru"),
+    ({"eviction_policy": "fifo"}, "--promptcache-eviction-policy", "scheduler-aware, lru"),
     ({"min_load_blocks": 0}, "--promptcache-min-load-blocks", "[1, 1048576]"),
 ])
 def test_bad_values_name_the_option_and_range(override, flag, allowed):
@@ -63,3 +63,31 @@ def test_engine_kwargs_names_the_connector(monkeypatch):
     assert ktc["kv_connector_extra_config"]["promptcache"]["host_gb"] == 3.0
     with pytest.raises(PromptCacheConfigError, match="--promptcache-host-gb"):
         engine_kwargs(host_gb=-1)
+
+
+def test_disk_options(tmp_path):
+    cfg = build_config(overrides={"disk_path": str(tmp_path / "kv"), "disk_gb": 2}, environ={})
+    assert cfg.disk_enabled and cfg.disk_bytes == 2 << 30
+    assert cfg.disk_dir == str(tmp_path / "kv") and (tmp_path / "kv").is_dir()
+    assert not build_config(overrides={"disk_gb": 0}, environ={}).disk_enabled
+    env = {"VLLM_PROMPTCACHE_DISK_GB": "0.5", "VLLM_PROMPTCACHE_DISK_PATH": str(tmp_path / "e")}
+    cfg = build_config(environ=env)
+    assert cfg.disk_gb == 0.5 and cfg.disk_dir == str(tmp_path / "e")
+    f = tmp_path / "pc.yaml"
+    f.write_text(f"disk_gb: 3\ndisk_path: {tmp_path / 'y'}\neviction_policy: lru\n")
+    cfg = build_config(f, environ={})
+    assert (cfg.disk_gb, cfg.disk_dir, cfg.eviction_policy) == (3, str(tmp_path / "y"), "lru")
+    kw = engine_kwargs(host_gb=1, disk_gb=0)
+    assert kw["kv_transfer_config"]["kv_connector_extra_config"]["promptcache"]["disk_gb"] == 0
+    assert "disk tier off" in build_config(overrides={"disk_gb": 0}, environ={}).summary()
+
+
+def test_disk_errors_are_clear(tmp_path):
+    with pytest.raises(PromptCacheConfigError, match="--promptcache-disk-gb.*0 turns the disk tier off"):
+        build_config(overrides={"disk_gb": -1}, environ={})
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PromptCacheConfigError, match="--promptcache-disk-path.*not writable"):
+        build_config(overrides={"disk_path": str(blocker / "kv")}, environ={})
+    # With the disk tier off, the path is not touched.
+    build_config(overrides={"disk_path": str(blocker / "kv"), "disk_gb": 0}, environ={})

@@ -212,3 +212,22 @@ def test_queued_requests_blocks_are_evicted_last(policy, kept):
     for i in range(3):
         finish_and_save(sched, request(f"x{i}", [i] * 9), [3, 4])
     assert sched.get_num_new_matched_tokens(request("c2", conv + [7, 7], computed=0), 0) == (kept, False)
+
+
+def test_a_request_larger_than_the_host_tier_takes_what_fits(tmp_path):
+    # 4 host slots, 6 blocks on disk: the lookup promotes 4, then loads those 4
+    # instead of evicting its own head to fetch its tail (which would never end).
+    cfg = PromptCacheConfig(host_gb=4 * 2 * PAGE / 2**30, disk_gb=1, disk_path=str(tmp_path))
+    sched = PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg.validate())
+    toks = list(range(25))  # 6 full blocks
+    finish_with_disk(sched, request("a", toks), [1, 2, 3, 4, 5, 6])
+    sched.host.clear()
+    nxt = request("b", toks + [1], computed=0)
+    sched.on_new_request(nxt)
+    for _ in range(5):
+        answer = sched.get_num_new_matched_tokens(nxt, 0)
+        promos = sched.build_connector_meta(None).promotions
+        sched.update_connector_output(events_output([("promote", p.promo_id, True) for p in promos]))
+        if answer[0] is not None:
+            break
+    assert answer == (16, False)

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -137,14 +138,24 @@ def test_sigkill_mid_write_leaves_nothing_servable(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
+    deadline = time.time() + 30
+    while not any(n.endswith(fmt.TMP_SUFFIX) for n in os.listdir(tmp_path)):
+        assert time.time() < deadline, "the writer never started another file"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     names = os.listdir(tmp_path)
     finished = [n for n in names if fmt.parse_file_name(n)]
     assert len(finished) >= 2
+    assert any(n.endswith(fmt.TMP_SUFFIX) for n in names), "the kill should land mid-write"
     for name in names:
         if fmt.parse_file_name(name) is None:
             assert name.endswith(fmt.TMP_SUFFIX), name
             continue
         header, blocks = read_all(str(tmp_path / name))  # whole and verified
         assert len(blocks) == 20
+    # What a restarted engine indexes: exactly the finished files, never the partial one.
+    from vllm_promptcache.store.disk_tier import DiskTier
+    from vllm_promptcache.store.policies import make_policy
+
+    tier = DiskTier(str(tmp_path), 1 << 40, 1, make_policy("lru"))
+    assert tier.scan(lambda header: None) == (len(finished), 20 * len(finished))

@@ -91,6 +91,7 @@ class PromptCacheScheduler:
         self.layout = tuple(compat.layer_page_bytes(kv_cache_config))
         # Keys that requests waiting in vLLM's queue will read (scheduler-aware eviction).
         self.queued: Counter[BlockKey] = Counter()
+        self._queue_aware = config.eviction_policy == "scheduler-aware"
         self.host = HostTier(num_slots, slot_bytes, make_policy(config.eviction_policy), self.queued)
         self.disk: DiskTier | None = None
         if config.disk_enabled and compat.worker_meta_supported():
@@ -187,7 +188,17 @@ class PromptCacheScheduler:
             run.append((key, *where))
         if not run:
             return 0
-        claimed = self.host.reserve([key for key, _, _ in run])
+        # A promotion never evicts the request's own blocks (with a host tier
+        # smaller than the request it would evict its head to fetch its tail,
+        # forever); under the scheduler-aware policy a prefetch also spares
+        # what any other queued request needs.
+        own = set(keys)
+        if prefetch and self._queue_aware:
+            def spare(key):
+                return key in own or self.queued.get(key, 0) > 0
+        else:
+            spare = own.__contains__
+        claimed = self.host.reserve([key for key, _, _ in run], spare=spare)
         run = run[:len(claimed)]  # none was resident, so claims follow the run in order
         by_file: dict[str, list[tuple[BlockKey, int, int]]] = {}
         for (key, file_id, index), (_, slot) in zip(run, claimed):
@@ -259,6 +270,8 @@ class PromptCacheScheduler:
         keys = self.keyer.block_keys(tokens, compat.request_cache_salt(request), n_blocks)
         claimed = self.host.reserve(keys)
         slots = [slot for _, slot in claimed]
+        for i, _ in claimed:  # saved afresh: a later hit on them is a host hit
+            self._promoted.pop(keys[i], None)
         if claimed:
             self._saves.append(BlockTransfer(req_id, [block_ids[i] for i, _ in claimed], slots))
         writes = self._plan_disk_writes(req_id, keys, block_ids) if self.disk else 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .keys import BlockKey
 from .policies import EvictionPolicy
@@ -100,19 +100,21 @@ class HostTier:
         return self._state[slot]
 
     # -- writes ----------------------------------------------------------------
-    def reserve(self, keys: Sequence[BlockKey]) -> list[tuple[int, int]]:
+    def reserve(self, keys: Sequence[BlockKey],
+                spare: Callable[[BlockKey], bool] | None = None) -> list[tuple[int, int]]:
         """Claim PENDING slots for the keys not yet resident.
 
         Returns (index into keys, slot) pairs.  Keys already resident are only
         touched.  Stops at the first key no slot can be found for: with chained
         keys, a block whose predecessor is missing could never be hit anyway.
+        Resident blocks whose key `spare` accepts are not evicted for these.
         """
         with self._lock:
             out = []
             for i, key in enumerate(keys):
                 if key in self._slot_of_key:
                     continue
-                slot = self._allocate()
+                slot = self._allocate(spare)
                 if slot is None:
                     break
                 self._state[slot] = SlotState.PENDING
@@ -175,10 +177,14 @@ class HostTier:
         key = self._key_of_slot[slot]
         return key is not None and self._queued.get(key, 0) > 0
 
-    def _allocate(self) -> int | None:
+    def _allocate(self, spare: Callable[[BlockKey], bool] | None = None) -> int | None:
         if self._free:
             return self._free.pop()
-        victim = self._policy.victim(self._evictable, self._is_queued)
+        evictable = self._evictable
+        if spare is not None:
+            def evictable(slot):
+                return self._evictable(slot) and not spare(self._key_of_slot[slot])
+        victim = self._policy.victim(evictable, self._is_queued)
         if victim is None:
             return None
         self._release(victim)

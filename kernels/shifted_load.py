@@ -1,0 +1,89 @@
+"""Load single tokens from host-tier slots into vLLM's paged KV cache at new positions.
+
+Position-independent reuse (store/segments.py) finds stored tokens at other positions
+of a new prompt, with boundaries anywhere inside blocks, so whole-block copies
+(block_copy.py) no longer fit: each token comes from (host slot, offset in block) and
+goes to its own paged slot, with K rotated by its position delta (rope_shift.py).
+
+Host slots hold the raw bytes of whole paged blocks, exactly as `save_blocks_to_slots`
+wrote them: the layer's blocks-first view of one block, made contiguous.  Viewing a
+``[num_slots, page_bytes]`` host layer as a KV tensor of the layer's own shape with
+num_slots blocks therefore lets `paged_kv_views` read it, packed CPU layouts included,
+and tokens are gathered through the same views vLLM's attention uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .rope_shift import paged_kv_views, rope_shift_
+
+
+def _block_dim(kv_layer: torch.Tensor) -> int:
+    """The block dimension of the shapes `paged_kv_views` accepts: (2, blocks, ...)
+    for the legacy 5-D FlashAttention layout, dim 0 otherwise."""
+    return 1 if kv_layer.dim() == 5 else 0
+
+
+def host_as_layer(host_layer: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
+    """`host_layer` [num_slots, page_bytes] uint8 viewed as a KV tensor shaped like
+    `kv_layer` with num_slots blocks (no copy; rows may be strided, as HostBuffer's are)."""
+    bdim = _block_dim(kv_layer)
+    page_shape = kv_layer.movedim(bdim, 0).shape[1:]
+    page_bytes = page_shape.numel() * kv_layer.element_size()
+    if host_layer.dtype != torch.uint8 or host_layer.dim() != 2 \
+            or host_layer.shape[1] != page_bytes:
+        raise ValueError(f"host layer must be [num_slots, {page_bytes}] uint8 (one block of "
+                         f"{tuple(page_shape)} {kv_layer.dtype}), got "
+                         f"{tuple(host_layer.shape)} {host_layer.dtype}")
+    pages = host_layer.view(kv_layer.dtype).view(host_layer.shape[0], *page_shape)
+    return pages.movedim(0, bdim)
+
+
+def _gather(view: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """view[slot, offset] as [T, heads, head_size] from a 4-D or 6-D paged view."""
+    if view.dim() == 4:
+        return view[slots, offsets]
+    tg = view.shape[2]
+    out = view[slots, offsets // tg, offsets % tg]
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
+                        src_offsets: torch.Tensor, kv_layer: torch.Tensor, layout: str,
+                        num_kv_heads: int, head_size: int, block_size: int,
+                        dst_slot_mapping: torch.Tensor, delta: torch.Tensor,
+                        inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool,
+                        isa: str | None = None) -> None:
+    """Token t: host slot src_slots[t], offset src_offsets[t] -> paged slot
+    dst_slot_mapping[t] of `kv_layer`, K rotated by delta[t] positions.
+
+    host_layer: [num_slots, page_bytes] uint8, one layer of the host tier.
+    src_slots, src_offsets: [T] int64 on the host layer's device; every token's source
+        must be valid (also where its destination is -1).
+    kv_layer: the layer's KV tensor as vLLM allocated it (not blocks-first); layout and
+        isa as for `paged_kv_views`.
+    dst_slot_mapping: [T] int64, block_id * block_size + offset, -1 = skip.
+    delta, inv_freq, rotary_dim, is_neox_style: as for `rope_shift_`.
+    Delta-0 tokens and all of V are copied bit-exactly.
+    """
+    num_slots = host_layer.shape[0]
+    if src_slots.shape != src_offsets.shape or src_slots.dim() != 1:
+        raise ValueError("src_slots and src_offsets must be [T]")
+    if src_slots.numel() == 0:
+        return
+    # Advanced indexing wraps negative indices: check rather than read the wrong token.
+    if int(src_slots.min()) < 0 or int(src_slots.max()) >= num_slots:
+        raise IndexError(f"src_slots out of range [0, {num_slots})")
+    if int(src_offsets.min()) < 0 or int(src_offsets.max()) >= block_size:
+        raise IndexError(f"src_offsets out of range [0, {block_size})")
+
+    host = host_as_layer(host_layer, kv_layer)
+    host_k, host_v = paged_kv_views(host, layout, num_kv_heads, head_size, block_size, isa)
+    dst_k, dst_v = paged_kv_views(kv_layer, layout, num_kv_heads, head_size, block_size, isa)
+    src_k = _gather(host_k, src_slots, src_offsets)
+    src_v = _gather(host_v, src_slots, src_offsets)
+    device = kv_layer.device
+    rope_shift_(src_k.to(device), src_v.to(device), dst_k, dst_v,
+                dst_slot_mapping.to(device=device, dtype=torch.int64),
+                delta.to(device=device, dtype=torch.int64), inv_freq, rotary_dim, is_neox_style)
