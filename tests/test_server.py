@@ -155,3 +155,16 @@ def test_bad_yaml_file_is_refused(tiny_model, tmp_path):
                         "--promptcache-config", str(f), *COMMON], capture_output=True, text=True,
                        timeout=180)
     assert r.returncode != 0 and "unknown promptcache option 'disk'" in r.stderr + r.stdout
+
+
+def test_an_over_long_chat_gets_vllms_usual_error_without_truncation(servers, tiny_model):
+    """Without --promptcache-truncate nothing is dropped: vLLM refuses the request as
+    usual, and the server goes on serving."""
+    from openai import BadRequestError
+
+    cached, _ = servers
+    words = " ".join(" ".join(t.split()) for t in (json.__doc__, socket.__doc__) * 6).split()
+    history = [{"role": "user", "content": " ".join(words[:3000])}]
+    with pytest.raises(BadRequestError, match="maximum context length"):
+        chat(cached, tiny_model, history)
+    assert chat(cached, tiny_model, [{"role": "user", "content": "Still there?"}])

@@ -24,6 +24,8 @@ FLAGS = {
     "min_load_blocks": "--promptcache-min-load-blocks",
     "disk_path": "--promptcache-disk-path",
     "disk_gb": "--promptcache-disk-gb",
+    "position_independent": "--promptcache-position-independent",
+    "truncate": "--promptcache-truncate",
 }
 
 
@@ -48,6 +50,14 @@ class PromptCacheConfig:
     disk_path: str = ""
     # Disk tier cap in GiB; 0 turns the disk tier off.
     disk_gb: float = 32.0
+    # Reuse stored KV wherever its tokens reappear, not only as a prefix: K is
+    # rotated to the new position (RoPE shift).  Approximate where the earlier
+    # context differs (e.g. after the oldest turns were dropped), so opt-in.
+    position_independent: bool = False
+    # OpenAI server: a chat over max_model_len drops its oldest turns (keeping the
+    # system prompt and the newest turns) instead of failing; implies
+    # position_independent, so the kept turns' KV is reused at its new position.
+    truncate: bool = False
 
     def validate(self) -> "PromptCacheConfig":
         def bad(name: str, allowed: str) -> PromptCacheConfigError:
@@ -70,6 +80,12 @@ class PromptCacheConfig:
         if not isinstance(self.disk_gb, (int, float)) or isinstance(self.disk_gb, bool) \
                 or not (0 <= self.disk_gb <= 1 << 20):
             raise bad("disk_gb", "a number of GiB in [0, 1048576]; 0 turns the disk tier off")
+        if not isinstance(self.position_independent, bool):
+            raise bad("position_independent", "true or false")
+        if not isinstance(self.truncate, bool):
+            raise bad("truncate", "true or false")
+        if self.truncate and not self.position_independent:
+            return dataclasses.replace(self, position_independent=True).validate()
         if not isinstance(self.disk_path, str):
             raise bad("disk_path", "a directory path")
         return self
@@ -111,7 +127,9 @@ class PromptCacheConfig:
                 else "disk tier off")
         return (f"host tier {self.host_gb:g} GiB, {disk}, eviction {self.eviction_policy}, "
                 f"save decode tokens: {self.save_decode_tokens}, "
-                f"min load blocks: {self.min_load_blocks}")
+                f"min load blocks: {self.min_load_blocks}, "
+                f"position-independent reuse: {self.position_independent}, "
+                f"truncate: {self.truncate}")
 
 
 def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:

@@ -42,6 +42,15 @@ def add_promptcache_args(parser: Any) -> Any:
                        metavar="DIR", help=f"Disk tier directory. Default {DEFAULT_DISK_DIR}.")
     group.add_argument(FLAGS["disk_gb"], dest="promptcache_disk_gb", default=None, metavar="GIB",
                        help="Disk tier cap in GiB; 0 turns the disk tier off. Default 32.")
+    group.add_argument(FLAGS["position_independent"], dest="promptcache_position_independent",
+                       default=None, metavar="BOOL",
+                       help="Reuse stored KV wherever its tokens reappear (RoPE-shifted), e.g. "
+                            "after a client dropped a conversation's oldest turns. Default false.")
+    group.add_argument(FLAGS["truncate"], dest="promptcache_truncate", default=None,
+                       metavar="BOOL",
+                       help="Chat over max_model_len: drop the oldest turns (keep the system "
+                            "prompt and the newest turns) instead of failing, and reuse the kept "
+                            "turns' KV at its new position. Default false.")
     return parser
 
 
@@ -72,6 +81,10 @@ def apply_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
     from vllm.config import KVTransferConfig
 
     engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config_dict(config))
+    if config.truncate:
+        from .truncation import install_chat_truncation
+
+        install_chat_truncation()
     logger.info("vllm-promptcache enabled: %s", config.summary())
     return engine_args
 

@@ -43,9 +43,24 @@ class Promotion:
 
 
 @dataclass
+class ShiftedLoad:
+    """Token-wise host -> GPU copy at new positions: token t comes from host slot
+    `src_slots[t]`, offset `src_offsets[t]`, and goes to paged slot `dst_slots[t]`
+    (block_id * block_size + offset) with K rotated by `deltas[t]` positions."""
+
+    req_id: str
+    src_slots: list[int]
+    src_offsets: list[int]
+    dst_slots: list[int]
+    deltas: list[int]
+
+
+@dataclass
 class PromptCacheMetadata(KVConnectorMetadata):
     # host -> GPU, needed by this step's forward (synchronous loads)
     loads: list[BlockTransfer] = field(default_factory=list)
+    # host -> GPU at new positions (position-independent reuse), also this step
+    shifted_loads: list[ShiftedLoad] = field(default_factory=list)
     # GPU -> host, of finished requests whose blocks vLLM keeps until we report them
     saves: list[BlockTransfer] = field(default_factory=list)
     # GPU -> disk (write-through), of the same finished requests
@@ -54,7 +69,8 @@ class PromptCacheMetadata(KVConnectorMetadata):
     promotions: list[Promotion] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.saves or self.disk_writes or self.promotions)
+        return not (self.loads or self.shifted_loads or self.saves or self.disk_writes
+                    or self.promotions)
 
 
 if _KVConnectorWorkerMetadata is not None:

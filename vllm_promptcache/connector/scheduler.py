@@ -35,7 +35,8 @@ from ..store.disk_tier import DiskTier, prepare_directory
 from ..store.host_tier import HostTier, slots_for
 from ..store.keys import BlockKey, BlockKeyer, ModelFingerprint
 from ..store.policies import make_policy
-from .metadata import BlockTransfer, DiskWrite, PromptCacheMetadata, Promotion
+from .metadata import BlockTransfer, DiskWrite, PromptCacheMetadata, Promotion, ShiftedLoad
+from .shifted import ShiftedPlan, ShiftedReuse
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
@@ -63,6 +64,7 @@ class _Lookup:
     local_tokens: int   # tokens vLLM's own prefix cache already holds
     keys: list[BlockKey]  # keys of the blocks to load, from local_tokens on
     slots: list[int]    # their host slots
+    shifted: ShiftedPlan | None = None  # then tokens found at other positions
 
 
 @dataclass
@@ -102,11 +104,21 @@ class PromptCacheScheduler:
         elif config.disk_enabled:
             logger.warning("promptcache: this vLLM has no connector worker metadata; "
                            "the disk tier is off")
+        self.shifted: ShiftedReuse | None = None
+        if config.position_independent:
+            from ..kernels.rope_params import UnsupportedRopeError, rope_params
+
+            try:
+                rope_params(vllm_config)  # the worker needs them; fail here, at start-up
+            except UnsupportedRopeError as e:
+                raise RuntimeError(f"--promptcache-position-independent: {e}") from None
+            self.shifted = ShiftedReuse(self.block_size, self.host)
         self.stats = PromptCacheStats()
         self._lookups: dict[str, _Lookup] = {}
         self._looked_up: set[str] = set()
         self._queued_keys: dict[str, list[BlockKey]] = {}
         self._loads: list[BlockTransfer] = []
+        self._shifted_loads: list[ShiftedLoad] = []
         self._saves: list[BlockTransfer] = []
         self._disk_writes: list[DiskWrite] = []
         self._promotions: list[Promotion] = []
@@ -166,11 +178,19 @@ class PromptCacheScheduler:
                 return None, False
             if self.disk is not None and self._promote(keys, end, prefetch=False):
                 return None, False
-        if len(slots) < self.config.min_load_blocks or not slots:
+        shifted = None
+        if self.shifted is not None:
+            shifted = self.shifted.plan(request.all_token_ids, compat.request_cache_salt(request),
+                                        end * self.block_size, len(request.all_token_ids) - 1)
+            shifted.truncate(shifted.num_tokens // self.block_size * self.block_size)
+            if shifted.num_tokens == 0:
+                shifted = None
+        total_blocks = len(slots) + (shifted.num_tokens // self.block_size if shifted else 0)
+        if total_blocks < self.config.min_load_blocks or not total_blocks:
             self._lookups.pop(req_id, None)
             return 0, False
-        self._lookups[req_id] = _Lookup(num_computed_tokens, keys[start:end], slots)
-        return end * self.block_size - num_computed_tokens, False
+        self._lookups[req_id] = _Lookup(num_computed_tokens, keys[start:end], slots, shifted)
+        return (start + total_blocks) * self.block_size - num_computed_tokens, False
 
     def _keys(self, request: Any) -> list[BlockKey]:
         # The last token is always computed: its logits are the next token's.
@@ -223,11 +243,17 @@ class PromptCacheScheduler:
             return
         assert num_external_tokens % self.block_size == 0, num_external_tokens
         first = lookup.local_tokens // self.block_size
-        n = num_external_tokens // self.block_size
-        block_ids = compat.request_block_ids(blocks)[first:first + n]
+        n_all = num_external_tokens // self.block_size
+        n = min(n_all, len(lookup.slots))
+        all_block_ids = compat.request_block_ids(blocks)
+        block_ids = all_block_ids[first:first + n]
         slots = lookup.slots[:n]
         self.host.ready_prefix(lookup.keys[:n], touch=True)
-        self._loads.append(BlockTransfer(request.request_id, block_ids, slots))
+        if n:
+            self._loads.append(BlockTransfer(request.request_id, block_ids, slots))
+        if n_all > n and lookup.shifted is not None:
+            self._plan_shifted_load(request.request_id, lookup.shifted,
+                                    (n_all - n) * self.block_size, all_block_ids)
         from_disk = prefetched = 0
         for key in lookup.keys[:n]:
             by_prefetch = self._promoted.pop(key, None)
@@ -235,15 +261,30 @@ class PromptCacheScheduler:
                 from_disk += 1
                 prefetched += by_prefetch
         self.stats.inc("lookup_hits_total")
+        if n_all > n:
+            self.stats.inc("hit_tokens_total", (n_all - n) * self.block_size, tier="host")
         if n - from_disk:
             self.stats.inc("hit_tokens_total", (n - from_disk) * self.block_size, tier="host")
         if from_disk:
             self.stats.inc("hit_tokens_total", from_disk * self.block_size, tier="disk")
         if prefetched:
             self.stats.inc("prefetch_hit_blocks_total", prefetched)
-        logger.debug("promptcache: request %s loads %d tokens (%d blocks, %d of them from disk) "
-                     "through host; %d were in vLLM's prefix cache", request.request_id,
-                     num_external_tokens, n, from_disk, lookup.local_tokens)
+        logger.debug("promptcache: request %s loads %d tokens: %d blocks through host (%d of "
+                     "them from disk), %d tokens found at other positions; %d were in vLLM's "
+                     "prefix cache", request.request_id, num_external_tokens, n, from_disk,
+                     (n_all - n) * self.block_size, lookup.local_tokens)
+
+    def _plan_shifted_load(self, req_id: str, plan: ShiftedPlan, n_tokens: int,
+                           block_ids: list[int]) -> None:
+        plan.truncate(n_tokens)
+        bs = self.block_size
+        dst = [block_ids[p // bs] * bs + p % bs for p in range(plan.start, plan.start + n_tokens)]
+        self._shifted_loads.append(ShiftedLoad(req_id, plan.src_slots, plan.src_offsets, dst,
+                                               plan.deltas))
+        if plan.shifted_tokens:
+            self.stats.inc("shifted_hit_tokens_total", plan.shifted_tokens, tier="host")
+        logger.debug("promptcache: request %s loads %d tokens found at other positions "
+                     "(%d of them shifted)", req_id, n_tokens, plan.shifted_tokens)
 
     def _unqueue(self, req_id: str) -> None:
         keys = self._queued_keys.pop(req_id, None)
@@ -268,6 +309,8 @@ class PromptCacheScheduler:
         if n_blocks == 0:
             return False, None
         keys = self.keyer.block_keys(tokens, compat.request_cache_salt(request), n_blocks)
+        if self.shifted is not None:
+            self.shifted.remember(tokens, keys, compat.request_cache_salt(request))
         claimed = self.host.reserve(keys)
         slots = [slot for _, slot in claimed]
         for i, _ in claimed:  # saved afresh: a later hit on them is a host hit
@@ -309,9 +352,11 @@ class PromptCacheScheduler:
 
     # -- per step --------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: Any) -> PromptCacheMetadata:
-        meta = PromptCacheMetadata(loads=self._loads, saves=self._saves,
-                                   disk_writes=self._disk_writes, promotions=self._promotions)
-        self._loads, self._saves, self._disk_writes, self._promotions = [], [], [], []
+        meta = PromptCacheMetadata(loads=self._loads, shifted_loads=self._shifted_loads,
+                                   saves=self._saves, disk_writes=self._disk_writes,
+                                   promotions=self._promotions)
+        self._loads, self._shifted_loads, self._saves = [], [], []
+        self._disk_writes, self._promotions = [], []
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:

@@ -29,7 +29,8 @@ from ..kernels import blocks_first, load_slots_into_blocks, save_blocks_to_slots
 from ..metrics import PromptCacheStats
 from ..store.disk_io import DiskIO
 from ..store.host_buffer import HostBuffer
-from .metadata import BlockTransfer, DiskWrite, PromptCacheMetadata, PromptCacheWorkerMeta
+from .metadata import (BlockTransfer, DiskWrite, PromptCacheMetadata, PromptCacheWorkerMeta,
+                       ShiftedLoad)
 from .scheduler import disk_directory, host_tier_geometry
 
 # Staged (GPU -> RAM copied, not yet on disk) bytes beyond which disk saves are dropped.
@@ -55,6 +56,16 @@ class PromptCacheWorker:
         self._layer_events: dict[str, Any] = {}
         self._load_stream = None
         self._save_stream = None
+        self.raw_kv: dict[str, torch.Tensor] = {}
+        self.rope = None
+        if config.position_independent:
+            from ..kernels.rope_params import rope_params
+
+            mc, pc = vllm_config.model_config, vllm_config.parallel_config
+            self.rope = rope_params(vllm_config)
+            self.num_kv_heads = mc.get_num_kv_heads(pc)
+            self.head_size = mc.get_head_size()
+            self.block_size = vllm_config.cache_config.block_size
         self.disk: DiskIO | None = None
         if config.disk_enabled and PromptCacheWorkerMeta is not None:
             directory, fingerprint = disk_directory(vllm_config, config)
@@ -72,6 +83,7 @@ class PromptCacheWorker:
                     f"promptcache: layer {name} has {block_bytes} bytes per block, the KV cache "
                     f"config says {page_bytes}; this KV layout is not supported")
             self.kv[name] = view
+            self.raw_kv[name] = kv_caches[name]
         self.device = next(iter(self.kv.values())).device
         on_cuda = self.device.type == "cuda"
         self.buffer = HostBuffer(self.num_slots, self.layer_pages, pin=on_cuda)
@@ -85,6 +97,8 @@ class PromptCacheWorker:
 
     # -- loads -----------------------------------------------------------------
     def start_load_kv(self, meta: PromptCacheMetadata) -> None:
+        for load in meta.shifted_loads:
+            self._load_shifted(load)
         if not meta.loads:
             return
         start = time.perf_counter()
@@ -106,6 +120,28 @@ class PromptCacheWorker:
                     self._layer_events[name] = event
         with self._stats_lock:
             self._stats.inc("loaded_bytes_total", len(slots) * self.slot_bytes, tier="host")
+            self._stats.inc("load_seconds_total", time.perf_counter() - start, tier="host")
+
+    def _load_shifted(self, load: ShiftedLoad) -> None:
+        """Tokens from host slots at other positions; synchronous, before the forward."""
+        from ..kernels.shifted_load import load_tokens_shifted
+
+        start = time.perf_counter()
+        inv_freq, rotary_dim, is_neox = self.rope
+        layout = "cpu" if self.device.type == "cpu" else "flash_attn"
+        src_slots = torch.tensor(load.src_slots, dtype=torch.long)
+        src_offsets = torch.tensor(load.src_offsets, dtype=torch.long)
+        dst = torch.tensor(load.dst_slots, dtype=torch.long)
+        deltas = torch.tensor(load.deltas, dtype=torch.long)
+        for name in self.kv:
+            load_tokens_shifted(self.buffer.layer_view(name), src_slots, src_offsets,
+                                self.raw_kv[name], layout, self.num_kv_heads, self.head_size,
+                                self.block_size, dst, deltas, inv_freq.to(self.device),
+                                rotary_dim, is_neox)
+        with self._stats_lock:
+            tokens = len(load.deltas)
+            self._stats.inc("loaded_bytes_total", tokens * self.slot_bytes // self.block_size,
+                            tier="host")
             self._stats.inc("load_seconds_total", time.perf_counter() - start, tier="host")
 
     def wait_for_layer_load(self, layer_name: str) -> None:

@@ -1,0 +1,165 @@
+"""The turn after a context-window truncation: segment reuse against a full prefill.
+
+A conversation of a system prompt and T user turns (each followed by an answer)
+is served once, so its KV is stored.  Then the client drops the oldest D turns,
+as it must once the conversation outgrows the window, and sends the next turn:
+system prompt + the kept turns + a new question.  Measured on one engine with
+``position_independent=True`` (vLLM's prefix cache on), per conversation:
+
+* ``reuse``  the truncated prompt as is: the system prompt is a prefix hit, the
+  kept turns are found in the stored segment and loaded at their new (earlier)
+  positions with K rotated (``shifted_hit_tokens_total``);
+* ``full``   the same prompt under a fresh cache salt: nothing can match, a full
+  prefill (the baseline).
+
+TTFT is vLLM's ``first_token_latency`` of each request; the ratio full / reuse is
+taken in the same run.  Quality: the reused KV of the kept turns was computed
+while attending to the dropped turns (as in CachedAttention), so the answers can
+differ; reported is the greedy answer's position-wise token agreement with the
+full prefill, and how often the first answer token agrees.  TTFT is measured on
+the ``bench`` shape (dummy weights, whose answers mean nothing); quality on the
+embedded tiny model (random weights, a peaked output head) until a real small
+model is in the repo.  Timings are never asserted.
+
+Run:
+
+    python bench/truncation.py             # both parts
+    python bench/truncation.py --quick
+
+Results: ``bench/results/truncation-cpu.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "truncation-cpu.json"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def run(model_name: str, args, turn_len: int, system_len: int, vocab: int) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from vllm_promptcache import engine_kwargs, read_metrics
+    from vllm_promptcache.compat import shutdown_llm
+    from vllm_promptcache.tiny_model import build_model
+
+    model = build_model(model_name)
+    extra = {"load_format": "dummy"} if model_name == "bench" else {}
+    llm = LLM(model, enforce_eager=True, gpu_memory_utilization=0.2, dtype="bfloat16",
+              max_model_len=args.max_model_len, max_num_batched_tokens=max(8192, args.max_model_len),
+              enable_prefix_caching=True, seed=0, **extra,
+              **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))
+    rng = random.Random(args.seed)
+
+    def toks(n):
+        return [rng.randrange(10, vocab) for _ in range(n)]
+
+    def gen(prompt, max_tokens, salt=None):
+        p = {"prompt_token_ids": prompt}
+        if salt:
+            p["cache_salt"] = salt
+        out = llm.generate([p], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                           use_tqdm=False)[0]
+        return list(out.outputs[0].token_ids), out.metrics.first_token_latency
+
+    def shifted_total():
+        time.sleep(0.3)
+        gen(toks(8), 1)  # a step that carries the last stats
+        return read_metrics(llm).get("shifted_hit_tokens_total", {}).get("host", 0)
+
+    gen(toks(300), 2, salt="warm-up")
+    rows = []
+    for c in range(args.conversations):
+        system = toks(system_len)
+        turns = [toks(turn_len) for _ in range(args.turns)]
+        history = list(system)
+        for t in turns:  # the conversation as served, turn by turn (stored each time)
+            history += t
+            answer, _ = gen(history, args.answer_tokens)
+            history += answer
+        kept = history[len(system) + sum(len(t) + args.answer_tokens for t in turns[:args.drop]):]
+        question = toks(64)
+        truncated = system + kept + question
+        before = shifted_total()
+        reuse, ttft_reuse = gen(truncated, args.answer_tokens)
+        shifted = shifted_total() - before
+        full, ttft_full = gen(truncated, args.answer_tokens, salt=f"full-{c}")
+        agree = sum(a == b for a, b in zip(reuse, full)) / len(full)
+        rows.append({"prompt_tokens": len(truncated), "dropped_tokens": len(history) - len(system) - len(kept),
+                     "shifted_tokens": shifted, "ttft_reuse_s": ttft_reuse, "ttft_full_s": ttft_full,
+                     "token_agreement": agree, "first_token_agrees": reuse[0] == full[0]})
+        log(f"  {model_name} conversation {c}: {rows[-1]}")
+    shutdown_llm(llm)
+    return {
+        "model": model_name, "rows": rows,
+        "ttft_reuse_median_s": statistics.median(r["ttft_reuse_s"] for r in rows),
+        "ttft_full_median_s": statistics.median(r["ttft_full_s"] for r in rows),
+        "speedup": statistics.median(r["ttft_full_s"] / r["ttft_reuse_s"] for r in rows),
+        "token_agreement_mean": statistics.fmean(r["token_agreement"] for r in rows),
+        "first_token_agreement": sum(r["first_token_agrees"] for r in rows) / len(rows),
+        "shifted_tokens_median": statistics.median(r["shifted_tokens"] for r in rows),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--conversations", type=int, default=4)
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--drop", type=int, default=3, help="oldest turns the client drops")
+    ap.add_argument("--answer-tokens", type=int, default=32)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--host-gb", type=float, default=2.0)
+    ap.add_argument("--parts", default="ttft,quality")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args()
+    if args.quick:
+        args.conversations, args.turns, args.drop = 1, 3, 1
+    parts = args.parts.split(",")
+    results = {}
+    if "ttft" in parts:
+        log("== TTFT, bench shape")
+        results["ttft"] = run("bench", args, turn_len=512, system_len=512, vocab=8000)
+    if "quality" in parts:
+        log("== quality, tiny model")
+        results["quality"] = run("tiny", args, turn_len=128, system_len=128, vocab=2000)
+    doc = {"benchmark": "truncation", "date": _dt.datetime.now().isoformat(timespec="seconds"),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+           "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    lines = ["| model | prompt tokens | shifted tokens | TTFT reuse | TTFT full prefill | speedup | "
+             "answer token agreement | first token agrees |", "|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        lines.append(
+            f"| {r['model']} | {statistics.median(x['prompt_tokens'] for x in r['rows']):.0f} | "
+            f"{r['shifted_tokens_median']:.0f} | {r['ttft_reuse_median_s']:.3f} s | "
+            f"{r['ttft_full_median_s']:.3f} s | {r['speedup']:.2f}x | "
+            f"{r['token_agreement_mean']:.2f} | {r['first_token_agreement']:.2f} |")
+    table = "\n".join(lines)
+    args.out.with_suffix(".md").write_text(
+        f"# Turn after truncation ({doc['date']})\n\n{args.conversations} conversations of "
+        f"{args.turns} turns, the oldest {args.drop} dropped; {args.answer_tokens}-token answers.\n\n"
+        + table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""End to end through vLLM: position-independent reuse after a conversation lost its
+oldest turn, and vLLM's usual error for an over-long prompt without truncation.
+
+One engine with `position_independent=True` (disk tier off, vLLM's prefix cache on).
+The reused KV of the kept turn was computed while attending to the dropped turn
+(as in CachedAttention), so its output is close to, not identical with, a full
+prefill of the truncated prompt; the agreement is measured by bench/truncation.py.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from tests.conftest import close_llm, make_llm
+
+pytestmark = pytest.mark.engine
+BLOCK = 128
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    from vllm_promptcache import engine_kwargs
+
+    engine = make_llm(tiny_model, enable_prefix_caching=True, max_model_len=1024,
+                      **engine_kwargs(host_gb=0.01, disk_gb=0, position_independent=True))
+    yield engine
+    close_llm(engine)
+
+
+def tokens(n, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(10, 2000) for _ in range(n)]
+
+
+def generate(llm, prompt, max_tokens=16, salt=None):
+    from vllm import SamplingParams
+
+    p = {"prompt_token_ids": prompt}
+    if salt:
+        p["cache_salt"] = salt
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return list(llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids)
+
+
+def counter(llm, name, tier="host"):
+    """A counter once the engine's last steps have reported (stats travel with steps)."""
+    from vllm_promptcache import read_metrics
+
+    last = None
+    for _ in range(30):
+        generate(llm, [5, 6, 7], max_tokens=1)  # shorter than a block: saves nothing
+        value = read_metrics(llm).get(name, {}).get(tier, 0)
+        if value == last:
+            return value
+        last = value
+        time.sleep(0.1)
+    return value
+
+
+def test_kept_turns_are_loaded_at_their_new_position(llm):
+    system, turn1, turn2 = tokens(200, 1), tokens(300, 2), tokens(300, 3)
+    answer = generate(llm, system + turn1 + turn2, max_tokens=24)
+    hits0 = counter(llm, "hit_tokens_total")
+    shifted0 = counter(llm, "shifted_hit_tokens_total")
+    # The client drops turn 1; the stored run is system + turn1 + turn2[:268]
+    # (6 full blocks of the 824 tokens that have KV).
+    truncated = system + turn2 + answer + tokens(30, 4)
+    out = generate(llm, truncated)
+    loaded = counter(llm, "hit_tokens_total") - hits0
+    shifted = counter(llm, "shifted_hit_tokens_total") - shifted0
+    # Block 0 (system) is in vLLM's own prefix cache; then system[128:] at delta 0
+    # and turn2[:268] at delta -300 cover up to token 468: blocks 1 and 2 are loaded.
+    assert loaded == 2 * BLOCK
+    assert shifted == 3 * BLOCK - len(system)
+    assert len(out) == 16
+
+
+def test_an_unrelated_prompt_gets_nothing_shifted(llm):
+    before = counter(llm, "shifted_hit_tokens_total")
+    generate(llm, tokens(500, 99))
+    assert counter(llm, "shifted_hit_tokens_total") == before
+
+
+def test_over_long_prompt_without_truncation_gets_vllms_error(llm):
+    with pytest.raises(Exception, match="maximum context length"):
+        generate(llm, tokens(1100, 5))
+    assert len(generate(llm, tokens(300, 6))) == 16  # the engine still serves
