@@ -51,7 +51,8 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def run(model_name: str, args, turn_len: int, system_len: int, vocab: int) -> dict:
+def run(model_name: str, args, turn_len: int, system_len: int, vocab: int,
+        conversations: int) -> dict:
     from vllm import LLM, SamplingParams
 
     from vllm_promptcache import engine_kwargs, read_metrics
@@ -60,8 +61,9 @@ def run(model_name: str, args, turn_len: int, system_len: int, vocab: int) -> di
 
     model = build_model(model_name)
     extra = {"load_format": "dummy"} if model_name == "bench" else {}
+    max_len = min(args.max_model_len, 4096) if model_name == "tiny" else args.max_model_len
     llm = LLM(model, enforce_eager=True, gpu_memory_utilization=0.2, dtype="bfloat16",
-              max_model_len=args.max_model_len, max_num_batched_tokens=max(8192, args.max_model_len),
+              max_model_len=max_len, max_num_batched_tokens=max(8192, max_len),
               enable_prefix_caching=True, seed=0, **extra,
               **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))
     rng = random.Random(args.seed)
@@ -84,7 +86,7 @@ def run(model_name: str, args, turn_len: int, system_len: int, vocab: int) -> di
 
     gen(toks(300), 2, salt="warm-up")
     rows = []
-    for c in range(args.conversations):
+    for c in range(conversations):
         system = toks(system_len)
         turns = [toks(turn_len) for _ in range(args.turns)]
         history = list(system)
@@ -100,9 +102,11 @@ def run(model_name: str, args, turn_len: int, system_len: int, vocab: int) -> di
         shifted = shifted_total() - before
         full, ttft_full = gen(truncated, args.answer_tokens, salt=f"full-{c}")
         agree = sum(a == b for a, b in zip(reuse, full)) / len(full)
+        same_until = next((i for i, (a, b) in enumerate(zip(reuse, full)) if a != b), len(full))
         rows.append({"prompt_tokens": len(truncated), "dropped_tokens": len(history) - len(system) - len(kept),
                      "shifted_tokens": shifted, "ttft_reuse_s": ttft_reuse, "ttft_full_s": ttft_full,
-                     "token_agreement": agree, "first_token_agrees": reuse[0] == full[0]})
+                     "token_agreement": agree, "first_token_agrees": reuse[0] == full[0],
+                     "identical_prefix_tokens": same_until})
         log(f"  {model_name} conversation {c}: {rows[-1]}")
     shutdown_llm(llm)
     return {
@@ -112,6 +116,8 @@ def run(model_name: str, args, turn_len: int, system_len: int, vocab: int) -> di
         "speedup": statistics.median(r["ttft_full_s"] / r["ttft_reuse_s"] for r in rows),
         "token_agreement_mean": statistics.fmean(r["token_agreement"] for r in rows),
         "first_token_agreement": sum(r["first_token_agrees"] for r in rows) / len(rows),
+        "identical_answers": sum(r["identical_prefix_tokens"] == args.answer_tokens for r in rows) / len(rows),
+        "identical_prefix_mean": statistics.fmean(r["identical_prefix_tokens"] for r in rows),
         "shifted_tokens_median": statistics.median(r["shifted_tokens"] for r in rows),
     }
 
@@ -119,6 +125,7 @@ def run(model_name: str, args, turn_len: int, system_len: int, vocab: int) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conversations", type=int, default=4)
+    ap.add_argument("--quality-conversations", type=int, default=16)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--drop", type=int, default=3, help="oldest turns the client drops")
     ap.add_argument("--answer-tokens", type=int, default=32)
@@ -130,15 +137,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
     if args.quick:
-        args.conversations, args.turns, args.drop = 1, 3, 1
+        args.conversations, args.quality_conversations, args.turns, args.drop = 1, 2, 3, 1
     parts = args.parts.split(",")
     results = {}
     if "ttft" in parts:
         log("== TTFT, bench shape")
-        results["ttft"] = run("bench", args, turn_len=512, system_len=512, vocab=8000)
+        results["ttft"] = run("bench", args, turn_len=512, system_len=512, vocab=8000,
+                              conversations=args.conversations)
     if "quality" in parts:
         log("== quality, tiny model")
-        results["quality"] = run("tiny", args, turn_len=128, system_len=128, vocab=2000)
+        results["quality"] = run("tiny", args, turn_len=128, system_len=128, vocab=2000,
+                                 conversations=args.quality_conversations)
     doc = {"benchmark": "truncation", "date": _dt.datetime.now().isoformat(timespec="seconds"),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -146,16 +155,19 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     lines = ["| model | prompt tokens | shifted tokens | TTFT reuse | TTFT full prefill | speedup | "
-             "answer token agreement | first token agrees |", "|---|---|---|---|---|---|---|---|"]
+             "answer token agreement | first token agrees | identical answers | "
+             "tokens identical before first divergence |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.values():
         lines.append(
             f"| {r['model']} | {statistics.median(x['prompt_tokens'] for x in r['rows']):.0f} | "
             f"{r['shifted_tokens_median']:.0f} | {r['ttft_reuse_median_s']:.3f} s | "
             f"{r['ttft_full_median_s']:.3f} s | {r['speedup']:.2f}x | "
-            f"{r['token_agreement_mean']:.2f} | {r['first_token_agreement']:.2f} |")
+            f"{r['token_agreement_mean']:.2f} | {r['first_token_agreement']:.2f} | "
+            f"{r['identical_answers']:.2f} | {r['identical_prefix_mean']:.1f} of {args.answer_tokens} |")
     table = "\n".join(lines)
     args.out.with_suffix(".md").write_text(
-        f"# Turn after truncation ({doc['date']})\n\n{args.conversations} conversations of "
+        f"# Turn after truncation ({doc['date']})\n\n{args.conversations} (TTFT) and "
+        f"{args.quality_conversations} (quality) conversations of "
         f"{args.turns} turns, the oldest {args.drop} dropped; {args.answer_tokens}-token answers.\n\n"
         + table + "\n")
     print(table)
