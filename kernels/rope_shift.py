@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 
 import torch
 
@@ -211,19 +212,24 @@ def rope_shift_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.
     """Plain-torch `rope_shift_`: the CPU path and the test oracle (same semantics)."""
     k6, v6 = _check(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq, rotary_dim)
     T, H, D = src_k.shape
-    keep = (slot_mapping >= 0).nonzero().flatten()
-    if keep.numel() == 0:
-        return
-    slots = slot_mapping[keep].to(torch.int64)
-    d = delta[keep].to(torch.int64)
-    k = src_k[keep]
-    v = src_v[keep]
+    if bool((slot_mapping >= 0).all()):  # the common case: no gather
+        slots, d, k, v = slot_mapping.to(torch.int64), delta.to(torch.int64), src_k, src_v
+    else:
+        keep = (slot_mapping >= 0).nonzero().flatten()
+        if keep.numel() == 0:
+            return
+        slots = slot_mapping[keep].to(torch.int64)
+        d = delta[keep].to(torch.int64)
+        k = src_k[keep]
+        v = src_v[keep]
 
-    if rotary_dim > 0:
-        ang = d.to(torch.float64)[:, None] * inv_freq.to(torch.float64).flatten()[None, :]
+    # Only tokens that move are rotated; the rest (and all of V) are copied as is.
+    moved = (d != 0).nonzero().flatten() if rotary_dim > 0 else d[:0]
+    if moved.numel():
+        ang = d[moved].to(torch.float64)[:, None] * inv_freq.to(torch.float64).flatten()[None, :]
         cos = ang.cos().to(torch.float32)[:, None, :]
         sin = ang.sin().to(torch.float32)[:, None, :]
-        rot = k[..., :rotary_dim].float()
+        rot = k[moved, :, :rotary_dim].float()
         if is_neox_style:
             x1, x2 = rot.chunk(2, dim=-1)
         else:
@@ -234,10 +240,8 @@ def rope_shift_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.
             rotated = torch.cat((o1, o2), dim=-1)
         else:
             rotated = torch.stack((o1, o2), dim=-1).flatten(-2)
-        rotated = rotated.to(k.dtype)
-        unshifted = (d == 0)[:, None, None]
-        rotated = torch.where(unshifted, k[..., :rotary_dim], rotated)
-        k = torch.cat((rotated, k[..., rotary_dim:]), dim=-1)
+        k = k.clone()
+        k[moved, :, :rotary_dim] = rotated.to(k.dtype)
 
     for d6, x in ((k6, k), (v6, v)):
         tg = d6.shape[2]
@@ -339,7 +343,16 @@ if HAS_TRITON:
         if isinstance(_rope_shift_kernel, InterpretedFunction):
             return _rope_shift_kernel
         if _interpreted_kernel is None:
-            _interpreted_kernel = InterpretedFunction(_rope_shift_kernel.fn)
+            # The kernel calls a jitted helper, which needs the same treatment: give
+            # the interpreted kernel globals in which the helper is interpreted too.
+            fn = _rope_shift_kernel.fn
+            scope = dict(fn.__globals__)
+            scope["_f32_to_bf16_rtne"] = InterpretedFunction(_f32_to_bf16_rtne.fn)
+            clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__,
+                                       fn.__closure__)
+            clone.__kwdefaults__ = fn.__kwdefaults__
+            clone.__annotations__ = fn.__annotations__
+            _interpreted_kernel = InterpretedFunction(clone)
         return _interpreted_kernel
 
 
