@@ -128,10 +128,18 @@ def tp_rank() -> int:
     """This worker's tensor-parallel rank."""
     from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size
+
     try:
         return int(get_tensor_model_parallel_rank())
-    except (AssertionError, RuntimeError):  # no TP group: a single worker
-        return 0
+    except (AssertionError, RuntimeError):
+        try:
+            world = int(get_tensor_model_parallel_world_size())
+        except (AssertionError, RuntimeError):
+            world = 1
+        if world > 1:
+            raise
+        return 0  # no TP group: a single worker
 
 
 def worker_meta_of(connector_output: Any) -> Any:

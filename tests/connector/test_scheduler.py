@@ -19,7 +19,8 @@ def vllm_config():
                          get_num_kv_heads=lambda pc: 2, get_head_size=lambda: 32)
     return SimpleNamespace(model_config=mc,
                            cache_config=SimpleNamespace(block_size=BS, cache_dtype="auto"),
-                           parallel_config=SimpleNamespace(tensor_parallel_size=1, world_size=1))
+                           parallel_config=SimpleNamespace(tensor_parallel_size=1, world_size=1,
+                                                           pipeline_parallel_size=1))
 
 
 def kv_cache_config():
@@ -231,3 +232,43 @@ def test_a_request_larger_than_the_host_tier_takes_what_fits(tmp_path):
         if answer[0] is not None:
             break
     assert answer == (16, False)
+
+
+def test_a_promotion_stops_at_a_block_already_in_host(disk_sched):
+    # Regression: host held blocks 4..6 of a run whose blocks 0..7 were on disk;
+    # the claims for 0..3 must pair with disk blocks 0..3, never shift onto 4..7.
+    toks = list(range(33))  # 8 full blocks
+    meta = finish_with_disk(disk_sched, request("a", toks), list(range(1, 9)))
+    keys = [k for w in meta.disk_writes for k in w.keys]
+    disk_sched.host.clear()
+    claimed = disk_sched.host.reserve(keys[4:7])
+    disk_sched.host.commit([slot for _, slot in claimed])
+    nxt = request("b", toks + [1], computed=0)
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
+    promos = disk_sched.build_connector_meta(None).promotions
+    assert [i for p in promos for i in p.indices] == [0, 1, 2, 3]
+    disk_sched.update_connector_output(events_output([("promote", p.promo_id, True) for p in promos]))
+    slot_of = {keys[i]: s for p in promos for i, s in zip(p.indices, p.slots)}
+    assert disk_sched.host.ready_prefix(keys[:4], touch=False) == [slot_of[k] for k in keys[:4]]
+    # Blocks 0..6 are in host now; block 7 comes from disk next.
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
+    promos = disk_sched.build_connector_meta(None).promotions
+    assert [i for p in promos for i in p.indices] == [7]
+    disk_sched.update_connector_output(events_output([("promote", p.promo_id, True) for p in promos]))
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (32, False)
+
+
+def test_a_save_that_failed_on_one_rank_steps_earlier_is_never_served():
+    cfg = PromptCacheConfig(host_gb=64 * 2 * PAGE / 2**30, disk_gb=0).validate()
+    vc = vllm_config()
+    vc.parallel_config.world_size = 2
+    sched = PromptCacheScheduler(vc, kv_cache_config(), cfg)
+    toks = list(range(9))
+    sched.request_finished(request("a", toks), [1, 2])
+    sched.build_connector_meta(None)
+    # Rank 0 fails at step N; vLLM reports the request finished only at N+1,
+    # when rank 1 is done too, with no failure in that step's metadata.
+    sched.update_connector_output(SimpleNamespace(
+        finished_sending=set(), kv_connector_worker_meta=PromptCacheWorkerMeta(failed_saves={"a"})))
+    sched.update_connector_output(output({"a"}))
+    assert sched.get_num_new_matched_tokens(request("b", toks + [1], computed=0), 0) == (0, False)

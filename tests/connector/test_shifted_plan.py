@@ -1,5 +1,7 @@
 """The scheduler-side planner of position-independent reuse, without an engine."""
 
+from types import SimpleNamespace
+
 from vllm_promptcache.connector.shifted import ShiftedReuse
 from vllm_promptcache.store.host_tier import HostTier
 from vllm_promptcache.store.policies import make_policy
@@ -73,3 +75,44 @@ def test_a_longer_turn_replaces_its_prefix_segment_and_salts_isolate():
     prompt = [9] * 5 + turn2
     assert planner.plan(prompt, "b", 5, len(prompt) - 1).num_tokens == 0
     assert planner.plan(prompt, "a", 5, len(prompt) - 1).num_tokens == len(turn2) - 1
+
+
+def test_kv_from_a_shifted_load_is_never_saved_under_exact_keys(monkeypatch):
+    """A request that loaded shifted KV saves its blocks from there on under keys of
+    its own: an exact-prefix lookup must never get approximate KV."""
+    import torch
+
+    from tests.connector.test_scheduler import Blocks, kv_cache_config, request, vllm_config
+    from vllm_promptcache.config import PromptCacheConfig
+    from vllm_promptcache.connector.scheduler import PromptCacheScheduler
+    from vllm_promptcache.kernels import rope_params
+
+    monkeypatch.setattr(rope_params, "rope_params", lambda vc: (torch.ones(16), 32, True))
+    cfg = PromptCacheConfig(host_gb=256 * 2 * 1024 / 2**30, disk_gb=0, position_independent=True)
+    sched = PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg.validate())
+    bs = sched.block_size
+    system, turn1, turn2 = list(range(100, 140)), list(range(200, 240)), list(range(300, 340))
+    first = request("a", system + turn1 + turn2 + [1])
+    sched.request_finished(first, list(range(30)))
+    sched.build_connector_meta(None)
+    sched.update_connector_output(SimpleNamespace(finished_sending={"a"}, kv_connector_worker_meta=None))
+
+    truncated = system + turn2 + [7, 7, 7, 7, 7]
+    req = request("b", truncated, computed=0)
+    assert sched.get_num_new_matched_tokens(req, 0) == (80, False)
+    sched.update_state_after_alloc(req, Blocks(list(range(40, 62))), 80)
+    meta = sched.build_connector_meta(None)
+    assert len(meta.loads[0].slots) == 10 and len(meta.shifted_loads[0].deltas) == 40
+    assert set(meta.shifted_loads[0].deltas) == {-40}
+
+    done = request("b", truncated + [9, 9, 9, 9], computed=len(truncated) + 3)
+    sched.request_finished(done, list(range(40, 62)))
+    sched.build_connector_meta(None)
+    sched.update_connector_output(SimpleNamespace(finished_sending={"b"}, kv_connector_worker_meta=None))
+    exact = sched.keyer.block_keys(done.all_token_ids, None, 22)
+    assert all(k in sched.host for k in exact[:10])        # the system prompt: exact
+    assert not any(k in sched.host for k in exact[10:])    # the rest: never under exact keys
+    # ... but a position-independent lookup of the same tokens still finds it (delta 0).
+    again = request("c", done.all_token_ids + [3], computed=0)
+    hit, _ = sched.get_num_new_matched_tokens(again, 0)
+    assert hit == 88  # all 22 blocks b saved: 10 exact, 12 found at delta 0

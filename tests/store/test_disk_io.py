@@ -16,7 +16,7 @@ def wait_events(io, n, timeout=10.0):
     events, corrupt = [], set()
     deadline = time.time() + timeout
     while len(events) < n and time.time() < deadline:
-        e, c = io.take_events()
+        e, c, _ = io.take_events()
         events += e
         corrupt |= c
         time.sleep(0.01)

@@ -86,11 +86,14 @@ if _KVConnectorWorkerMetadata is not None:
         events: list[tuple[str, str, bool]] = field(default_factory=list)
         # Disk files found corrupt (and deleted) by some worker.
         corrupt_files: set[str] = field(default_factory=set)
+        # Disk files some worker could not find (deleted by another engine).
+        missing_files: set[str] = field(default_factory=set)
 
         def aggregate(self, other):
             self.failed_saves |= other.failed_saves
             self.events.extend(other.events)
             self.corrupt_files |= other.corrupt_files
+            self.missing_files |= other.missing_files
             return self
 else:  # pragma: no cover - a vLLM without worker metadata: failures are logged only
     PromptCacheWorkerMeta = None

@@ -90,6 +90,9 @@ class PromptCacheScheduler:
         num_slots, slot_bytes = host_tier_geometry(vllm_config, kv_cache_config, config)
         self.slot_bytes = slot_bytes
         self.world_size = vllm_config.parallel_config.world_size
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise RuntimeError("vllm-promptcache supports tensor parallelism, not pipeline "
+                               "parallelism (pipeline_parallel_size > 1)")
         self.layout = tuple(compat.layer_page_bytes(kv_cache_config))
         # Keys that requests waiting in vLLM's queue will read (scheduler-aware eviction).
         self.queued: Counter[BlockKey] = Counter()
@@ -123,6 +126,10 @@ class PromptCacheScheduler:
         self._disk_writes: list[DiskWrite] = []
         self._promotions: list[Promotion] = []
         self._inflight_saves: dict[str, list[int]] = {}
+        self._failed_saves: set[str] = set()
+        # Requests whose KV from this block on came from a shifted load: approximate,
+        # so never saved under the exact chained keys.
+        self._exact_blocks: dict[str, int] = {}
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._job_ids = count()
         # Keys a promotion brought into host and no load used yet: True if by prefetch.
@@ -203,7 +210,9 @@ class PromptCacheScheduler:
         run = []  # (key, file id, index in file)
         for key in keys[start:]:
             where = self.disk.locate(key)
-            if where is None:
+            # Stop at a key already in host too: reserve() skips those, and the
+            # claims must pair with the run one to one.
+            if where is None or key in self.host:
                 break
             run.append((key, *where))
         if not run:
@@ -219,7 +228,7 @@ class PromptCacheScheduler:
         else:
             spare = own.__contains__
         claimed = self.host.reserve([key for key, _, _ in run], spare=spare)
-        run = run[:len(claimed)]  # none was resident, so claims follow the run in order
+        run = run[:len(claimed)]  # no key of the run is resident: claims follow it in order
         by_file: dict[str, list[tuple[BlockKey, int, int]]] = {}
         for (key, file_id, index), (_, slot) in zip(run, claimed):
             by_file.setdefault(file_id, []).append((key, index, slot))
@@ -254,6 +263,7 @@ class PromptCacheScheduler:
         if n_all > n and lookup.shifted is not None:
             self._plan_shifted_load(request.request_id, lookup.shifted,
                                     (n_all - n) * self.block_size, all_block_ids)
+            self._exact_blocks[request.request_id] = lookup.shifted.start // self.block_size
         from_disk = prefetched = 0
         for key in lookup.keys[:n]:
             by_prefetch = self._promoted.pop(key, None)
@@ -300,6 +310,7 @@ class PromptCacheScheduler:
         self._lookups.pop(req_id, None)
         self._looked_up.discard(req_id)
         self._unqueue(req_id)
+        exact = self._exact_blocks.pop(req_id, None)
         tokens = request.all_token_ids
         # KV exists for the tokens fed to the model: never the last sampled one.
         n_tokens = min(request.num_computed_tokens, len(tokens) - 1)
@@ -308,9 +319,17 @@ class PromptCacheScheduler:
         n_blocks = min(n_tokens // self.block_size, len(block_ids))
         if n_blocks == 0:
             return False, None
-        keys = self.keyer.block_keys(tokens, compat.request_cache_salt(request), n_blocks)
+        salt = compat.request_cache_salt(request)
+        keys = self.keyer.block_keys(tokens, salt, n_blocks)
+        exact = n_blocks if exact is None else exact
+        if exact < n_blocks:
+            # KV from a shifted load was computed in another context (and all KV
+            # after it attended to it): keep it off the exact keys, under keys only
+            # this run has, where position-independent lookups still find it.
+            own = self.keyer.block_keys(tokens, f"{salt or ''}\0approximate:{req_id}", n_blocks)
+            keys = keys[:exact] + own[exact:]
         if self.shifted is not None:
-            self.shifted.remember(tokens, keys, compat.request_cache_salt(request))
+            self.shifted.remember(tokens, keys, salt)
         claimed = self.host.reserve(keys)
         slots = [slot for _, slot in claimed]
         for i, _ in claimed:  # saved afresh: a later hit on them is a host hit
@@ -361,12 +380,17 @@ class PromptCacheScheduler:
 
     def update_connector_output(self, connector_output: Any) -> None:
         worker_meta = compat.worker_meta_of(connector_output)
-        failed = worker_meta.failed_saves if worker_meta is not None else set()
+        if worker_meta is not None:
+            # One rank may fail steps before the last rank finishes (vLLM reports
+            # finished_sending once every rank is done): remember failures until then.
+            self._failed_saves |= worker_meta.failed_saves & self._inflight_saves.keys()
         for req_id in connector_output.finished_sending or ():
             slots = self._inflight_saves.pop(req_id, None)
+            failed = req_id in self._failed_saves
+            self._failed_saves.discard(req_id)
             if slots is None:
                 continue
-            if req_id in failed:
+            if failed:
                 self.host.abort(slots)
                 self.stats.inc("save_failures_total", len(slots), tier="host")
             else:
@@ -374,6 +398,8 @@ class PromptCacheScheduler:
         if worker_meta is not None:
             for file_id in worker_meta.corrupt_files:
                 self.disk.discard(file_id, corrupt=True)
+            for file_id in worker_meta.missing_files:
+                self.disk.discard(file_id)
             for kind, job_id, ok in worker_meta.events:
                 self._job_report(kind, job_id, ok)
 
@@ -404,8 +430,9 @@ class PromptCacheScheduler:
                 self._promoted.popitem(last=False)
         else:
             self.host.abort(job.slots)
-            # Unreadable on some rank (corrupt, or deleted by another engine): a miss from now on.
-            self.disk.discard(job.file_id)
+            # Corrupt or missing files were dropped above; any other read error
+            # only unindexes the file (a restart's scan sees it again).
+            self.disk.discard(job.file_id, delete=False)
 
     def has_pending_work(self) -> bool:
         return bool(self._saves or self._inflight_saves or self._disk_writes

@@ -20,8 +20,9 @@ from ..store.host_tier import HostTier
 from ..store.keys import BlockKey
 from ..store.segments import SegmentIndex
 
-# Segments remembered at most (each costs about 9 bytes a token).
+# Segments and tokens remembered at most (the index costs about 9 bytes a token).
 MAX_SEGMENTS = 4096
+MAX_TOKENS = 16 << 20
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ShiftedReuse:
         self._keys: OrderedDict[int, list[BlockKey]] = OrderedDict()
         self._by_last_key: dict[BlockKey, int] = {}
         self._next_id = 0
+        self._tokens = 0
 
     def remember(self, tokens: Sequence[int], keys: list[BlockKey], salt: str | None) -> None:
         """A saved run: tokens[:len(keys) * block_size] under `keys`."""
@@ -67,7 +69,8 @@ class ShiftedReuse:
         self.index.add(seg_id, tokens[:len(keys) * self.block_size], salt)
         self._keys[seg_id] = keys
         self._by_last_key[keys[-1]] = seg_id
-        while len(self._keys) > MAX_SEGMENTS:
+        self._tokens += len(keys) * self.block_size
+        while len(self._keys) > 1 and (len(self._keys) > MAX_SEGMENTS or self._tokens > MAX_TOKENS):
             self._forget(next(iter(self._keys)))
 
     def _forget(self, seg_id: int) -> None:
@@ -75,6 +78,7 @@ class ShiftedReuse:
         if keys is None:
             return
         self.index.remove(seg_id)
+        self._tokens -= len(keys) * self.block_size
         if self._by_last_key.get(keys[-1]) == seg_id:
             del self._by_last_key[keys[-1]]
 

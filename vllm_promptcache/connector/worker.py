@@ -85,6 +85,8 @@ class PromptCacheWorker:
             self.kv[name] = view
             self.raw_kv[name] = kv_caches[name]
         self.device = next(iter(self.kv.values())).device
+        if self.rope is not None:
+            self._check_shiftable_layout()
         on_cuda = self.device.type == "cuda"
         self.buffer = HostBuffer(self.num_slots, self.layer_pages, pin=on_cuda)
         assert self.buffer.slot_bytes == self.slot_bytes
@@ -94,6 +96,21 @@ class PromptCacheWorker:
         logger.info("promptcache: host buffer of %.2f GiB allocated (%d slots, %s)",
                     self.buffer.nbytes / 2**30, self.num_slots,
                     "pinned" if on_cuda else "pageable")
+
+    def _check_shiftable_layout(self) -> None:
+        """Refuse at start-up, not mid-step, a cache that shifted loads cannot write."""
+        from ..kernels.rope_shift import paged_kv_views
+
+        layout = "cpu" if self.device.type == "cpu" else "flash_attn"
+        for name, raw in self.raw_kv.items():
+            if raw.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise RuntimeError(f"--promptcache-position-independent needs a float16, "
+                                   f"bfloat16 or float32 KV cache; layer {name} is {raw.dtype}")
+            try:
+                paged_kv_views(raw, layout, self.num_kv_heads, self.head_size, self.block_size)
+            except ValueError as e:
+                raise RuntimeError(f"--promptcache-position-independent does not support this "
+                                   f"attention backend's KV layout ({name}): {e}") from None
 
     # -- loads -----------------------------------------------------------------
     def start_load_kv(self, meta: PromptCacheMetadata) -> None:
@@ -237,11 +254,11 @@ class PromptCacheWorker:
     def build_worker_meta(self) -> Any:
         if PromptCacheWorkerMeta is None:
             return None
-        events, corrupt = self.disk.take_events() if self.disk else ([], set())
-        if not (self._failed or events or corrupt):
+        events, corrupt, gone = self.disk.take_events() if self.disk else ([], set(), set())
+        if not (self._failed or events or corrupt or gone):
             return None
         meta = PromptCacheWorkerMeta(failed_saves=self._failed, events=events,
-                                     corrupt_files=corrupt)
+                                     corrupt_files=corrupt, missing_files=gone)
         self._failed = set()
         return meta
 

@@ -57,6 +57,7 @@ class _Promotion:
         self.remaining = remaining
         self.ok = True
         self.corrupt = False
+        self.gone = False
         self.lock = threading.Lock()
 
 
@@ -74,6 +75,7 @@ class DiskIO:
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="promptcache-disk-read")
         self._events: queue.SimpleQueue[tuple[str, str, bool]] = queue.SimpleQueue()
         self._corrupt: set[str] = set()
+        self._gone: set[str] = set()
         self._corrupt_lock = threading.Lock()
         self._staged_bytes = 0
         self._staged_lock = threading.Lock()
@@ -137,7 +139,7 @@ class DiskIO:
     def _read_one(self, promo_id: str, file_id: str, index: int, row: torch.Tensor,
                   state: _Promotion) -> None:
         path = self.path(file_id)
-        ok, corrupt = False, False
+        ok, corrupt, gone = False, False, False
         try:
             with state.lock:
                 skip = not state.ok
@@ -156,12 +158,14 @@ class DiskIO:
             corrupt = True
             logger.warning("promptcache: corrupt disk block, deleting the file: %s", e)
         except FileNotFoundError:
+            gone = True
             logger.info("promptcache: disk file %s is gone (evicted by another engine?)", path)
         except Exception:
             logger.exception("promptcache: reading %s block %d failed", path, index)
         with state.lock:
             state.ok = state.ok and ok
             state.corrupt |= corrupt
+            state.gone |= gone
             state.remaining -= 1
             last = state.remaining == 0
         if last:
@@ -172,6 +176,9 @@ class DiskIO:
                     pass
                 with self._corrupt_lock:
                     self._corrupt.add(file_id)
+            elif state.gone:
+                with self._corrupt_lock:
+                    self._gone.add(file_id)
             self._events.put((PROMOTE, promo_id, state.ok))
 
     # -- reports ---------------------------------------------------------------
@@ -186,7 +193,9 @@ class DiskIO:
             self._moved = {"written": 0, "read": 0}
         return out
 
-    def take_events(self) -> tuple[list[tuple[str, str, bool]], set[str]]:
+    def take_events(self) -> tuple[list[tuple[str, str, bool]], set[str], set[str]]:
+        """(finished jobs, files found corrupt (deleted), files found missing) since
+        the last call; a file is in its set before its job's event is queued."""
         events = []
         while True:
             try:
@@ -195,7 +204,8 @@ class DiskIO:
                 break
         with self._corrupt_lock:
             corrupt, self._corrupt = self._corrupt, set()
-        return events, corrupt
+            gone, self._gone = self._gone, set()
+        return events, corrupt, gone
 
     def shutdown(self) -> None:
         # Writes finish (files are durable before the engine exits); reads are dropped.

@@ -77,7 +77,7 @@ class DiskTier:
         self._pending: dict[BlockKey, str] = {}
         self._pins: Counter[str] = Counter()
         self._bytes = 0
-        self.evictions = 0        # files
+        self.evictions = 0        # blocks
         self.corrupt_blocks = 0   # blocks dropped for a bad header or checksum
 
     # -- queries ---------------------------------------------------------------
@@ -144,8 +144,10 @@ class DiskTier:
         """A write failed on some rank: forget the file and delete what was written."""
         self.discard(file_id)
 
-    def discard(self, file_id: str, corrupt: bool = False) -> int:
-        """Drop a file from the index and delete it on every rank; returns its block count."""
+    def discard(self, file_id: str, corrupt: bool = False, delete: bool = True) -> int:
+        """Drop a file from the index and (unless not `delete`: a read failed for a
+        reason that says nothing about the file) delete it on every rank; returns its
+        block count."""
         with self._lock:
             f = self._files.pop(file_id, None)
             if f is None:
@@ -161,8 +163,9 @@ class DiskTier:
             self._bytes -= f.nbytes
             if corrupt:
                 self.corrupt_blocks += len(f.keys)
-        for rank in range(self.world):
-            _unlink(self.path(file_id, rank))
+        if delete:
+            for rank in range(self.world):
+                _unlink(self.path(file_id, rank))
         return len(f.keys)
 
     def touch(self, file_ids: Sequence[str]) -> None:
@@ -272,8 +275,7 @@ class DiskTier:
         victim = self._policy.victim(self._evictable, self._is_queued)
         if victim is None:
             return False
-        self.discard(victim)
-        self.evictions += 1
+        self.evictions += self.discard(victim)
         return True
 
 
