@@ -78,6 +78,22 @@ def test_kept_turns_are_loaded_at_their_new_position(llm):
     assert len(out) == 16
 
 
+def test_modules_in_another_order_are_all_loaded(llm):
+    """[sys][docB][docA][question] after [sys][docA][docB] was served: docB and docA
+    are found at their new positions, not only the system prompt."""
+    system, doc_a, doc_b = tokens(128, 11), tokens(256, 12), tokens(256, 13)
+    generate(llm, system + doc_a + doc_b, max_tokens=2)
+    hits0 = counter(llm, "hit_tokens_total")
+    shifted0 = counter(llm, "shifted_hit_tokens_total")
+    generate(llm, system + doc_b + doc_a + tokens(40, 14))
+    loaded = counter(llm, "hit_tokens_total") - hits0
+    shifted = counter(llm, "shifted_hit_tokens_total") - shifted0
+    # The system block is in vLLM's prefix cache; docB (delta -256) and docA (delta
+    # +256) cover tokens 128..640: 4 whole blocks loaded, all of them shifted.
+    assert loaded == 4 * BLOCK
+    assert shifted == 4 * BLOCK
+
+
 def test_an_unrelated_prompt_gets_nothing_shifted(llm):
     before = counter(llm, "shifted_hit_tokens_total")
     generate(llm, tokens(500, 99))
