@@ -178,3 +178,29 @@ def cli_main():
     from vllm.entrypoints.cli.main import main
 
     return main
+
+
+def add_endpoint_plugin(name: str, factory: Any) -> None:
+    """Make the API server attach endpoint plugin `name` even when VLLM_PLUGINS does
+    not allow-list it (vLLM 0.26 and 0.32 attach `vllm.plugins.load_endpoint_plugins()`'s
+    result inside `build_app`, importing the function at call time)."""
+    import vllm.plugins as plugins
+
+    original = getattr(plugins, "load_endpoint_plugins", None)
+    if original is None or getattr(original, "_promptcache", False):
+        if original is None:
+            import logging
+
+            logging.getLogger("vllm.promptcache").warning(
+                "promptcache: this vLLM has no endpoint plugins; the %s routes are off "
+                "(use --promptcache-modules FILE)", name)
+        return
+
+    def load_endpoint_plugins(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        if not any(getattr(p, "name", None) == name for p in loaded):
+            loaded.append(factory())
+        return loaded
+
+    load_endpoint_plugins._promptcache = True
+    plugins.load_endpoint_plugins = load_endpoint_plugins

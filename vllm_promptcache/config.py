@@ -26,6 +26,8 @@ FLAGS = {
     "disk_gb": "--promptcache-disk-gb",
     "position_independent": "--promptcache-position-independent",
     "truncate": "--promptcache-truncate",
+    "recompute_ratio": "--promptcache-recompute-ratio",
+    "modules_file": "--promptcache-modules",
 }
 
 
@@ -58,6 +60,15 @@ class PromptCacheConfig:
     # system prompt and the newest turns) instead of failing; implies
     # position_independent, so the kept turns' KV is reused at its new position.
     truncate: bool = False
+    # Boundary fix for KV found at other positions (prompt modules, truncation):
+    # the last `recompute_ratio` of the tokens a shifted load would bring are
+    # prefilled instead, so they (and the prompt after them) attend to the
+    # modules actually before them.  0 loads all; CacheBlend recomputes ~0.15.
+    recompute_ratio: float = 0.0
+    # OpenAI server: prompt modules registered at start-up, from a PML schema
+    # file (.xml/.pml) or a YAML/JSON mapping of name: text.  Implies
+    # position_independent, so modules are found in any order and at any offset.
+    modules_file: str = ""
 
     def validate(self) -> "PromptCacheConfig":
         def bad(name: str, allowed: str) -> PromptCacheConfigError:
@@ -84,7 +95,14 @@ class PromptCacheConfig:
             raise bad("position_independent", "true or false")
         if not isinstance(self.truncate, bool):
             raise bad("truncate", "true or false")
-        if self.truncate and not self.position_independent:
+        if not isinstance(self.recompute_ratio, (int, float)) or isinstance(self.recompute_ratio, bool) \
+                or not (0 <= self.recompute_ratio < 1):
+            raise bad("recompute_ratio", "a fraction in [0, 1)")
+        if not isinstance(self.modules_file, str):
+            raise bad("modules_file", "a file path")
+        if self.modules_file and not os.path.isfile(os.path.expanduser(self.modules_file)):
+            raise bad("modules_file", "an existing PML schema or YAML/JSON file of name: text")
+        if (self.truncate or self.modules_file) and not self.position_independent:
             return dataclasses.replace(self, position_independent=True).validate()
         if not isinstance(self.disk_path, str):
             raise bad("disk_path", "a directory path")
@@ -129,7 +147,8 @@ class PromptCacheConfig:
                 f"save decode tokens: {self.save_decode_tokens}, "
                 f"min load blocks: {self.min_load_blocks}, "
                 f"position-independent reuse: {self.position_independent}, "
-                f"truncate: {self.truncate}")
+                f"truncate: {self.truncate}, recompute ratio: {self.recompute_ratio:g}, "
+                f"modules file: {self.modules_file or '-'}")
 
 
 def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:

@@ -51,6 +51,18 @@ def add_promptcache_args(parser: Any) -> Any:
                        help="Chat over max_model_len: drop the oldest turns (keep the system "
                             "prompt and the newest turns) instead of failing, and reuse the kept "
                             "turns' KV at its new position. Default false.")
+    group.add_argument(FLAGS["recompute_ratio"], dest="promptcache_recompute_ratio", default=None,
+                       metavar="FRACTION",
+                       help="Of the tokens found at other positions (prompt modules, truncated "
+                            "chats), prefill this last fraction instead of loading it, so the "
+                            "prompt's end attends to the modules actually before it (a boundary "
+                            "fix, as CacheBlend). [0, 1). Default 0.")
+    group.add_argument(FLAGS["modules_file"], dest="promptcache_modules_file", default=None,
+                       metavar="FILE",
+                       help="Prompt modules to encode at start-up: a PML schema (.xml/.pml) or a "
+                            "YAML/JSON mapping of name: text. Requests name them in "
+                            "kv_transfer_params {\"promptcache_modules\": [...]}; more can be "
+                            "registered with POST /v1/promptcache/modules.")
     return parser
 
 
@@ -85,6 +97,9 @@ def apply_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
         from .truncation import install_chat_truncation
 
         install_chat_truncation()
+    from .modules.server import install_server_modules
+
+    install_server_modules(config)
     logger.info("vllm-promptcache enabled: %s", config.summary())
     return engine_args
 

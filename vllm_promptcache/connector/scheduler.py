@@ -28,6 +28,7 @@ from itertools import count
 from typing import Any
 
 from .. import compat
+from .. import request_params
 from ..config import PromptCacheConfig
 from ..metrics import PromptCacheStats
 from ..store import disk_format as fmt
@@ -42,6 +43,9 @@ logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM
 
 # Disk files hold at most this many bytes per rank (several blocks of one request).
 DISK_FILE_BYTES = 64 << 20
+# Pinned prompt modules may fill at most this share of the host tier: the rest
+# stays for conversations.
+MODULE_SHARE = 0.5
 WRITE, PROMOTE = "write", "promote"
 
 
@@ -65,6 +69,15 @@ class _Lookup:
     keys: list[BlockKey]  # keys of the blocks to load, from local_tokens on
     slots: list[int]    # their host slots
     shifted: ShiftedPlan | None = None  # then tokens found at other positions
+
+
+@dataclass
+class _Module:
+    """A registered prompt module: its host slots stay pinned."""
+
+    slots: list[int]
+    seg_id: int | None
+    req_id: str
 
 
 @dataclass
@@ -135,6 +148,8 @@ class PromptCacheScheduler:
         # Keys a promotion brought into host and no load used yet: True if by prefetch.
         self._promoted: OrderedDict[BlockKey, bool] = OrderedDict()
         self._reported = {"host": 0, "disk": 0, "corrupt": 0}
+        self._modules: dict[str, _Module] = {}
+        self.module_slot_budget = int(num_slots * MODULE_SHARE)
         disk_line = (f"disk tier {config.disk_gb:g} GiB at {self.disk.directory}, "
                      f"{files} files / {blocks} blocks found" if self.disk else "disk tier off")
         logger.info(
@@ -174,6 +189,9 @@ class PromptCacheScheduler:
         if req_id not in self._looked_up:
             self._looked_up.add(req_id)
             self.stats.inc("lookups_total")
+        params = request_params.of(request)
+        if params.get(request_params.LOAD) is False:
+            return 0, False
         keys = self._keys(request)
         start = num_computed_tokens // self.block_size
         slots = self.host.ready_prefix(keys[start:], touch=False)
@@ -189,7 +207,15 @@ class PromptCacheScheduler:
         if self.shifted is not None:
             shifted = self.shifted.plan(request.all_token_ids, compat.request_cache_salt(request),
                                         end * self.block_size, len(request.all_token_ids) - 1)
-            shifted.truncate(shifted.num_tokens // self.block_size * self.block_size)
+            if shifted.waiting:
+                return None, False
+            ratio = params.get(request_params.RECOMPUTE_RATIO, self.config.recompute_ratio)
+            # Boundary fix: the run's last `ratio` is prefilled, so it attends to what
+            # is actually before it (rounded to whole blocks, up).
+            recompute = -(-int(shifted.num_tokens * ratio) // self.block_size) * self.block_size \
+                if ratio else 0
+            keep = max(0, shifted.num_tokens - recompute)
+            shifted.truncate(keep // self.block_size * self.block_size)
             if shifted.num_tokens == 0:
                 shifted = None
         total_blocks = len(slots) + (shifted.num_tokens // self.block_size if shifted else 0)
@@ -321,6 +347,13 @@ class PromptCacheScheduler:
             return False, None
         salt = compat.request_cache_salt(request)
         keys = self.keyer.block_keys(tokens, salt, n_blocks)
+        module = request_params.of(request).get(request_params.ENCODE_MODULE)
+        if module is not None:
+            refusal = self._module_refusal(module, n_blocks)
+            if refusal:
+                logger.warning("promptcache: %s", refusal)
+                return False, {request_params.RESULT: {"module": module, "ok": False,
+                                                       "error": refusal}}
         exact = n_blocks if exact is None else exact
         if exact < n_blocks:
             # KV from a shifted load was computed in another context (and all KV
@@ -328,8 +361,9 @@ class PromptCacheScheduler:
             # this run has, where position-independent lookups still find it.
             own = self.keyer.block_keys(tokens, f"{salt or ''}\0approximate:{req_id}", n_blocks)
             keys = keys[:exact] + own[exact:]
+        seg_id = None
         if self.shifted is not None:
-            self.shifted.remember(tokens, keys, salt)
+            seg_id = self.shifted.remember(tokens, keys, salt, pinned=module is not None)
         claimed = self.host.reserve(keys)
         slots = [slot for _, slot in claimed]
         for i, _ in claimed:  # saved afresh: a later hit on them is a host hit
@@ -337,13 +371,64 @@ class PromptCacheScheduler:
         if claimed:
             self._saves.append(BlockTransfer(req_id, [block_ids[i] for i, _ in claimed], slots))
         writes = self._plan_disk_writes(req_id, keys, block_ids) if self.disk else 0
+        result = None
+        if module is not None:
+            result = self._pin_module(module, req_id, keys, seg_id)
         if not claimed and not writes:
-            return False, None
+            return False, result
         self._inflight_saves[req_id] = slots
         logger.debug("promptcache: request %s finished; saving %d of its %d full blocks to "
                      "host, %d to disk", req_id, len(slots), n_blocks, writes)
         # Keep the blocks until the worker reports the save done (get_finished).
-        return True, None
+        return True, result
+
+    # -- prompt modules --------------------------------------------------------
+    def _module_refusal(self, name: str, n_blocks: int) -> str | None:
+        """Why module `name` of n_blocks cannot be pinned, or None if it can."""
+        old = self._modules.get(name)
+        others = self._pinned_module_slots() - (len(old.slots) if old else 0)
+        if others + n_blocks <= self.module_slot_budget:
+            return None
+        mib = self.slot_bytes * self.world_size / 2**20
+        return (f"module {name!r} needs {n_blocks} KV blocks ({n_blocks * mib:.1f} MiB); prompt "
+                f"modules may pin at most {self.module_slot_budget} of the host tier's "
+                f"{self.host.num_slots} blocks ({MODULE_SHARE:.0%}) and {others} are pinned "
+                f"already: raise --promptcache-host-gb or register fewer/shorter modules")
+
+    def _pinned_module_slots(self) -> int:
+        return sum(len(m.slots) for m in self._modules.values())
+
+    def _pin_module(self, name: str, req_id: str, keys: list[BlockKey],
+                    seg_id: int | None) -> dict:
+        slots = [s for s in self.host.slots_of(keys) if s is not None]
+        if len(slots) < len(keys):
+            error = (f"module {name!r}: the host tier had room for {len(slots)} of its "
+                     f"{len(keys)} blocks (the rest is pinned or being written)")
+            logger.warning("promptcache: %s", error)
+            return {request_params.RESULT: {"module": name, "ok": False, "error": error}}
+        self._drop_module(name)
+        self.host.pin(slots)
+        self._modules[name] = _Module(slots, seg_id, req_id)
+        logger.info("promptcache: module %r registered: %d tokens in %d pinned blocks (%d of %d "
+                    "module blocks in use)", name, len(keys) * self.block_size, len(slots),
+                    self._pinned_module_slots(), self.module_slot_budget)
+        return {request_params.RESULT: {"module": name, "ok": True, "blocks": len(slots),
+                                        "bytes": len(slots) * self.slot_bytes * self.world_size}}
+
+    def _drop_module(self, name: str) -> None:
+        old = self._modules.pop(name, None)
+        if old is None:
+            return
+        self.host.unpin(old.slots)
+        if old.seg_id is not None and self.shifted is not None:
+            self.shifted.unpin(old.seg_id)
+
+    def _module_save_failed(self, req_id: str) -> None:
+        for name, module in list(self._modules.items()):
+            if module.req_id == req_id:
+                logger.warning("promptcache: saving module %r failed; it will be computed "
+                               "where it appears until registered again", name)
+                self._drop_module(name)
 
     def _plan_disk_writes(self, req_id: str, keys: list[BlockKey], block_ids: list[int]) -> int:
         new = [i for i, key in enumerate(keys) if key not in self.disk]
@@ -391,6 +476,7 @@ class PromptCacheScheduler:
             if slots is None:
                 continue
             if failed:
+                self._module_save_failed(req_id)
                 self.host.abort(slots)
                 self.stats.inc("save_failures_total", len(slots), tier="host")
             else:

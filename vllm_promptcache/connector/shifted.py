@@ -33,6 +33,9 @@ class ShiftedPlan:
     src_slots: list[int] = field(default_factory=list)
     src_offsets: list[int] = field(default_factory=list)
     deltas: list[int] = field(default_factory=list)
+    # The plan stopped at a block whose save is still in flight: asking again
+    # shortly may find more (e.g. a module registered just before).
+    waiting: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -55,23 +58,33 @@ class ShiftedReuse:
         self._by_last_key: dict[BlockKey, int] = {}
         self._next_id = 0
         self._tokens = 0
+        self._pinned: set[int] = set()  # segments of prompt modules: never forgotten
 
-    def remember(self, tokens: Sequence[int], keys: list[BlockKey], salt: str | None) -> None:
-        """A saved run: tokens[:len(keys) * block_size] under `keys`."""
+    def remember(self, tokens: Sequence[int], keys: list[BlockKey], salt: str | None,
+                 pinned: bool = False) -> int | None:
+        """A saved run: tokens[:len(keys) * block_size] under `keys`; returns its id."""
         if not keys:
-            return
+            return None
         # A conversation's earlier turn is a prefix of this run: keep only the longer one.
         for key in keys:
             older = self._by_last_key.get(key)
-            if older is not None:
+            if older is not None and older not in self._pinned:
                 self._forget(older)
         seg_id, self._next_id = self._next_id, self._next_id + 1
         self.index.add(seg_id, tokens[:len(keys) * self.block_size], salt)
         self._keys[seg_id] = keys
         self._by_last_key[keys[-1]] = seg_id
         self._tokens += len(keys) * self.block_size
-        while len(self._keys) > 1 and (len(self._keys) > MAX_SEGMENTS or self._tokens > MAX_TOKENS):
-            self._forget(next(iter(self._keys)))
+        if pinned:
+            self._pinned.add(seg_id)
+        while len(self._keys) - len(self._pinned) > 1 and (
+                len(self._keys) > MAX_SEGMENTS or self._tokens > MAX_TOKENS):
+            self._forget(next(s for s in self._keys if s not in self._pinned))
+        return seg_id
+
+    def unpin(self, seg_id: int) -> None:
+        """A module was replaced: its segment may now be forgotten like any other."""
+        self._pinned.discard(seg_id)
 
     def _forget(self, seg_id: int) -> None:
         keys = self._keys.pop(seg_id, None)
@@ -100,6 +113,7 @@ class ShiftedReuse:
                     slot_of_block[j] = ready[0] if ready else None
                 slot = slot_of_block[j]
                 if slot is None:
+                    plan.waiting = j < len(keys) and self.host.is_pending(keys[j])
                     return plan
                 plan.src_slots.append(slot)
                 plan.src_offsets.append(src % bs)

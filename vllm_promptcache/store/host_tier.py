@@ -77,6 +77,11 @@ class HostTier:
                 self._touch(slots)
             return slots
 
+    def slots_of(self, keys: Sequence[BlockKey]) -> list[int | None]:
+        """The slot of each key (READY or PENDING), None where it is not resident."""
+        with self._lock:
+            return [self._slot_of_key.get(key) for key in keys]
+
     def is_pending(self, key: BlockKey) -> bool:
         """A save of this key is in flight: it will be READY (or gone) shortly."""
         with self._lock:
@@ -141,6 +146,7 @@ class HostTier:
                     self._release(slot)
 
     def pin(self, slots: Sequence[int]) -> None:
+        """Never evict these slots (prompt modules) until unpinned; pins count."""
         with self._lock:
             self._pins.update(slots)
 

@@ -1,0 +1,169 @@
+"""End to end through vLLM: prompt modules registered once, reused in any order.
+
+One engine (tiny model, position-independent reuse on, a 2 MiB host tier = 32
+blocks, so half of it -- 16 blocks -- may hold pinned modules).  vLLM's own
+prefix cache is off, so every reuse is a load the metrics count.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from tests.conftest import close_llm, make_llm
+
+pytestmark = pytest.mark.engine
+BLOCK = 128
+WORDS = ("the model cache reads every block of text before it answers a question about "
+         "documents stored in memory and on disk while the server keeps running for many "
+         "users who send long prompts with shared parts").split()
+
+
+def text(n_words: int, seed: int, first: str = "") -> str:
+    """Words of WORDS; `first` (a word not in WORDS) makes a question that no stored
+    run continues into, so a found run ends exactly where the modules end."""
+    rng = random.Random(seed)
+    return " ".join([first] * bool(first) + [rng.choice(WORDS) for _ in range(n_words)]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    from vllm_promptcache import engine_kwargs
+
+    engine = make_llm(tiny_model, enable_prefix_caching=False, max_model_len=2048,
+                      **engine_kwargs(host_gb=0.002, disk_gb=0, position_independent=True))
+    yield engine
+    close_llm(engine)
+
+
+@pytest.fixture(scope="module")
+def modules(llm):
+    from vllm_promptcache import PromptModules
+
+    pm = PromptModules(llm)
+    pm.register_modules({"sys": text(60, 1), "docA": text(170, 2), "docB": text(170, 3)})
+    return pm
+
+
+def generate(llm, prompt, max_tokens=8, **params):
+    from vllm import SamplingParams
+
+    extra = {"kv_transfer_params": params} if params else None
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args=extra)
+    return list(llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids)
+
+
+def counters(llm):
+    """hit and shifted-hit tokens once the engine's last steps have reported."""
+    from vllm_promptcache import read_metrics
+
+    last = None
+    for _ in range(30):
+        generate(llm, {"prompt_token_ids": [5, 6, 7]}, max_tokens=1)  # saves nothing
+        m = read_metrics(llm)
+        value = (m.get("hit_tokens_total", {}).get("host", 0),
+                 m.get("shifted_hit_tokens_total", {}).get("host", 0))
+        if value == last:
+            return value
+        last = value
+        time.sleep(0.1)
+    return value
+
+
+def test_a_module_at_its_own_position_gives_the_uncached_output(llm, modules):
+    from vllm_promptcache import Text
+
+    prompt = modules.compose(["docA", Text(text(30, 10, "zebra"))])
+    hits0, _ = counters(llm)
+    cached = generate(llm, prompt, max_tokens=16)
+    loaded = counters(llm)[0] - hits0
+    assert loaded == (1 + len(modules.table.get("docA").token_ids)) // BLOCK * BLOCK
+    assert cached == generate(llm, prompt, max_tokens=16, promptcache_load=False)
+
+
+def test_modules_in_any_order_are_loaded_at_their_new_positions(llm, modules):
+    from vllm_promptcache import Text
+
+    question = Text(text(20, 11, "yacht"))
+    prompt = modules.compose(["sys", "docB", "docA", question])
+    names = [b.name for b in prompt.boundaries]
+    assert names == ["sys", "docB", "docA", None]
+    assert prompt.boundaries[0].start == 1 and prompt.boundaries[-1].end == len(prompt.token_ids)
+    hits0, shifted0 = counters(llm)
+    out = generate(llm, prompt)
+    hits, shifted = counters(llm)
+    covered = prompt.boundaries[2].end  # BOS + sys + docB + docA
+    assert hits - hits0 == covered // BLOCK * BLOCK
+    # docB and docA moved (sys sits where it was encoded, right after BOS).
+    assert shifted - shifted0 == covered // BLOCK * BLOCK - prompt.boundaries[1].start
+    assert len(out) == 8
+
+
+def test_boundary_fix_recomputes_the_tail_of_the_found_run(llm, modules):
+    from vllm_promptcache import Text
+
+    prompt = modules.compose(["docB", "sys", "docA", Text(text(20, 12, "kayak"))])
+    hits0, _ = counters(llm)
+    generate(llm, prompt, promptcache_recompute_ratio=0.5)
+    # The blocks holding only BOS + docB are an exact prefix hit; the rest of the run
+    # up to docA's end is found at other positions, and its last half (whole
+    # blocks, rounded up) is recomputed.
+    exact = prompt.boundaries[0].end // BLOCK * BLOCK
+    found = prompt.boundaries[2].end - exact
+    recompute = -(-int(found * 0.5) // BLOCK) * BLOCK
+    assert recompute > 0
+    assert counters(llm)[0] - hits0 == exact + (found - recompute) // BLOCK * BLOCK
+
+
+def test_plain_text_prompts_find_registered_modules(llm, modules):
+    tokenizer = llm.get_tokenizer()
+    plain = modules.table.get("docB").text + modules.table.get("sys").text + text(20, 13, "jungle")
+    ids = tokenizer.encode(plain, add_special_tokens=False)
+    docb, sys_ = modules.table.get("docB").token_ids, modules.table.get("sys").token_ids
+    # The precondition of a plain-text hit: the text tokenizes as its modules do.
+    assert list(ids[:len(docb) + len(sys_)]) == list(docb) + list(sys_)
+    hits0, shifted0 = counters(llm)
+    generate(llm, {"prompt_token_ids": ids})  # no BOS: every module sits one token earlier
+    covered = (len(docb) + len(sys_)) // BLOCK * BLOCK
+    hits, shifted = counters(llm)
+    assert hits - hits0 == covered
+    assert shifted - shifted0 == covered
+
+
+def test_unknown_module_is_named(modules):
+    from vllm_promptcache import Text, UnknownModuleError
+
+    with pytest.raises(UnknownModuleError, match="'docC'.*registered modules: 'docA', 'docB', 'sys'"):
+        modules.compose(["sys", "docC", Text("?")])
+
+
+def test_short_module_is_refused(modules):
+    from vllm_promptcache import ModuleError
+
+    with pytest.raises(ModuleError, match="'tiny'.*at least 32 tokens"):
+        modules.register_module("tiny", "a few words")
+
+
+def test_module_over_the_pinning_budget_is_refused_and_others_stay(llm, modules):
+    from vllm_promptcache import ModuleCapacityError, Text
+
+    # sys, docA and docB pin 1 + 3 + 3 blocks of the 16 allowed: 10 more do not fit.
+    with pytest.raises(ModuleCapacityError, match="'huge'.*--promptcache-host-gb"):
+        modules.register_module("huge", text(760, 20))
+    assert "huge" not in modules.table
+    prompt = modules.compose(["docA", Text(text(30, 10, "zebra"))])
+    hits0, _ = counters(llm)
+    generate(llm, prompt)
+    assert counters(llm)[0] - hits0 > 0
+
+
+def test_reregistering_a_name_replaces_the_module(llm, modules):
+    from vllm_promptcache import Text
+
+    modules.register_module("sys", text(60, 30))
+    prompt = modules.compose(["sys", "docA", Text(text(20, 14, "violin"))])
+    hits0, _ = counters(llm)
+    generate(llm, prompt)
+    assert counters(llm)[0] - hits0 == prompt.boundaries[1].end // BLOCK * BLOCK

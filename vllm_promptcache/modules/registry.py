@@ -1,0 +1,182 @@
+"""Prompt modules (Prompt Cache): named token runs encoded once, reused anywhere.
+
+A module is a piece of prompt text -- a system prompt, a template, a document --
+registered under a name.  It is encoded once, *as its own sequence*
+``[BOS] module [filler]``, and that KV is saved in the tiers like any other
+segment, pinned in host RAM.  A prompt composed of modules in any order, with
+free text between them, then finds each module's tokens through the segment
+index and loads its KV RoPE-shifted to the module's new position
+(connector/shifted.py); vLLM computes only what no module covers.
+
+Why the sequence looks like that:
+- ``BOS`` first: every prompt starts with it, so a module's KV is computed with
+  the same attention sink it sees in use, and the first module's tokens keep
+  their position (delta 0, an exact copy).
+- ``filler`` (EOS tokens up to a whole number of blocks): the connector saves whole
+  blocks only; without it a module's last partial block would be lost, and a
+  token that no stored segment covers ends the loaded run.  Filler after the
+  module does not change the module's own KV (attention is causal).
+
+`ModuleTable` is the pure part (tokenizing, the encoding sequence, composing
+prompts); `offline.PromptModules` (for `LLM`) and `server` (for the OpenAI
+server) run the encodings through vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence, Union
+
+from ..store.segments import SegmentIndex
+
+# A module shorter than this is never found at another position: the segment
+# index's shortest piece (store/segments.py).
+MIN_MODULE_TOKENS = SegmentIndex().min_piece
+
+
+class ModuleError(ValueError):
+    """A prompt module cannot be registered or used."""
+
+
+class UnknownModuleError(ModuleError):
+    """A prompt names a module that was never registered."""
+
+    def __init__(self, name: str, known: Iterable[str]):
+        known = sorted(known)
+        super().__init__(f"unknown prompt module {name!r}; registered modules: "
+                         f"{', '.join(map(repr, known)) if known else 'none'}")
+        self.name = name
+
+
+class ModuleCapacityError(ModuleError):
+    """Registering the module would exceed the prompt cache's tier caps."""
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Text:
+    """Free text in a composed prompt: computed, never taken from a module."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where a part of a composed prompt lies: tokens [start, end)."""
+
+    name: str | None  # the module's name; None for free text
+    start: int
+    end: int
+
+
+class ComposedPrompt(dict):
+    """A `TokensPrompt` (pass it to `LLM.generate`) that also knows its parts."""
+
+    def __init__(self, token_ids: list[int], boundaries: list[Boundary]):
+        super().__init__(prompt_token_ids=token_ids)
+        self.boundaries = boundaries
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self["prompt_token_ids"]
+
+
+Item = Union[str, Text, Module]
+
+
+class ModuleTable:
+    """Registered modules of one model: name -> token ids; no vLLM inside."""
+
+    def __init__(self, tokenizer: Any, block_size: int):
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self.bos = getattr(tokenizer, "bos_token_id", None)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.filler = eos if eos is not None else (self.bos if self.bos is not None else 0)
+        self._modules: dict[str, Module] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._modules
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def get(self, name: str) -> Module:
+        module = self._modules.get(name)
+        if module is None:
+            raise UnknownModuleError(name, self._modules)
+        return module
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prepare(self, name: str, text: str) -> tuple[Module, list[int]]:
+        """The module and the token sequence that encodes it (see the module doc)."""
+        if not isinstance(name, str) or not name.strip():
+            raise ModuleError(f"a module name must be a non-empty string, got {name!r}")
+        if not isinstance(text, str) or not text:
+            raise ModuleError(f"module {name!r}: the text must be a non-empty string")
+        ids = self.tokenize(text)
+        if len(ids) < MIN_MODULE_TOKENS:
+            raise ModuleError(f"module {name!r} is {len(ids)} tokens; a module must be at least "
+                              f"{MIN_MODULE_TOKENS} tokens to be found at another position")
+        head = [self.bos] if self.bos is not None else []
+        seq = head + ids
+        seq += [self.filler] * (-len(seq) % self.block_size)
+        return Module(name, text, tuple(ids)), seq
+
+    def add(self, module: Module) -> None:
+        self._modules[module.name] = module
+
+    def compose(self, items: Sequence[Item]) -> ComposedPrompt:
+        """Token prompt of the items in order, after BOS: a str names a registered
+        module, `Text` is free text."""
+        if isinstance(items, (str, Text, Module)):
+            raise TypeError("compose() takes a list of items, e.g. ['system', Text('...')]")
+        ids = [self.bos] if self.bos is not None else []
+        boundaries = []
+        for item in items:
+            if isinstance(item, str):
+                name, part = item, self.get(item).token_ids
+            elif isinstance(item, Module):
+                name, part = item.name, self.get(item.name).token_ids
+            elif isinstance(item, Text):
+                name, part = None, self.tokenize(item.text)
+            else:
+                raise TypeError(f"compose(): an item is a module name (str) or Text(...), "
+                                f"got {type(item).__name__}")
+            boundaries.append(Boundary(name, len(ids), len(ids) + len(part)))
+            ids.extend(part)
+        return ComposedPrompt(ids, boundaries)
+
+    def prepend(self, names: Sequence[str], prompt_ids: Sequence[int]) -> list[int]:
+        """A rendered prompt with the named modules put right after its BOS."""
+        modules = [self.get(n) for n in names]
+        ids = list(prompt_ids)
+        head = 1 if ids and self.bos is not None and ids[0] == self.bos else 0
+        out = ids[:head] if head else ([self.bos] if self.bos is not None else [])
+        for module in modules:
+            out.extend(module.token_ids)
+        return out + ids[head:]
+
+
+def encoding_result(name: str, kv_transfer_params: Any) -> dict:
+    """The connector's answer to a module encoding; raises ModuleCapacityError or
+    ModuleError where the module was not stored."""
+    result = (kv_transfer_params or {}).get("promptcache") if isinstance(
+        kv_transfer_params, dict) else None
+    if not result:
+        raise ModuleError(f"module {name!r} was not stored: the prompt cache did not answer "
+                          f"(is it enabled on this engine?)")
+    if not result.get("ok"):
+        raise ModuleCapacityError(result.get("error") or f"module {name!r} was not stored")
+    return result

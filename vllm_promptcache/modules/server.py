@@ -1,0 +1,226 @@
+"""Prompt modules on the OpenAI server.
+
+- Routes (a `vllm.endpoint_plugins` plugin, present in vLLM 0.26 and 0.32):
+  ``POST /v1/promptcache/modules`` with ``{"name": ..., "text": ...}``,
+  ``{"modules": {name: text, ...}}`` or ``{"schema": "<schema ...>...</schema>"}``
+  registers modules; ``GET /v1/promptcache/modules`` lists them.  A module that
+  would exceed the tier caps is refused with HTTP 507 and the reason.
+- ``--promptcache-modules FILE`` registers a file's modules at start-up (a PML
+  schema, or a YAML/JSON mapping of name: text); a refusal stops start-up.
+- A completion or chat request names modules in ``kv_transfer_params``:
+  ``{"promptcache_modules": ["system", "doc-b"]}``.  Their tokens go right after
+  the prompt's BOS, in that order, before the request's own prompt (the rendered
+  chat for chat requests).  An unknown name is a 400 naming it.
+- Clients that send plain text need none of this: registered modules are found
+  inside any prompt by their tokens (the segment index), as long as the prompt's
+  tokenization of the module text equals the module's own (module texts that
+  start and end at a line break usually do).
+
+vLLM loads endpoint plugins only when named in VLLM_PLUGINS; with --promptcache
+the plugin is attached whether or not it was (`install_server_modules`).  The
+module table lives in the API server process (one per --api-server-count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from http import HTTPStatus
+from typing import Any, Mapping
+
+from .. import request_params
+from ..config import PromptCacheConfig
+from .registry import (ModuleCapacityError, ModuleError, ModuleTable, UnknownModuleError,
+                       encoding_result)
+
+logger = logging.getLogger("vllm.promptcache")
+ROUTE = "/v1/promptcache/modules"
+PLUGIN_NAME = "promptcache"
+
+_config: PromptCacheConfig | None = None
+_active: "ServerModules | None" = None
+_installed = False
+
+
+class ServerModules:
+    """The module table of one API server, encoding through its engine client."""
+
+    def __init__(self, engine_client: Any):
+        self.engine = engine_client
+        tokenizer = engine_client.renderer.get_tokenizer()
+        self.table = ModuleTable(tokenizer, engine_client.vllm_config.cache_config.block_size)
+
+    async def register(self, modules: Mapping[str, str]) -> list[dict]:
+        """Encode and store modules in order; raises ModuleError at the first failure
+        (modules before it stay registered)."""
+        from vllm import SamplingParams
+
+        done = []
+        for name, text in modules.items():
+            module, seq = self.table.prepare(name, text)
+            params = SamplingParams(max_tokens=1, temperature=0, extra_args={
+                "kv_transfer_params": {request_params.ENCODE_MODULE: name}})
+            final = None
+            async for out in self.engine.generate({"prompt_token_ids": seq}, params,
+                                                  f"promptcache-module-{uuid.uuid4().hex}"):
+                final = out
+            result = encoding_result(name, final.kv_transfer_params if final else None)
+            self.table.add(module)
+            done.append({"name": name, "tokens": len(module.token_ids),
+                         "blocks": result.get("blocks", 0), "bytes": result.get("bytes", 0)})
+            logger.info("promptcache: module %r registered (%d tokens)", name,
+                        len(module.token_ids))
+        return done
+
+    async def register_schema(self, schema_text: str) -> list[dict]:
+        from .pml import chat_role_wrappers, parse_schema
+
+        schema = parse_schema(schema_text)
+        wrappers = chat_role_wrappers(self.table.tokenizer)
+        return await self.register({p.name: p.text for p in schema.module_pieces(wrappers)})
+
+    def listing(self) -> list[dict]:
+        return [{"name": m.name, "tokens": len(m.token_ids)} for m in self.table]
+
+
+def load_modules_file(path: str) -> tuple[str, Any]:
+    """("schema", text) for a PML file, ("modules", {name: text}) for YAML/JSON."""
+    with open(os.path.expanduser(path), encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".xml", ".pml")) or text.lstrip().startswith("<"):
+        return "schema", text
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:
+        raise ModuleError(f"--promptcache-modules: {path} is not valid YAML/JSON: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in data.items()):
+        raise ModuleError(f"--promptcache-modules: {path} must map module names to texts")
+    return "modules", data
+
+
+class ModulesEndpoint:
+    """The `vllm.endpoint_plugins` entry point (a zero-argument factory)."""
+
+    name = PLUGIN_NAME
+    required_tasks = None
+
+    def attach_router(self, app: Any) -> None:
+        from fastapi import APIRouter, Request
+        from fastapi.responses import JSONResponse
+
+        router = APIRouter()
+
+        def error(status: HTTPStatus, message: str) -> JSONResponse:
+            return JSONResponse(status_code=status.value, content={"error": {
+                "message": message, "type": status.phrase.replace(" ", ""), "code": status.value}})
+
+        @router.get(ROUTE)
+        async def list_modules(raw: Request):
+            modules = getattr(raw.app.state, "promptcache_modules", None)
+            if modules is None:
+                return error(HTTPStatus.NOT_FOUND, "the prompt cache is off (--promptcache)")
+            return {"modules": modules.listing()}
+
+        @router.post(ROUTE)
+        async def register_modules(raw: Request):
+            modules = getattr(raw.app.state, "promptcache_modules", None)
+            if modules is None:
+                return error(HTTPStatus.NOT_FOUND, "the prompt cache is off (--promptcache)")
+            try:
+                body = await raw.json()
+            except ValueError:
+                return error(HTTPStatus.BAD_REQUEST, "the body must be JSON")
+            try:
+                if isinstance(body, dict) and isinstance(body.get("schema"), str):
+                    done = await modules.register_schema(body["schema"])
+                elif isinstance(body, dict) and isinstance(body.get("modules"), dict):
+                    done = await modules.register(body["modules"])
+                elif isinstance(body, dict) and {"name", "text"} <= body.keys():
+                    done = await modules.register({body["name"]: body["text"]})
+                else:
+                    return error(HTTPStatus.BAD_REQUEST, 'expected {"name": ..., "text": ...}, '
+                                 '{"modules": {name: text}} or {"schema": "<schema ...>"}')
+            except ModuleCapacityError as e:
+                return error(HTTPStatus.INSUFFICIENT_STORAGE, str(e))
+            except ValueError as e:  # ModuleError, PML errors
+                return error(HTTPStatus.BAD_REQUEST, str(e))
+            return {"modules": done}
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        global _active
+        if engine_client is None or not getattr(args, "promptcache", False):
+            state.promptcache_modules = None
+            return
+        _active = state.promptcache_modules = ServerModules(engine_client)
+        if _config is not None and _config.modules_file:
+            kind, content = load_modules_file(_config.modules_file)
+            done = await (_active.register_schema(content) if kind == "schema"
+                          else _active.register(content))
+            logger.info("promptcache: %d module(s) registered from %s: %s", len(done),
+                        _config.modules_file, ", ".join(d["name"] for d in done))
+
+
+def apply_request_modules(serving: Any, request: Any, engine_inputs: list) -> Any:
+    """Put the modules a request names in front of its rendered prompts; returns an
+    error response (400) for a malformed list or an unknown module, else None."""
+    params = getattr(request, "kv_transfer_params", None) or {}
+    names = params.get(request_params.MODULES) if isinstance(params, dict) else None
+    if names is None:
+        return None
+    try:
+        request_params.validate(params)
+        if _active is None:
+            raise ModuleError("prompt modules need the prompt cache (--promptcache)")
+        for engine_input in engine_inputs:
+            engine_input["prompt_token_ids"] = _active.table.prepend(
+                names, engine_input["prompt_token_ids"])
+    except (ValueError, KeyError, TypeError) as e:
+        return serving.create_error_response(str(e) if not isinstance(e, KeyError)
+                                             else f"cannot add prompt modules to {e}")
+    return None
+
+
+def install_server_modules(config: PromptCacheConfig) -> None:
+    """In the API server process (--promptcache given): attach the routes and wrap
+    the completion and chat renderers; idempotent."""
+    global _config, _installed
+    _config = config
+    if _installed:
+        return
+    from .. import compat
+
+    compat.add_endpoint_plugin(PLUGIN_NAME, ModulesEndpoint)
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    render_completion = OpenAIServingCompletion.render_completion_request
+    render_chat = OpenAIServingChat.render_chat_request
+
+    async def completion(self, request):
+        result = await render_completion(self, request)
+        if isinstance(result, list):
+            return apply_request_modules(self, request, result) or result
+        return result
+
+    async def chat(self, request):
+        result = await render_chat(self, request)
+        if isinstance(result, tuple):
+            return apply_request_modules(self, request, result[1]) or result
+        return result
+
+    OpenAIServingCompletion.render_completion_request = completion
+    OpenAIServingChat.render_chat_request = chat
+    _installed = True
+
+
+__all__ = ["ModulesEndpoint", "ServerModules", "UnknownModuleError", "install_server_modules"]
