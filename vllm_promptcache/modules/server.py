@@ -30,6 +30,9 @@ import uuid
 from http import HTTPStatus
 from typing import Any, Mapping
 
+from fastapi import APIRouter, Request  # vLLM's own server dependency
+from fastapi.responses import JSONResponse
+
 from .. import request_params
 from ..config import PromptCacheConfig
 from .registry import (ModuleCapacityError, ModuleError, ModuleTable, UnknownModuleError,
@@ -113,9 +116,7 @@ class ModulesEndpoint:
     required_tasks = None
 
     def attach_router(self, app: Any) -> None:
-        from fastapi import APIRouter, Request
-        from fastapi.responses import JSONResponse
-
+        # Route handlers' annotations must resolve at module level (FastAPI reads them).
         router = APIRouter()
 
         def error(status: HTTPStatus, message: str) -> JSONResponse:
