@@ -11,8 +11,10 @@ Keys a client may send:
   their tokens at the start of the prompt, in that order (modules/server.py).
 - ``promptcache_recompute_ratio``: this request's boundary fix, overriding
   --promptcache-recompute-ratio (a fraction in [0, 1)).
-- ``promptcache_load``: false computes the whole prompt (still saving its KV): the
-  reference run of an accuracy measurement.
+- ``promptcache_load``: false computes the whole prompt: the reference run of an
+  accuracy measurement.
+- ``promptcache_save``: false keeps this request's KV out of the tiers (e.g. a
+  private prompt, or a measurement that must not feed later ones).
 Set by the plugin itself:
 - ``promptcache_module``: this request encodes the named prompt module.
 The answer of a module encoding is ``{"promptcache": {"module", "ok", ...}}``.
@@ -28,6 +30,7 @@ logger = logging.getLogger("vllm.promptcache")
 MODULES = "promptcache_modules"
 RECOMPUTE_RATIO = "promptcache_recompute_ratio"
 LOAD = "promptcache_load"
+SAVE = "promptcache_save"
 ENCODE_MODULE = "promptcache_module"
 RESULT = "promptcache"
 
@@ -50,9 +53,11 @@ def validate(params: Mapping[str, Any] | None) -> None:
                               or not 0 <= ratio < 1):
         raise RequestParamsError(f"kv_transfer_params.{RECOMPUTE_RATIO} must be a fraction in "
                                  f"[0, 1), got {ratio!r}")
-    load = params.get(LOAD)
-    if load is not None and not isinstance(load, bool):
-        raise RequestParamsError(f"kv_transfer_params.{LOAD} must be true or false, got {load!r}")
+    for key in (LOAD, SAVE):
+        value = params.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise RequestParamsError(f"kv_transfer_params.{key} must be true or false, "
+                                     f"got {value!r}")
 
 
 def of(request: Any) -> Mapping[str, Any]:
@@ -66,5 +71,5 @@ def of(request: Any) -> Mapping[str, Any]:
     except RequestParamsError as e:
         logger.warning("promptcache: request %s: %s; ignored",
                        getattr(request, "request_id", "?"), e)
-        return {k: v for k, v in params.items() if k not in (MODULES, RECOMPUTE_RATIO, LOAD)}
+        return {k: v for k, v in params.items() if k not in (MODULES, RECOMPUTE_RATIO, LOAD, SAVE)}
     return params

@@ -167,3 +167,35 @@ def test_reregistering_a_name_replaces_the_module(llm, modules):
     hits0, _ = counters(llm)
     generate(llm, prompt)
     assert counters(llm)[0] - hits0 == prompt.boundaries[1].end // BLOCK * BLOCK
+
+
+def test_a_request_marked_no_save_leaves_nothing_behind(llm):
+    prompt = {"prompt_token_ids": [random.Random(40).randrange(10, 2000) for _ in range(400)]}
+    generate(llm, prompt, promptcache_save=False)
+    hits0, _ = counters(llm)
+    generate(llm, prompt)  # nothing stored: computed, and now saved
+    hits1, _ = counters(llm)
+    generate(llm, prompt)
+    hits2, _ = counters(llm)
+    assert hits1 == hits0
+    assert hits2 - hits1 == 3 * BLOCK
+
+
+def test_pml_schema_and_prompt(llm, modules):
+    from vllm_promptcache import UnknownModuleError
+
+    schema = (f'<schema name="qa">\n  <module name="intro">{text(60, 50)}</module>\n'
+              f'  <module name="doc1">{text(170, 51)}</module>\n'
+              f'  <module name="doc2">{text(170, 52)}</module>\n</schema>')
+    registered = modules.register_schema(schema)
+    assert {m.name for m in registered} == {"qa/intro", "qa/doc1", "qa/doc2"}
+    # doc2 follows intro here, not doc1 as in the schema: found at a new position.
+    prompt = modules.compose_pml('<prompt schema="qa"><intro/><doc2/> tulip what is it?</prompt>')
+    assert [b.name for b in prompt.boundaries] == ["qa/intro", "qa/doc2", None]
+    hits0, shifted0 = counters(llm)
+    generate(llm, prompt)
+    hits, shifted = counters(llm)
+    assert hits - hits0 == prompt.boundaries[1].end // BLOCK * BLOCK
+    assert shifted - shifted0 == prompt.boundaries[1].end // BLOCK * BLOCK - prompt.boundaries[1].start
+    with pytest.raises(UnknownModuleError, match="doc3"):
+        modules.compose_pml('<prompt schema="qa"><doc3/> hi</prompt>')

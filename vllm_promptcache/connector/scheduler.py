@@ -345,9 +345,12 @@ class PromptCacheScheduler:
         n_blocks = min(n_tokens // self.block_size, len(block_ids))
         if n_blocks == 0:
             return False, None
+        params = request_params.of(request)
+        module = params.get(request_params.ENCODE_MODULE)
+        if params.get(request_params.SAVE) is False and module is None:
+            return False, None
         salt = compat.request_cache_salt(request)
         keys = self.keyer.block_keys(tokens, salt, n_blocks)
-        module = request_params.of(request).get(request_params.ENCODE_MODULE)
         if module is not None:
             refusal = self._module_refusal(module, n_blocks)
             if refusal:

@@ -79,8 +79,7 @@ class PromptModules:
 
         schema = parse_schema(schema_text)
         self._schemas[schema.name] = (schema, role_wrappers)
-        pieces = {p.name: p.text for p in schema.module_pieces(role_wrappers)}
-        return self.register_modules(pieces)
+        return self.register_modules(self.table.cacheable(schema.module_pieces(role_wrappers)))
 
     def compose(self, items: Sequence[Item]) -> ComposedPrompt:
         return self.table.compose(items)
@@ -96,4 +95,8 @@ class PromptModules:
                               f"registered; registered: {sorted(self._schemas) or 'none'}")
         schema, wrappers = self._schemas[prompt.schema_name]
         parts = resolve(schema, prompt, role_wrappers=wrappers, tokenizer=self.table.tokenizer)
-        return self.compose([p.name if p.kind == "module" else Text(p.text) for p in parts])
+        # Pieces too short to register (chat markers) are computed.  Whitespace-only
+        # text between modules is dropped: module pieces keep their edge whitespace,
+        # and an uncached token between two modules would end the loaded run there.
+        return self.compose([p.name if p.kind == "module" and p.name in self.table
+                             else Text(p.text) for p in parts if p.text.strip()])

@@ -39,13 +39,14 @@ class ModuleError(ValueError):
 
 
 class UnknownModuleError(ModuleError):
-    """A prompt names a module that was never registered."""
+    """A prompt names a module that was never registered (or, from pml.py, that its
+    schema does not have)."""
 
-    def __init__(self, name: str, known: Iterable[str]):
-        known = sorted(known)
-        super().__init__(f"unknown prompt module {name!r}; registered modules: "
-                         f"{', '.join(map(repr, known)) if known else 'none'}")
-        self.name = name
+
+def _unknown(name: str, known: Iterable[str]) -> UnknownModuleError:
+    known = sorted(known)
+    return UnknownModuleError(f"unknown prompt module {name!r}; registered modules: "
+                              f"{', '.join(map(repr, known)) if known else 'none'}")
 
 
 class ModuleCapacityError(ModuleError):
@@ -113,7 +114,7 @@ class ModuleTable:
     def get(self, name: str) -> Module:
         module = self._modules.get(name)
         if module is None:
-            raise UnknownModuleError(name, self._modules)
+            raise _unknown(name, self._modules)
         return module
 
     def tokenize(self, text: str) -> list[int]:
@@ -133,6 +134,12 @@ class ModuleTable:
         seq = head + ids
         seq += [self.filler] * (-len(seq) % self.block_size)
         return Module(name, text, tuple(ids)), seq
+
+    def cacheable(self, pieces: Iterable[Any]) -> dict[str, str]:
+        """{name: text} of a schema's module pieces long enough to register; shorter
+        ones (chat markers, separators) are left to be computed where they appear."""
+        return {p.name: p.text for p in pieces
+                if len(self.tokenize(p.text)) >= MIN_MODULE_TOKENS}
 
     def add(self, module: Module) -> None:
         self._modules[module.name] = module

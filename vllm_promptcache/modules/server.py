@@ -82,7 +82,7 @@ class ServerModules:
 
         schema = parse_schema(schema_text)
         wrappers = chat_role_wrappers(self.table.tokenizer)
-        return await self.register({p.name: p.text for p in schema.module_pieces(wrappers)})
+        return await self.register(self.table.cacheable(schema.module_pieces(wrappers)))
 
     def listing(self) -> list[dict]:
         return [{"name": m.name, "tokens": len(m.token_ids)} for m in self.table]
