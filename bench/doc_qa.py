@@ -7,13 +7,15 @@ weights; vLLM's prefix cache on), and its TTFT (vLLM's `first_token_latency`) ta
 
 * ``no cache``      a unique cache salt: nothing matches, a full prefill;
 * ``prefix cache``  vLLM's own prefix cache only (our loads off, one shared salt,
-  warmed with the documents in their original order): it reuses at most the
-  leading document, and only when an earlier prompt began with it;
+  warmed with the documents in their registered order): it reuses at most the
+  leading document, and only when the query starts with the same one;
 * ``modules``       ours: every document is found and loaded at its new position;
 * ``modules + fix`` ours with the boundary fix (the last 15% of the found run is
   recomputed, `--promptcache-recompute-ratio 0.15`): its TTFT cost.
 
-Ratios are taken against ``modules`` in the same run; timings are never asserted.
+vLLM's prefix cache is reset before each of our modes (it would otherwise hold
+the previous mode's blocks) and no measured request is saved.  Ratios are taken
+against ``modules`` in the same run; timings are never asserted.
 
     python bench/doc_qa.py            # 6 queries
     python bench/doc_qa.py --quick    # 2 queries
@@ -94,9 +96,15 @@ def main() -> None:
         p = dict(prompt)
         if salt:
             p["cache_salt"] = salt
-        sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True,
-                            extra_args={"kv_transfer_params": params} if params else None)
+        # Measured requests store nothing: each mode sees only the modules' KV.
+        sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, extra_args={
+            "kv_transfer_params": {"promptcache_save": False, **params}})
         return llm.generate([p], sp, use_tqdm=False)[0].metrics.first_token_latency
+
+    def fresh():
+        # vLLM's prefix cache keeps the blocks of every request by their tokens --
+        # including KV we loaded -- so a later mode would reuse an earlier one's.
+        llm.reset_prefix_cache()
 
     def hits():
         ttft({"prompt_token_ids": list(range(100, 108))})  # a step that carries the last stats
@@ -106,20 +114,22 @@ def main() -> None:
         return Text(f"Question {i}: which of the documents above describes "
                     f"{rng.choice(texts).split()[rng.randrange(200)]} and why?\nAnswer:")
 
-    ttft(modules.compose(names + [question(-1)]), salt="prefix")  # warms vLLM's prefix cache
+    warm = modules.compose(names + [question(-1)])
     rows = []
     for i in range(args.queries):
         order = rng.sample(names, 3)
         prompt = modules.compose(order + [question(i)])
         row = {"order": order, "prompt_tokens": len(prompt.token_ids)}
-        row["no cache"] = ttft(prompt, salt=f"cold-{i}")
+        fresh()
+        ttft(warm, salt="prefix", promptcache_load=False)  # the documents in their first order
         row["prefix cache"] = ttft(prompt, salt="prefix", promptcache_load=False)
+        row["no cache"] = ttft(prompt, salt=f"cold-{i}", promptcache_load=False)
+        fresh()
         before = hits()
         row["modules"] = ttft(prompt)
         row["loaded_tokens"] = hits() - before
-        # A new question, so the fix run cannot reuse the previous run's own KV.
-        prompt_fix = modules.compose(order + [question(1000 + i)])
-        row["modules + fix"] = ttft(prompt_fix, promptcache_recompute_ratio=args.fix_ratio)
+        fresh()
+        row["modules + fix"] = ttft(prompt, promptcache_recompute_ratio=args.fix_ratio)
         rows.append(row)
         log(f"  query {i}: " + ", ".join(f"{m} {row[m]:.3f} s" for m in MODES)
             + f", loaded {row['loaded_tokens']:.0f} of {row['prompt_tokens']} tokens")
