@@ -272,3 +272,40 @@ def test_a_save_that_failed_on_one_rank_steps_earlier_is_never_served():
         finished_sending=set(), kv_connector_worker_meta=PromptCacheWorkerMeta(failed_saves={"a"})))
     sched.update_connector_output(output({"a"}))
     assert sched.get_num_new_matched_tokens(request("b", toks + [1], computed=0), 0) == (0, False)
+
+
+def module_request(req_id, tokens, name):
+    req = request(req_id, tokens + [0], computed=len(tokens))
+    req.kv_transfer_params = {"promptcache_module": name}
+    return req
+
+
+def test_a_pinned_module_survives_a_flood_and_a_failed_one_does_not(sched):
+    module = list(range(500, 540))  # 10 blocks
+    delay, meta = finish_and_save(sched, module_request("m", module, "docs"), list(range(10)))
+    assert delay is True
+    assert sched.request_finished(module_request("m2", list(range(600, 640)), "other"),
+                                  list(range(10)))[1]["promptcache"]["ok"] is True
+    sched.update_connector_output(output({"m2"}, {"m2"}))  # the second module's save fails
+    assert set(sched._modules) == {"docs"}  # its pins are dropped with it
+    for i in range(40):  # 40 requests of 4 blocks through a 64-slot host tier
+        finish_and_save(sched, request(f"r{i}", list(range(1000 + 20 * i, 1017 + 20 * i))),
+                        list(range(4)))
+    assert sched.get_num_new_matched_tokens(request("q", module + [1, 2]), 0) == (10 * BS, False)
+    assert sched.get_num_new_matched_tokens(request("q2", list(range(600, 640)) + [1]), 0) == (0, False)
+
+
+def test_modules_over_half_the_host_tier_are_refused_and_a_replaced_one_frees_its_share(sched):
+    first = module_request("a", list(range(100, 200)), "a")  # 25 of the 32 module blocks
+    assert sched.request_finished(first, list(range(25)))[1]["promptcache"]["ok"] is True
+    sched.update_connector_output(output({"a"}))
+    delay, result = sched.request_finished(module_request("b", list(range(300, 340)), "b"),
+                                           list(range(10)))
+    assert delay is False and result["promptcache"]["ok"] is False
+    assert "'b' needs 10 KV blocks" in result["promptcache"]["error"]
+    assert "--promptcache-host-gb" in result["promptcache"]["error"]
+    # Re-registering "a" shorter frees its share: now "b" fits.
+    assert sched.request_finished(module_request("a2", list(range(400, 420)), "a"),
+                                  list(range(5)))[1]["promptcache"]["ok"] is True
+    assert sched.request_finished(module_request("b2", list(range(300, 340)), "b"),
+                                  list(range(10)))[1]["promptcache"]["ok"] is True
