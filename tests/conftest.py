@@ -45,3 +45,21 @@ def close_llm(llm) -> None:
     from vllm_promptcache.compat import shutdown_llm
 
     shutdown_llm(llm)
+
+
+def settled(read, step=None, tries: int = 30, pause: float = 0.1):
+    """`read()` once two reads in a row agree.  Connector stats travel with engine
+    steps, so the last step's numbers arrive a step late: `step()` (a request too
+    short to save anything) pushes them out."""
+    import time
+
+    last = None
+    for _ in range(tries):
+        if step is not None:
+            step()
+        value = read()
+        if value == last:
+            return value
+        last = value
+        time.sleep(pause)
+    return value

@@ -17,11 +17,10 @@ import os
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import close_llm, make_llm
+from tests.conftest import close_llm, make_llm, settled
 
 pytestmark = pytest.mark.engine
 
@@ -99,15 +98,11 @@ def metrics(llm, name, tier=None):
     """A counter once the engine's last steps have reported (stats travel with steps)."""
     from vllm_promptcache import read_metrics
 
-    last = None
-    for _ in range(30):
+    def read():
         value = read_metrics(llm).get(name, {} if tier else 0)
-        value = value.get(tier, 0) if tier else value
-        if value == last:
-            return value
-        last = value
-        time.sleep(0.2)
-    return value
+        return value.get(tier, 0) if tier else value
+
+    return settled(read, pause=0.2)
 
 
 def test_engine2_serves_the_next_turn_from_disk(engine2, damaged):

@@ -18,11 +18,10 @@ path with prefix caching off.
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
-from tests.conftest import close_llm, make_llm
+from tests.conftest import close_llm, make_llm, settled
 
 pytestmark = pytest.mark.engine
 
@@ -79,16 +78,12 @@ def settled(llm):
     """Metrics once every finished save has been reported (stats travel with engine steps)."""
     from vllm_promptcache import read_metrics
 
-    last = None
-    for _ in range(20):
-        generate(llm, [5, 6, 7], max_tokens=1)  # shorter than a block: saves nothing
+    def key():
         snap = read_metrics(llm)
-        key = (snap.get("saved_bytes_total", {}).get("host", 0), snap.get("tier_bytes_in_use"))
-        if key == last:
-            return snap
-        last = key
-        time.sleep(0.05)
-    return snap
+        return snap.get("saved_bytes_total", {}).get("host", 0), snap.get("tier_bytes_in_use")
+
+    settled(key, lambda: generate(llm, [5, 6, 7], max_tokens=1), tries=20, pause=0.05)
+    return read_metrics(llm)
 
 
 def host(snap, name):

@@ -10,11 +10,10 @@ prefill of the truncated prompt; the agreement is measured by bench/truncation.p
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
-from tests.conftest import close_llm, make_llm
+from tests.conftest import close_llm, make_llm, settled
 
 pytestmark = pytest.mark.engine
 BLOCK = 128
@@ -49,15 +48,8 @@ def counter(llm, name, tier="host"):
     """A counter once the engine's last steps have reported (stats travel with steps)."""
     from vllm_promptcache import read_metrics
 
-    last = None
-    for _ in range(30):
-        generate(llm, [5, 6, 7], max_tokens=1)  # shorter than a block: saves nothing
-        value = read_metrics(llm).get(name, {}).get(tier, 0)
-        if value == last:
-            return value
-        last = value
-        time.sleep(0.1)
-    return value
+    return settled(lambda: read_metrics(llm).get(name, {}).get(tier, 0),
+                   lambda: generate(llm, [5, 6, 7], max_tokens=1))  # too short to save
 
 
 def test_kept_turns_are_loaded_at_their_new_position(llm):

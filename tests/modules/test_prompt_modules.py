@@ -8,11 +8,10 @@ prefix cache is off, so every reuse is a load the metrics count.
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
-from tests.conftest import close_llm, make_llm
+from tests.conftest import close_llm, make_llm, settled
 
 pytestmark = pytest.mark.engine
 BLOCK = 128
@@ -56,20 +55,15 @@ def generate(llm, prompt, max_tokens=8, **params):
 
 
 def counters(llm):
-    """hit and shifted-hit tokens once the engine's last steps have reported."""
+    """(hit tokens, shifted-hit tokens) once the engine's last steps have reported."""
     from vllm_promptcache import read_metrics
 
-    last = None
-    for _ in range(30):
-        generate(llm, {"prompt_token_ids": [5, 6, 7]}, max_tokens=1)  # saves nothing
+    def read():
         m = read_metrics(llm)
-        value = (m.get("hit_tokens_total", {}).get("host", 0),
-                 m.get("shifted_hit_tokens_total", {}).get("host", 0))
-        if value == last:
-            return value
-        last = value
-        time.sleep(0.1)
-    return value
+        return (m.get("hit_tokens_total", {}).get("host", 0),
+                m.get("shifted_hit_tokens_total", {}).get("host", 0))
+
+    return settled(read, lambda: generate(llm, {"prompt_token_ids": [5, 6, 7]}, max_tokens=1))
 
 
 def test_a_module_at_its_own_position_gives_the_uncached_output(llm, modules):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import pytest
 
+from tests.conftest import settled
 from tests.modules.test_prompt_modules import text
 from tests.test_server import COMMON, Server, free_port
 from vllm_promptcache.metrics import parse_prometheus
@@ -58,16 +58,12 @@ def hits(server):
     """(hit tokens, shifted-hit tokens) once the last steps have reported."""
     import requests
 
-    last = None
-    for _ in range(20):
+    def read():
         snap = parse_prometheus(requests.get(server.base + "/metrics", timeout=10).text)
-        value = (snap.get("hit_tokens_total", {}).get("host", 0.0),
-                 snap.get("shifted_hit_tokens_total", {}).get("host", 0.0))
-        if value == last:
-            return value
-        last = value
-        time.sleep(0.3)
-    return value
+        return (snap.get("hit_tokens_total", {}).get("host", 0.0),
+                snap.get("shifted_hit_tokens_total", {}).get("host", 0.0))
+
+    return settled(read, tries=20, pause=0.3)
 
 
 def test_file_modules_are_registered_at_start_up(server):
