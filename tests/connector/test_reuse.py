@@ -21,7 +21,8 @@ import random
 
 import pytest
 
-from tests.conftest import close_llm, make_llm, settled
+from tests.conftest import close_llm, make_llm
+from tests.conftest import settled as settle
 
 pytestmark = pytest.mark.engine
 
@@ -82,7 +83,7 @@ def settled(llm):
         snap = read_metrics(llm)
         return snap.get("saved_bytes_total", {}).get("host", 0), snap.get("tier_bytes_in_use")
 
-    settled(key, lambda: generate(llm, [5, 6, 7], max_tokens=1), tries=20, pause=0.05)
+    settle(key, lambda: generate(llm, [5, 6, 7], max_tokens=1), tries=20, pause=0.05)
     return read_metrics(llm)
 
 

@@ -161,8 +161,8 @@ def brute_cover(segments, salts, min_piece, tokens, salt, start, end):
     """Every segment at every source position; same rules as SegmentIndex.cover."""
     n = len(tokens)
     end = n if end is None else min(end, n)
-    pieces, p = [], start
-    while p < end:
+
+    def best_at(p):
         best = None
         for sid, seg in segments.items():
             if salts[sid] != (salt or None):
@@ -175,6 +175,19 @@ def brute_cover(segments, salts, min_piece, tokens, salt, start, end):
                 if full >= min_piece:
                     key = (-min(full, end - p), abs(p - src), sid, src)
                     best = key if best is None or key < best else best
+        return best
+
+    pieces, p = [], start
+    while p < end:
+        best = best_at(p)
+        if best is None and pieces:  # cut the last piece back, if that lets a match through
+            last = pieces[-1]
+            for q in range(p - 1, max(last.start + min_piece, p - min_piece) - 1, -1):
+                cand = best_at(q)
+                if cand is not None and q - cand[0] > p:
+                    pieces[-1] = Piece(last.start, q, last.seg_id, last.src_start)
+                    best, p = cand, q
+                    break
         if best is None:
             break
         length = -best[0]
@@ -243,3 +256,24 @@ def test_32k_prompt_over_thousands_of_segments_is_fast():
         Piece(s + k * b, s + (k + 1) * b, sid, s) for k, sid in enumerate(order) if k]
     assert pieces == want
     assert elapsed < 0.5, f"cover took {elapsed:.3f}s"
+
+
+def test_a_piece_is_cut_back_so_the_next_module_can_follow():
+    """Prompt [A][B][C][D]; stored: a run [B][C's first 35 tokens][x], and A, C, D
+    alone.  The longest piece at B runs 35 tokens into C; C's last 5 tokens are
+    shorter than min_piece, so that piece is cut back and C comes from its own
+    segment, then D."""
+    rng = random.Random(5)
+    a, b, c, d = run(rng, 40, 0, 1000), run(rng, 40, 1000, 2000), run(rng, 40, 2000, 3000), \
+        run(rng, 40, 3000, 4000)
+    x = run(rng, 40, 4000, 5000)
+    idx = SegmentIndex(anchor_len=4, min_piece=8)
+    segments = {1: b + c[:35] + x, 2: c, 3: d, 4: a}
+    for sid, seg in segments.items():
+        idx.add(sid, seg)
+    prompt = a + b + c + d
+    pieces = idx.cover(prompt)
+    check_contiguous(pieces, prompt, segments)
+    assert pieces[-1].end == len(prompt)
+    assert [pc.seg_id for pc in pieces] == [4, 1, 2, 3]
+    assert pieces[1].end == 80 + 40 - 8  # cut so that C's module gives min_piece tokens

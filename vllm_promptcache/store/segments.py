@@ -158,10 +158,13 @@ class SegmentIndex:
         """Pieces covering tokens[start:end] contiguously from `start`, greedily.
 
         Each piece is the longest exact match starting where the previous one ended
-        (ties: smallest |delta|, then smallest seg_id), clipped at `end`.  Covering
-        stops at the first position where no segment of the same salt matches at least
-        `min_piece` tokens.  Tokens past `end` count towards `min_piece`, so a long
-        match cut by `end` still ends the cover with a (possibly short) final piece.
+        (ties: smallest |delta|, then smallest seg_id), clipped at `end`.  Where none
+        starts there, the previous piece is cut back by up to `min_piece` tokens if a
+        match starting inside it reaches further (the longest piece can end a few
+        tokens into the next module, whose rest is then too short to match on its
+        own).  Covering stops at the first position where neither works.  Tokens
+        past `end` count towards `min_piece`, so a long match cut by `end` still ends
+        the cover with a (possibly short) final piece.
         """
         data = _pack(tokens)
         n = len(data) // _ITEM
@@ -171,12 +174,26 @@ class SegmentIndex:
         p = start
         while p < end:
             best = self._longest_match(data, n, p, end, salt)
+            if best is None and pieces:
+                best, p = self._back_off(data, n, p, end, salt, pieces)
             if best is None:
                 break
             length, seg_id, src = best
             pieces.append(Piece(p, p + length, seg_id, src))
             p += length
         return pieces
+
+    def _back_off(self, data: bytes, n: int, p: int, end: int, salt: str | None,
+                  pieces: list[Piece]):
+        """(match, its start) for a match starting at q < p, inside the last piece,
+        that reaches past p; the last piece is cut to end at q.  (None, p) if none."""
+        last = pieces[-1]
+        for q in range(p - 1, max(last.start + self.min_piece, p - self.min_piece) - 1, -1):
+            best = self._longest_match(data, n, q, end, salt)
+            if best is not None and q + best[0] > p:
+                pieces[-1] = Piece(last.start, q, last.seg_id, last.src_start)
+                return best, q
+        return None, p
 
     def _longest_match(self, data: bytes, n: int, p: int, end: int, salt: str | None):
         """(length clipped at end, seg_id, src) of the best match starting at p, or None."""
