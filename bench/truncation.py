@@ -18,12 +18,15 @@ while attending to the dropped turns (as in CachedAttention), so the answers can
 differ; reported is the greedy answer's position-wise token agreement with the
 full prefill, and how often the first answer token agrees.  TTFT is measured on
 the ``bench`` shape (dummy weights, whose answers mean nothing); quality on the
-embedded tiny model (random weights, a peaked output head) until a real small
-model is in the repo.  Timings are never asserted.
+embedded tiny model (random weights and tokens) or, with ``--quality-model
+models/docs-llama``, on the real small model with conversations made of held-out
+English passages.  Timings are never asserted.
 
 Run:
 
     python bench/truncation.py             # both parts
+    python bench/truncation.py --parts quality --quality-model models/docs-llama \
+        --out bench/results/truncation-quality-docs-llama.json
     python bench/truncation.py --quick
 
 Results: ``bench/results/truncation-cpu.json`` and ``.md``.
@@ -51,6 +54,21 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
+def heldout_tokens(tokenizer, path: Path):
+    """Token ids of the held-out documents (models/build_corpus.py), end to end."""
+    root = Path(__file__).resolve().parent.parent
+    if not path.exists():
+        import subprocess
+
+        subprocess.run([sys.executable, str(root / "models" / "build_corpus.py"), "--out",
+                        str(path.parent)], check=True)
+    sys.path.insert(0, str(root / "models"))
+    from build_corpus import load_documents
+
+    for doc in load_documents(path):
+        yield from tokenizer.encode(doc["text"] + "\n\n", add_special_tokens=False)
+
+
 def run(model_name: str, args, turn_len: int, system_len: int, vocab: int,
         conversations: int) -> dict:
     from vllm import LLM, SamplingParams
@@ -59,17 +77,23 @@ def run(model_name: str, args, turn_len: int, system_len: int, vocab: int,
     from vllm_promptcache.compat import shutdown_llm
     from vllm_promptcache.tiny_model import build_model
 
-    model = build_model(model_name)
+    model = build_model(model_name) if model_name in ("tiny", "bench") else model_name
     extra = {"load_format": "dummy"} if model_name == "bench" else {}
-    max_len = min(args.max_model_len, 4096) if model_name == "tiny" else args.max_model_len
+    max_len = args.max_model_len if model_name == "bench" else min(args.max_model_len, 4096)
     llm = LLM(model, enforce_eager=True, gpu_memory_utilization=0.2, dtype="bfloat16",
               max_model_len=max_len, max_num_batched_tokens=max(8192, max_len),
               enable_prefix_caching=True, seed=0, **extra,
               **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))
     rng = random.Random(args.seed)
 
-    def toks(n):
-        return [rng.randrange(10, vocab) for _ in range(n)]
+    if model_name in ("tiny", "bench"):
+        def toks(n):
+            return [rng.randrange(10, vocab) for _ in range(n)]
+    else:  # a real model: turns are consecutive passages of held-out English text
+        stream = iter(heldout_tokens(llm.get_tokenizer(), args.documents))
+
+        def toks(n):
+            return [next(stream) for _ in range(n)]
 
     def gen(prompt, max_tokens, salt=None):
         p = {"prompt_token_ids": prompt}
@@ -110,7 +134,7 @@ def run(model_name: str, args, turn_len: int, system_len: int, vocab: int,
         log(f"  {model_name} conversation {c}: {rows[-1]}")
     shutdown_llm(llm)
     return {
-        "model": model_name, "rows": rows,
+        "model": Path(model_name).name, "rows": rows,
         "ttft_reuse_median_s": statistics.median(r["ttft_reuse_s"] for r in rows),
         "ttft_full_median_s": statistics.median(r["ttft_full_s"] for r in rows),
         "speedup": statistics.median(r["ttft_full_s"] / r["ttft_reuse_s"] for r in rows),
@@ -133,6 +157,10 @@ def main() -> None:
     ap.add_argument("--host-gb", type=float, default=2.0)
     ap.add_argument("--parts", default="ttft,quality")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quality-model", default="tiny",
+                    help="'tiny' (random tokens) or a model directory such as models/docs-llama "
+                         "(turns are held-out English passages)")
+    ap.add_argument("--documents", type=Path, default=Path("/tmp/docs-corpus/documents.jsonl"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
@@ -145,8 +173,8 @@ def main() -> None:
         results["ttft"] = run("bench", args, turn_len=512, system_len=512, vocab=8000,
                               conversations=args.conversations)
     if "quality" in parts:
-        log("== quality, tiny model")
-        results["quality"] = run("tiny", args, turn_len=128, system_len=128, vocab=2000,
+        log(f"== quality, {args.quality_model}")
+        results["quality"] = run(args.quality_model, args, turn_len=128, system_len=128, vocab=2000,
                                  conversations=args.quality_conversations)
     doc = {"benchmark": "truncation", "date": _dt.datetime.now().isoformat(timespec="seconds"),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
