@@ -100,8 +100,6 @@ class PromptCacheConfig:
             raise bad("recompute_ratio", "a fraction in [0, 1)")
         if not isinstance(self.modules_file, str):
             raise bad("modules_file", "a file path")
-        if self.modules_file and not os.path.isfile(os.path.expanduser(self.modules_file)):
-            raise bad("modules_file", "an existing PML schema or YAML/JSON file of name: text")
         if (self.truncate or self.modules_file) and not self.position_independent:
             return dataclasses.replace(self, position_independent=True).validate()
         if not isinstance(self.disk_path, str):

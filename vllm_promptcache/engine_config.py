@@ -32,4 +32,10 @@ def engine_kwargs(host_gb: float | None = None, *, config_file: str | os.PathLik
     kept on so `read_metrics(llm)` works.
     """
     config = build_config(config_file, {"host_gb": host_gb, **options})
+    if config.modules_file:
+        from .config import PromptCacheConfigError
+
+        raise PromptCacheConfigError(
+            "modules_file is read by the OpenAI server; offline, register modules with "
+            "PromptModules(llm).register_modules({name: text}) or .register_schema(xml)")
     return {"kv_transfer_config": kv_transfer_config_dict(config), "disable_log_stats": False}

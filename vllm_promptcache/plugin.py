@@ -93,13 +93,15 @@ def apply_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
     from vllm.config import KVTransferConfig
 
     engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config_dict(config))
+    # Modules first: truncation then wraps a render that already holds them, so it
+    # fits the prompt with its modules into max_model_len.
+    from .modules.server import install_server_modules
+
+    install_server_modules(config)
     if config.truncate:
         from .truncation import install_chat_truncation
 
         install_chat_truncation()
-    from .modules.server import install_server_modules
-
-    install_server_modules(config)
     logger.info("vllm-promptcache enabled: %s", config.summary())
     return engine_args
 

@@ -39,37 +39,43 @@ class RequestParamsError(ValueError):
     """A request's promptcache parameters are malformed."""
 
 
+def _problem(key: str, value: Any) -> str | None:
+    """What is wrong with one value, or None."""
+    if key == MODULES and not (isinstance(value, list)
+                               and all(isinstance(n, str) and n for n in value)):
+        return f"kv_transfer_params.{MODULES} must be a list of module names, got {value!r}"
+    if key == RECOMPUTE_RATIO and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                   or not 0 <= value < 1):
+        return f"kv_transfer_params.{RECOMPUTE_RATIO} must be a fraction in [0, 1), got {value!r}"
+    if key in (LOAD, SAVE) and not isinstance(value, bool):
+        return f"kv_transfer_params.{key} must be true or false, got {value!r}"
+    if key == ENCODE_MODULE and not (isinstance(value, str) and value):
+        return f"kv_transfer_params.{ENCODE_MODULE} must be a module name, got {value!r}"
+    return None
+
+
 def validate(params: Mapping[str, Any] | None) -> None:
     """Raise RequestParamsError for a malformed value (front ends call this)."""
-    if not params:
-        return
-    names = params.get(MODULES)
-    if names is not None and (not isinstance(names, list)
-                              or not all(isinstance(n, str) and n for n in names)):
-        raise RequestParamsError(f"kv_transfer_params.{MODULES} must be a list of module "
-                                 f"names, got {names!r}")
-    ratio = params.get(RECOMPUTE_RATIO)
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
-                              or not 0 <= ratio < 1):
-        raise RequestParamsError(f"kv_transfer_params.{RECOMPUTE_RATIO} must be a fraction in "
-                                 f"[0, 1), got {ratio!r}")
-    for key in (LOAD, SAVE):
-        value = params.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise RequestParamsError(f"kv_transfer_params.{key} must be true or false, "
-                                     f"got {value!r}")
+    for key, value in (params or {}).items():
+        if value is not None and (problem := _problem(key, value)):
+            raise RequestParamsError(problem)
 
 
-def of(request: Any) -> Mapping[str, Any]:
-    """A request's params as the scheduler sees them; malformed ones are dropped
-    with a warning (the engine must never fail on a client's value)."""
+def of(request: Any) -> dict[str, Any]:
+    """A request's params as the scheduler sees them.  A malformed value is dropped
+    with a warning (the engine must never fail on a client's value); a malformed
+    `promptcache_save` counts as false: when in doubt, store nothing."""
     params = getattr(request, "kv_transfer_params", None) or {}
     if not isinstance(params, Mapping):
         return {}
-    try:
-        validate(params)
-    except RequestParamsError as e:
+    out = {}
+    for key, value in params.items():
+        problem = None if value is None else _problem(key, value)
+        if problem is None:
+            out[key] = value
+            continue
         logger.warning("promptcache: request %s: %s; ignored",
-                       getattr(request, "request_id", "?"), e)
-        return {k: v for k, v in params.items() if k not in (MODULES, RECOMPUTE_RATIO, LOAD, SAVE)}
-    return params
+                       getattr(request, "request_id", "?"), problem)
+        if key == SAVE:
+            out[SAVE] = False
+    return out

@@ -275,7 +275,7 @@ def test_a_save_that_failed_on_one_rank_steps_earlier_is_never_served():
 
 
 def module_request(req_id, tokens, name):
-    req = request(req_id, tokens + [0], computed=len(tokens))
+    req = request(req_id, tokens + [0], computed=len(tokens), prompt=len(tokens))
     req.kv_transfer_params = {"promptcache_module": name}
     return req
 
@@ -309,3 +309,28 @@ def test_modules_over_half_the_host_tier_are_refused_and_a_replaced_one_frees_it
                                   list(range(5)))[1]["promptcache"]["ok"] is True
     assert sched.request_finished(module_request("b2", list(range(300, 340)), "b"),
                                   list(range(10)))[1]["promptcache"]["ok"] is True
+
+
+def test_a_module_pinned_on_another_requests_write_is_dropped_when_that_write_fails(sched):
+    toks = list(range(700, 740))
+    sched.request_finished(request("r", toks + [0]), list(range(10)))  # its save is in flight
+    result = sched.request_finished(module_request("m", toks, "shared"), list(range(10)))[1]
+    assert result["promptcache"]["ok"] is True
+    sched.build_connector_meta(None)
+    sched.update_connector_output(output({"r", "m"}, {"r"}))  # r's save fails
+    assert "shared" not in sched._modules
+
+
+def test_an_interrupted_module_encoding_is_refused(sched):
+    req = module_request("m", list(range(800, 840)), "cut")
+    req.num_computed_tokens = 20  # aborted mid-prefill
+    result = sched.request_finished(req, list(range(10)))[1]["promptcache"]
+    assert result["ok"] is False and "interrupted" in result["error"]
+
+
+def test_bad_request_params_never_raise_and_a_bad_save_means_no_save(sched):
+    req = request("x", list(range(900, 913)))
+    req.kv_transfer_params = {"promptcache_module": ["a"], "promptcache_save": "nope",
+                              "promptcache_recompute_ratio": 2}
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert sched.request_finished(req, [1, 2, 3, 4]) == (False, None)

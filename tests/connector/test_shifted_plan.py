@@ -116,3 +116,26 @@ def test_kv_from_a_shifted_load_is_never_saved_under_exact_keys(monkeypatch):
     again = request("c", done.all_token_ids + [3], computed=0)
     hit, _ = sched.get_num_new_matched_tokens(again, 0)
     assert hit == 88  # all 22 blocks b saved: 10 exact, 12 found at delta 0
+
+
+def test_a_plan_after_an_exact_hit_that_ends_inside_a_module_goes_on_into_the_next():
+    """Modules stored as [BOS] A [filler] and [BOS] B [filler]; the prompt [BOS] A B:
+    A's first blocks are an exact prefix hit, which ends a few tokens before A does.
+    Those tokens followed by B match no stored run from there on alone (too short
+    for a piece), so the plan must see them as the end of A's piece."""
+    host = HostTier(32, 100, make_policy("lru"))
+    planner = ShiftedReuse(BS, host)
+    bos, a, b = [1], list(range(1000, 1040)), list(range(2000, 2060))
+    seq_a = bos + a + [2] * (-(1 + len(a)) % BS)   # 48 tokens, 3 blocks
+    seq_b = bos + b + [2] * (-(1 + len(b)) % BS)   # 64 tokens, 4 blocks
+    keys_a, keys_b = keys_of(3, 3), keys_of(4, 4)
+    stored(host, keys_a)
+    stored(host, keys_b)
+    planner.remember(seq_a, keys_a, None)
+    planner.remember(seq_b, keys_b, None)
+    prompt = bos + a + b + list(range(5000, 5010))
+    start = (1 + len(a)) // BS * BS                # 32: the exact hit's end, inside A
+    plan = planner.plan(prompt, None, start, len(prompt) - 1)
+    assert plan.start == start
+    assert plan.num_tokens == 1 + len(a) + len(b) - start
+    assert plan.deltas == [0] * (1 + len(a) - start) + [len(a)] * len(b)

@@ -119,3 +119,10 @@ def test_bad_registration_bodies_are_400(server):
     assert post(server, {"text": "no name"}).status_code == 400
     r = post(server, {"name": "short", "text": "too short"})
     assert r.status_code == 400 and "at least 32 tokens" in r.text
+
+
+def test_malformed_promptcache_options_are_a_400(server, tiny_model):
+    r = complete(server, tiny_model, "hello", promptcache_recompute_ratio=2)
+    assert r.status_code == 400 and "promptcache_recompute_ratio" in r.text
+    r = complete(server, tiny_model, "hello", promptcache_modules="sys")
+    assert r.status_code == 400 and "list of module names" in r.text

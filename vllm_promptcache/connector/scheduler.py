@@ -21,6 +21,7 @@ Invariants that make it safe:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ class PromptCacheScheduler:
             self.shifted = ShiftedReuse(self.block_size, self.host)
         self.stats = PromptCacheStats()
         self._lookups: dict[str, _Lookup] = {}
+        self._params: dict[str, Any] = {}  # per-request kv_transfer_params, parsed
         self._looked_up: set[str] = set()
         self._queued_keys: dict[str, list[BlockKey]] = {}
         self._loads: list[BlockTransfer] = []
@@ -189,7 +191,9 @@ class PromptCacheScheduler:
         if req_id not in self._looked_up:
             self._looked_up.add(req_id)
             self.stats.inc("lookups_total")
-        params = request_params.of(request)
+        params = self._params.get(req_id)
+        if params is None:  # parsed (and warned about) once per request
+            params = self._params[req_id] = request_params.of(request)
         if params.get(request_params.LOAD) is False:
             return 0, False
         keys = self._keys(request)
@@ -209,11 +213,12 @@ class PromptCacheScheduler:
                                         end * self.block_size, len(request.all_token_ids) - 1)
             if shifted.waiting:
                 return None, False
-            ratio = params.get(request_params.RECOMPUTE_RATIO, self.config.recompute_ratio)
+            ratio = params.get(request_params.RECOMPUTE_RATIO)
+            ratio = self.config.recompute_ratio if ratio is None else ratio
             # Boundary fix: the run's last `ratio` is prefilled, so it attends to what
-            # is actually before it (rounded to whole blocks, up).
-            recompute = -(-int(shifted.num_tokens * ratio) // self.block_size) * self.block_size \
-                if ratio else 0
+            # is actually before it (rounded up to whole blocks).
+            bs = self.block_size
+            recompute = -(-math.ceil(shifted.num_tokens * ratio) // bs) * bs
             keep = max(0, shifted.num_tokens - recompute)
             shifted.truncate(keep // self.block_size * self.block_size)
             if shifted.num_tokens == 0:
@@ -343,16 +348,15 @@ class PromptCacheScheduler:
         if not self.config.save_decode_tokens:
             n_tokens = min(n_tokens, request.num_prompt_tokens)
         n_blocks = min(n_tokens // self.block_size, len(block_ids))
-        if n_blocks == 0:
-            return False, None
-        params = request_params.of(request)
+        params = self._params.pop(req_id, None)
+        params = request_params.of(request) if params is None else params
         module = params.get(request_params.ENCODE_MODULE)
-        if params.get(request_params.SAVE) is False and module is None:
+        if module is None and (n_blocks == 0 or params.get(request_params.SAVE) is False):
             return False, None
         salt = compat.request_cache_salt(request)
         keys = self.keyer.block_keys(tokens, salt, n_blocks)
         if module is not None:
-            refusal = self._module_refusal(module, n_blocks)
+            refusal = self._module_refusal(module, n_blocks, request.num_prompt_tokens)
             if refusal:
                 logger.warning("promptcache: %s", refusal)
                 return False, {request_params.RESULT: {"module": module, "ok": False,
@@ -366,7 +370,7 @@ class PromptCacheScheduler:
             keys = keys[:exact] + own[exact:]
         seg_id = None
         if self.shifted is not None:
-            seg_id = self.shifted.remember(tokens, keys, salt, pinned=module is not None)
+            seg_id = self.shifted.remember(tokens, keys, salt)
         claimed = self.host.reserve(keys)
         slots = [slot for _, slot in claimed]
         for i, _ in claimed:  # saved afresh: a later hit on them is a host hit
@@ -386,8 +390,12 @@ class PromptCacheScheduler:
         return True, result
 
     # -- prompt modules --------------------------------------------------------
-    def _module_refusal(self, name: str, n_blocks: int) -> str | None:
+    def _module_refusal(self, name: str, n_blocks: int, prompt_tokens: int) -> str | None:
         """Why module `name` of n_blocks cannot be pinned, or None if it can."""
+        if n_blocks * self.block_size < prompt_tokens:
+            # The encoding sequence is whole blocks; fewer means it was cut short.
+            return (f"module {name!r}: its encoding was interrupted ({n_blocks} of "
+                    f"{-(-prompt_tokens // self.block_size)} blocks computed)")
         old = self._modules.get(name)
         others = self._pinned_module_slots() - (len(old.slots) if old else 0)
         if others + n_blocks <= self.module_slot_budget:
@@ -411,6 +419,8 @@ class PromptCacheScheduler:
             return {request_params.RESULT: {"module": name, "ok": False, "error": error}}
         self._drop_module(name)
         self.host.pin(slots)
+        if seg_id is not None:
+            self.shifted.pin(seg_id)
         self._modules[name] = _Module(slots, seg_id, req_id)
         logger.info("promptcache: module %r registered: %d tokens in %d pinned blocks (%d of %d "
                     "module blocks in use)", name, len(keys) * self.block_size, len(slots),
@@ -426,9 +436,15 @@ class PromptCacheScheduler:
         if old.seg_id is not None and self.shifted is not None:
             self.shifted.unpin(old.seg_id)
 
-    def _module_save_failed(self, req_id: str) -> None:
+    def _abort_slots(self, slots: list[int]) -> None:
+        """Writes into these host slots failed: release them, and drop every module
+        pinned on one of them (its own save, or another request's save or
+        promotion of the same blocks)."""
+        released = set(self.host.abort(slots))
+        if not released:
+            return
         for name, module in list(self._modules.items()):
-            if module.req_id == req_id:
+            if released.intersection(module.slots):
                 logger.warning("promptcache: saving module %r failed; it will be computed "
                                "where it appears until registered again", name)
                 self._drop_module(name)
@@ -479,8 +495,7 @@ class PromptCacheScheduler:
             if slots is None:
                 continue
             if failed:
-                self._module_save_failed(req_id)
-                self.host.abort(slots)
+                self._abort_slots(slots)
                 self.stats.inc("save_failures_total", len(slots), tier="host")
             else:
                 self.host.commit(slots)
@@ -518,7 +533,7 @@ class PromptCacheScheduler:
             while len(self._promoted) > self.host.num_slots:
                 self._promoted.popitem(last=False)
         else:
-            self.host.abort(job.slots)
+            self._abort_slots(job.slots)
             # Corrupt or missing files were dropped above; any other read error
             # only unindexes the file (a restart's scan sees it again).
             self.disk.discard(job.file_id, delete=False)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from ..store.host_tier import HostTier
 from ..store.keys import BlockKey
-from ..store.segments import SegmentIndex
+from ..store.segments import Piece, SegmentIndex
 
 # Segments and tokens remembered at most (the index costs about 9 bytes a token).
 MAX_SEGMENTS = 4096
@@ -60,8 +60,8 @@ class ShiftedReuse:
         self._tokens = 0
         self._pinned: set[int] = set()  # segments of prompt modules: never forgotten
 
-    def remember(self, tokens: Sequence[int], keys: list[BlockKey], salt: str | None,
-                 pinned: bool = False) -> int | None:
+    def remember(self, tokens: Sequence[int], keys: list[BlockKey],
+                 salt: str | None) -> int | None:
         """A saved run: tokens[:len(keys) * block_size] under `keys`; returns its id."""
         if not keys:
             return None
@@ -75,12 +75,33 @@ class ShiftedReuse:
         self._keys[seg_id] = keys
         self._by_last_key[keys[-1]] = seg_id
         self._tokens += len(keys) * self.block_size
-        if pinned:
-            self._pinned.add(seg_id)
         while len(self._keys) - len(self._pinned) > 1 and (
                 len(self._keys) > MAX_SEGMENTS or self._tokens > MAX_TOKENS):
             self._forget(next(s for s in self._keys if s not in self._pinned))
         return seg_id
+
+    def _pieces_from(self, tokens: Sequence[int], salt: str | None, start: int, limit: int):
+        """Pieces covering tokens [start, ...).  `start` is where an exact prefix hit
+        ended, on a block boundary, usually inside a stored run (a module followed
+        by filler, say): the rest of that run after `start` can be shorter than a
+        piece and match nowhere on its own.  So cover from the prompt's start and
+        clip at `start`; if that cover does not reach `start`, cover from there."""
+        pieces = self.index.cover(tokens, salt, start=0, end=limit) if start else []
+        if not pieces or pieces[-1].end <= start:
+            return self.index.cover(tokens, salt, start=start, end=limit)
+        out = []
+        for pc in pieces:
+            if pc.end <= start:
+                continue
+            if pc.start < start:
+                pc = Piece(start, pc.end, pc.seg_id, pc.src_start + start - pc.start)
+            out.append(pc)
+        return out
+
+    def pin(self, seg_id: int) -> None:
+        """A module's segment: never forgotten while pinned."""
+        if seg_id in self._keys:
+            self._pinned.add(seg_id)
 
     def unpin(self, seg_id: int) -> None:
         """A module was replaced: its segment may now be forgotten like any other."""
@@ -100,7 +121,7 @@ class ShiftedReuse:
         contiguous from `start`; the caller rounds x down to a block boundary."""
         plan = ShiftedPlan(start)
         bs = self.block_size
-        for piece in self.index.cover(tokens, salt, start=start, end=limit):
+        for piece in self._pieces_from(tokens, salt, start, limit):
             keys = self._keys.get(piece.seg_id)
             if keys is None:
                 break

@@ -18,7 +18,9 @@
 
 vLLM loads endpoint plugins only when named in VLLM_PLUGINS; with --promptcache
 the plugin is attached whether or not it was (`install_server_modules`).  The
-module table lives in the API server process (one per --api-server-count).
+module table lives in the API server process: with --api-server-count > 1 each
+process has its own, so register through the file (every process reads it), not
+the route.
 """
 
 from __future__ import annotations
@@ -171,23 +173,31 @@ class ModulesEndpoint:
                         _config.modules_file, ", ".join(d["name"] for d in done))
 
 
-def apply_request_modules(serving: Any, request: Any, engine_inputs: list) -> Any:
-    """Put the modules a request names in front of its rendered prompts; returns an
-    error response (400) for a malformed list or an unknown module, else None."""
-    params = getattr(request, "kv_transfer_params", None) or {}
-    names = params.get(request_params.MODULES) if isinstance(params, dict) else None
-    if names is None:
+def apply_request_params(serving: Any, request: Any, engine_inputs: list) -> Any:
+    """Check a request's promptcache options and put the modules it names in front
+    of its rendered prompts; returns an error response (400), or None."""
+    params = getattr(request, "kv_transfer_params", None)
+    if not isinstance(params, dict):
         return None
+    # Only the plugin encodes modules (through the route): a client cannot.
+    params.pop(request_params.ENCODE_MODULE, None)
+    names = params.get(request_params.MODULES)
     try:
         request_params.validate(params)
+        if names is None:
+            return None
         if _active is None:
             raise ModuleError("prompt modules need the prompt cache (--promptcache)")
         for engine_input in engine_inputs:
+            if engine_input.get("type", "token") != "token" or any(
+                    k in engine_input for k in ("multi_modal_data", "mm_placeholders",
+                                                "prompt_embeds")):
+                raise ModuleError(f"kv_transfer_params.{request_params.MODULES}: prompt "
+                                  f"modules work with text prompts only")
             engine_input["prompt_token_ids"] = _active.table.prepend(
                 names, engine_input["prompt_token_ids"])
-    except (ValueError, KeyError, TypeError) as e:
-        return serving.create_error_response(str(e) if not isinstance(e, KeyError)
-                                             else f"cannot add prompt modules to {e}")
+    except ValueError as e:
+        return serving.create_error_response(str(e))
     return None
 
 
@@ -195,6 +205,8 @@ def install_server_modules(config: PromptCacheConfig) -> None:
     """In the API server process (--promptcache given): attach the routes and wrap
     the completion and chat renderers; idempotent."""
     global _config, _installed
+    if config.modules_file and not os.path.isfile(os.path.expanduser(config.modules_file)):
+        raise SystemExit(f"error: --promptcache-modules: no such file: {config.modules_file}")
     _config = config
     if _installed:
         return
@@ -210,13 +222,13 @@ def install_server_modules(config: PromptCacheConfig) -> None:
     async def completion(self, request):
         result = await render_completion(self, request)
         if isinstance(result, list):
-            return apply_request_modules(self, request, result) or result
+            return apply_request_params(self, request, result) or result
         return result
 
     async def chat(self, request):
         result = await render_chat(self, request)
         if isinstance(result, tuple):
-            return apply_request_modules(self, request, result[1]) or result
+            return apply_request_params(self, request, result[1]) or result
         return result
 
     OpenAIServingCompletion.render_completion_request = completion

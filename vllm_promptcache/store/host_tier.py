@@ -138,12 +138,15 @@ class HostTier:
                     self._state[slot] = SlotState.READY
                     self._policy.inserted(slot)
 
-    def abort(self, slots: Sequence[int]) -> None:
-        """Saves into these slots failed: forget them."""
+    def abort(self, slots: Sequence[int]) -> list[int]:
+        """Saves into these slots failed: forget them; returns the slots released."""
         with self._lock:
+            released = []
             for slot in slots:
                 if self._state[slot] is SlotState.PENDING:
                     self._release(slot)
+                    released.append(slot)
+            return released
 
     def pin(self, slots: Sequence[int]) -> None:
         """Never evict these slots (prompt modules) until unpinned; pins count."""
