@@ -396,8 +396,7 @@ class PromptCacheScheduler:
             # The encoding sequence is whole blocks; fewer means it was cut short.
             return (f"module {name!r}: its encoding was interrupted ({n_blocks} of "
                     f"{-(-prompt_tokens // self.block_size)} blocks computed)")
-        old = self._modules.get(name)
-        others = self._pinned_module_slots() - (len(old.slots) if old else 0)
+        others = self._pinned_module_slots(skip=name)
         if others + n_blocks <= self.module_slot_budget:
             return None
         mib = self.slot_bytes * self.world_size / 2**20
@@ -406,8 +405,10 @@ class PromptCacheScheduler:
                 f"{self.host.num_slots} blocks ({MODULE_SHARE:.0%}) and {others} are pinned "
                 f"already: raise --promptcache-host-gb or register fewer/shorter modules")
 
-    def _pinned_module_slots(self) -> int:
-        return sum(len(m.slots) for m in self._modules.values())
+    def _pinned_module_slots(self, skip: str | None = None) -> int:
+        """Host slots pinned by modules (other than `skip`); a block that several
+        modules share counts once."""
+        return len(set().union(*(m.slots for n, m in self._modules.items() if n != skip)))
 
     def _pin_module(self, name: str, req_id: str, keys: list[BlockKey],
                     seg_id: int | None) -> dict:
