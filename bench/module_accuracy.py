@@ -40,7 +40,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -59,17 +58,6 @@ INSTRUCTIONS = ("The documents below come from the documentation of a computer s
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
-
-
-def load_heldout(path: Path) -> list[dict]:
-    if not path.exists():
-        log(f"building the corpus into {path.parent} (models/build_corpus.py)")
-        subprocess.run([sys.executable, str(ROOT / "models" / "build_corpus.py"), "--out",
-                        str(path.parent)], check=True)
-    sys.path.insert(0, str(ROOT / "models"))
-    from build_corpus import load_documents
-
-    return load_documents(path)
 
 
 def token_f1(pred: list[int], gold: list[int]) -> float:
@@ -129,7 +117,10 @@ def main() -> None:
               **engine_kwargs(host_gb=0.5, disk_gb=0, position_independent=True))
     tokenizer = llm.get_tokenizer()
     rng = random.Random(args.seed)
-    examples = make_examples(tokenizer, load_heldout(args.documents), args.examples,
+    sys.path.insert(0, str(ROOT / "models"))
+    from build_corpus import heldout_documents
+
+    examples = make_examples(tokenizer, heldout_documents(args.documents), args.examples,
                              args.doc_tokens, args.answer_tokens, rng)
     modules = PromptModules(llm)
     registry = {"instructions": INSTRUCTIONS}

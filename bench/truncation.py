@@ -56,16 +56,10 @@ def log(*a):
 
 def heldout_tokens(tokenizer, path: Path):
     """Token ids of the held-out documents (models/build_corpus.py), end to end."""
-    root = Path(__file__).resolve().parent.parent
-    if not path.exists():
-        import subprocess
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+    from build_corpus import heldout_documents
 
-        subprocess.run([sys.executable, str(root / "models" / "build_corpus.py"), "--out",
-                        str(path.parent)], check=True)
-    sys.path.insert(0, str(root / "models"))
-    from build_corpus import load_documents
-
-    for doc in load_documents(path):
+    for doc in heldout_documents(path):
         yield from tokenizer.encode(doc["text"] + "\n\n", add_special_tokens=False)
 
 

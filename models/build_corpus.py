@@ -378,6 +378,16 @@ def load_documents(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def heldout_documents(path: str | Path) -> list[dict]:
+    """`load_documents(path)`, building the corpus into path's directory first if it
+    is not there (it is deterministic, so any machine rebuilds the same split)."""
+    path = Path(path)
+    if not path.exists():
+        print(f"building the corpus into {path.parent}", file=sys.stderr)
+        main(["--out", str(path.parent)])
+    return load_documents(path)
+
+
 def load_train_documents(path: str | Path) -> list[str]:
     """The training documents of a train.txt, in corpus order."""
     text = Path(path).read_text(encoding="utf-8")

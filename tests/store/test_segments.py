@@ -180,14 +180,19 @@ def brute_cover(segments, salts, min_piece, tokens, salt, start, end):
     pieces, p = [], start
     while p < end:
         best = best_at(p)
-        if best is None and pieces:  # cut the last piece back, if that lets a match through
-            last = pieces[-1]
-            for q in range(p - 1, max(last.start + min_piece, p - min_piece) - 1, -1):
+        if best is None:  # a match from up to min_piece tokens earlier that reaches past p
+            floor = pieces[-1].start + min_piece if pieces else 0
+            for q in range(p - 1, max(floor, p - min_piece) - 1, -1):
                 cand = best_at(q)
-                if cand is not None and q - cand[0] > p:
+                if cand is None or q - cand[0] <= p:
+                    continue
+                if pieces:  # the last piece is cut back to q
+                    last = pieces[-1]
                     pieces[-1] = Piece(last.start, q, last.seg_id, last.src_start)
                     best, p = cand, q
-                    break
+                else:       # before start: clipped to begin at p
+                    best = (cand[0] + (p - q), cand[1], cand[2], cand[3] + (p - q))
+                break
         if best is None:
             break
         length = -best[0]

@@ -78,7 +78,6 @@ class _Module:
 
     slots: list[int]
     seg_id: int | None
-    req_id: str
 
 
 @dataclass
@@ -220,7 +219,7 @@ class PromptCacheScheduler:
             bs = self.block_size
             recompute = -(-math.ceil(shifted.num_tokens * ratio) // bs) * bs
             keep = max(0, shifted.num_tokens - recompute)
-            shifted.truncate(keep // self.block_size * self.block_size)
+            shifted.truncate(keep // bs * bs)
             if shifted.num_tokens == 0:
                 shifted = None
         total_blocks = len(slots) + (shifted.num_tokens // self.block_size if shifted else 0)
@@ -380,7 +379,7 @@ class PromptCacheScheduler:
         writes = self._plan_disk_writes(req_id, keys, block_ids) if self.disk else 0
         result = None
         if module is not None:
-            result = self._pin_module(module, req_id, keys, seg_id)
+            result = self._pin_module(module, keys, seg_id)
         if not claimed and not writes:
             return False, result
         self._inflight_saves[req_id] = slots
@@ -410,8 +409,7 @@ class PromptCacheScheduler:
         modules share counts once."""
         return len(set().union(*(m.slots for n, m in self._modules.items() if n != skip)))
 
-    def _pin_module(self, name: str, req_id: str, keys: list[BlockKey],
-                    seg_id: int | None) -> dict:
+    def _pin_module(self, name: str, keys: list[BlockKey], seg_id: int | None) -> dict:
         slots = [s for s in self.host.slots_of(keys) if s is not None]
         if len(slots) < len(keys):
             error = (f"module {name!r}: the host tier had room for {len(slots)} of its "
@@ -422,7 +420,7 @@ class PromptCacheScheduler:
         self.host.pin(slots)
         if seg_id is not None:
             self.shifted.pin(seg_id)
-        self._modules[name] = _Module(slots, seg_id, req_id)
+        self._modules[name] = _Module(slots, seg_id)
         logger.info("promptcache: module %r registered: %d tokens in %d pinned blocks (%d of %d "
                     "module blocks in use)", name, len(keys) * self.block_size, len(slots),
                     self._pinned_module_slots(), self.module_slot_budget)

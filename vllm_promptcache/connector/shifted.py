@@ -18,7 +18,7 @@ from typing import Sequence
 
 from ..store.host_tier import HostTier
 from ..store.keys import BlockKey
-from ..store.segments import Piece, SegmentIndex
+from ..store.segments import SegmentIndex
 
 # Segments and tokens remembered at most (the index costs about 9 bytes a token).
 MAX_SEGMENTS = 4096
@@ -80,24 +80,6 @@ class ShiftedReuse:
             self._forget(next(s for s in self._keys if s not in self._pinned))
         return seg_id
 
-    def _pieces_from(self, tokens: Sequence[int], salt: str | None, start: int, limit: int):
-        """Pieces covering tokens [start, ...).  `start` is where an exact prefix hit
-        ended, on a block boundary, usually inside a stored run (a module followed
-        by filler, say): the rest of that run after `start` can be shorter than a
-        piece and match nowhere on its own.  So cover from the prompt's start and
-        clip at `start`; if that cover does not reach `start`, cover from there."""
-        pieces = self.index.cover(tokens, salt, start=0, end=limit) if start else []
-        if not pieces or pieces[-1].end <= start:
-            return self.index.cover(tokens, salt, start=start, end=limit)
-        out = []
-        for pc in pieces:
-            if pc.end <= start:
-                continue
-            if pc.start < start:
-                pc = Piece(start, pc.end, pc.seg_id, pc.src_start + start - pc.start)
-            out.append(pc)
-        return out
-
     def pin(self, seg_id: int) -> None:
         """A module's segment: never forgotten while pinned."""
         if seg_id in self._keys:
@@ -121,7 +103,7 @@ class ShiftedReuse:
         contiguous from `start`; the caller rounds x down to a block boundary."""
         plan = ShiftedPlan(start)
         bs = self.block_size
-        for piece in self._pieces_from(tokens, salt, start, limit):
+        for piece in self.index.cover(tokens, salt, start=start, end=limit):
             keys = self._keys.get(piece.seg_id)
             if keys is None:
                 break

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Sequence
 
-from ..request_params import ENCODE_MODULE
-from .registry import ComposedPrompt, Item, Module, ModuleError, ModuleTable, encoding_result
+from .registry import (ComposedPrompt, Item, Module, ModuleError, ModuleTable, encoding_params,
+                       encoding_result)
 
 logger = logging.getLogger("vllm.promptcache")
 
@@ -52,11 +52,8 @@ class PromptModules:
     def register_modules(self, modules: Mapping[str, str]) -> list[Module]:
         """Encode and store the modules, in one batch; raises ModuleCapacityError
         (naming the module) for any that did not fit, after storing the others."""
-        from vllm import SamplingParams
-
         prepared = [self.table.prepare(name, text) for name, text in modules.items()]
-        params = [SamplingParams(max_tokens=1, temperature=0, extra_args={
-            "kv_transfer_params": {ENCODE_MODULE: module.name}}) for module, _ in prepared]
+        params = [encoding_params(module.name) for module, _ in prepared]
         outputs = self.llm.generate([{"prompt_token_ids": seq} for _, seq in prepared], params,
                                     use_tqdm=False)
         errors = []

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence, Union
 
+from ..request_params import ENCODE_MODULE
 from ..store.segments import SegmentIndex
 
 # A module shorter than this is never found at another position: the segment
@@ -174,6 +175,15 @@ class ModuleTable:
         for module in modules:
             out.extend(module.token_ids)
         return out + ids[head:]
+
+
+def encoding_params(name: str) -> Any:
+    """SamplingParams of a module's encoding request: one prefill, one sampled token,
+    and the marker that makes the connector save and pin it as module `name`."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0,
+                          extra_args={"kv_transfer_params": {ENCODE_MODULE: name}})
 
 
 def encoding_result(name: str, kv_transfer_params: Any) -> dict:

@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse
 from .. import request_params
 from ..config import PromptCacheConfig
 from .registry import (ModuleCapacityError, ModuleError, ModuleTable, UnknownModuleError,
-                       encoding_result)
+                       encoding_params, encoding_result)
 
 logger = logging.getLogger("vllm.promptcache")
 ROUTE = "/v1/promptcache/modules"
@@ -60,15 +60,11 @@ class ServerModules:
     async def register(self, modules: Mapping[str, str]) -> list[dict]:
         """Encode and store modules in order; raises ModuleError at the first failure
         (modules before it stay registered)."""
-        from vllm import SamplingParams
-
         done = []
         for name, text in modules.items():
             module, seq = self.table.prepare(name, text)
-            params = SamplingParams(max_tokens=1, temperature=0, extra_args={
-                "kv_transfer_params": {request_params.ENCODE_MODULE: name}})
             final = None
-            async for out in self.engine.generate({"prompt_token_ids": seq}, params,
+            async for out in self.engine.generate({"prompt_token_ids": seq}, encoding_params(name),
                                                   f"promptcache-module-{uuid.uuid4().hex}"):
                 final = out
             result = encoding_result(name, final.kv_transfer_params if final else None)

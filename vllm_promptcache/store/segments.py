@@ -159,12 +159,15 @@ class SegmentIndex:
 
         Each piece is the longest exact match starting where the previous one ended
         (ties: smallest |delta|, then smallest seg_id), clipped at `end`.  Where none
-        starts there, the previous piece is cut back by up to `min_piece` tokens if a
-        match starting inside it reaches further (the longest piece can end a few
-        tokens into the next module, whose rest is then too short to match on its
-        own).  Covering stops at the first position where neither works.  Tokens
-        past `end` count towards `min_piece`, so a long match cut by `end` still ends
-        the cover with a (possibly short) final piece.
+        starts there, a match starting up to `min_piece` tokens earlier that reaches
+        further is taken: a stored run's last few tokens are too short to match on
+        their own (a piece ending a few tokens into the next module; an exact prefix
+        hit ending, at `start`, a few tokens before its module does).  Inside the
+        previous piece, that piece is cut back to where the match begins; before
+        `start`, the match is clipped to begin at `start`.  Covering stops at the
+        first position where neither works.  Tokens past `end` count towards
+        `min_piece`, so a long match cut by `end` still ends the cover with a
+        (possibly short) final piece.
         """
         data = _pack(tokens)
         n = len(data) // _ITEM
@@ -174,7 +177,7 @@ class SegmentIndex:
         p = start
         while p < end:
             best = self._longest_match(data, n, p, end, salt)
-            if best is None and pieces:
+            if best is None:
                 best, p = self._back_off(data, n, p, end, salt, pieces)
             if best is None:
                 break
@@ -185,14 +188,21 @@ class SegmentIndex:
 
     def _back_off(self, data: bytes, n: int, p: int, end: int, salt: str | None,
                   pieces: list[Piece]):
-        """(match, its start) for a match starting at q < p, inside the last piece,
-        that reaches past p; the last piece is cut to end at q.  (None, p) if none."""
-        last = pieces[-1]
-        for q in range(p - 1, max(last.start + self.min_piece, p - self.min_piece) - 1, -1):
+        """(match, its start) for a match starting at q < p that reaches past p:
+        inside the last piece (which is cut to end at q), or, with no piece yet,
+        before the cover's start (the match is clipped to begin at p).  (None, p)
+        if none."""
+        floor = pieces[-1].start + self.min_piece if pieces else 0
+        for q in range(p - 1, max(floor, p - self.min_piece) - 1, -1):
             best = self._longest_match(data, n, q, end, salt)
-            if best is not None and q + best[0] > p:
-                pieces[-1] = Piece(last.start, q, last.seg_id, last.src_start)
-                return best, q
+            if best is None or q + best[0] <= p:
+                continue
+            if not pieces:
+                length, seg_id, src = best
+                return (length - (p - q), seg_id, src + (p - q)), p
+            last = pieces[-1]
+            pieces[-1] = Piece(last.start, q, last.seg_id, last.src_start)
+            return best, q
         return None, p
 
     def _longest_match(self, data: bytes, n: int, p: int, end: int, salt: str | None):
