@@ -239,7 +239,7 @@ def test_fuzz_against_brute_force():
 
 # --------------------------------------------------------------------------- scale
 
-def test_32k_prompt_over_thousands_of_segments_is_fast():
+def test_32k_prompt_over_thousands_of_segments_takes_a_search_per_piece():
     """2000 conversations sharing one system prompt; a 32k-token prompt made of the
     system prompt and 60 of their bodies in another order."""
     rng = random.Random(8)
@@ -252,15 +252,19 @@ def test_32k_prompt_over_thousands_of_segments_is_fast():
     prompt = system + sum((bodies[sid] for sid in order), []) + run(rng, 100, 150_000, 160_000)
     assert len(prompt) > 32_000
 
-    t0 = time.perf_counter()
+    # No timing (timings live in bench/): the cost is counted instead.  Each piece
+    # takes one longest-match search (anchor look-ups at its start), plus the one
+    # that finds nothing after the last piece; nothing scans the prompt or the index.
+    searches = []
+    longest_match = idx._longest_match
+    idx._longest_match = lambda *a: searches.append(a[2]) or longest_match(*a)
     pieces = idx.cover(prompt)
-    elapsed = time.perf_counter() - t0
 
     s, b = len(system), 500
     want = [Piece(0, s + b, order[0], 0)] + [
         Piece(s + k * b, s + (k + 1) * b, sid, s) for k, sid in enumerate(order) if k]
     assert pieces == want
-    assert elapsed < 0.5, f"cover took {elapsed:.3f}s"
+    assert len(searches) <= len(pieces) + 1 + idx.min_piece, searches
 
 
 def test_a_piece_is_cut_back_so_the_next_module_can_follow():
