@@ -2,13 +2,42 @@
 
 Works on any paged layout: the block dimension is found by its size and moved to
 the front as a view, so vLLM 0.26 FlashAttention's (2, N, block, heads, dim), 0.32's
-(N, heads, block, 2 * dim) and the CPU backend's packed pages are handled alike.  A copy moves raw bytes, so a loaded
-block is bit-identical to the saved one whatever the dtype.
+(N, heads, block, 2 * dim) and the CPU backend's packed pages are handled alike.  A copy
+moves raw bytes, so a loaded block is bit-identical to the saved one whatever the dtype.
+A host slot holds the layer's blocks-first view of one block, made contiguous (logical
+order), whichever path wrote it.
+
+Two back-ends with one meaning:
+
+* `load_slots_into_blocks` / `save_blocks_to_slots`: plain torch (index_select /
+  index_copy_).  The CPU backend's path and the test oracle.
+* `copy_pages_` (Triton): one launch per layer moves every requested block, reading or
+  writing the host slots through a device view of the pinned host buffer (no CPU copy,
+  no staging).  A block's bytes are described by a `PageLayout`: runs of contiguous
+  words, up to three outer dimensions of them, any strides -- built once per layer by
+  `page_layout` and reused every step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .triton_launch import HAS_TRITON, launchable
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+# Words per program along a contiguous run, at most (a power of two).
+MAX_TILE_WORDS = 1024
+NUM_WARPS = 4
+# Copy unit candidates, widest first: one load/store moves this many bytes.
+WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+OUTER_DIMS = 3
+# CUDA's limit on grid dimensions 1 and 2 (outer runs, tiles per run).
+MAX_GRID_YZ = 65535
 
 
 def block_dim(kv_layer: torch.Tensor, num_blocks: int) -> int:
@@ -25,6 +54,8 @@ def blocks_first(kv_layer: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return kv_layer.movedim(block_dim(kv_layer, num_blocks), 0)
 
 
+# ----------------------------------------------------------------------- reference
+
 def save_blocks_to_slots(kv_blocks: torch.Tensor, block_ids: torch.Tensor,
                          host_layer: torch.Tensor, slots: torch.Tensor) -> None:
     """host_layer[slots[i]] <- bytes of kv_blocks[block_ids[i]] for every i.
@@ -35,17 +66,183 @@ def save_blocks_to_slots(kv_blocks: torch.Tensor, block_ids: torch.Tensor,
     data = data.view(torch.uint8).reshape(len(block_ids), -1)
     if data.device != host_layer.device:
         data = data.to(host_layer.device)
-    host_layer.index_copy_(0, slots, data)
+    host_layer.index_copy_(0, slots.to(host_layer.device), data)
 
 
 def load_slots_into_blocks(host_layer: torch.Tensor, slots: torch.Tensor,
-                           kv_blocks: torch.Tensor, block_ids: torch.Tensor,
-                           non_blocking: bool = False) -> None:
+                           kv_blocks: torch.Tensor, block_ids: torch.Tensor) -> None:
     """kv_blocks[block_ids[i]] <- bytes of host_layer[slots[i]] for every i."""
-    data = host_layer.index_select(0, slots)
-    if data.device != kv_blocks.device:
-        if non_blocking and not data.is_pinned():
-            data = data.pin_memory()
-        data = data.to(kv_blocks.device, non_blocking=non_blocking)
+    data = host_layer.index_select(0, slots.to(host_layer.device))
+    data = data.to(kv_blocks.device)
     data = data.view(kv_blocks.dtype).reshape((len(slots),) + tuple(kv_blocks.shape[1:]))
     kv_blocks.index_copy_(0, block_ids.to(kv_blocks.device), data)
+
+
+# -------------------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Page p's word (o0, o1, o2, e) is words[base + p * page_stride + o . outer_strides + e]:
+    `outer` runs of `inner` contiguous words each, in the page's logical order."""
+
+    words: torch.Tensor  # the whole storage as 1-D words
+    base: int
+    page_stride: int
+    outer: tuple[int, int, int]
+    outer_strides: tuple[int, int, int]
+    inner: int
+
+    @property
+    def page_words(self) -> int:
+        return self.outer[0] * self.outer[1] * self.outer[2] * self.inner
+
+
+def _runs(pages: torch.Tensor) -> tuple[list[tuple[int, int]], int]:
+    """(outer (size, stride) dims, contiguous inner elements) of one page, logical order,
+    adjacent dims merged where memory allows."""
+    dims = [(n, s) for n, s in zip(pages.shape[1:], pages.stride()[1:]) if n != 1]
+    merged: list[tuple[int, int]] = []
+    for n, s in dims:
+        if merged and merged[-1][1] == n * s:
+            merged[-1] = (merged[-1][0] * n, s)
+        else:
+            merged.append((n, s))
+    if merged and merged[-1][1] == 1:
+        return merged[:-1], merged[-1][0]
+    return merged, 1
+
+
+def max_word_bytes(pages: torch.Tensor) -> int:
+    """The widest copy unit that divides every run, stride and address of `pages`."""
+    outer, inner = _runs(pages)
+    esize = pages.element_size()
+    byte_counts = [inner * esize, pages.stride(0) * esize,
+                   pages.data_ptr() - pages.untyped_storage().data_ptr(),
+                   pages.untyped_storage().data_ptr()]
+    byte_counts += [s * esize for _, s in outer]
+    for w in WORD_DTYPES:
+        if all(b % w == 0 for b in byte_counts):
+            return w
+    return 1
+
+
+def page_layout(pages: torch.Tensor, word_bytes: int,
+                like: PageLayout | None = None) -> PageLayout:
+    """`pages` ([num_pages, ...], any dtype and strides) described in `word_bytes` words.
+
+    With `like`, the page must be contiguous (a host slot) and is cut into `like`'s outer
+    runs, so that word k of a page means the same byte of the block on both sides."""
+    outer, inner = _runs(pages)
+    esize = pages.element_size()
+    if len(outer) > OUTER_DIMS:
+        raise ValueError(f"a page of shape {tuple(pages.shape)} and strides {pages.stride()} "
+                         f"has {len(outer)} strided dimensions; at most {OUTER_DIMS} supported")
+    storage = pages.untyped_storage()
+    flat = torch.empty(0, dtype=torch.uint8, device=pages.device).set_(
+        storage, 0, (storage.nbytes() // word_bytes * word_bytes,), (1,))
+    words = flat.view(WORD_DTYPES[word_bytes])
+    base_bytes = pages.data_ptr() - storage.data_ptr()
+
+    def in_words(nbytes: int) -> int:
+        if nbytes % word_bytes:
+            raise ValueError(f"{nbytes} bytes is not a whole number of {word_bytes}-byte words")
+        return nbytes // word_bytes
+
+    if like is not None:
+        if outer:
+            raise ValueError("the paired page must be contiguous")
+        if inner * esize != like.page_words * word_bytes:
+            raise ValueError(f"pages of {inner * esize} and {like.page_words * word_bytes} "
+                             f"bytes cannot be copied into each other")
+        o0, o1, o2 = like.outer
+        strides = (o1 * o2 * like.inner, o2 * like.inner, like.inner)
+        return PageLayout(words, in_words(base_bytes), in_words(pages.stride(0) * esize),
+                          like.outer, strides, like.inner)
+    padded = [(1, 0)] * (OUTER_DIMS - len(outer)) + outer
+    lay = PageLayout(words, in_words(base_bytes), in_words(pages.stride(0) * esize),
+                     tuple(n for n, _ in padded),
+                     tuple(in_words(s * esize) for _, s in padded),
+                     in_words(inner * esize))
+    runs = lay.outer[0] * lay.outer[1] * lay.outer[2]
+    if runs > MAX_GRID_YZ or triton_cdiv(lay.inner, MAX_TILE_WORDS) > MAX_GRID_YZ:
+        raise ValueError(f"a page of {runs} runs of {lay.inner} words exceeds the launch grid")
+    return lay
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def paired_layouts(paged: torch.Tensor, host: torch.Tensor) -> tuple[PageLayout, PageLayout]:
+    """(layout of the blocks-first `paged` view, layout of the [slots, page_bytes] `host`
+    view) in one word size, word k meaning the same byte on both sides."""
+    w = min(max_word_bytes(paged), max_word_bytes(host))
+    paged_lay = page_layout(paged, w)
+    return paged_lay, page_layout(host, w, like=paged_lay)
+
+
+# -------------------------------------------------------------------------- triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _copy_pages_kernel(
+        src_ptr, src_idx_ptr, src_base, src_page, src_s0, src_s1, src_s2,
+        dst_ptr, dst_idx_ptr, dst_base, dst_page, dst_s0, dst_s1, dst_s2,
+        n1, n2, inner, TILE: tl.constexpr,
+    ):
+        pair = tl.program_id(0)
+        run = tl.program_id(1).to(tl.int64)
+        tile = tl.program_id(2).to(tl.int64)
+        src_pg = tl.load(src_idx_ptr + pair).to(tl.int64)
+        dst_pg = tl.load(dst_idx_ptr + pair).to(tl.int64)
+        o0 = run // (n1 * n2)
+        o1 = (run // n2) % n1
+        o2 = run % n2
+        e = tile * TILE + tl.arange(0, TILE)
+        mask = e < inner
+        src = src_ptr + src_base + src_pg * src_page + o0 * src_s0 + o1 * src_s1 + o2 * src_s2
+        dst = dst_ptr + dst_base + dst_pg * dst_page + o0 * dst_s0 + o1 * dst_s1 + o2 * dst_s2
+        tl.store(dst + e, tl.load(src + e, mask=mask), mask=mask)
+
+
+def _grid(num_pages: int, lay: PageLayout) -> tuple[int, int, int]:
+    return (num_pages, lay.outer[0] * lay.outer[1] * lay.outer[2],
+            triton_cdiv(lay.inner, MAX_TILE_WORDS))
+
+
+def copy_pages_(src: PageLayout, src_pages: torch.Tensor, dst: PageLayout,
+                dst_pages: torch.Tensor) -> None:
+    """dst page dst_pages[i] <- src page src_pages[i], bit for bit, in one launch.
+
+    src_pages / dst_pages: [n] integer tensors on the layouts' device (not range-checked:
+    the caller checks them while they are still host lists)."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    if (src.outer, src.inner) != (dst.outer, dst.inner) \
+            or src.words.element_size() != dst.words.element_size():
+        raise ValueError("source and destination layouts differ; build them with paired_layouts")
+    n = src_pages.numel()
+    if dst_pages.numel() != n:
+        raise ValueError(f"{n} source pages, {dst_pages.numel()} destination pages")
+    if n == 0:
+        return
+    launchable(_copy_pages_kernel)[_grid(n, src)](
+        src.words, src_pages, src.base, src.page_stride, *src.outer_strides,
+        dst.words, dst_pages, dst.base, dst.page_stride, *dst.outer_strides,
+        src.outer[1], src.outer[2], src.inner,
+        TILE=min(MAX_TILE_WORDS, triton.next_power_of_2(src.inner)), num_warps=NUM_WARPS)
+
+
+def load_slots_into_blocks_triton(host_layer: torch.Tensor, slots: torch.Tensor,
+                                  kv_blocks: torch.Tensor, block_ids: torch.Tensor) -> None:
+    """`load_slots_into_blocks` through `copy_pages_` (host_layer: a device view)."""
+    paged, host = paired_layouts(kv_blocks, host_layer)
+    copy_pages_(host, slots, paged, block_ids)
+
+
+def save_blocks_to_slots_triton(kv_blocks: torch.Tensor, block_ids: torch.Tensor,
+                                host_layer: torch.Tensor, slots: torch.Tensor) -> None:
+    """`save_blocks_to_slots` through `copy_pages_` (host_layer: a device view)."""
+    paged, host = paired_layouts(kv_blocks, host_layer)
+    copy_pages_(paged, block_ids, host, slots)

@@ -63,18 +63,14 @@ Layout findings (vLLM 0.32, read from site-packages and checked against the inst
 from __future__ import annotations
 
 import math
-import os
-import types
 
 import torch
 
-try:
+from .triton_launch import HAS_TRITON, interpreting, launchable
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - CPU installs without triton use the reference
-    HAS_TRITON = False
 
 # Launch parameters (one program per token; it loops over the heads BLOCK_H at a time).
 MAX_BLOCK_H = 8
@@ -264,13 +260,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_shift_kernel(
-        src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, slot_ptr, delta_ptr, inv_freq_ptr,
-        num_heads, head_size, rotary_dim, block_size,
-        sk_t, sk_h, sk_d, sv_t, sv_h, sv_d,
+        src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, src_slot_ptr, slot_ptr, delta_ptr,
+        inv_freq_ptr, num_heads, head_size, rotary_dim, block_size, src_block_size,
+        # sources in the destinations' 6-D form (a [T, H, D] source: one token per "block")
+        sk_b, sk_g, sk_t, sk_h, sk_dg, sk_d, sk_tg, sk_dgs,
+        sv_b, sv_g, sv_t, sv_h, sv_dg, sv_d, sv_tg, sv_dgs,
         # destinations as [block, token group, token in group, head, dim group, dim in group]
         dk_b, dk_g, dk_t, dk_h, dk_dg, dk_d, k_tg, k_dg,
         dv_b, dv_g, dv_t, dv_h, dv_dg, dv_d, v_tg, v_dg,
-        IS_NEOX: tl.constexpr, IS_BF16: tl.constexpr,
+        SRC_PAGED: tl.constexpr, IS_NEOX: tl.constexpr, IS_BF16: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
         TWO_PI_HI: tl.constexpr, TWO_PI_LO: tl.constexpr, INV_TWO_PI: tl.constexpr,
     ):
@@ -308,6 +306,18 @@ if HAS_TRITON:
             sin = tl.sin(red) * sign
             keep_k = (~is_rot)[None, :] | (delta == 0)
 
+            if SRC_PAGED:
+                src = tl.load(src_slot_ptr + tok).to(tl.int64)
+            else:
+                src = tok
+            s_blk = src // src_block_size
+            s_off = src % src_block_size
+            sk_tok = s_blk * sk_b + (s_off // sk_tg) * sk_g + (s_off % sk_tg) * sk_t
+            sk_dim = (d // sk_dgs) * sk_dg + (d % sk_dgs) * sk_d
+            sk_par = (partner // sk_dgs) * sk_dg + (partner % sk_dgs) * sk_d
+            sv_tok = s_blk * sv_b + (s_off // sv_tg) * sv_g + (s_off % sv_tg) * sv_t
+            sv_dim = (d // sv_dgs) * sv_dg + (d % sv_dgs) * sv_d
+
             k_tok = blk * dk_b + (off // k_tg) * dk_g + (off % k_tg) * dk_t
             k_dim = (d // k_dg) * dk_dg + (d % k_dg) * dk_d
             v_tok = blk * dv_b + (off // v_tg) * dv_g + (off % v_tg) * dv_t
@@ -316,9 +326,9 @@ if HAS_TRITON:
             for h0 in range(0, num_heads, BLOCK_H):
                 h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
                 mask = (h < num_heads)[:, None] & d_mask[None, :]
-                src_k_row = src_k_ptr + tok * sk_t + h[:, None] * sk_h
-                k = tl.load(src_k_row + d[None, :] * sk_d, mask=mask)
-                kp = tl.load(src_k_row + partner[None, :] * sk_d, mask=mask)
+                src_k_row = src_k_ptr + sk_tok + h[:, None] * sk_h
+                k = tl.load(src_k_row + sk_dim[None, :], mask=mask)
+                kp = tl.load(src_k_row + sk_par[None, :], mask=mask)
                 rot = k.to(tl.float32) * cos[None, :] + kp.to(tl.float32) * sin[None, :]
                 if IS_BF16:
                     rot = _f32_to_bf16_rtne(rot)
@@ -326,72 +336,64 @@ if HAS_TRITON:
                     rot = rot.to(k.dtype)
                 out = tl.where(keep_k, k, rot)
                 tl.store(dst_k_ptr + k_tok + h[:, None] * dk_h + k_dim[None, :], out, mask=mask)
-                v = tl.load(src_v_ptr + tok * sv_t + h[:, None] * sv_h + d[None, :] * sv_d,
-                            mask=mask)
+                v = tl.load(src_v_ptr + sv_tok + h[:, None] * sv_h + sv_dim[None, :], mask=mask)
                 tl.store(dst_v_ptr + v_tok + h[:, None] * dv_h + v_dim[None, :], v, mask=mask)
-
-    _interpreted_kernel = None
-
-    def _kernel_for_launch():
-        """The jitted kernel; under TRITON_INTERPRET=1 an interpreted one even when this
-        module was imported (and decorated) before the variable was set."""
-        global _interpreted_kernel
-        if not _interpreting():
-            return _rope_shift_kernel
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if isinstance(_rope_shift_kernel, InterpretedFunction):
-            return _rope_shift_kernel
-        if _interpreted_kernel is None:
-            # The kernel calls a jitted helper, which needs the same treatment: give
-            # the interpreted kernel globals in which the helper is interpreted too.
-            fn = _rope_shift_kernel.fn
-            scope = dict(fn.__globals__)
-            scope["_f32_to_bf16_rtne"] = InterpretedFunction(_f32_to_bf16_rtne.fn)
-            clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__,
-                                       fn.__closure__)
-            clone.__kwdefaults__ = fn.__kwdefaults__
-            clone.__annotations__ = fn.__annotations__
-            _interpreted_kernel = InterpretedFunction(clone)
-        return _interpreted_kernel
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _grid(num_tokens: int) -> tuple[int]:
     return (num_tokens,)
 
 
-def rope_shift_triton(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
-                      dst_v: torch.Tensor, slot_mapping: torch.Tensor, delta: torch.Tensor,
-                      inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool) -> None:
-    """Launch the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+def _launch(src_k6: torch.Tensor, src_v6: torch.Tensor, src_slots: torch.Tensor | None,
+            k6: torch.Tensor, v6: torch.Tensor, slot_mapping: torch.Tensor,
+            delta: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
+            is_neox_style: bool) -> None:
+    """One program per token; sources and destinations as 6-D paged views."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
-    k6, v6 = _check(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq, rotary_dim)
-    T, H, D = src_k.shape
+    T = slot_mapping.numel()
     if T == 0:
         return
-    inv_freq = inv_freq.to(device=src_k.device, dtype=torch.float32).contiguous()
+    H, D = k6.shape[3], k6.shape[4] * k6.shape[5]
+    device = k6.device
+    inv_freq = inv_freq.to(device=device, dtype=torch.float32).contiguous()
     if inv_freq.numel() == 0:
-        inv_freq = torch.zeros(1, dtype=torch.float32, device=src_k.device)
+        inv_freq = torch.zeros(1, dtype=torch.float32, device=device)
     slot_mapping = slot_mapping.to(torch.int64).contiguous()
-    delta = delta.to(device=src_k.device, dtype=torch.int64).contiguous()
-    block_size = k6.shape[1] * k6.shape[2]
-    _kernel_for_launch()[_grid(T)](
-        src_k, src_v, k6, v6, slot_mapping, delta, inv_freq,
-        H, D, rotary_dim, block_size,
-        *src_k.stride(), *src_v.stride(),
+    delta = delta.to(device=device, dtype=torch.int64).contiguous()
+    src_paged = src_slots is not None
+    src_slots = src_slots.to(torch.int64).contiguous() if src_paged else slot_mapping
+    launchable(_rope_shift_kernel, {"_f32_to_bf16_rtne": _f32_to_bf16_rtne})[_grid(T)](
+        src_k6, src_v6, k6, v6, src_slots, slot_mapping, delta, inv_freq,
+        H, D, rotary_dim, k6.shape[1] * k6.shape[2], src_k6.shape[1] * src_k6.shape[2],
+        *src_k6.stride(), src_k6.shape[2], src_k6.shape[5],
+        *src_v6.stride(), src_v6.shape[2], src_v6.shape[5],
         *k6.stride(), k6.shape[2], k6.shape[5],
         *v6.stride(), v6.shape[2], v6.shape[5],
-        IS_NEOX=bool(is_neox_style), IS_BF16=src_k.dtype == torch.bfloat16,
+        SRC_PAGED=src_paged, IS_NEOX=bool(is_neox_style), IS_BF16=k6.dtype == torch.bfloat16,
         BLOCK_H=min(triton.next_power_of_2(H), MAX_BLOCK_H),
         BLOCK_D=triton.next_power_of_2(D),
         TWO_PI_HI=TWO_PI_HI, TWO_PI_LO=TWO_PI_LO, INV_TWO_PI=INV_TWO_PI,
         num_warps=NUM_WARPS,
     )
+
+
+def _tokens_as_paged6(x: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] -> [T, 1, 1, H, 1, D]: each token its own one-token block."""
+    return x.unsqueeze(1).unsqueeze(1).unsqueeze(4)
+
+
+def rope_shift_triton(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
+                      dst_v: torch.Tensor, slot_mapping: torch.Tensor, delta: torch.Tensor,
+                      inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool) -> None:
+    """Launch the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    k6, v6 = _check(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq, rotary_dim)
+    _launch(_tokens_as_paged6(src_k), _tokens_as_paged6(src_v), None, k6, v6, slot_mapping,
+            delta, inv_freq, rotary_dim, is_neox_style)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or interpreting())
 
 
 def rope_shift_(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
@@ -411,9 +413,72 @@ def rope_shift_(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
     Slots are not range-checked by the Triton path (out-of-range slots write out of
     bounds); the reference raises on them.
     """
-    if HAS_TRITON and (src_k.is_cuda or _interpreting()):
+    if _use_triton(src_k):
         rope_shift_triton(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq,
                           rotary_dim, is_neox_style)
     else:
         rope_shift_reference(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq,
                              rotary_dim, is_neox_style)
+
+
+# ------------------------------------------------------------ paged sources (host slots)
+
+def gather_tokens(view: torch.Tensor, src_slot_mapping: torch.Tensor) -> torch.Tensor:
+    """view[slot // block_size, slot % block_size] as [T, heads, head_size], from a 4-D or
+    6-D paged view (a copy)."""
+    v6 = _as_paged6(view)
+    tg = v6.shape[2]
+    block_size = v6.shape[1] * tg
+    s = src_slot_mapping.to(device=view.device, dtype=torch.int64)
+    blk, off = s // block_size, s % block_size
+    out = v6[blk, off // tg, off % tg]
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def rope_shift_paged_reference(src_k: torch.Tensor, src_v: torch.Tensor,
+                               src_slot_mapping: torch.Tensor, dst_k: torch.Tensor,
+                               dst_v: torch.Tensor, slot_mapping: torch.Tensor,
+                               delta: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
+                               is_neox_style: bool) -> None:
+    """Plain-torch `rope_shift_paged_`: gather the tokens, then `rope_shift_reference`."""
+    device = dst_k.device
+    rope_shift_reference(gather_tokens(src_k, src_slot_mapping).to(device),
+                         gather_tokens(src_v, src_slot_mapping).to(device), dst_k, dst_v,
+                         slot_mapping.to(device), delta.to(device), inv_freq, rotary_dim,
+                         is_neox_style)
+
+
+def rope_shift_paged_triton(src_k: torch.Tensor, src_v: torch.Tensor,
+                            src_slot_mapping: torch.Tensor, dst_k: torch.Tensor,
+                            dst_v: torch.Tensor, slot_mapping: torch.Tensor,
+                            delta: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
+                            is_neox_style: bool) -> None:
+    """`rope_shift_paged_`'s kernel: each program reads its token straight from the source
+    view (on CUDA: a device view of pinned host memory), no gather."""
+    T = slot_mapping.numel()
+    sk6, sv6 = _as_paged6(src_k), _as_paged6(src_v)
+    probe = torch.empty((T, sk6.shape[3], sk6.shape[4] * sk6.shape[5]), dtype=src_k.dtype,
+                        device="meta")
+    k6, v6 = _check(probe, probe, dst_k, dst_v, slot_mapping, delta, inv_freq, rotary_dim)
+    if src_slot_mapping.shape != (T,) or sk6.shape[1:] != k6.shape[1:] \
+            or sv6.shape[1:] != v6.shape[1:]:
+        raise ValueError("source and destination paged views disagree, or src_slot_mapping "
+                         "is not [T]")
+    _launch(sk6, sv6, src_slot_mapping, k6, v6, slot_mapping, delta, inv_freq, rotary_dim,
+            is_neox_style)
+
+
+def rope_shift_paged_(src_k: torch.Tensor, src_v: torch.Tensor, src_slot_mapping: torch.Tensor,
+                      dst_k: torch.Tensor, dst_v: torch.Tensor, slot_mapping: torch.Tensor,
+                      delta: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
+                      is_neox_style: bool) -> None:
+    """`rope_shift_` whose token t is read from a paged source: src_k/src_v are paged views
+    (as `paged_kv_views` gives, same block shape as the destination) and token t lies at
+    src_slot_mapping[t] = block * block_size + offset.  Every source slot must be valid
+    (not range-checked on the Triton path)."""
+    if _use_triton(dst_k) and src_k.device == dst_k.device:
+        rope_shift_paged_triton(src_k, src_v, src_slot_mapping, dst_k, dst_v, slot_mapping,
+                                delta, inv_freq, rotary_dim, is_neox_style)
+    else:
+        rope_shift_paged_reference(src_k, src_v, src_slot_mapping, dst_k, dst_v, slot_mapping,
+                                   delta, inv_freq, rotary_dim, is_neox_style)

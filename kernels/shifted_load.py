@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .rope_shift import paged_kv_views, rope_shift_
+from .rope_shift import paged_kv_views, rope_shift_paged_
 
 
 def _block_dim(kv_layer: torch.Tensor) -> int:
@@ -40,15 +40,6 @@ def host_as_layer(host_layer: torch.Tensor, kv_layer: torch.Tensor) -> torch.Ten
     return pages.movedim(0, bdim)
 
 
-def _gather(view: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """view[slot, offset] as [T, heads, head_size] from a 4-D or 6-D paged view."""
-    if view.dim() == 4:
-        return view[slots, offsets]
-    tg = view.shape[2]
-    out = view[slots, offsets // tg, offsets % tg]
-    return out.reshape(out.shape[0], out.shape[1], -1)
-
-
 def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
                         src_offsets: torch.Tensor, kv_layer: torch.Tensor, layout: str,
                         num_kv_heads: int, head_size: int, block_size: int,
@@ -58,32 +49,38 @@ def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
     """Token t: host slot src_slots[t], offset src_offsets[t] -> paged slot
     dst_slot_mapping[t] of `kv_layer`, K rotated by delta[t] positions.
 
-    host_layer: [num_slots, page_bytes] uint8, one layer of the host tier.
+    host_layer: [num_slots, page_bytes] uint8, one layer of the host tier: on CUDA a
+        device view of the pinned buffer, which the Triton kernel reads directly.
     src_slots, src_offsets: [T] int64 on the host layer's device; every token's source
-        must be valid (also where its destination is -1).
+        must be valid (also where its destination is -1; device indices are not checked
+        here: check them with `check_token_sources` while they are lists).
     kv_layer: the layer's KV tensor as vLLM allocated it (not blocks-first); layout and
         isa as for `paged_kv_views`.
     dst_slot_mapping: [T] int64, block_id * block_size + offset, -1 = skip.
     delta, inv_freq, rotary_dim, is_neox_style: as for `rope_shift_`.
     Delta-0 tokens and all of V are copied bit-exactly.
     """
-    num_slots = host_layer.shape[0]
     if src_slots.shape != src_offsets.shape or src_slots.dim() != 1:
         raise ValueError("src_slots and src_offsets must be [T]")
     if src_slots.numel() == 0:
         return
-    # Advanced indexing wraps negative indices: check rather than read the wrong token.
-    if int(src_slots.min()) < 0 or int(src_slots.max()) >= num_slots:
-        raise IndexError(f"src_slots out of range [0, {num_slots})")
-    if int(src_offsets.min()) < 0 or int(src_offsets.max()) >= block_size:
-        raise IndexError(f"src_offsets out of range [0, {block_size})")
-
+    if not src_slots.is_cuda:  # (device indices were checked as lists: no sync here)
+        check_token_sources(src_slots.tolist(), src_offsets.tolist(), host_layer.shape[0],
+                            block_size)
     host = host_as_layer(host_layer, kv_layer)
     host_k, host_v = paged_kv_views(host, layout, num_kv_heads, head_size, block_size, isa)
     dst_k, dst_v = paged_kv_views(kv_layer, layout, num_kv_heads, head_size, block_size, isa)
-    src_k = _gather(host_k, src_slots, src_offsets)
-    src_v = _gather(host_v, src_slots, src_offsets)
     device = kv_layer.device
-    rope_shift_(src_k.to(device), src_v.to(device), dst_k, dst_v,
-                dst_slot_mapping.to(device=device, dtype=torch.int64),
-                delta.to(device=device, dtype=torch.int64), inv_freq, rotary_dim, is_neox_style)
+    rope_shift_paged_(host_k, host_v, src_slots * block_size + src_offsets, dst_k, dst_v,
+                      dst_slot_mapping.to(device=device, dtype=torch.int64),
+                      delta.to(device=device, dtype=torch.int64), inv_freq, rotary_dim,
+                      is_neox_style)
+
+
+def check_token_sources(src_slots: list[int], src_offsets: list[int], num_slots: int,
+                        block_size: int) -> None:
+    """Every source token inside the host tier (the Triton path does not check)."""
+    if src_slots and (min(src_slots) < 0 or max(src_slots) >= num_slots):
+        raise IndexError(f"src_slots out of range [0, {num_slots})")
+    if src_offsets and (min(src_offsets) < 0 or max(src_offsets) >= block_size):
+        raise IndexError(f"src_offsets out of range [0, {block_size})")
