@@ -58,7 +58,7 @@ def damaged(first_turns):
 
     disk_dir, result = first_turns
     b_file = result["B"]["files"][0]
-    header = fmt.read_header(b_file)
+    header = fmt.read_header(b_file, fmt.disk_secret(disk_dir))
     with open(b_file, "r+b") as fh:
         fh.seek(header.block_offset(0) + 100)
         byte = fh.read(1)

@@ -9,6 +9,9 @@ import pytest
 from vllm_promptcache.config import PromptCacheConfig
 from vllm_promptcache.connector.metadata import PromptCacheWorkerMeta
 from vllm_promptcache.connector.scheduler import PromptCacheScheduler
+from vllm_promptcache.request_params import module_token
+
+module_token(create=True)  # as engine_kwargs() does before an engine starts
 
 BS = 4
 PAGE = 1024
@@ -31,6 +34,7 @@ def kv_cache_config():
 
 def request(req_id, tokens, computed=None, salt=None, prompt=None):
     return SimpleNamespace(request_id=req_id, all_token_ids=list(tokens), cache_salt=salt,
+                           lora_request=None, mm_features=[], prompt_embeds=None,
                            num_computed_tokens=len(tokens) - 1 if computed is None else computed,
                            num_prompt_tokens=len(tokens) if prompt is None else prompt)
 
@@ -123,7 +127,8 @@ def events_output(events, corrupt=()):
 
 @pytest.fixture
 def disk_sched(tmp_path):
-    cfg = PromptCacheConfig(host_gb=64 * 2 * PAGE / 2**30, disk_gb=1, disk_path=str(tmp_path))
+    cfg = PromptCacheConfig(host_gb=64 * 2 * PAGE / 2**30, disk_gb=1, disk_path=str(tmp_path),
+                            model_id="test-model")
     return PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg.validate())
 
 
@@ -218,7 +223,8 @@ def test_queued_requests_blocks_are_evicted_last(policy, kept):
 def test_a_request_larger_than_the_host_tier_takes_what_fits(tmp_path):
     # 4 host slots, 6 blocks on disk: the lookup promotes 4, then loads those 4
     # instead of evicting its own head to fetch its tail (which would never end).
-    cfg = PromptCacheConfig(host_gb=4 * 2 * PAGE / 2**30, disk_gb=1, disk_path=str(tmp_path))
+    cfg = PromptCacheConfig(host_gb=4 * 2 * PAGE / 2**30, disk_gb=1, disk_path=str(tmp_path),
+                            model_id="test-model")
     sched = PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg.validate())
     toks = list(range(25))  # 6 full blocks
     finish_with_disk(sched, request("a", toks), [1, 2, 3, 4, 5, 6])
@@ -274,9 +280,10 @@ def test_a_save_that_failed_on_one_rank_steps_earlier_is_never_served():
     assert sched.get_num_new_matched_tokens(request("b", toks + [1], computed=0), 0) == (0, False)
 
 
-def module_request(req_id, tokens, name):
+def module_request(req_id, tokens, name, token=None):
     req = request(req_id, tokens + [0], computed=len(tokens), prompt=len(tokens))
-    req.kv_transfer_params = {"promptcache_module": name}
+    req.kv_transfer_params = {"promptcache_module": name,
+                              "promptcache_module_token": token or module_token()}
     return req
 
 

@@ -13,6 +13,7 @@ from vllm_promptcache.store import disk_format as fmt
 
 LAYOUT = (("layers.0", 3000), ("layers.1", 3000))
 BLOCK = 6000
+SECRET = b"s" * fmt.SECRET_BYTES
 
 
 def make_blocks(n, seed=0):
@@ -24,20 +25,20 @@ def write(tmp_path, n=3, file_id=None, rank=0, fingerprint="ab" * 16):
     blocks = make_blocks(n, seed=n)
     keys = tuple(os.urandom(16) for _ in range(n))
     header = fmt.FileHeader(fingerprint, rank, 1, LAYOUT, BLOCK, keys,
-                            tuple(fmt.checksum(b) for b in blocks))
+                            tuple(fmt.checksum(b, SECRET) for b in blocks))
     path = str(tmp_path / fmt.file_name(file_id or fmt.new_file_id(), rank))
-    fmt.write_file(path, header, blocks)
+    fmt.write_file(path, header, blocks, SECRET)
     return path, keys, blocks
 
 
 def read_all(path):
-    header = fmt.read_header(path)
+    header = fmt.read_header(path, SECRET)
     out = []
     fd = os.open(path, os.O_RDONLY)
     try:
         for i in range(header.num_blocks):
             buf = bytearray(header.block_bytes)
-            fmt.read_block_into(fd, header, i, memoryview(buf), path)
+            fmt.read_block_into(fd, header, i, memoryview(buf), path, SECRET)
             out.append(bytes(buf))
     finally:
         os.close(fd)
@@ -71,12 +72,12 @@ def test_a_damaged_header_is_corrupt(tmp_path, where):
     data[offset] ^= 0x01
     open(path, "wb").write(data)
     with pytest.raises(fmt.CorruptFile):
-        fmt.read_header(path)
+        fmt.read_header(path, SECRET)
 
 
 def test_a_flipped_payload_byte_fails_only_its_block(tmp_path):
     path, _, blocks = write(tmp_path)
-    header = fmt.read_header(path)
+    header = fmt.read_header(path, SECRET)
     with open(path, "r+b") as fh:
         fh.seek(header.block_offset(1) + 1234)
         b = fh.read(1)
@@ -85,10 +86,10 @@ def test_a_flipped_payload_byte_fails_only_its_block(tmp_path):
     fd = os.open(path, os.O_RDONLY)
     try:
         buf = bytearray(BLOCK)
-        fmt.read_block_into(fd, header, 0, memoryview(buf), path)
+        fmt.read_block_into(fd, header, 0, memoryview(buf), path, SECRET)
         assert bytes(buf) == blocks[0]
         with pytest.raises(fmt.CorruptFile, match="checksum"):
-            fmt.read_block_into(fd, header, 1, memoryview(buf), path)
+            fmt.read_block_into(fd, header, 1, memoryview(buf), path, SECRET)
     finally:
         os.close(fd)
 
@@ -98,10 +99,10 @@ def test_a_truncated_file_is_corrupt(tmp_path):
     size = os.path.getsize(path)
     os.truncate(path, size - 100)
     with pytest.raises(fmt.CorruptFile, match="needs"):
-        fmt.read_header(path)
+        fmt.read_header(path, SECRET)
     os.truncate(path, 10)
     with pytest.raises(fmt.CorruptFile):
-        fmt.read_header(path)
+        fmt.read_header(path, SECRET)
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -113,7 +114,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
-        fmt.write_file(path, header, [b"\0" * BLOCK])
+        fmt.write_file(path, header, [b"\0" * BLOCK], SECRET)
     assert os.listdir(tmp_path) == []
 
 
@@ -126,12 +127,12 @@ def test_sigkill_mid_write_leaves_nothing_servable(tmp_path):
         layout = {LAYOUT!r}
         block = os.urandom({BLOCK}) * 200          # big files: the kill lands mid-write
         header_of = lambda keys: fmt.FileHeader("ab" * 16, 0, 1, (("l", len(block)),), len(block),
-                                                keys, tuple(fmt.checksum(block) for _ in keys))
+                                                keys, tuple(fmt.checksum(block, {SECRET!r}) for _ in keys))
         i = 0
         while True:
             keys = tuple(os.urandom(16) for _ in range(20))
             fmt.write_file(os.path.join({str(tmp_path)!r}, fmt.file_name(fmt.new_file_id(), 0)),
-                           header_of(keys), [block] * 20)
+                           header_of(keys), [block] * 20, {SECRET!r})
             i += 1
             if i == 2:
                 print("ready", flush=True)
@@ -157,5 +158,5 @@ def test_sigkill_mid_write_leaves_nothing_servable(tmp_path):
     from vllm_promptcache.store.disk_tier import DiskTier
     from vllm_promptcache.store.policies import make_policy
 
-    tier = DiskTier(str(tmp_path), 1 << 40, 1, make_policy("lru"))
+    tier = DiskTier(str(tmp_path), 1 << 40, 1, make_policy("lru"), secret=SECRET)
     assert tier.scan(lambda header: None) == (len(finished), 20 * len(finished))

@@ -10,6 +10,7 @@ from vllm_promptcache.store.disk_io import PROMOTE, WRITE, DiskIO
 from vllm_promptcache.store.host_buffer import HostBuffer
 
 LAYOUT = [("layers.0", 1000), ("layers.1", 1000)]
+SECRET = b"s" * fmt.SECRET_BYTES
 
 
 def wait_events(io, n, timeout=10.0):
@@ -24,7 +25,7 @@ def wait_events(io, n, timeout=10.0):
 
 
 def make_io(tmp_path, max_staged=1 << 30):
-    return DiskIO(str(tmp_path), "ab" * 16, 0, 1, LAYOUT, max_staged)
+    return DiskIO(str(tmp_path), "ab" * 16, 0, 1, LAYOUT, max_staged, SECRET)
 
 
 def staged(n):
@@ -40,12 +41,12 @@ def test_write_then_promote_round_trip(tmp_path):
     assert io.try_stage(5)
     io.write("f1", keys, src)
     assert wait_events(io, 1)[0] == [(WRITE, "f1", True)]
-    header = fmt.read_header(io.path("f1"))
+    header = fmt.read_header(io.path("f1"), SECRET)
     assert list(header.keys) == keys and header.block_bytes == 2000
 
     host = HostBuffer(8, LAYOUT, pin=False)
     host.data.fill_(0xEE)
-    io.promote("p1", "f1", [4, 0, 2], [1, 6, 3], host)
+    io.promote("p1", "f1", [4, 0, 2], [1, 6, 3], host, [keys[4], keys[0], keys[2]])
     events, corrupt = wait_events(io, 1)
     assert events == [(PROMOTE, "p1", True)] and not corrupt
     assert torch.equal(host.data[1], src.data[4])
@@ -62,15 +63,16 @@ def written_and_read(io):
 def test_a_corrupt_block_fails_the_promotion_and_deletes_the_file(tmp_path):
     io = make_io(tmp_path)
     assert io.try_stage(3)
-    io.write("f1", [os.urandom(16) for _ in range(3)], staged(3))
+    ks = [os.urandom(16) for _ in range(3)]
+    io.write("f1", ks, staged(3))
     wait_events(io, 1)
     path = io.path("f1")
-    header = fmt.read_header(path)
+    header = fmt.read_header(path, SECRET)
     with open(path, "r+b") as fh:
         fh.seek(header.block_offset(2) + 7)
         fh.write(b"\x00\x01")
     host = HostBuffer(4, LAYOUT, pin=False)
-    io.promote("p1", "f1", [0, 1, 2], [0, 1, 2], host)
+    io.promote("p1", "f1", [0, 1, 2], [0, 1, 2], host, ks)
     events, corrupt = wait_events(io, 1)
     assert events == [(PROMOTE, "p1", False)] and corrupt == {"f1"}
     assert not os.path.exists(path)
@@ -79,7 +81,7 @@ def test_a_corrupt_block_fails_the_promotion_and_deletes_the_file(tmp_path):
 
 def test_a_missing_file_fails_without_calling_it_corrupt(tmp_path):
     io = make_io(tmp_path)
-    io.promote("p1", "nope", [0], [0], HostBuffer(1, LAYOUT, pin=False))
+    io.promote("p1", "nope", [0], [0], HostBuffer(1, LAYOUT, pin=False), [b"k" * 16])
     events, corrupt = wait_events(io, 1)
     assert events == [(PROMOTE, "p1", False)] and not corrupt
     io.shutdown()

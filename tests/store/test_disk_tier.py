@@ -11,6 +11,7 @@ from vllm_promptcache.store.policies import make_policy
 
 LAYOUT = (("l0", 4096),)
 FP = "cd" * 16
+SECRET = b"s" * fmt.SECRET_BYTES
 
 
 def keys(n):
@@ -21,8 +22,9 @@ def write_file(directory, file_keys, rank=0, world=1, fingerprint=FP, file_id=No
     file_id = file_id or fmt.new_file_id()
     blocks = [os.urandom(4096) for _ in file_keys]
     header = fmt.FileHeader(fingerprint, rank, world, LAYOUT, 4096, tuple(file_keys),
-                            tuple(fmt.checksum(b) for b in blocks))
-    nbytes = fmt.write_file(os.path.join(directory, fmt.file_name(file_id, rank)), header, blocks)
+                            tuple(fmt.checksum(b, SECRET) for b in blocks))
+    nbytes = fmt.write_file(os.path.join(directory, fmt.file_name(file_id, rank)), header, blocks,
+                            SECRET)
     return file_id, nbytes
 
 
@@ -31,7 +33,7 @@ def accept(header):
 
 
 def tier(tmp_path, cap, policy="lru", queued=None):
-    return DiskTier(str(tmp_path), cap, 1, make_policy(policy), queued)
+    return DiskTier(str(tmp_path), cap, 1, make_policy(policy), queued, SECRET)
 
 
 def test_pending_then_ready(tmp_path):
@@ -119,7 +121,7 @@ def test_scan_reads_headers_only(tmp_path, monkeypatch):
     ks = keys(4)
     fid, _ = write_file(str(tmp_path), ks)
     path = os.path.join(tmp_path, fmt.file_name(fid, 0))
-    header = fmt.read_header(path)
+    header = fmt.read_header(path, SECRET)
     with open(path, "r+b") as fh:
         fh.seek(header.block_offset(3))
         fh.write(b"\xff" * 8)
@@ -192,10 +194,10 @@ def test_two_writers_share_a_directory(tmp_path):
 def test_tensor_parallel_files_need_every_rank(tmp_path):
     ks = keys(2)
     fid, _ = write_file(str(tmp_path), ks, rank=0, world=2)
-    t = DiskTier(str(tmp_path), 1 << 30, 2, make_policy("lru"))
+    t = DiskTier(str(tmp_path), 1 << 30, 2, make_policy("lru"), secret=SECRET)
     assert t.scan(accept) == (0, 0)  # rank 1 still being written
     write_file(str(tmp_path), ks, rank=1, world=2, file_id=fid)
-    t = DiskTier(str(tmp_path), 1 << 30, 2, make_policy("lru"))
+    t = DiskTier(str(tmp_path), 1 << 30, 2, make_policy("lru"), secret=SECRET)
     assert t.scan(accept) == (1, 2)
 
 

@@ -9,7 +9,7 @@ from vllm_promptcache.store.host_tier import HostTier, HostTierTooSmall, SlotSta
 from vllm_promptcache.store.keys import BlockKeyer, ModelFingerprint
 from vllm_promptcache.store.policies import LruPolicy
 
-FP = ModelFingerprint("m", None, "bf16", "auto", 4, 2, 2, 32, 1, 0)
+FP = ModelFingerprint("m", "bf16", "auto", 4, 2, 2, 32, 1, 0)
 
 
 def keys(n, start=0, salt=None):

@@ -4,7 +4,7 @@ from vllm_promptcache.store.keys import BlockKeyer, ModelFingerprint
 
 FP = ModelFingerprint(model="/models/a", revision=None, dtype="torch.bfloat16",
                       kv_cache_dtype="auto", block_size=4, num_layers=2, num_kv_heads=2,
-                      head_size=32, tp_size=1, tp_rank=0)
+                      head_size=32, tp_size=1, tp_rank=0, weights="dir:abc")
 
 
 def test_only_full_blocks_get_keys_and_keys_are_deterministic():
@@ -29,7 +29,10 @@ def test_every_fingerprint_field_changes_every_key():
     tokens = list(range(8))
     base = BlockKeyer(FP).block_keys(tokens)
     changes = dict(model="/models/b", revision="v2", dtype="torch.float16", kv_cache_dtype="fp8",
-                   num_layers=3, num_kv_heads=4, head_size=64, tp_size=2, tp_rank=1)
+                   num_layers=3, num_kv_heads=4, head_size=64, tp_size=2, tp_rank=1,
+                   weights="dir:def", config="c2", hf_overrides='{"x":1}',
+                   rope='{"rope_scaling":{"factor":2}}', quantization='{"method":"fp8"}',
+                   kv_scales='{"calculate":true}', format_version=99)
     for field, value in changes.items():
         other = BlockKeyer(replace(FP, **{field: value})).block_keys(tokens)
         assert not set(other) & set(base), f"changing {field} must change the keys"

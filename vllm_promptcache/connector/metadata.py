@@ -34,12 +34,14 @@ class DiskWrite:
 
 @dataclass
 class Promotion:
-    """Read blocks `indices` of disk file `file_id` into host slots `slots`."""
+    """Read blocks `indices` of disk file `file_id` into host slots `slots`; block
+    `indices[i]` must hold `keys[i]` (the reader checks the file's header)."""
 
     promo_id: str
     file_id: str
     indices: list[int]
     slots: list[int]
+    keys: list[bytes] = field(default_factory=list)
 
 
 @dataclass

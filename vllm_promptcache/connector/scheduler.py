@@ -20,6 +20,7 @@ Invariants that make it safe:
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import os
@@ -37,7 +38,9 @@ from ..store.disk_tier import DiskTier, prepare_directory
 from ..store.host_tier import HostTier, slots_for
 from ..store.keys import BlockKey, BlockKeyer, ModelFingerprint
 from ..store.policies import make_policy
+from .approximate import ApproximateBlocks
 from .metadata import BlockTransfer, DiskWrite, PromptCacheMetadata, Promotion, ShiftedLoad
+from .request_keys import RequestKeys
 from .shifted import ShiftedPlan, ShiftedReuse
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
@@ -57,11 +60,19 @@ def host_tier_geometry(vllm_config: Any, kv_cache_config: Any, config: PromptCac
     return slots_for(config.host_bytes // world, slot_bytes), slot_bytes
 
 
-def disk_directory(vllm_config: Any, config: PromptCacheConfig) -> tuple[str, str]:
+def model_fingerprint(vllm_config: Any, config: PromptCacheConfig) -> ModelFingerprint:
+    # tp_rank 0 stands for the whole TP group: ranks save and load in lockstep.
+    return ModelFingerprint.from_vllm_config(vllm_config, tp_rank=0, model_id=config.model_id)
+
+
+def disk_directory(vllm_config: Any, config: PromptCacheConfig) -> tuple[str, str] | None:
     """(directory, fingerprint hex): one sub-directory per model fingerprint, so
-    different models, dtypes or layouts never share files."""
-    fingerprint = ModelFingerprint.from_vllm_config(vllm_config, tp_rank=0).digest().hex()
-    return os.path.join(config.disk_dir, fingerprint), fingerprint
+    different models, weights, dtypes or layouts never share files.  None where
+    the weights cannot be named: nothing is kept across restarts then."""
+    fingerprint = model_fingerprint(vllm_config, config)
+    if not fingerprint.persistent:
+        return None
+    return os.path.join(config.disk_dir, fingerprint.digest().hex()), fingerprint.digest().hex()
 
 
 @dataclass
@@ -97,9 +108,11 @@ class PromptCacheScheduler:
     def __init__(self, vllm_config: Any, kv_cache_config: Any, config: PromptCacheConfig):
         self.config = config
         self.block_size = vllm_config.cache_config.block_size
-        # tp_rank 0 stands for the whole TP group here: ranks save and load in lockstep.
-        self.fingerprint = ModelFingerprint.from_vllm_config(vllm_config, tp_rank=0)
+        self.fingerprint = model_fingerprint(vllm_config, config)
         self.keyer = BlockKeyer(self.fingerprint)
+        self.request_keys = RequestKeys(self.keyer)
+        self.approximate = ApproximateBlocks()
+        self._module_token = request_params.module_token(create=False)
         num_slots, slot_bytes = host_tier_geometry(vllm_config, kv_cache_config, config)
         self.slot_bytes = slot_bytes
         self.world_size = vllm_config.parallel_config.world_size
@@ -112,12 +125,14 @@ class PromptCacheScheduler:
         self._queue_aware = config.eviction_policy == "scheduler-aware"
         self.host = HostTier(num_slots, slot_bytes, make_policy(config.eviction_policy), self.queued)
         self.disk: DiskTier | None = None
-        if config.disk_enabled and compat.worker_meta_supported():
-            directory, fp_hex = disk_directory(vllm_config, config)
+        disk_place = disk_directory(vllm_config, config) if config.disk_enabled else None
+        if disk_place is not None and compat.worker_meta_supported():
+            directory, fp_hex = disk_place
+            secret = fmt.disk_secret(config.disk_dir)
             self.disk = DiskTier(prepare_directory(directory), config.disk_bytes, self.world_size,
-                                 make_policy(config.eviction_policy), self.queued)
+                                 make_policy(config.eviction_policy), self.queued, secret)
             files, blocks = self.disk.scan(self._accept_file(fp_hex))
-        elif config.disk_enabled:
+        elif config.disk_enabled and disk_place is not None:
             logger.warning("promptcache: this vLLM has no connector worker metadata; "
                            "the disk tier is off")
         self.shifted: ShiftedReuse | None = None
@@ -130,6 +145,8 @@ class PromptCacheScheduler:
                 raise RuntimeError(f"--promptcache-position-independent: {e}") from None
             self.shifted = ShiftedReuse(self.block_size, self.host)
         self.stats = PromptCacheStats()
+        self._skip_counted: set[str] = set()
+        self._rejected_modules: set[str] = set()
         self._lookups: dict[str, _Lookup] = {}
         self._params: dict[str, Any] = {}  # per-request kv_transfer_params, parsed
         self._looked_up: set[str] = set()
@@ -141,9 +158,6 @@ class PromptCacheScheduler:
         self._promotions: list[Promotion] = []
         self._inflight_saves: dict[str, list[int]] = {}
         self._failed_saves: set[str] = set()
-        # Requests whose KV from this block on came from a shifted load: approximate,
-        # so never saved under the exact chained keys.
-        self._exact_blocks: dict[str, int] = {}
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._job_ids = count()
         # Keys a promotion brought into host and no load used yet: True if by prefetch.
@@ -152,12 +166,14 @@ class PromptCacheScheduler:
         self._modules: dict[str, _Module] = {}
         self.module_slot_budget = int(num_slots * MODULE_SHARE)
         disk_line = (f"disk tier {config.disk_gb:g} GiB at {self.disk.directory}, "
-                     f"{files} files / {blocks} blocks found" if self.disk else "disk tier off")
+                     f"{files} files / {blocks} blocks found, "
+                     f"{self.disk.stale_bytes / 2**20:.1f} MiB of other fingerprints to age out"
+                     if self.disk else "disk tier off")
         logger.info(
             "vllm-promptcache: host tier %.2f GiB = %d slots of one %d-token block "
-            "(%.2f MiB per slot per worker, %d worker(s)); %s; eviction %s; model %s",
+            "(%.2f MiB per slot per worker, %d worker(s)); %s; eviction %s; model fingerprint %s",
             config.host_gb, num_slots, self.block_size, slot_bytes / 2**20, self.world_size,
-            disk_line, config.eviction_policy, self.fingerprint.model)
+            disk_line, config.eviction_policy, self.fingerprint.describe())
 
     def _accept_file(self, fp_hex: str):
         def accept(header: fmt.FileHeader) -> str | None:
@@ -172,7 +188,7 @@ class PromptCacheScheduler:
     def on_new_request(self, request: Any) -> None:
         """A request joined vLLM's queue: mark its blocks queued and prefetch them from disk."""
         keys = self._keys(request)
-        if not keys:
+        if not keys or self._encodes_module(request):
             return
         self._queued_keys[request.request_id] = keys
         self.queued.update(keys)
@@ -190,12 +206,13 @@ class PromptCacheScheduler:
         if req_id not in self._looked_up:
             self._looked_up.add(req_id)
             self.stats.inc("lookups_total")
-        params = self._params.get(req_id)
-        if params is None:  # parsed (and warned about) once per request
-            params = self._params[req_id] = request_params.of(request)
-        if params.get(request_params.LOAD) is False:
+        params = self._request_params(request)
+        if params.get(request_params.LOAD) is False or self._encodes_module(request):
+            # A module's encoding is served to every later prompt: always computed.
             return 0, False
         keys = self._keys(request)
+        if keys is None:
+            return 0, False
         start = num_computed_tokens // self.block_size
         slots = self.host.ready_prefix(keys[start:], touch=False)
         end = start + len(slots)
@@ -207,8 +224,8 @@ class PromptCacheScheduler:
             if self.disk is not None and self._promote(keys, end, prefetch=False):
                 return None, False
         shifted = None
-        if self.shifted is not None:
-            shifted = self.shifted.plan(request.all_token_ids, compat.request_cache_salt(request),
+        if self.shifted is not None and self.request_keys.shiftable(request):
+            shifted = self.shifted.plan(request.all_token_ids, self.request_keys.namespace(request),
                                         end * self.block_size, len(request.all_token_ids) - 1)
             if shifted.waiting:
                 return None, False
@@ -229,11 +246,41 @@ class PromptCacheScheduler:
         self._lookups[req_id] = _Lookup(num_computed_tokens, keys[start:end], slots, shifted)
         return (start + total_blocks) * self.block_size - num_computed_tokens, False
 
-    def _keys(self, request: Any) -> list[BlockKey]:
-        # The last token is always computed: its logits are the next token's.
-        max_blocks = (len(request.all_token_ids) - 1) // self.block_size
-        return self.keyer.block_keys(request.all_token_ids, compat.request_cache_salt(request),
-                                     max_blocks)
+    def _keys(self, request: Any, max_blocks: int | None = None) -> list[BlockKey] | None:
+        """The request's block keys (by default all but the block of its last token,
+        which is always computed: its logits are the next token's); None, counted
+        once, where the request cannot be keyed safely."""
+        keys = self.request_keys.keys(request, max_blocks)
+        if keys is None and request.request_id not in self._skip_counted:
+            self._skip_counted.add(request.request_id)
+            self.stats.inc("skipped_requests_total",
+                           tier=self.request_keys.skip_reason(request) or "unknown")
+        return keys
+
+    def _request_params(self, request: Any) -> dict[str, Any]:
+        params = self._params.get(request.request_id)
+        if params is None:  # parsed (and warned about) once per request
+            params = self._params[request.request_id] = request_params.of(request)
+        return params
+
+    def _encodes_module(self, request: Any) -> str | None:
+        """The module this request encodes, if it carries the server's token; a
+        marker without it (a client's) is ignored and counted."""
+        params = self._request_params(request)
+        name = params.get(request_params.ENCODE_MODULE)
+        if name is None:
+            return None
+        token = params.get(request_params.MODULE_TOKEN)
+        if (self._module_token and isinstance(token, str)
+                and hmac.compare_digest(token.encode(), self._module_token.encode())):
+            return name
+        if request.request_id not in self._rejected_modules:
+            self._rejected_modules.add(request.request_id)
+            self.stats.inc("rejected_module_encodings_total")
+            logger.warning("promptcache: request %s asks to encode module %r without the "
+                           "server's token; served as an ordinary request", request.request_id,
+                           name)
+        return None
 
     def _promote(self, keys: list[BlockKey], start: int, prefetch: bool) -> int:
         """Read the run of keys[start:] found on disk into host; returns blocks issued."""
@@ -265,7 +312,8 @@ class PromptCacheScheduler:
         for file_id, blocks in by_file.items():
             promo_id = f"p{next(self._job_ids)}"
             slots = [slot for _, _, slot in blocks]
-            self._promotions.append(Promotion(promo_id, file_id, [i for _, i, _ in blocks], slots))
+            self._promotions.append(Promotion(promo_id, file_id, [i for _, i, _ in blocks], slots,
+                                              [k for k, _, _ in blocks]))
             self._jobs[(PROMOTE, promo_id)] = _Job(
                 PROMOTE, slots=slots, keys=[k for k, _, _ in blocks], file_id=file_id,
                 prefetch=prefetch)
@@ -293,7 +341,7 @@ class PromptCacheScheduler:
         if n_all > n and lookup.shifted is not None:
             self._plan_shifted_load(request.request_id, lookup.shifted,
                                     (n_all - n) * self.block_size, all_block_ids)
-            self._exact_blocks[request.request_id] = lookup.shifted.start // self.block_size
+            self.approximate.started(request.request_id, lookup.shifted.start // self.block_size)
         from_disk = prefetched = 0
         for key in lookup.keys[:n]:
             by_prefetch = self._promoted.pop(key, None)
@@ -340,43 +388,64 @@ class PromptCacheScheduler:
         self._lookups.pop(req_id, None)
         self._looked_up.discard(req_id)
         self._unqueue(req_id)
-        exact = self._exact_blocks.pop(req_id, None)
+        try:
+            return self._finish(request, block_ids)
+        finally:
+            self._params.pop(req_id, None)
+            self.request_keys.forget(req_id)
+            self._skip_counted.discard(req_id)
+            self._rejected_modules.discard(req_id)
+
+    def _finish(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        req_id = request.request_id
+        # Blocks from a shifted load, everything computed after them, and blocks
+        # vLLM's prefix cache handed over from such a request are approximate.
+        exact = self.approximate.exact_prefix(request, block_ids, len(block_ids))
+        self.approximate.finished(request, block_ids, exact)
         tokens = request.all_token_ids
         # KV exists for the tokens fed to the model: never the last sampled one.
         n_tokens = min(request.num_computed_tokens, len(tokens) - 1)
         if not self.config.save_decode_tokens:
             n_tokens = min(n_tokens, request.num_prompt_tokens)
         n_blocks = min(n_tokens // self.block_size, len(block_ids))
-        params = self._params.pop(req_id, None)
-        params = request_params.of(request) if params is None else params
-        module = params.get(request_params.ENCODE_MODULE)
+        params = self._request_params(request)
+        module = self._encodes_module(request)
         if module is None and (n_blocks == 0 or params.get(request_params.SAVE) is False):
             return False, None
-        salt = compat.request_cache_salt(request)
-        keys = self.keyer.block_keys(tokens, salt, n_blocks)
+        keys = self._keys(request, n_blocks)
+        if keys is None or len(keys) < n_blocks:
+            return False, None if module is None else self._module_failed(
+                module, "its request could not be keyed")
         if module is not None:
             refusal = self._module_refusal(module, n_blocks, request.num_prompt_tokens)
+            if refusal is None and exact < n_blocks:
+                refusal = (f"module {module!r}: its encoding reused approximate KV from vLLM's "
+                           f"prefix cache; register it again")
             if refusal:
-                logger.warning("promptcache: %s", refusal)
-                return False, {request_params.RESULT: {"module": module, "ok": False,
-                                                       "error": refusal}}
-        exact = n_blocks if exact is None else exact
+                return False, self._module_failed(module, refusal)
+        exact = min(exact, n_blocks)
+        namespace = self.request_keys.namespace(request)
         if exact < n_blocks:
-            # KV from a shifted load was computed in another context (and all KV
-            # after it attended to it): keep it off the exact keys, under keys only
-            # this run has, where position-independent lookups still find it.
-            own = self.keyer.block_keys(tokens, f"{salt or ''}\0approximate:{req_id}", n_blocks)
+            # Approximate KV: keep it off the exact keys, under keys only this run
+            # has, where position-independent lookups still find it (host only:
+            # nothing could find them after a restart).
+            own = self.keyer.block_keys(tokens, f"{namespace or ''}\0approximate:{req_id}",
+                                        n_blocks)
             keys = keys[:exact] + own[exact:]
         seg_id = None
-        if self.shifted is not None:
-            seg_id = self.shifted.remember(tokens, keys, salt)
-        claimed = self.host.reserve(keys)
+        if self.shifted is not None and self.request_keys.shiftable(request):
+            seg_id = self.shifted.remember(tokens, keys, namespace)
+        # A save never evicts its own request's blocks: a conversation longer than
+        # the host tier keeps its head (what the next turn loads first).
+        own_keys = set(keys)
+        claimed = self.host.reserve(keys, spare=own_keys.__contains__)
         slots = [slot for _, slot in claimed]
         for i, _ in claimed:  # saved afresh: a later hit on them is a host hit
             self._promoted.pop(keys[i], None)
         if claimed:
             self._saves.append(BlockTransfer(req_id, [block_ids[i] for i, _ in claimed], slots))
-        writes = self._plan_disk_writes(req_id, keys, block_ids) if self.disk else 0
+        writes = (self._plan_disk_writes(req_id, keys[:exact], block_ids[:exact])
+                  if self.disk else 0)
         result = None
         if module is not None:
             result = self._pin_module(module, keys, seg_id)
@@ -384,9 +453,13 @@ class PromptCacheScheduler:
             return False, result
         self._inflight_saves[req_id] = slots
         logger.debug("promptcache: request %s finished; saving %d of its %d full blocks to "
-                     "host, %d to disk", req_id, len(slots), n_blocks, writes)
+                     "host (%d exact), %d to disk", req_id, len(slots), n_blocks, exact, writes)
         # Keep the blocks until the worker reports the save done (get_finished).
         return True, result
+
+    def _module_failed(self, module: str, error: str) -> dict:
+        logger.warning("promptcache: %s", error)
+        return {request_params.RESULT: {"module": module, "ok": False, "error": error}}
 
     # -- prompt modules --------------------------------------------------------
     def _module_refusal(self, name: str, n_blocks: int, prompt_tokens: int) -> str | None:
@@ -469,7 +542,7 @@ class PromptCacheScheduler:
         header = fmt.FileHeader("0" * 32, self.world_size - 1, self.world_size, self.layout,
                                 self.slot_bytes, (b"\0" * 16,) * num_blocks,
                                 (b"\0" * fmt.CHECKSUM_BYTES,) * num_blocks)
-        one = len(header.encode()) + num_blocks * fmt.align_up(self.slot_bytes)
+        one = len(header.encode(b"\0" * fmt.SECRET_BYTES)) + num_blocks * fmt.align_up(self.slot_bytes)
         return one * self.world_size
 
     # -- per step --------------------------------------------------------------
@@ -502,7 +575,8 @@ class PromptCacheScheduler:
             for file_id in worker_meta.corrupt_files:
                 self.disk.discard(file_id, corrupt=True)
             for file_id in worker_meta.missing_files:
-                self.disk.discard(file_id)
+                # Gone, or refused (another user's): unindex, never delete.
+                self.disk.discard(file_id, delete=False)
             for kind, job_id, ok in worker_meta.events:
                 self._job_report(kind, job_id, ok)
 
@@ -558,7 +632,11 @@ class PromptCacheScheduler:
             self.stats.inc(metric, new, tier=tier or name)
             self._reported[name] = total
 
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        self.approximate.bind(kv_cache_manager)
+
     def reset_cache(self) -> bool:
+        self.approximate.reset()
         dropped = self.host.clear()
         logger.info("promptcache: host tier reset, %d blocks dropped (the disk tier is kept)",
                     dropped)

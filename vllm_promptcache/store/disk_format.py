@@ -13,6 +13,13 @@ Layout (all offsets 4 KiB-aligned, so reads and writes are large and aligned):
   checksums, so header and payload are both checked, and one block can be read
   and verified without reading the rest of the file.
 
+Every checksum is blake3 in keyed mode, keyed with the directory's secret
+(`disk_secret`: 32 random bytes in a 0600 file, created on first use).  A file
+that someone without the secret wrote -- even a well-formed one, with the right
+model fingerprint and keys -- fails its header checksum and is never served.
+Files are created 0600 in 0700 directories, and a file owned by another user is
+refused before its header is read (`ForeignFile`).
+
 A file is written under a temporary name, fsynced, then renamed into place, so a
 crash leaves either a whole file or a `*.tmp` that is never indexed.  Names are
 unique per writer (time, pid, random), so engines sharing a directory never write
@@ -32,7 +39,11 @@ from typing import Sequence
 from blake3 import blake3
 
 MAGIC = b"VPCKVBLK"
-FORMAT_VERSION = 1
+# 2: checksums keyed with the directory secret.  Part of the model fingerprint
+# (store/keys.py), so files of another format are never even looked at.
+FORMAT_VERSION = 2
+SECRET_NAME = ".promptcache-secret"
+SECRET_BYTES = 32
 ALIGN = 4096
 SUFFIX = ".kv"
 TMP_SUFFIX = ".tmp"
@@ -45,12 +56,80 @@ class CorruptFile(Exception):
     """A file whose header or a block does not match its checksum or format."""
 
 
+class ForeignFile(Exception):
+    """A file owned by another user: never served, never deleted by us."""
+
+
+class SecretError(RuntimeError):
+    """The directory secret cannot be created or is not private."""
+
+
 def align_up(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def checksum(data) -> bytes:
-    return blake3(data).digest()
+def checksum(data, secret: bytes) -> bytes:
+    """blake3 keyed with the directory secret: only its holders make valid files."""
+    return blake3(data, key=secret).digest()
+
+
+def private_directory(path: str) -> str:
+    """Create `path` (and missing parents) 0700; an existing directory of ours is
+    tightened to 0700, one owned by another user is refused."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise SecretError(f"{path} belongs to uid {st.st_uid}, not to this user "
+                          f"({os.getuid()}); the prompt cache keeps its KV private")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def disk_secret(root: str) -> bytes:
+    """The per-directory key of every checksum under `root`, created 0600 on first
+    use (atomically: concurrent first users agree on one)."""
+    private_directory(root)
+    path = os.path.join(root, SECRET_NAME)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            tmp = f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+            wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(wfd, secrets.token_bytes(SECRET_BYTES))
+                os.fsync(wfd)
+            finally:
+                os.close(wfd)
+            try:
+                os.link(tmp, path)  # fails if another process won the race: use theirs
+            except FileExistsError:
+                pass
+            finally:
+                _unlink(tmp)
+            continue
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise SecretError(
+                    f"{path} must belong to this user and be readable by it alone (mode "
+                    f"0600); found uid {st.st_uid}, mode {st.st_mode & 0o777:o}")
+            data = os.read(fd, SECRET_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(data) != SECRET_BYTES:
+            raise SecretError(f"{path} holds {len(data)} bytes, expected {SECRET_BYTES}; "
+                              f"remove it to start the disk tier afresh")
+        return data
+    raise SecretError(f"cannot create {path}")
+
+
+def check_owner(fd: int, where: str) -> os.stat_result:
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid():
+        raise ForeignFile(f"{where}: owned by uid {st.st_uid}, not by this user")
+    return st
 
 
 @dataclass(frozen=True)
@@ -79,7 +158,7 @@ class FileHeader:
     def file_bytes(self) -> int:
         return self.header_bytes + self.num_blocks * self.block_stride
 
-    def encode(self) -> bytes:
+    def encode(self, secret: bytes) -> bytes:
         body = json.dumps({
             "fingerprint": self.fingerprint, "rank": self.rank, "world": self.world,
             "layout": [list(x) for x in self.layout], "block_bytes": self.block_bytes,
@@ -87,11 +166,11 @@ class FileHeader:
             "checksums": [c.hex() for c in self.block_checksums],
         }, separators=(",", ":")).encode()
         head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + body
-        head += checksum(head)
+        head += checksum(head, secret)
         return head + b"\0" * (align_up(len(head)) - len(head))
 
     @classmethod
-    def decode(cls, data: bytes, where: str) -> "FileHeader":
+    def decode(cls, data: bytes, where: str, secret: bytes) -> "FileHeader":
         if len(data) < _PREFIX.size:
             raise CorruptFile(f"{where}: truncated header")
         magic, version, body_len = _PREFIX.unpack_from(data)
@@ -102,8 +181,9 @@ class FileHeader:
         end = _PREFIX.size + body_len
         if body_len > _MAX_HEADER_BYTES or len(data) < end + CHECKSUM_BYTES:
             raise CorruptFile(f"{where}: truncated header")
-        if checksum(data[:end]) != data[end:end + CHECKSUM_BYTES]:
-            raise CorruptFile(f"{where}: header checksum mismatch")
+        if checksum(data[:end], secret) != data[end:end + CHECKSUM_BYTES]:
+            raise CorruptFile(f"{where}: header checksum mismatch (damaged, or written "
+                              f"without this directory's secret)")
         try:
             body = json.loads(data[_PREFIX.size:end])
             header = cls(
@@ -142,16 +222,16 @@ def parse_file_name(name: str) -> tuple[str, int] | None:
     return file_id, int(rank)
 
 
-def write_file(path: str, header: FileHeader, blocks: Sequence) -> int:
+def write_file(path: str, header: FileHeader, blocks: Sequence, secret: bytes) -> int:
     """Write header + blocks (bytes-like, each `header.block_bytes` long) atomically.
 
     Returns the bytes written.  On any error the temporary file is removed and
     nothing appears under `path`.
     """
-    head = header.encode()
+    head = header.encode(secret)
     pad = b"\0" * (header.block_stride - header.block_bytes)
     tmp = f"{path}.{secrets.token_hex(4)}{TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         _write_all(fd, head)
         for block in blocks:
@@ -173,29 +253,36 @@ def write_file(path: str, header: FileHeader, blocks: Sequence) -> int:
     return len(head) + len(blocks) * header.block_stride
 
 
-def read_header(path: str) -> FileHeader:
-    """Read and verify only the header: a few KiB, never the payload."""
-    with open(path, "rb", buffering=0) as fh:
+def read_header(path: str, secret: bytes) -> FileHeader:
+    """Read and verify only the header: a few KiB, never the payload.  Raises
+    ForeignFile for a file of another user, CorruptFile for a bad one."""
+    with open(path, "rb", buffering=0, opener=_open_nofollow) as fh:
+        check_owner(fh.fileno(), path)
         data = fh.read(ALIGN)
         if len(data) >= _PREFIX.size:
             magic, _, body_len = _PREFIX.unpack_from(data)
             need = _PREFIX.size + body_len + CHECKSUM_BYTES
             if magic == MAGIC and len(data) < need <= _MAX_HEADER_BYTES:
                 data += fh.read(need - len(data))
-        header = FileHeader.decode(data, path)
+        header = FileHeader.decode(data, path, secret)
         size = os.fstat(fh.fileno()).st_size
     if size < header.file_bytes:
         raise CorruptFile(f"{path}: {size} bytes, the header needs {header.file_bytes}")
     return header
 
 
-def read_block_into(fd: int, header: FileHeader, index: int, out: memoryview, where: str) -> None:
+def read_block_into(fd: int, header: FileHeader, index: int, out: memoryview, where: str,
+                    secret: bytes) -> None:
     """Read block `index` into `out` (writable, block_bytes long) and verify it."""
     n = os.preadv(fd, [out], header.block_offset(index))
     if n != header.block_bytes:
         raise CorruptFile(f"{where}: block {index} truncated ({n} of {header.block_bytes} bytes)")
-    if checksum(out) != header.block_checksums[index]:
+    if checksum(out, secret) != header.block_checksums[index]:
         raise CorruptFile(f"{where}: block {index} checksum mismatch")
+
+
+def _open_nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
 
 
 def _write_all(fd: int, data) -> None:

@@ -63,8 +63,9 @@ class _Promotion:
 
 class DiskIO:
     def __init__(self, directory: str, fingerprint: str, rank: int, world: int,
-                 layout: Sequence[tuple[str, int]], max_staged_bytes: int):
+                 layout: Sequence[tuple[str, int]], max_staged_bytes: int, secret: bytes):
         self.directory = directory
+        self.secret = secret
         self.fingerprint = fingerprint
         self.rank = rank
         self.world = world
@@ -113,8 +114,9 @@ class DiskIO:
         try:
             rows = [staging.data[i].numpy() for i in range(len(keys))]
             header = fmt.FileHeader(self.fingerprint, self.rank, self.world, self.layout,
-                                    self.block_bytes, keys, tuple(fmt.checksum(r) for r in rows))
-            self._count("written", fmt.write_file(self.path(file_id), header, rows))
+                                    self.block_bytes, keys,
+                                    tuple(fmt.checksum(r, self.secret) for r in rows))
+            self._count("written", fmt.write_file(self.path(file_id), header, rows, self.secret))
             ok = True
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -129,27 +131,30 @@ class DiskIO:
 
     # -- reads -----------------------------------------------------------------
     def promote(self, promo_id: str, file_id: str, indices: Sequence[int], slots: Sequence[int],
-                buffer: HostBuffer) -> None:
-        """Read blocks `indices` of a file into host slots, in parallel; report when all are in."""
+                buffer: HostBuffer, keys: Sequence[bytes]) -> None:
+        """Read blocks `indices` of a file into host slots, in parallel; report when all
+        are in.  `keys[i]` is what the index says block `indices[i]` holds: the header
+        must agree, or the block is not served."""
         state = _Promotion(len(indices))
-        for index, slot in zip(indices, slots):
+        for index, slot, key in zip(indices, slots, keys):
             self._readers.submit(self._read_one, promo_id, file_id, index,
-                                 buffer.data[slot], state)
+                                 buffer.data[slot], state, key)
 
     def _read_one(self, promo_id: str, file_id: str, index: int, row: torch.Tensor,
-                  state: _Promotion) -> None:
+                  state: _Promotion, key: bytes) -> None:
         path = self.path(file_id)
         ok, corrupt, gone = False, False, False
         try:
             with state.lock:
                 skip = not state.ok
             if not skip:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
                 try:
-                    header = _read_header_fd(fd, path)
-                    if index >= header.num_blocks or header.block_bytes != self.block_bytes:
-                        raise fmt.CorruptFile(f"{path}: no block {index} of {self.block_bytes} bytes")
-                    fmt.read_block_into(fd, header, index, memoryview(row.numpy()), path)
+                    fmt.check_owner(fd, path)
+                    header = self._read_header_fd(fd, path)
+                    self._check_header(header, index, key, path)
+                    fmt.read_block_into(fd, header, index, memoryview(row.numpy()), path,
+                                        self.secret)
                 finally:
                     os.close(fd)
                 self._count("read", self.block_bytes)
@@ -157,6 +162,9 @@ class DiskIO:
         except fmt.CorruptFile as e:
             corrupt = True
             logger.warning("promptcache: corrupt disk block, deleting the file: %s", e)
+        except fmt.ForeignFile as e:
+            gone = True  # unindexed, never served, and not ours to delete
+            logger.warning("promptcache: refusing a disk file: %s", e)
         except FileNotFoundError:
             gone = True
             logger.info("promptcache: disk file %s is gone (evicted by another engine?)", path)
@@ -180,6 +188,30 @@ class DiskIO:
                 with self._corrupt_lock:
                     self._gone.add(file_id)
             self._events.put((PROMOTE, promo_id, state.ok))
+
+    def _check_header(self, header: fmt.FileHeader, index: int, key: bytes, path: str) -> None:
+        """The file must be this model's, this rank's, and hold `key` at `index`."""
+        if header.fingerprint != self.fingerprint:
+            raise fmt.CorruptFile(f"{path}: model fingerprint {header.fingerprint}, expected "
+                                  f"{self.fingerprint}")
+        if (header.rank, header.world) != (self.rank, self.world):
+            raise fmt.CorruptFile(f"{path}: rank {header.rank}/{header.world}, expected "
+                                  f"{self.rank}/{self.world}")
+        if header.layout != self.layout or header.block_bytes != self.block_bytes:
+            raise fmt.CorruptFile(f"{path}: another KV layout")
+        if index >= header.num_blocks or header.keys[index] != key:
+            raise fmt.CorruptFile(f"{path}: block {index} does not hold the key the index "
+                                  f"names")
+
+    def _read_header_fd(self, fd: int, path: str) -> fmt.FileHeader:
+        data = os.pread(fd, fmt.ALIGN, 0)
+        try:
+            return fmt.FileHeader.decode(data, path, self.secret)
+        except fmt.CorruptFile:
+            # A header longer than one page: read exactly what it says it needs.
+            if len(data) < fmt.ALIGN:
+                raise
+            return fmt.read_header(path, self.secret)
 
     # -- reports ---------------------------------------------------------------
     def _count(self, what: str, nbytes: int) -> None:
@@ -212,13 +244,3 @@ class DiskIO:
         self._readers.shutdown(wait=False, cancel_futures=True)
         self._writer.shutdown(wait=True)
 
-
-def _read_header_fd(fd: int, path: str) -> fmt.FileHeader:
-    data = os.pread(fd, fmt.ALIGN, 0)
-    try:
-        return fmt.FileHeader.decode(data, path)
-    except fmt.CorruptFile:
-        # A header longer than one page: read exactly what it says it needs.
-        if len(data) < fmt.ALIGN:
-            raise
-        return fmt.read_header(path)

@@ -43,16 +43,21 @@ class _DiskFile:
     keys: tuple[BlockKey, ...]
     nbytes: int  # all ranks together
     state: FileState
+    # Files of another model fingerprint (or format) under the same root: never
+    # served, counted against the cap and evicted first, so they age out.
+    stale_paths: tuple[str, ...] = ()
 
 
 def prepare_directory(path: str) -> str:
-    """Create `path` and prove it writable, or raise a clear DiskTierError."""
+    """Create `path` (0700) and prove it writable, or raise a clear DiskTierError."""
     try:
-        os.makedirs(path, exist_ok=True)
+        fmt.private_directory(path)
         probe = os.path.join(path, f".probe-{fmt.new_file_id()}{fmt.TMP_SUFFIX}")
         with open(probe, "wb") as fh:
             fh.write(b"ok")
         os.unlink(probe)
+    except fmt.SecretError as e:
+        raise DiskTierError(f"the promptcache disk directory is not private: {e}") from None
     except OSError as e:
         raise DiskTierError(
             f"the promptcache disk directory {path} is not writable ({e.strerror or e}); "
@@ -65,8 +70,9 @@ class DiskTier:
     name = "disk"
 
     def __init__(self, directory: str, capacity_bytes: int, world: int, policy: EvictionPolicy,
-                 queued: Counter[BlockKey] | None = None):
+                 queued: Counter[BlockKey] | None = None, secret: bytes = b""):
         self.directory = directory
+        self.secret = secret
         self.capacity_bytes = capacity_bytes
         self.world = world
         self._policy = policy
@@ -163,6 +169,11 @@ class DiskTier:
             self._bytes -= f.nbytes
             if corrupt:
                 self.corrupt_blocks += len(f.keys)
+        if f.stale_paths:
+            for path in f.stale_paths:
+                _unlink(path)
+            _remove_if_empty(os.path.dirname(f.stale_paths[0]))
+            return 0
         if delete:
             for rank in range(self.world):
                 _unlink(self.path(file_id, rank))
@@ -197,7 +208,7 @@ class DiskTier:
         now = time.time()
         ranks: dict[str, dict[int, float]] = {}
         for entry in os.scandir(self.directory):
-            if not entry.is_file():
+            if not entry.is_file(follow_symlinks=False):
                 continue
             try:
                 mtime = entry.stat().st_mtime
@@ -222,6 +233,12 @@ class DiskTier:
                 found.append((min(seen.values()), file_id, entry))
         found.sort(key=lambda x: x[0])
         with self._lock:
+            # Other fingerprints' files first: the policy then evicts them first.
+            for mtime, paths, nbytes in self._stale_files():
+                file_id = f"stale:{paths[0]}"
+                self._files[file_id] = _DiskFile((), nbytes, FileState.PENDING, tuple(paths))
+                self._bytes += nbytes
+                self.commit(file_id)
             for _, file_id, (keys, nbytes) in found:
                 if file_id in self._files:
                     continue
@@ -230,15 +247,57 @@ class DiskTier:
                 self.commit(file_id)
             while self._bytes > self.capacity_bytes and self._evict_one():
                 pass
-            return len(self._files), len(self._where)
+            return sum(1 for f in self._files.values() if not f.stale_paths), len(self._where)
+
+    @property
+    def stale_bytes(self) -> int:
+        """Bytes of other fingerprints' files still counted against the cap."""
+        with self._lock:
+            return sum(f.nbytes for f in self._files.values() if f.stale_paths)
+
+    def _stale_files(self) -> list[tuple[float, list[str], int]]:
+        """(mtime, paths, bytes) of the KV files in sibling directories of this one
+        (other model fingerprints under the same root), oldest first."""
+        root = os.path.dirname(self.directory)
+        out = []
+        try:
+            siblings = [e for e in os.scandir(root)
+                        if e.is_dir(follow_symlinks=False) and e.path != self.directory
+                        and _is_fingerprint_dir(e.name)]
+        except OSError:
+            return out
+        for sibling in siblings:
+            groups: dict[str, list[os.DirEntry]] = {}
+            try:
+                entries = list(os.scandir(sibling.path))
+            except OSError:
+                continue
+            for entry in entries:
+                parsed = fmt.parse_file_name(entry.name)
+                if parsed is not None and entry.is_file(follow_symlinks=False):
+                    groups.setdefault(parsed[0], []).append(entry)
+            for group in groups.values():
+                try:
+                    stats = [e.stat(follow_symlinks=False) for e in group]
+                except FileNotFoundError:
+                    continue
+                if any(st.st_uid != os.getuid() for st in stats):
+                    continue  # not ours: neither counted nor deleted
+                out.append((min(st.st_mtime for st in stats), [e.path for e in group],
+                            sum(st.st_size for st in stats)))
+        out.sort(key=lambda x: x[0])
+        return out
 
     def _check_file(self, file_id: str, accept) -> tuple[tuple[BlockKey, ...], int] | None:
         keys, nbytes = None, 0
         for rank in range(self.world):
             path = self.path(file_id, rank)
             try:
-                header = fmt.read_header(path)
+                header = fmt.read_header(path, self.secret)
             except FileNotFoundError:
+                return None
+            except fmt.ForeignFile as e:
+                logger.warning("promptcache: ignoring a disk file: %s", e)
                 return None
             except (fmt.CorruptFile, OSError) as e:
                 logger.warning("promptcache: dropping corrupt disk file: %s", e)
@@ -277,6 +336,17 @@ class DiskTier:
             return False
         self.evictions += self.discard(victim)
         return True
+
+
+def _is_fingerprint_dir(name: str) -> bool:
+    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _unlink(path: str) -> None:

@@ -1,20 +1,140 @@
-"""Block keys: a chained hash over each block's token ids, seeded by what makes KV comparable.
+"""Block keys: a chained hash over each block's token ids and everything else that
+shapes its KV, seeded by the model's fingerprint.
 
-Two blocks share a key only if the model, its revision, dtypes, KV layout, TP
-layout, the request's cache salt *and* every token up to the block's end are
-the same.  Chaining makes a key name a whole prefix, as vLLM's own prefix cache
-does, so a hit on block i implies the KV of blocks 0..i-1 is the right context.
+Two blocks share a key only if the model fingerprint (weights, config, dtypes,
+KV layout, TP layout, the plugin's KV format), the request's cache salt, the
+per-block extra keys vLLM's own prefix cache uses (LoRA adapter, multimodal
+items with their offsets, prompt-embeds digests; `connector/request_keys.py`
+takes them from vLLM) *and* every token up to the block's end are the same.
+Chaining makes a key name a whole prefix, as vLLM's own prefix cache does, so a
+hit on block i implies the KV of blocks 0..i-1 is the right context.
+
+The fingerprint is what makes the persistent tiers honest across restarts: a
+model re-saved in place (same path, other weights), another quantization,
+`hf_overrides`, RoPE scaling or KV-cache dtype gives another fingerprint, so old
+files are misses (and age out under the disk cap).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
+import re
+import struct
 from array import array
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+logger = logging.getLogger("vllm.promptcache")
+
 BlockKey = bytes  # 16-byte digest
 KEY_BYTES = 16
+# The plugin's own KV format: bump when the bytes saved for a block change meaning.
+KV_FORMAT_VERSION = 2
+
+# Files of a model directory whose content is hashed (small: configs, custom code),
+# and weight files, of which size, mtime and (safetensors) header are hashed.
+_CONFIG_FILE = re.compile(r".*\.(json|py|yaml|yml|txt|model|tiktoken)$")
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|ckpt|npz|h5|msgpack)$")
+_HUB_SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
+_MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+class UnknownWeightsError(RuntimeError):
+    """The weights' identity cannot be established (no local files, no hub cache)."""
+
+
+def _blake(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=KEY_BYTES)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def _safetensors_header(path: str) -> bytes:
+    """A safetensors file's JSON header (names, dtypes, shapes, offsets, metadata)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                return b""
+            (n,) = struct.unpack("<Q", raw)
+            return fh.read(min(n, _MAX_SAFETENSORS_HEADER))
+    except OSError:
+        return b""
+
+
+def directory_identity(path: str) -> str:
+    """Digest of a local model or adapter directory: the content of its config
+    files, and each weight file's name, size, mtime and safetensors header.  A
+    re-save in place changes at least the mtimes, so the digest changes."""
+    h = hashlib.blake2b(digest_size=KEY_BYTES)
+    found = False
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            if _WEIGHT_FILE.match(name):
+                found = True
+                h.update(f"w|{rel}|{st.st_size}|{st.st_mtime_ns}|".encode())
+                if name.endswith(".safetensors"):
+                    h.update(_safetensors_header(full))
+            elif _CONFIG_FILE.match(name) and st.st_size <= 64 << 20:
+                found = True
+                h.update(f"c|{rel}|{st.st_size}|".encode())
+                try:
+                    with open(full, "rb") as fh:
+                        h.update(fh.read())
+                except OSError:
+                    h.update(b"unreadable")
+    if not found:
+        raise UnknownWeightsError(f"{path} holds no config or weight files")
+    return "dir:" + h.hexdigest()
+
+
+def weights_identity(model: str, revision: str | None, model_id: str = "") -> str:
+    """What names the weights: the operator's explicit id, the hub commit of a
+    hub-cached model, or the digest of a local directory."""
+    if model_id:
+        return "id:" + model_id
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        real = os.path.realpath(path)
+        m = _HUB_SNAPSHOT.search(real + "/")
+        # A hub snapshot is content-addressed, but a local edit would still change
+        # the files: the digest covers both.
+        digest = directory_identity(real)
+        return f"hub:{m.group(1)}|{digest}" if m else digest
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - any failure means "not resolvable"
+        cached = None
+    if isinstance(cached, str):
+        m = _HUB_SNAPSHOT.search(os.path.dirname(cached) + "/")
+        if m:
+            return "hub:" + m.group(1)
+    raise UnknownWeightsError(
+        f"cannot tell which weights {model!r} (revision {revision or 'default'}) are: not a "
+        f"local directory and not in the hub cache")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr, separators=(",", ":"))
+
+
+def _hf_overrides(value: Any) -> str:
+    if callable(value):  # its effect is in the config; name it without an address
+        return "callable:" + getattr(value, "__qualname__", type(value).__name__)
+    return _json(value or {})
 
 
 @dataclass(frozen=True)
@@ -22,7 +142,6 @@ class ModelFingerprint:
     """Everything about an engine that changes the bytes of a KV block."""
 
     model: str
-    revision: str | None
     dtype: str
     kv_cache_dtype: str
     block_size: int
@@ -31,19 +150,60 @@ class ModelFingerprint:
     head_size: int
     tp_size: int
     tp_rank: int
+    weights: str = ""      # weights_identity(); "" where unknown (persistent tiers off)
+    revision: str | None = None
+    config: str = ""       # digest of the effective HF config (after hf_overrides)
+    hf_overrides: str = ""
+    rope: str = ""         # RoPE scaling / parameters
+    quantization: str = ""  # method and its config
+    kv_scales: str = ""    # how KV-cache scales are chosen
+    format_version: int = KV_FORMAT_VERSION
 
     def digest(self) -> bytes:
         text = "|".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
-        return hashlib.blake2b(text.encode(), digest_size=KEY_BYTES).digest()
+        return _blake(text.encode())
+
+    @property
+    def persistent(self) -> bool:
+        """Known weights: KV may be kept across restarts (disk, shared tiers)."""
+        return bool(self.weights)
+
+    def describe(self) -> str:
+        return f"{self.digest().hex()} (model {self.model}, weights {self.weights or 'unknown'})"
 
     @classmethod
-    def from_vllm_config(cls, vllm_config: Any, tp_rank: int = 0) -> "ModelFingerprint":
+    def from_vllm_config(cls, vllm_config: Any, tp_rank: int = 0,
+                         model_id: str = "") -> "ModelFingerprint":
         mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+        try:
+            weights = weights_identity(str(mc.model), mc.revision, model_id)
+        except UnknownWeightsError as e:
+            logger.warning("promptcache: %s; KV is kept in host RAM only (pass "
+                           "--promptcache-model-id to name the weights)", e)
+            weights = ""
+        hf_config = getattr(mc, "hf_config", None)
+        try:
+            config = hf_config.to_dict() if hf_config is not None else {}
+        except Exception:  # noqa: BLE001
+            config = repr(hf_config)
+        rope = {k: config.get(k) for k in ("rope_scaling", "rope_parameters", "rope_theta",
+                                           "max_position_embeddings", "partial_rotary_factor")
+                } if isinstance(config, dict) else {}
+        quant_config = config.get("quantization_config") if isinstance(config, dict) else None
         return cls(
             model=str(mc.model),
+            weights=weights,
             revision=mc.revision,
+            config=_blake(_json(config).encode()).hex(),
+            hf_overrides=_hf_overrides(getattr(mc, "hf_overrides", None)),
+            rope=_json(rope),
+            quantization=_json({"method": getattr(mc, "quantization", None),
+                                "config": quant_config}),
             dtype=str(mc.dtype),
             kv_cache_dtype=str(cc.cache_dtype),
+            kv_scales=_json({"calculate": getattr(cc, "calculate_kv_scales", None),
+                             "kv_cache_dtype_skip_layers":
+                                 getattr(cc, "kv_cache_dtype_skip_layers", None)}),
             block_size=int(cc.block_size),
             num_layers=int(mc.get_num_layers(pc)),
             num_kv_heads=int(mc.get_num_kv_heads(pc)),
@@ -61,23 +221,31 @@ class BlockKeyer:
         self.block_size = fingerprint.block_size
         self._seed = fingerprint.digest()
 
-    def seed(self, cache_salt: str | None) -> bytes:
-        if not cache_salt:
+    def seed(self, namespace: str | None) -> bytes:
+        """The chain's seed: the fingerprint, and the request's namespace (cache
+        salt, LoRA adapter: what separates requests whose equal tokens differ)."""
+        if not namespace:
             return self._seed
-        return hashlib.blake2b(self._seed + b"salt:" + cache_salt.encode(),
-                               digest_size=KEY_BYTES).digest()
+        return _blake(self._seed, b"ns:", namespace.encode())
 
-    def block_keys(self, token_ids: Sequence[int], cache_salt: str | None = None,
-                   max_blocks: int | None = None) -> list[BlockKey]:
-        """Keys of the full blocks of `token_ids` (a trailing partial block has none)."""
+    def block_keys(self, token_ids: Sequence[int], namespace: str | None = None,
+                   max_blocks: int | None = None, extra: Sequence[bytes | None] | None = None,
+                   start: int = 0, prev: bytes | None = None) -> list[BlockKey]:
+        """Keys of the full blocks of `token_ids` (a trailing partial block has none).
+
+        `extra[i]` is block i's extra key bytes (multimodal items, prompt-embeds
+        digests), or None.  `start`/`prev` continue a chain: keys of blocks
+        start.. given the key of block start-1."""
         n = len(token_ids) // self.block_size
         if max_blocks is not None:
             n = min(n, max_blocks)
-        prev = self.seed(cache_salt)
+        if prev is None:
+            prev = self.seed(namespace)
         keys = []
         bs = self.block_size
-        for i in range(n):
+        for i in range(start, n):
             chunk = array("q", token_ids[i * bs:(i + 1) * bs]).tobytes()
-            prev = hashlib.blake2b(prev + chunk, digest_size=KEY_BYTES).digest()
+            more = extra[i] if extra is not None and i < len(extra) else None
+            prev = _blake(prev, chunk, b"x:" + more) if more else _blake(prev, chunk)
             keys.append(prev)
         return keys
