@@ -114,6 +114,45 @@ def request_cache_salt(request: Any) -> str | None:
     return getattr(request, "cache_salt", None)
 
 
+def _extra_keys_function():
+    try:
+        from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+    except ImportError:
+        return None
+    return generate_block_hash_extra_keys
+
+
+def has_block_extra_keys() -> bool:
+    """vLLM exposes the per-block extra keys of its prefix cache (0.26 and 0.32 do)."""
+    return _extra_keys_function() is not None
+
+
+def block_extra_keys(request: Any, start: int, end: int, mm_index: int) -> tuple[Any, int]:
+    """vLLM's own extra keys of tokens [start, end) of `request` (LoRA, multimodal
+    items with offsets, cache salt, prompt-embeds digest), and the next mm index."""
+    return _extra_keys_function()(request, start, end, mm_index)
+
+
+def skip_prefix_cache_params() -> dict[str, Any]:
+    """SamplingParams fields that make a request compute every token itself
+    (vLLM 0.32: skip_reading_prefix_cache); empty where vLLM has no such field."""
+    from vllm import SamplingParams
+
+    fields = getattr(SamplingParams, "__dataclass_fields__", None) or getattr(
+        SamplingParams, "__struct_fields__", ())
+    return {"skip_reading_prefix_cache": True} if "skip_reading_prefix_cache" in fields else {}
+
+
+def running_block_ids(kv_cache_manager: Any, req_id: str) -> list[int] | None:
+    """GPU block ids a running request holds (first KV cache group), None if unknown."""
+    if kv_cache_manager is None:
+        return None
+    try:
+        return list(kv_cache_manager.get_block_ids(req_id)[0])
+    except Exception:  # noqa: BLE001 - finished, or another manager API
+        return None
+
+
 def request_block_ids(blocks: Any) -> list[int]:
     """Block ids of the first (and, for the dense models we serve, only) KV cache group."""
     return list(blocks.get_block_ids()[0])
@@ -204,3 +243,41 @@ def add_endpoint_plugin(name: str, factory: Any) -> None:
 
     load_endpoint_plugins._promptcache = True
     plugins.load_endpoint_plugins = load_endpoint_plugins
+
+
+# ---------------------------------------------------------------------------
+# GPU data path (issue 17)
+# ---------------------------------------------------------------------------
+
+def accelerator_view(cpu_tensor: Any) -> Any:
+    """A device tensor aliasing pinned `cpu_tensor` (unified addressing), so kernels read
+    and write host memory directly.  vLLM 0.32/0.33: vllm.utils.torch_utils.
+    get_accelerator_view_from_cpu_tensor; older builds: the `_C` op it wraps."""
+    if not cpu_tensor.is_pinned():
+        raise ValueError("a device view needs pinned host memory")
+    try:
+        from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
+    except ImportError:
+        import torch
+
+        return torch.ops._C.get_cuda_view_from_cpu_tensor(cpu_tensor)
+    return get_accelerator_view_from_cpu_tensor(cpu_tensor)
+
+
+def piecewise_hook_supported() -> bool:
+    """vLLM asks the connector class `requires_piecewise_for_cudagraph(extra_config)` and
+    drops FULL CUDA graphs when it says so (0.32 and 0.33; absent from older builds)."""
+    return hasattr(connector_base()[0], "requires_piecewise_for_cudagraph")
+
+
+def full_cudagraph_step(forward_context: Any) -> bool:
+    """This step's forward replays one FULL CUDA graph: no Python runs between layers, so
+    `wait_for_layer_load` never runs (ForwardContext.cudagraph_runtime_mode, 0.26+)."""
+    mode = getattr(forward_context, "cudagraph_runtime_mode", None)
+    return getattr(mode, "name", None) == "FULL"
+
+
+def cpu_binding_env() -> tuple[str, ...]:
+    """The environment variables with which vLLM's CPU backend binds OpenMP threads and
+    reserves cores (vllm/envs.py, 0.26-0.33); benchmarks set them alike in every case."""
+    return ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")

@@ -28,7 +28,14 @@ FLAGS = {
     "truncate": "--promptcache-truncate",
     "recompute_ratio": "--promptcache-recompute-ratio",
     "modules_file": "--promptcache-modules",
+    "model_id": "--promptcache-model-id",
+    "admin_key": "--promptcache-admin-key",
+    "max_module_tokens": "--promptcache-max-module-tokens",
+    "max_request_bytes": "--promptcache-max-request-bytes",
 }
+# Kept in the API server process only: never put into the engine's config (which
+# vLLM logs), never shown in the summary.
+SERVER_ONLY_FIELDS = ("admin_key",)
 
 
 class PromptCacheConfigError(ValueError):
@@ -69,6 +76,17 @@ class PromptCacheConfig:
     # file (.xml/.pml) or a YAML/JSON mapping of name: text.  Implies
     # position_independent, so modules are found in any order and at any offset.
     modules_file: str = ""
+    # The weights' identity for the persistent tiers, instead of the one derived
+    # from the model's files or hub revision (e.g. a release name); KV saved under
+    # one id is never served under another.
+    model_id: str = ""
+    # OpenAI server: registering or replacing modules over HTTP needs this key in
+    # the X-PromptCache-Admin-Key header; "" turns HTTP registration off.
+    admin_key: str = ""
+    # OpenAI server: the longest module, in tokens, and the largest body the
+    # module route reads (HTTP 413 beyond either).
+    max_module_tokens: int = 32768
+    max_request_bytes: int = 8 << 20
 
     def validate(self) -> "PromptCacheConfig":
         def bad(name: str, allowed: str) -> PromptCacheConfigError:
@@ -100,6 +118,17 @@ class PromptCacheConfig:
             raise bad("recompute_ratio", "a fraction in [0, 1)")
         if not isinstance(self.modules_file, str):
             raise bad("modules_file", "a file path")
+        if not isinstance(self.model_id, str) or len(self.model_id) > 512:
+            raise bad("model_id", "a string of at most 512 characters")
+        if not isinstance(self.admin_key, str) or (self.admin_key and len(self.admin_key) < 16):
+            raise bad("admin_key", "a string of at least 16 characters, or empty (HTTP "
+                                   "registration off)")
+        if not isinstance(self.max_module_tokens, int) or isinstance(self.max_module_tokens, bool) \
+                or not (32 <= self.max_module_tokens <= 1 << 24):
+            raise bad("max_module_tokens", "an integer in [32, 16777216]")
+        if not isinstance(self.max_request_bytes, int) or isinstance(self.max_request_bytes, bool) \
+                or not (1024 <= self.max_request_bytes <= 1 << 32):
+            raise bad("max_request_bytes", "an integer number of bytes in [1024, 4294967296]")
         if (self.truncate or self.modules_file) and not self.position_independent:
             return dataclasses.replace(self, position_independent=True).validate()
         if not isinstance(self.disk_path, str):
@@ -125,6 +154,10 @@ class PromptCacheConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def engine_dict(self) -> dict[str, Any]:
+        """The options the engine needs: server-only secrets left out."""
+        return {k: v for k, v in self.to_dict().items() if k not in SERVER_ONLY_FIELDS}
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "PromptCacheConfig":
         known = {f.name: f for f in fields(cls)}
@@ -146,7 +179,9 @@ class PromptCacheConfig:
                 f"min load blocks: {self.min_load_blocks}, "
                 f"position-independent reuse: {self.position_independent}, "
                 f"truncate: {self.truncate}, recompute ratio: {self.recompute_ratio:g}, "
-                f"modules file: {self.modules_file or '-'}")
+                f"modules file: {self.modules_file or '-'}, "
+                f"model id: {self.model_id or '(from the weights)'}, "
+                f"module registration over HTTP: {'on' if self.admin_key else 'off'}")
 
 
 def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:

@@ -16,7 +16,7 @@ def kv_transfer_config_dict(config: PromptCacheConfig) -> dict[str, Any]:
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,
         "kv_role": "kv_both",
-        "kv_connector_extra_config": {"promptcache": config.to_dict()},
+        "kv_connector_extra_config": {"promptcache": config.engine_dict()},
     }
 
 
@@ -32,6 +32,10 @@ def engine_kwargs(host_gb: float | None = None, *, config_file: str | os.PathLik
     kept on so `read_metrics(llm)` works.
     """
     config = build_config(config_file, {"host_gb": host_gb, **options})
+    # Before the engine's processes start, so they inherit it (request_params).
+    from .request_params import module_token
+
+    module_token(create=True)
     if config.modules_file:
         from .config import PromptCacheConfigError
 

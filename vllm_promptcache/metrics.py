@@ -20,7 +20,7 @@ KVConnectorStats, KVConnectorPromMetrics = stats_bases()
 PREFIX = "vllm:promptcache_"
 COUNTER, GAUGE = "counter", "gauge"
 
-# name -> (type, has a tier label, help)
+# name -> (type, label: True for "tier", a name for another label, False for none, help)
 METRICS: dict[str, tuple[str, bool, str]] = {
     "lookups_total": (COUNTER, False, "Requests looked up in the prompt cache."),
     "lookup_hits_total": (COUNTER, False, "Requests that loaded at least one block from the prompt cache."),
@@ -38,9 +38,19 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "prefetch_blocks_total": (COUNTER, False, "Blocks a queued request needs that were read into host before its turn."),
     "prefetch_hit_blocks_total": (COUNTER, False, "Loaded blocks that a prefetch had brought into host."),
     "dropped_saves_total": (COUNTER, True, "Block saves dropped because a tier was full or busy (a future miss only)."),
+    "skipped_requests_total": (COUNTER, "reason", "Requests served uncached because their KV cannot be keyed safely, by reason."),
+    "rejected_module_encodings_total": (COUNTER, False, "Requests that asked to encode a prompt module without the server's token (ignored)."),
     "tier_bytes_in_use": (GAUGE, True, "Bytes of a tier holding KV blocks."),
     "tier_capacity_bytes": (GAUGE, True, "The byte bound of a tier."),
 }
+
+
+def _label_name(label: bool | str) -> str:
+    return label if isinstance(label, str) else "tier"
+
+
+def _label_of(labels: dict) -> str | None:
+    return labels.get("tier") or labels.get("reason")
 
 
 def _key(name: str, tier: str | None) -> str:
@@ -105,8 +115,8 @@ class PromptCachePromMetrics(KVConnectorPromMetrics):
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._families = {}
-        for name, (kind, tiered, doc) in METRICS.items():
-            labels = list(labelnames) + (["tier"] if tiered else [])
+        for name, (kind, label, doc) in METRICS.items():
+            labels = list(labelnames) + ([_label_name(label)] if label else [])
             if kind == COUNTER:
                 fam = self._counter_cls(name=PREFIX + name, documentation=doc, labelnames=labels)
             else:
@@ -164,7 +174,7 @@ def read_metrics(llm: Any = None) -> Snapshot:
         for sample in family.samples:
             if sample.name.endswith("_created"):
                 continue
-            _put(snap, sample.name[len(PREFIX):], sample.labels.get("tier"), float(sample.value))
+            _put(snap, sample.name[len(PREFIX):], _label_of(sample.labels), float(sample.value))
     return snap
 
 
@@ -179,5 +189,5 @@ def parse_prometheus(text: str) -> Snapshot:
         if not m or not m.group("name").startswith(PREFIX) or m.group("name").endswith("_created"):
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels") or ""))
-        _put(snap, m.group("name")[len(PREFIX):], labels.get("tier"), float(m.group("value")))
+        _put(snap, m.group("name")[len(PREFIX):], _label_of(labels), float(m.group("value")))
     return snap

@@ -63,6 +63,25 @@ def add_promptcache_args(parser: Any) -> Any:
                             "YAML/JSON mapping of name: text. Requests name them in "
                             "kv_transfer_params {\"promptcache_modules\": [...]}; more can be "
                             "registered with POST /v1/promptcache/modules.")
+    group.add_argument(FLAGS["model_id"], dest="promptcache_model_id", default=None,
+                       metavar="ID",
+                       help="Name the weights' identity for the disk tier (default: derived from "
+                            "the model's files, or its hub commit). KV saved under one id is "
+                            "never served under another.")
+    group.add_argument(FLAGS["admin_key"], dest="promptcache_admin_key", default=None,
+                       metavar="KEY",
+                       help="Key that POST /v1/promptcache/modules needs in its "
+                            "X-PromptCache-Admin-Key header (separate from --api-key; both are "
+                            "checked). Unset: modules are registered only from "
+                            "--promptcache-modules. Env: VLLM_PROMPTCACHE_ADMIN_KEY.")
+    group.add_argument(FLAGS["max_module_tokens"], dest="promptcache_max_module_tokens",
+                       default=None, metavar="N",
+                       help="Longest prompt module the server registers, in tokens (HTTP 413 "
+                            "beyond). Default 32768.")
+    group.add_argument(FLAGS["max_request_bytes"], dest="promptcache_max_request_bytes",
+                       default=None, metavar="BYTES",
+                       help="Largest body the module route reads (HTTP 413 beyond). "
+                            "Default 8388608.")
     return parser
 
 
@@ -92,6 +111,9 @@ def apply_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
         raise SystemExit(f"error: {e}") from None
     from vllm.config import KVTransferConfig
 
+    from .request_params import module_token
+
+    module_token(create=True)  # before the engine's processes start: they inherit it
     engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config_dict(config))
     # Modules first: truncation then wraps a render that already holds them, so it
     # fits the prompt with its modules into max_model_len.

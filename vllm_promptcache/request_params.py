@@ -16,13 +16,20 @@ Keys a client may send:
 - ``promptcache_save``: false keeps this request's KV out of the tiers (e.g. a
   private prompt, or a measurement that must not feed later ones).
 Set by the plugin itself:
-- ``promptcache_module``: this request encodes the named prompt module.
+- ``promptcache_module``: this request encodes the named prompt module, and
+- ``promptcache_module_token``: the token that proves it comes from the plugin's
+  own front end.  The token is random per start, held in the environment of the
+  process that started the engine (which the engine's processes inherit), and
+  never leaves those processes; a marker without it is ignored by the engine, so
+  no client request can pin, replace or register a module.
 The answer of a module encoding is ``{"promptcache": {"module", "ok", ...}}``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from typing import Any, Mapping
 
 logger = logging.getLogger("vllm.promptcache")
@@ -32,7 +39,19 @@ RECOMPUTE_RATIO = "promptcache_recompute_ratio"
 LOAD = "promptcache_load"
 SAVE = "promptcache_save"
 ENCODE_MODULE = "promptcache_module"
+MODULE_TOKEN = "promptcache_module_token"
 RESULT = "promptcache"
+# Not VLLM_-prefixed: vLLM warns about (and lists) unknown VLLM_* variables.
+TOKEN_ENV = "PROMPTCACHE_MODULE_TOKEN"
+
+
+def module_token(create: bool = True) -> str | None:
+    """This server's module-encoding token (created on first use by the process
+    that starts the engine; engine processes inherit it)."""
+    token = os.environ.get(TOKEN_ENV)
+    if not token and create:
+        token = os.environ[TOKEN_ENV] = secrets.token_hex(32)
+    return token or None
 
 
 class RequestParamsError(ValueError):
@@ -51,6 +70,8 @@ def _problem(key: str, value: Any) -> str | None:
         return f"kv_transfer_params.{key} must be true or false, got {value!r}"
     if key == ENCODE_MODULE and not (isinstance(value, str) and value):
         return f"kv_transfer_params.{ENCODE_MODULE} must be a module name, got {value!r}"
+    if key == MODULE_TOKEN and not isinstance(value, str):
+        return f"kv_transfer_params.{MODULE_TOKEN} must be a string"
     return None
 
 

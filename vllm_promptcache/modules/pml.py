@@ -237,9 +237,14 @@ def _unescape(text: str) -> str:
     return _ENTITY.sub(replace, text)
 
 
+# Deeper markup is refused (a syntax error, HTTP 400), before any recursive parse.
+MAX_NESTING = 64
+
+
 def _tokens(src: _Source) -> list[_Tag | _Chars]:
     text = src.text
     tokens: list[_Tag | _Chars] = []
+    depth = 0
     run: list[str] = []  # the current text run, across comments
     visible: int | None = None  # offset of the run's first visible character
 
@@ -279,10 +284,15 @@ def _tokens(src: _Source) -> list[_Tag | _Chars]:
             flush()
             tag, pos = _close_tag(src, lt)
             tokens.append(tag)
+            depth = max(0, depth - 1)
         elif _NAME.match(text, lt + 1):
             flush()
             tag, pos = _open_tag(src, lt)
             tokens.append(tag)
+            if not tag.empty:
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise src.error(f"tags nested deeper than {MAX_NESTING} levels", lt)
         elif text.startswith("<!", lt):
             raise src.error("unsupported markup '<!' (only comments and CDATA are allowed)", lt)
         else:  # a literal '<', as in "a < b"

@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence, Union
 
-from ..request_params import ENCODE_MODULE
+from .. import request_params
+from ..request_params import ENCODE_MODULE, MODULE_TOKEN
 from ..store.segments import SegmentIndex
 
 # A module shorter than this is never found at another position: the segment
@@ -52,6 +53,10 @@ def _unknown(name: str, known: Iterable[str]) -> UnknownModuleError:
 
 class ModuleCapacityError(ModuleError):
     """Registering the module would exceed the prompt cache's tier caps."""
+
+
+class ModuleTooLarge(ModuleError):
+    """A module (or a registration) is over a configured size limit."""
 
 
 @dataclass(frozen=True)
@@ -95,9 +100,10 @@ Item = Union[str, Text, Module]
 class ModuleTable:
     """Registered modules of one model: name -> token ids; no vLLM inside."""
 
-    def __init__(self, tokenizer: Any, block_size: int):
+    def __init__(self, tokenizer: Any, block_size: int, max_tokens: int | None = None):
         self.tokenizer = tokenizer
         self.block_size = block_size
+        self.max_tokens = max_tokens
         self.bos = getattr(tokenizer, "bos_token_id", None)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.filler = eos if eos is not None else (self.bos if self.bos is not None else 0)
@@ -128,6 +134,9 @@ class ModuleTable:
         if not isinstance(text, str) or not text:
             raise ModuleError(f"module {name!r}: the text must be a non-empty string")
         ids = self.tokenize(text)
+        if self.max_tokens is not None and len(ids) > self.max_tokens:
+            raise ModuleTooLarge(f"module {name!r} is {len(ids)} tokens; the limit is "
+                                 f"{self.max_tokens} (--promptcache-max-module-tokens)")
         if len(ids) < MIN_MODULE_TOKENS:
             raise ModuleError(f"module {name!r} is {len(ids)} tokens; a module must be at least "
                               f"{MIN_MODULE_TOKENS} tokens to be found at another position")
@@ -178,12 +187,21 @@ class ModuleTable:
 
 
 def encoding_params(name: str) -> Any:
-    """SamplingParams of a module's encoding request: one prefill, one sampled token,
-    and the marker that makes the connector save and pin it as module `name`."""
+    """SamplingParams of a module's encoding request: one prefill of every token
+    (never read from vLLM's prefix cache: what is stored for a module must be
+    exact), one sampled token, and the marker, with this process's token, that
+    makes the connector save and pin it as module `name`."""
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=1, temperature=0,
-                          extra_args={"kv_transfer_params": {ENCODE_MODULE: name}})
+    from ..compat import skip_prefix_cache_params
+
+    token = request_params.module_token(create=False)
+    if not token:
+        raise ModuleError("prompt modules need the prompt cache's module token: build the "
+                          "engine with engine_kwargs(...) or start the server with --promptcache")
+    return SamplingParams(max_tokens=1, temperature=0, **skip_prefix_cache_params(),
+                          extra_args={"kv_transfer_params": {ENCODE_MODULE: name,
+                                                             MODULE_TOKEN: token}})
 
 
 def encoding_result(name: str, kv_transfer_params: Any) -> dict:

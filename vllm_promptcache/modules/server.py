@@ -5,6 +5,12 @@
   ``{"modules": {name: text, ...}}`` or ``{"schema": "<schema ...>...</schema>"}``
   registers modules; ``GET /v1/promptcache/modules`` lists them.  A module that
   would exceed the tier caps is refused with HTTP 507 and the reason.
+- Registering is an operator's act: POST needs ``X-PromptCache-Admin-Key`` equal
+  to ``--promptcache-admin-key`` (401 otherwise; 403 when no key is configured),
+  on top of vLLM's own ``--api-key`` where one is set.  Bodies over
+  ``--promptcache-max-request-bytes`` and modules over
+  ``--promptcache-max-module-tokens`` get HTTP 413 naming the limit.
+  Tokenizing and parsing run off the event loop.
 - ``--promptcache-modules FILE`` registers a file's modules at start-up (a PML
   schema, or a YAML/JSON mapping of name: text); a refusal stops start-up.
 - A completion or chat request names modules in ``kv_transfer_params``:
@@ -25,6 +31,8 @@ the route.
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
 import os
@@ -37,12 +45,13 @@ from fastapi.responses import JSONResponse
 
 from .. import request_params
 from ..config import PromptCacheConfig
-from .registry import (ModuleCapacityError, ModuleError, ModuleTable, UnknownModuleError,
-                       encoding_params, encoding_result)
+from .registry import (ModuleCapacityError, ModuleError, ModuleTable, ModuleTooLarge,
+                       UnknownModuleError, encoding_params, encoding_result)
 
 logger = logging.getLogger("vllm.promptcache")
 ROUTE = "/v1/promptcache/modules"
 PLUGIN_NAME = "promptcache"
+ADMIN_HEADER = "x-promptcache-admin-key"
 
 _config: PromptCacheConfig | None = None
 _active: "ServerModules | None" = None
@@ -52,17 +61,19 @@ _installed = False
 class ServerModules:
     """The module table of one API server, encoding through its engine client."""
 
-    def __init__(self, engine_client: Any):
+    def __init__(self, engine_client: Any, max_tokens: int | None = None):
         self.engine = engine_client
         tokenizer = engine_client.renderer.get_tokenizer()
-        self.table = ModuleTable(tokenizer, engine_client.vllm_config.cache_config.block_size)
+        self.table = ModuleTable(tokenizer, engine_client.vllm_config.cache_config.block_size,
+                                 max_tokens)
 
     async def register(self, modules: Mapping[str, str]) -> list[dict]:
         """Encode and store modules in order; raises ModuleError at the first failure
         (modules before it stay registered)."""
         done = []
         for name, text in modules.items():
-            module, seq = self.table.prepare(name, text)
+            # A long text takes a while to tokenize: never on the event loop.
+            module, seq = await asyncio.to_thread(self.table.prepare, name, text)
             final = None
             async for out in self.engine.generate({"prompt_token_ids": seq}, encoding_params(name),
                                                   f"promptcache-module-{uuid.uuid4().hex}"):
@@ -78,9 +89,12 @@ class ServerModules:
     async def register_schema(self, schema_text: str) -> list[dict]:
         from .pml import chat_role_wrappers, parse_schema
 
-        schema = parse_schema(schema_text)
-        wrappers = chat_role_wrappers(self.table.tokenizer)
-        return await self.register(self.table.cacheable(schema.module_pieces(wrappers)))
+        def pieces():
+            schema = parse_schema(schema_text)
+            wrappers = chat_role_wrappers(self.table.tokenizer)
+            return self.table.cacheable(schema.module_pieces(wrappers))
+
+        return await self.register(await asyncio.to_thread(pieces))
 
     def listing(self) -> list[dict]:
         return [{"name": m.name, "tokens": len(m.token_ids)} for m in self.table]
@@ -133,9 +147,17 @@ class ModulesEndpoint:
             modules = getattr(raw.app.state, "promptcache_modules", None)
             if modules is None:
                 return error(HTTPStatus.NOT_FOUND, "the prompt cache is off (--promptcache)")
+            refusal = _admin_refusal(raw.headers.get(ADMIN_HEADER))
+            if refusal is not None:
+                return error(*refusal)
+            limit = _config.max_request_bytes if _config else PromptCacheConfig.max_request_bytes
+            data = await _read_body(raw, limit)
+            if data is None:
+                return error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             f"the body is over {limit} bytes (--promptcache-max-request-bytes)")
             try:
-                body = await raw.json()
-            except ValueError:
+                body = await asyncio.to_thread(json.loads, data)
+            except (ValueError, RecursionError):
                 return error(HTTPStatus.BAD_REQUEST, "the body must be JSON")
             try:
                 if isinstance(body, dict) and isinstance(body.get("schema"), str):
@@ -149,6 +171,8 @@ class ModulesEndpoint:
                                  '{"modules": {name: text}} or {"schema": "<schema ...>"}')
             except ModuleCapacityError as e:
                 return error(HTTPStatus.INSUFFICIENT_STORAGE, str(e))
+            except ModuleTooLarge as e:
+                return error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(e))
             except ValueError as e:  # ModuleError, PML errors
                 return error(HTTPStatus.BAD_REQUEST, str(e))
             return {"modules": done}
@@ -160,7 +184,8 @@ class ModulesEndpoint:
         if engine_client is None or not getattr(args, "promptcache", False):
             state.promptcache_modules = None
             return
-        _active = state.promptcache_modules = ServerModules(engine_client)
+        _active = state.promptcache_modules = ServerModules(
+            engine_client, _config.max_module_tokens if _config else None)
         if _config is not None and _config.modules_file:
             kind, content = load_modules_file(_config.modules_file)
             done = await (_active.register_schema(content) if kind == "schema"
@@ -169,14 +194,43 @@ class ModulesEndpoint:
                         _config.modules_file, ", ".join(d["name"] for d in done))
 
 
+def _admin_refusal(given: str | None) -> tuple[HTTPStatus, str] | None:
+    """Why a registration is refused (status, message), or None."""
+    key = _config.admin_key if _config else ""
+    if not key:
+        return (HTTPStatus.FORBIDDEN, "registering prompt modules over HTTP is off: start the "
+                "server with --promptcache-admin-key (or register them with "
+                "--promptcache-modules FILE)")
+    if not given or not hmac.compare_digest(given.encode(), key.encode()):
+        return (HTTPStatus.UNAUTHORIZED, f"registering prompt modules needs the admin key in "
+                f"the {ADMIN_HEADER} header")
+    return None
+
+
+async def _read_body(raw: Any, limit: int) -> bytes | None:
+    """The request body, or None if it is over `limit` bytes (read no further)."""
+    declared = raw.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in raw.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def apply_request_params(serving: Any, request: Any, engine_inputs: list) -> Any:
     """Check a request's promptcache options and put the modules it names in front
     of its rendered prompts; returns an error response (400), or None."""
     params = getattr(request, "kv_transfer_params", None)
     if not isinstance(params, dict):
         return None
-    # Only the plugin encodes modules (through the route): a client cannot.
+    # Only the plugin encodes modules (through the route): a client cannot.  The
+    # engine ignores a marker without the server's token anyway.
     params.pop(request_params.ENCODE_MODULE, None)
+    params.pop(request_params.MODULE_TOKEN, None)
     names = params.get(request_params.MODULES)
     try:
         request_params.validate(params)
