@@ -281,3 +281,41 @@ def cpu_binding_env() -> tuple[str, ...]:
     """The environment variables with which vLLM's CPU backend binds OpenMP threads and
     reserves cores (vllm/envs.py, 0.26-0.33); benchmarks set them alike in every case."""
     return ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+
+
+# ---------------------------------------------------------------------------
+# GPU data path (issue 17)
+# ---------------------------------------------------------------------------
+
+def accelerator_view(cpu_tensor: Any) -> Any:
+    """A device tensor aliasing pinned `cpu_tensor` (unified addressing), so kernels read
+    and write host memory directly.  vLLM 0.32/0.33: vllm.utils.torch_utils.
+    get_accelerator_view_from_cpu_tensor; older builds: the `_C` op it wraps."""
+    if not cpu_tensor.is_pinned():
+        raise ValueError("a device view needs pinned host memory")
+    try:
+        from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
+    except ImportError:
+        import torch
+
+        return torch.ops._C.get_cuda_view_from_cpu_tensor(cpu_tensor)
+    return get_accelerator_view_from_cpu_tensor(cpu_tensor)
+
+
+def piecewise_hook_supported() -> bool:
+    """vLLM asks the connector class `requires_piecewise_for_cudagraph(extra_config)` and
+    drops FULL CUDA graphs when it says so (0.32 and 0.33; absent from older builds)."""
+    return hasattr(connector_base()[0], "requires_piecewise_for_cudagraph")
+
+
+def full_cudagraph_step(forward_context: Any) -> bool:
+    """This step's forward replays one FULL CUDA graph: no Python runs between layers, so
+    `wait_for_layer_load` never runs (ForwardContext.cudagraph_runtime_mode, 0.26+)."""
+    mode = getattr(forward_context, "cudagraph_runtime_mode", None)
+    return getattr(mode, "name", None) == "FULL"
+
+
+def cpu_binding_env() -> tuple[str, ...]:
+    """The environment variables with which vLLM's CPU backend binds OpenMP threads and
+    reserves cores (vllm/envs.py, 0.26-0.33); benchmarks set them alike in every case."""
+    return ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")

@@ -48,6 +48,14 @@ class PromptCacheConnector(KVConnectorBase_V1):
 
             self._worker = PromptCacheWorker(vllm_config, kv_cache_config, config)
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Loads are awaited per layer (wait_for_layer_load), which a FULL CUDA graph
+        # replay skips; vLLM then keeps PIECEWISE graphs, so attention runs outside the
+        # graph and the wait runs.  Where vLLM has no such hook, start_load_kv makes a
+        # FULL-graph step wait for all its loads before the forward instead.
+        return True
+
     @property
     def requires_kv_delivery(self) -> bool:
         # A best-effort cache: a dropped save is only a future miss.
@@ -60,7 +68,7 @@ class PromptCacheConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context, **kwargs) -> None:
         meta = self._connector_metadata
         if isinstance(meta, PromptCacheMetadata):
-            self._worker.start_load_kv(meta)
+            self._worker.start_load_kv(meta, compat.full_cudagraph_step(forward_context))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker.wait_for_layer_load(layer_name)

@@ -2,14 +2,16 @@
 host buffer and the disk files.
 
 Runs in each vLLM worker.  Loads are synchronous from vLLM's point of view and
-layer-wise: on CUDA they are issued on a side stream in `start_load_kv`, one
+layer-wise: on CUDA (`gpu_transfer.py`) they are Triton copies that read the pinned
+host buffer through a device view, issued on a side stream in `start_load_kv`, one
 event per layer, and each attention layer waits only for its own layer
-(`wait_for_layer_load`), so copies overlap the forward.  On CPU they run in
-`start_load_kv`.  Saves run on a background thread, never on the step: vLLM holds
-the finished request's blocks until `get_finished` reports the save.  A save
-also stages the blocks for the disk tier (write-through); the file is written
-by `DiskIO`'s writer thread after vLLM got its blocks back.  Promotions (disk
--> host) run on `DiskIO`'s reader pool; both report through the worker metadata.
+(`wait_for_layer_load`), so copies overlap the forward.  On CPU they are torch copies
+run in `start_load_kv`.  Saves run on a background thread, never on the step: vLLM
+holds the finished request's blocks until `get_finished` reports the save.  A save
+also stages the blocks for the disk tier (write-through) in a lease of a staging pool
+allocated at start-up; the file is written by `DiskIO`'s writer thread after vLLM got
+its blocks back.  Promotions (disk -> host) run on `DiskIO`'s reader pool; both report
+through the worker metadata.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from ..config import PromptCacheConfig
 from ..kernels import blocks_first, load_slots_into_blocks, save_blocks_to_slots
 from ..metrics import PromptCacheStats
 from ..store.disk_io import DiskIO
-from ..store.host_buffer import HostBuffer
+from ..store.host_buffer import HostBuffer, StagingPool
+from .gpu_transfer import GpuTransfers, ShiftGeometry
 from .metadata import (BlockTransfer, DiskWrite, PromptCacheMetadata, PromptCacheWorkerMeta,
                        ShiftedLoad)
 from .scheduler import disk_directory, host_tier_geometry
 
-# Staged (GPU -> RAM copied, not yet on disk) bytes beyond which disk saves are dropped.
+# Staged (GPU -> RAM copied, not yet on disk) bytes beyond which disk saves are dropped;
+# also the size of the staging pool allocated (pinned on GPU machines) at start-up.
 MAX_STAGED_BYTES = 1 << 30
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
@@ -53,9 +57,8 @@ class PromptCacheWorker:
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="promptcache-save")
         self._saved: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         self._failed: set[str] = set()
-        self._layer_events: dict[str, Any] = {}
-        self._load_stream = None
-        self._save_stream = None
+        self._gpu: GpuTransfers | None = None  # the CUDA path; None on CPU
+        self._staging: StagingPool | None = None
         self.raw_kv: dict[str, torch.Tensor] = {}
         self.rope = None
         if config.position_independent:
@@ -90,12 +93,25 @@ class PromptCacheWorker:
         on_cuda = self.device.type == "cuda"
         self.buffer = HostBuffer(self.num_slots, self.layer_pages, pin=on_cuda)
         assert self.buffer.slot_bytes == self.slot_bytes
+        if self.disk is not None:
+            self._staging = StagingPool(max(1, MAX_STAGED_BYTES // self.slot_bytes),
+                                        self.layer_pages, pin=on_cuda)
         if on_cuda:
-            self._load_stream = torch.cuda.Stream(self.device)
-            self._save_stream = torch.cuda.Stream(self.device)
+            self.buffer.map_to_device(compat.accelerator_view)
+            if self._staging is not None:
+                self._staging.buffer.map_to_device(compat.accelerator_view)
+            self._gpu = GpuTransfers(self.kv, self.raw_kv, self.buffer, self._shift_geometry())
         logger.info("promptcache: host buffer of %.2f GiB allocated (%d slots, %s)",
                     self.buffer.nbytes / 2**30, self.num_slots,
                     "pinned" if on_cuda else "pageable")
+
+    def _shift_geometry(self) -> ShiftGeometry | None:
+        if self.rope is None:
+            return None
+        inv_freq, rotary_dim, is_neox = self.rope
+        layout = "cpu" if self.device.type == "cpu" else "flash_attn"
+        return ShiftGeometry(inv_freq, rotary_dim, is_neox, self.num_kv_heads, self.head_size,
+                             self.block_size, layout)
 
     def _check_shiftable_layout(self) -> None:
         """Refuse at start-up, not mid-step, a cache that shifted loads cannot write."""
@@ -113,7 +129,12 @@ class PromptCacheWorker:
                                    f"attention backend's KV layout ({name}): {e}") from None
 
     # -- loads -----------------------------------------------------------------
-    def start_load_kv(self, meta: PromptCacheMetadata) -> None:
+    def start_load_kv(self, meta: PromptCacheMetadata, full_graph: bool = False) -> None:
+        """full_graph: this step's forward is one FULL CUDA graph (no per-layer waits run),
+        so the forward waits for all of the step's loads first."""
+        if self._gpu is not None:
+            self._start_load_gpu(meta, full_graph)
+            return
         for load in meta.shifted_loads:
             self._load_shifted(load)
         if not meta.loads:
@@ -122,25 +143,29 @@ class PromptCacheWorker:
         block_ids, slots = _concat(meta.loads)
         src_slots = torch.tensor(slots, dtype=torch.long)
         dst_blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        if self._load_stream is None:
-            for name, kv in self.kv.items():
-                load_slots_into_blocks(self.buffer.layer_view(name), src_slots, kv, dst_blocks)
-        else:
-            # The blocks were just allocated on the compute stream (and maybe zeroed there).
-            self._load_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._load_stream):
-                for name, kv in self.kv.items():
-                    load_slots_into_blocks(self.buffer.layer_view(name), src_slots, kv,
-                                           dst_blocks, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(self._load_stream)
-                    self._layer_events[name] = event
+        for name, kv in self.kv.items():
+            load_slots_into_blocks(self.buffer.layer_view(name), src_slots, kv, dst_blocks)
         with self._stats_lock:
             self._stats.inc("loaded_bytes_total", len(slots) * self.slot_bytes, tier="host")
             self._stats.inc("load_seconds_total", time.perf_counter() - start, tier="host")
 
+    def _start_load_gpu(self, meta: PromptCacheMetadata, full_graph: bool) -> None:
+        if not (meta.loads or meta.shifted_loads):
+            return
+        start = time.perf_counter()  # issue time: the copies themselves are asynchronous
+        block_ids, slots = _concat(meta.loads)
+        self._gpu.start_loads(block_ids, slots, meta.shifted_loads, wait_all=full_graph)
+        tokens = sum(len(load.deltas) for load in meta.shifted_loads)
+        with self._stats_lock:
+            nbytes = len(slots) * self.slot_bytes
+            if tokens:  # shifted loads exist only with position-independent reuse
+                nbytes += tokens * self.slot_bytes // self.block_size
+            self._stats.inc("loaded_bytes_total", nbytes, tier="host")
+            self._stats.inc("load_seconds_total", time.perf_counter() - start, tier="host")
+
     def _load_shifted(self, load: ShiftedLoad) -> None:
-        """Tokens from host slots at other positions; synchronous, before the forward."""
+        """Tokens from host slots at other positions (CPU backend); synchronous, before
+        the forward."""
         from ..kernels.shifted_load import load_tokens_shifted
 
         start = time.perf_counter()
@@ -162,26 +187,21 @@ class PromptCacheWorker:
             self._stats.inc("load_seconds_total", time.perf_counter() - start, tier="host")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        event = self._layer_events.pop(layer_name, None)
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+        if self._gpu is not None:
+            self._gpu.wait_layer(layer_name)
 
     # -- saves -----------------------------------------------------------------
     def wait_for_save(self, meta: PromptCacheMetadata) -> None:
         # Loads of this step must be done before a save or promotion may reuse one
         # of their slots.
-        self._layer_events.clear()
-        if self._load_stream is not None:
-            self._load_stream.synchronize()
+        if self._gpu is not None:
+            self._gpu.end_step()
         for promo in meta.promotions:
             self.disk.promote(promo.promo_id, promo.file_id, promo.indices, promo.slots,
                               self.buffer)
         if not (meta.saves or meta.disk_writes):
             return
-        ready = None
-        if self._save_stream is not None:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
+        ready = self._gpu.step_done_event() if self._gpu is not None else None
         jobs: dict[str, tuple[BlockTransfer | None, list[DiskWrite]]] = {}
         for save in meta.saves:
             jobs[save.req_id] = (save, [])
@@ -192,17 +212,13 @@ class PromptCacheWorker:
 
     def _copy_out(self, block_ids: list[int], dst: HostBuffer, slots: list[int], ready: Any) -> None:
         """dst slots <- bytes of GPU blocks, every layer; returns when the copy is done."""
+        if self._gpu is not None:
+            self._gpu.save(block_ids, dst, slots, ready)
+            return
         src_blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         dst_slots = torch.tensor(slots, dtype=torch.long)
-        if self._save_stream is None:
-            for name, kv in self.kv.items():
-                save_blocks_to_slots(kv, src_blocks, dst.layer_view(name), dst_slots)
-            return
-        with torch.cuda.stream(self._save_stream):
-            self._save_stream.wait_event(ready)
-            for name, kv in self.kv.items():
-                save_blocks_to_slots(kv, src_blocks, dst.layer_view(name), dst_slots)
-        self._save_stream.synchronize()
+        for name, kv in self.kv.items():
+            save_blocks_to_slots(kv, src_blocks, dst.layer_view(name), dst_slots)
 
     def _save(self, req_id: str, save: BlockTransfer | None, writes: list[DiskWrite],
               ready: Any) -> None:
@@ -220,12 +236,16 @@ class PromptCacheWorker:
             if not self.disk.try_stage(len(write.block_ids)):
                 self.disk.drop_write(write.file_id, "too many disk writes queued")
                 continue
+            staging = self._staging.lease(len(write.block_ids))
+            if staging is None:
+                self.disk.unstage(len(write.block_ids))
+                self.disk.drop_write(write.file_id, "the disk staging pool is full")
+                continue
             try:
-                staging = HostBuffer(len(write.block_ids), self.layer_pages,
-                                     pin=self._save_stream is not None)
                 self._copy_out(write.block_ids, staging, list(range(len(write.block_ids))), ready)
                 staged.append((write, staging))
             except Exception:
+                staging.release()
                 self.disk.unstage(len(write.block_ids))
                 self.disk.drop_write(write.file_id, "staging failed")
                 logger.exception("promptcache: staging request %s for disk failed", req_id)

@@ -43,9 +43,8 @@ class HostBuffer:
 
     def map_to_device(self, view_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Give the buffer a device view (`view_of(pinned cpu tensor)`, e.g. compat's
-        accelerator_view); kernels then address the slots from the GPU."""
-        if not self.pinned:
-            raise ValueError("only a pinned buffer can be mapped into the device")
+        accelerator_view, which insists on pinned memory); kernels then address the slots
+        from the GPU."""
         self.device_data = view_of(self.data)
 
     def layer_view(self, layer_name: str, on_device: bool = False) -> torch.Tensor:
