@@ -29,6 +29,7 @@ from .. import compat
 from ..config import PromptCacheConfig
 from ..kernels import blocks_first, load_slots_into_blocks, save_blocks_to_slots
 from ..metrics import PromptCacheStats
+from ..store.disk_format import disk_secret
 from ..store.disk_io import DiskIO
 from ..store.host_buffer import HostBuffer, StagingPool
 from .gpu_transfer import GpuTransfers, ShiftGeometry
@@ -70,11 +71,12 @@ class PromptCacheWorker:
             self.head_size = mc.get_head_size()
             self.block_size = vllm_config.cache_config.block_size
         self.disk: DiskIO | None = None
-        if config.disk_enabled and PromptCacheWorkerMeta is not None:
-            directory, fingerprint = disk_directory(vllm_config, config)
+        disk_place = disk_directory(vllm_config, config) if config.disk_enabled else None
+        if disk_place is not None and PromptCacheWorkerMeta is not None:
+            directory, fingerprint = disk_place
             self.disk = DiskIO(directory, fingerprint, compat.tp_rank(),
                                vllm_config.parallel_config.world_size, self.layer_pages,
-                               MAX_STAGED_BYTES)
+                               MAX_STAGED_BYTES, disk_secret(config.disk_dir))
 
     # -- set-up ----------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -198,7 +200,7 @@ class PromptCacheWorker:
             self._gpu.end_step()
         for promo in meta.promotions:
             self.disk.promote(promo.promo_id, promo.file_id, promo.indices, promo.slots,
-                              self.buffer)
+                              self.buffer, promo.keys)
         if not (meta.saves or meta.disk_writes):
             return
         ready = self._gpu.step_done_event() if self._gpu is not None else None
@@ -222,6 +224,28 @@ class PromptCacheWorker:
 
     def _save(self, req_id: str, save: BlockTransfer | None, writes: list[DiskWrite],
               ready: Any) -> None:
+        # Whatever fails in here, the request is reported (failed if its host save
+        # did not complete), so vLLM gets its blocks back and no slot stays PENDING.
+        ok = save is None
+        staged = []
+        try:
+            ok, staged = self._save_and_stage(req_id, save, writes, ready)
+        except Exception:
+            logger.exception("promptcache: saving request %s failed; its blocks will not be "
+                             "served", req_id)
+            for write, _ in staged:
+                self.disk.unstage(len(write.block_ids))
+                self.disk.drop_write(write.file_id, "save failed")
+            staged = []
+            ok = False
+        finally:
+            # vLLM may reuse the request's GPU blocks from here on; the files follow.
+            self._saved.put((req_id, ok))
+        for write, staging in staged:
+            self.disk.write(write.file_id, write.keys, staging)
+
+    def _save_and_stage(self, req_id: str, save: BlockTransfer | None, writes: list[DiskWrite],
+                        ready: Any) -> tuple[bool, list]:
         start = time.perf_counter()
         ok = True
         if save is not None:
@@ -254,10 +278,7 @@ class PromptCacheWorker:
                 self._stats.inc("saved_bytes_total", len(save.slots) * self.slot_bytes, tier="host")
                 self._stats.inc("saved_blocks_total", len(save.slots), tier="host")
             self._stats.inc("save_seconds_total", time.perf_counter() - start, tier="host")
-        # vLLM may reuse the request's GPU blocks from here on; the files follow.
-        self._saved.put((req_id, ok))
-        for write, staging in staged:
-            self.disk.write(write.file_id, write.keys, staging)
+        return ok, staged
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done = set()
