@@ -87,7 +87,8 @@ def make_conversations(n: int, turns: int, seed: int) -> list[dict]:
 
 def engine_kwargs_for(case: str, args, disk_dir: str) -> dict:
     kw = dict(
-        enforce_eager=True, gpu_memory_utilization=0.2, dtype="bfloat16", load_format="dummy",
+        enforce_eager=True, gpu_memory_utilization=0.2, dtype=getattr(args, "dtype", "bfloat16"),
+        load_format="dummy",
         max_model_len=args.max_model_len, max_num_batched_tokens=max(8192, args.max_model_len),
         max_num_seqs=args.max_num_seqs, num_gpu_blocks_override=args.gpu_blocks, seed=0,
         disable_log_stats=False, enable_prefix_caching=case != "nocache",
@@ -98,6 +99,9 @@ def engine_kwargs_for(case: str, args, disk_dir: str) -> dict:
         kw.update(engine_kwargs(
             host_gb=args.host_gb, disk_gb=0 if case == "host" else args.disk_gb,
             disk_path=disk_dir, eviction_policy="lru" if case == "disk_lru" else "scheduler-aware"))
+    if case == "vllm_offload":  # vLLM's own CPU offloading at the same host GB
+        kw.update(kv_offloading_size=args.host_gb)
+    kw.update(getattr(args, "engine_overrides", None) or {})  # e.g. bench/gpu_suite.py's
     return kw
 
 
