@@ -4,9 +4,11 @@ Shipped as `vllm_promptcache.kernels`.  Each kernel has a plain torch function w
 the same signature beside it: the reference, the CPU backend's path and the test
 oracle.
 
-- `block_copy`: whole blocks between a paged layer and host-tier slots, byte-exact.
+- `block_copy`: whole blocks between a paged layer and host-tier slots, byte-exact:
+  torch (CPU backend) and `copy_pages_` (Triton, through a device view of pinned memory).
+- `triton_launch`: whether Triton is there, and interpreter-aware kernel launch.
 - `rope_shift`: K/V of a token run into the paged cache, K rotated by a RoPE position
-  delta (import `vllm_promptcache.kernels.rope_shift`; it pulls in Triton).
+  delta; `rope_shift_paged_` reads the tokens straight from host slots.
 """
 
 from .block_copy import block_dim, blocks_first, load_slots_into_blocks, save_blocks_to_slots
