@@ -63,3 +63,9 @@ def settled(read, step=None, tries: int = 30, pause: float = 0.1):
         last = value
         time.sleep(pause)
     return value
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-sequences", type=int, default=200,
+                     help="request sequences of the differential fuzz "
+                          "(tests/test_fuzz_no_wrong_token.py); the suite runs 200")

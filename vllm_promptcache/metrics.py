@@ -40,6 +40,7 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "dropped_saves_total": (COUNTER, True, "Block saves dropped because a tier was full or busy (a future miss only)."),
     "skipped_requests_total": (COUNTER, "reason", "Requests served uncached because their KV cannot be keyed safely, by reason."),
     "rejected_module_encodings_total": (COUNTER, False, "Requests that asked to encode a prompt module without the server's token (ignored)."),
+    "pinned_modules": (GAUGE, False, "Prompt modules whose KV is pinned in the host tier."),
     "tier_bytes_in_use": (GAUGE, True, "Bytes of a tier holding KV blocks."),
     "tier_capacity_bytes": (GAUGE, True, "The byte bound of a tier."),
 }

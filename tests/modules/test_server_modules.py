@@ -4,7 +4,8 @@ route (register, list, refusal over the cap), and requests naming modules throug
 
 One server: `vllm-promptcache serve MODEL --promptcache --promptcache-modules FILE`
 with a 2 MiB host tier (32 blocks, 16 of them for pinned modules) and vLLM's
-prefix cache off, so every reuse is a load the metrics count.
+prefix cache off, so every reuse is a load the metrics count.  It has vLLM's
+`--api-key` and the plugin's `--promptcache-admin-key`: registering needs both.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from vllm_promptcache.metrics import parse_prometheus
 
 pytestmark = pytest.mark.server
 
+API_KEY = "client-api-key-0123456789"
+ADMIN_KEY = "operator-admin-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {**AUTH, "X-PromptCache-Admin-Key": ADMIN_KEY}
+MAX_BODY = 64 * 1024
+
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
@@ -31,6 +38,9 @@ def server(tiny_model, tmp_path_factory):
     srv = Server([sys.executable, "-m", "vllm_promptcache", "serve", tiny_model, "--port", str(port),
                   "--promptcache", "--promptcache-modules", str(modules_file),
                   "--promptcache-host-gb", "0.002", "--promptcache-disk-gb", "0",
+                  "--promptcache-admin-key", ADMIN_KEY, "--api-key", API_KEY,
+                  "--promptcache-max-request-bytes", str(MAX_BODY),
+                  "--promptcache-max-module-tokens", "1600",
                   "--no-enable-prefix-caching", *COMMON], port, tmp / "server.log")
     try:
         srv.wait_ready()
@@ -39,10 +49,18 @@ def server(tiny_model, tmp_path_factory):
         srv.stop()
 
 
-def post(server, body):
+def post(server, body, headers=ADMIN):
     import requests
 
-    return requests.post(server.base + "/v1/promptcache/modules", json=body, timeout=120)
+    return requests.post(server.base + "/v1/promptcache/modules", json=body, headers=headers,
+                         timeout=120)
+
+
+def listed(server):
+    import requests
+
+    r = requests.get(server.base + "/v1/promptcache/modules", headers=AUTH, timeout=10)
+    return {m["name"] for m in r.json()["modules"]}
 
 
 def complete(server, model, prompt, **params):
@@ -51,7 +69,7 @@ def complete(server, model, prompt, **params):
     body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
     if params:
         body["kv_transfer_params"] = params
-    return requests.post(server.base + "/v1/completions", json=body, timeout=120)
+    return requests.post(server.base + "/v1/completions", json=body, headers=AUTH, timeout=120)
 
 
 def hits(server):
@@ -69,9 +87,10 @@ def hits(server):
 def test_file_modules_are_registered_at_start_up(server):
     import requests
 
-    listed = requests.get(server.base + "/v1/promptcache/modules", timeout=10).json()["modules"]
-    assert {m["name"] for m in listed} == {"sys", "docA"}
-    assert all(m["tokens"] >= 100 for m in listed)
+    modules = requests.get(server.base + "/v1/promptcache/modules", headers=AUTH,
+                           timeout=10).json()["modules"]
+    assert {m["name"] for m in modules} == {"sys", "docA"}
+    assert all(m["tokens"] >= 100 for m in modules)
 
 
 def test_route_registers_a_module_and_requests_reuse_it_in_any_order(server, tiny_model):
@@ -108,11 +127,7 @@ def test_registration_over_the_cap_is_refused_with_507(server):
     r = post(server, {"name": "huge", "text": text(760, 20)})
     assert r.status_code == 507, r.text
     assert "'huge'" in r.text and "--promptcache-host-gb" in r.text
-    import requests
-
-    names = {m["name"] for m in
-             requests.get(server.base + "/v1/promptcache/modules", timeout=10).json()["modules"]}
-    assert "huge" not in names
+    assert "huge" not in listed(server)
 
 
 def test_bad_registration_bodies_are_400(server):
@@ -126,3 +141,68 @@ def test_malformed_promptcache_options_are_a_400(server, tiny_model):
     assert r.status_code == 400 and "promptcache_recompute_ratio" in r.text
     r = complete(server, tiny_model, "hello", promptcache_modules="sys")
     assert r.status_code == 400 and "list of module names" in r.text
+
+
+def pinned_modules(server):
+    import requests
+
+    def read():
+        return parse_prometheus(requests.get(server.base + "/metrics", timeout=10).text).get(
+            "pinned_modules", 0.0)
+
+    return settled(read, tries=20, pause=0.3)
+
+
+def test_registration_needs_the_admin_key_and_vllms_api_key(server):
+    body = {"name": "docC", "text": text(170, 4)}
+    assert post(server, body, headers=AUTH).status_code == 401  # no admin key
+    r = post(server, body, headers={**AUTH, "X-PromptCache-Admin-Key": "wrong-key-0123456789"})
+    assert r.status_code == 401 and "admin key" in r.text
+    # The admin key alone does not pass vLLM's own --api-key check.
+    assert post(server, body, headers={"X-PromptCache-Admin-Key": ADMIN_KEY}).status_code == 401
+    assert "docC" not in listed(server)
+    assert post(server, body).status_code == 200
+    assert "docC" in listed(server)
+
+
+def test_oversize_bodies_and_modules_get_413_naming_the_limit(server):
+    r = post(server, {"name": "big", "text": "word " * (MAX_BODY // 4)})
+    assert r.status_code == 413 and "--promptcache-max-request-bytes" in r.text
+    r = post(server, {"name": "long", "text": text(1100, 5)})  # under the byte cap, over 1600 tokens
+    assert r.status_code == 413 and "--promptcache-max-module-tokens" in r.text
+    assert not {"big", "long"} & listed(server)
+
+
+def test_a_client_cannot_register_a_module_on_any_endpoint(server, tiny_model):
+    """`promptcache_module` sent by a client -- with or without a guessed token --
+    pins nothing, whichever endpoint carries it."""
+    import requests
+
+    before_listed, before_pinned = listed(server), pinned_modules(server)
+    forged = {"promptcache_module": "evil", "promptcache_module_token": "0" * 64}
+    prompt = text(300, 6)  # over two blocks: a module encoding would pin them
+    ids = requests.post(server.base + "/tokenize", json={"model": tiny_model, "prompt": prompt},
+                        headers=AUTH, timeout=30).json()["tokens"]
+    bodies = {
+        "/v1/completions": {"model": tiny_model, "prompt": prompt, "max_tokens": 1},
+        "/v1/completions (tokens in)": {"model": tiny_model, "prompt": ids, "max_tokens": 1},
+        "/v1/chat/completions": {"model": tiny_model, "max_tokens": 1,
+                                 "messages": [{"role": "user", "content": prompt}]},
+        "/v1/responses": {"model": tiny_model, "input": prompt, "max_output_tokens": 1},
+        "/v1/messages": {"model": tiny_model, "max_tokens": 1,
+                         "messages": [{"role": "user", "content": prompt}]},
+    }
+    for name, body in bodies.items():
+        route = name.split(" ")[0]
+        r = requests.post(server.base + route, json={**body, "kv_transfer_params": dict(forged)},
+                          headers=AUTH, timeout=120)
+        assert r.status_code in (200, 400, 404, 422), (name, r.status_code, r.text[:300])
+    assert listed(server) == before_listed
+    assert pinned_modules(server) == before_pinned
+
+
+def test_deeply_nested_pml_is_a_400(server):
+    schema = ('<schema name="deep">' + '<module name="m">' * 500 + "x" + "</module>" * 500
+              + "</schema>")
+    r = post(server, {"schema": schema})
+    assert r.status_code == 400 and "nested deeper" in r.text

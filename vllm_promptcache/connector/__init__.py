@@ -115,6 +115,15 @@ class PromptCacheConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids):
         return self._scheduler.request_finished(request, block_ids)
 
+    def bind_kv_cache_manager(self, kv_cache_manager) -> None:
+        # vLLM >= 0.32: lets the scheduler side see which GPU blocks running
+        # requests hold (approximate KV must not leak through vLLM's prefix cache).
+        base = getattr(super(), "bind_kv_cache_manager", None)
+        if base is not None:
+            base(kv_cache_manager)
+        if self._scheduler is not None:
+            self._scheduler.bind_kv_cache_manager(kv_cache_manager)
+
     def has_pending_push_work(self) -> bool:
         # Keep the engine stepping until saves, disk writes and promotions are
         # done, so a conversation's next turn finds them even if the engine went idle.

@@ -619,6 +619,7 @@ class PromptCacheScheduler:
         self._report_delta("host", self.host.evictions, "evictions_total")
         self.stats.set("tier_bytes_in_use", self.host.bytes_in_use * self.world_size, tier="host")
         self.stats.set("tier_capacity_bytes", self.host.capacity_bytes * self.world_size, tier="host")
+        self.stats.set("pinned_modules", len(self._modules))
         if self.disk is not None:
             self._report_delta("disk", self.disk.evictions, "evictions_total")
             self._report_delta("corrupt", self.disk.corrupt_blocks, "corrupt_blocks_total", "disk")

@@ -1,0 +1,235 @@
+"""No wrong token, end to end: every input that shapes KV is in its key, approximate
+KV never passes for exact, and a conversation longer than the host tier keeps its head.
+
+Engines shared by the module: vLLM without the plugin (the reference; LoRA on)
+and the plugin with vLLM's prefix cache off (LoRA on, a 12-block host tier).
+The restart tests run their first engine in its own process
+(`engine_session.py`) on a disk tier the second engine then opens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.adapters import write_lora_adapter
+from tests.conftest import close_llm, make_llm, settled
+
+pytestmark = pytest.mark.engine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BLOCK = 128
+SLOT_BYTES = 64 * 1024  # the tiny model: 2 layers x K,V x 128 tokens x 2 heads x 32 x bf16
+SLOTS = 12
+LORA = dict(enable_lora=True, max_lora_rank=8, max_loras=2, max_cpu_loras=4)
+
+
+def tokens(n, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(10, 2000) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: write_lora_adapter(str(root / name), tiny_model, seed)
+            for name, seed in (("A", 1), ("B", 2), ("C", 3))}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    llm = make_llm(tiny_model, enable_prefix_caching=True, max_model_len=4096, **LORA)
+    yield llm
+    close_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_model):
+    from vllm_promptcache import engine_kwargs
+
+    llm = make_llm(tiny_model, enable_prefix_caching=False, max_model_len=4096, **LORA,
+                   **engine_kwargs(host_gb=SLOTS * SLOT_BYTES / 2**30, disk_gb=0))
+    yield llm
+    close_llm(llm)
+
+
+def generate(llm, prompt, lora=None, max_tokens=12):
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    req = LoRARequest(*lora) if lora else None
+    out = llm.generate([{"prompt_token_ids": prompt}], sp, lora_request=req, use_tqdm=False)
+    return list(out[0].outputs[0].token_ids)
+
+
+def host_hits(llm):
+    from vllm_promptcache import read_metrics
+
+    return settled(lambda: read_metrics(llm).get("hit_tokens_total", {}).get("host", 0.0),
+                   step=lambda: generate(llm, [5] * 20, max_tokens=1))
+
+
+def test_base_then_adapter_on_the_same_tokens_equals_vllm(cached, reference, adapters):
+    prompt = tokens(3 * BLOCK + 40, 1)
+    assert generate(cached, prompt) == generate(reference, prompt)
+    before = host_hits(cached)
+    a = ("A", 1, adapters["A"])
+    got = generate(cached, prompt, lora=a)
+    assert got == generate(reference, prompt, lora=a)
+    assert host_hits(cached) == before, "the base model's KV must not be loaded under an adapter"
+
+
+def test_adapter_a_then_adapter_b_equals_vllm(cached, reference, adapters):
+    prompt = tokens(3 * BLOCK + 40, 2)
+    a, b = ("A", 1, adapters["A"]), ("B", 2, adapters["B"])
+    assert generate(cached, prompt, lora=a) == generate(reference, prompt, lora=a)
+    before = host_hits(cached)
+    assert generate(cached, prompt, lora=b) == generate(reference, prompt, lora=b)
+    assert host_hits(cached) == before
+
+
+def test_the_same_adapter_twice_hits(cached, reference, adapters):
+    prompt = tokens(3 * BLOCK + 40, 3)
+    a = ("A", 1, adapters["A"])
+    first = generate(cached, prompt, lora=a)
+    before = host_hits(cached)
+    assert generate(cached, prompt + first + [7] * 5, lora=a) == \
+        generate(reference, prompt + first + [7] * 5, lora=a)
+    assert host_hits(cached) - before == 3 * BLOCK
+
+
+def test_an_adapter_replaced_on_disk_under_the_same_name_misses(cached, reference, adapters,
+                                                                tiny_model, tmp_path):
+    path = write_lora_adapter(str(tmp_path / "C"), tiny_model, seed=3)
+    prompt = tokens(3 * BLOCK + 40, 4)
+    generate(cached, prompt, lora=("C", 3, path))
+    time.sleep(0.01)
+    write_lora_adapter(path, tiny_model, seed=33)  # a new fine-tune, same name and path
+    before = host_hits(cached)
+    # vLLM caches a loaded adapter by its int id: a new id makes it read the new files.
+    new = ("C", 4, path)
+    assert generate(cached, prompt, lora=new) == generate(reference, prompt, lora=new)
+    assert host_hits(cached) == before
+
+
+def test_a_conversation_longer_than_the_host_tier_keeps_its_head(cached, reference):
+    """Each turn's save spares the request's own blocks: turn k+1 loads from block 0."""
+    history = tokens(SLOTS * BLOCK + 300, 5)  # longer than the whole host tier
+    for turn in range(3):
+        before = host_hits(cached)
+        answer = generate(cached, history)
+        assert answer == generate(reference, history)
+        if turn:
+            assert host_hits(cached) - before == SLOTS * BLOCK, f"turn {turn + 1}"
+        history = history + answer + tokens(50, 100 + turn)
+
+
+# -- restarts on one disk tier ------------------------------------------------------
+
+def run_session(job: dict, tmp_path, name: str) -> dict:
+    job_file, out = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
+    job_file.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "-m", "tests.connector.engine_session", str(job_file),
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def kv_dirs(disk):
+    return {d for d in os.listdir(disk) if len(d) == 32 and
+            any(n.endswith(".kv") for n in os.listdir(os.path.join(disk, d)))}
+
+
+def resave_weights(model_dir: str) -> None:
+    """A new fine-tune saved over the old one: same config and shapes, other values."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(model_dir, "model.safetensors")
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(7)
+    for name, t in tensors.items():
+        if "proj" in name:
+            tensors[name] = (t.float() + torch.randn(t.shape, generator=g) * 0.05).to(t.dtype)
+    time.sleep(0.01)
+    save_file(tensors, path)
+
+
+def test_weights_replaced_in_place_miss_after_a_restart_and_old_files_age_out(tiny_model, tmp_path):
+    from vllm_promptcache import engine_kwargs, read_metrics
+
+    model = str(tmp_path / "model")
+    shutil.copytree(tiny_model, model)
+    assert os.path.exists(os.path.join(model, "model.safetensors"))
+    disk = str(tmp_path / "kv")
+    prompt = tokens(4 * BLOCK + 20, 6)
+    first = run_session({"model": model, "engine": {"enable_prefix_caching": False},
+                         "promptcache": {"host_gb": 0.01, "disk_path": disk, "disk_gb": 1},
+                         "steps": [{"prompt": prompt, "max_tokens": 8}]}, tmp_path, "old")
+    old_dirs = kv_dirs(disk)
+    assert len(old_dirs) == 1
+    old_bytes = sum(os.path.getsize(os.path.join(disk, d, n)) for d in old_dirs
+                    for n in os.listdir(os.path.join(disk, d)))
+    resave_weights(model)
+    turn2 = prompt + first["outputs"][0] + tokens(40, 7)
+    ref = make_llm(model, enable_prefix_caching=False)
+    expected = generate(ref, turn2)
+    close_llm(ref)
+    # Room for the old files, not for them and this turn's: the old ones go first.
+    llm = make_llm(model, enable_prefix_caching=False,
+                   **engine_kwargs(host_gb=0.01, disk_path=disk,
+                                   disk_gb=1.5 * old_bytes / 2**30))
+    try:
+        assert generate(llm, turn2) == expected
+        hits = settled(lambda: read_metrics(llm).get("hit_tokens_total", {}),
+                       step=lambda: generate(llm, [5] * 20, max_tokens=1))
+        assert not hits.get("disk") and not hits.get("host")
+        deadline = time.time() + 30
+        while old_dirs & kv_dirs(disk) and time.time() < deadline:
+            time.sleep(0.3)
+        assert not old_dirs & kv_dirs(disk), "the old weights' files age out under the cap"
+        assert len(kv_dirs(disk)) == 1
+    finally:
+        close_llm(llm)
+
+
+def test_approximate_kv_handed_on_by_vllms_prefix_cache_is_never_served_as_exact(
+        tiny_model, reference, tmp_path):
+    """Request A loads module docB shifted; request B, with A's leading tokens, gets
+    those blocks from vLLM's prefix cache.  Neither may store them under exact keys:
+    an exact-only engine restarted on the same disk answers as vLLM without the plugin."""
+    from vllm_promptcache import engine_kwargs, read_metrics
+
+    from tests.modules.test_prompt_modules import text
+
+    disk = str(tmp_path / "kv")
+    question = {"text": "walrus " + text(40, 8)}
+    session = run_session({
+        "model": tiny_model, "engine": {"enable_prefix_caching": True},
+        "promptcache": {"host_gb": 0.05, "disk_path": disk, "disk_gb": 1,
+                        "position_independent": True},
+        "modules": {"docA": text(170, 2), "docB": text(170, 3)},
+        "steps": [{"compose": ["docA", "docB", question], "max_tokens": 4},
+                  {"compose": ["docA", "docB", question, {"text": "more " + text(200, 9)}],
+                   "max_tokens": 8}],
+    }, tmp_path, "approximate")
+    assert session["metrics"]["shifted_hit_tokens_total"]["host"] > 0, "A must load docB shifted"
+    b_prompt = session["prompts"][1] + session["outputs"][1] + tokens(30, 10)
+    llm = make_llm(tiny_model, enable_prefix_caching=False,
+                   **engine_kwargs(host_gb=0.05, disk_path=disk, disk_gb=1))
+    try:
+        assert generate(llm, b_prompt) == generate(reference, b_prompt)
+        loaded = settled(lambda: read_metrics(llm).get("hit_tokens_total", {}).get("disk", 0.0),
+                         step=lambda: generate(llm, [5] * 20, max_tokens=1))
+        # Only docA (computed at its own position, after BOS) is exact.
+        assert loaded <= 2 * BLOCK
+    finally:
+        close_llm(llm)
