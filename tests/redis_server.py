@@ -51,10 +51,12 @@ class RedisServer:
     """One redis-server process; start / kill / restart on the same port."""
 
     def __init__(self, directory: str, args: tuple[str, ...] = (), password: str | None = None,
-                 cluster: bool = False):
+                 cluster: bool = False, tls: bool = False):
         self.directory = directory
         self.password = password
         self.cluster = cluster
+        self.tls = tls
+        self.ca_file = os.path.join(directory, "cert.pem")
         self.port = free_port(cluster)
         self.socket_path = os.path.join(directory, "redis.sock")
         self.args = tuple(args)
@@ -62,11 +64,27 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca_file}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
     def unix_url(self) -> str:
         return f"unix://{self.socket_path}"
+
+    def _make_certificate(self) -> list[str]:
+        """A self-signed certificate for 127.0.0.1 (its own CA); TLS only, no client
+        certificates."""
+        key = os.path.join(self.directory, "key.pem")
+        if not os.path.exists(self.ca_file):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-keyout", key, "-out", self.ca_file],
+                           check=True, capture_output=True, timeout=30)
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.ca_file,
+                "--tls-key-file", key, "--tls-ca-cert-file", self.ca_file,
+                "--tls-auth-clients", "no"]
 
     def start(self) -> "RedisServer":
         cmd = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
@@ -75,6 +93,8 @@ class RedisServer:
                "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
         if self.password:
             cmd += ["--requirepass", self.password]
+        if self.tls:
+            cmd += self._make_certificate()  # later --port wins over the first
         if self.cluster:
             cmd += ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
                     "--cluster-config-file", os.path.join(self.directory, "nodes.conf")]
@@ -103,8 +123,9 @@ class RedisServer:
     def client(self, timeout: float = 5.0):
         import redis
 
+        tls = {"ssl": True, "ssl_ca_certs": self.ca_file} if self.tls else {}
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
-                           socket_timeout=timeout, socket_connect_timeout=timeout)
+                           socket_timeout=timeout, socket_connect_timeout=timeout, **tls)
 
     def _signal(self, sig: int, wait_s: float = 10.0) -> None:
         proc, self.proc = self.proc, None
@@ -175,15 +196,17 @@ def _need_redis() -> None:
 
 @pytest.fixture
 def redis_servers():
-    """A factory: `redis_servers(*args, password=None, start=True)` starts a server
-    with extra redis-server arguments (start=False: only picks its port and
-    directory); every server it made is stopped at the end."""
+    """A factory: `redis_servers(*args, password=None, start=True, tls=False)` starts
+    a server with extra redis-server arguments (start=False: only picks its port
+    and directory; tls=True: TLS only, with a self-signed certificate made by
+    `openssl`); every server it made is stopped at the end."""
     _need_redis()
     started = []
     with tempfile.TemporaryDirectory(prefix="promptcache-redis-") as root:
-        def make(*args: str, password: str | None = None, start: bool = True) -> RedisServer:
+        def make(*args: str, password: str | None = None, start: bool = True,
+                 tls: bool = False) -> RedisServer:
             d = tempfile.mkdtemp(dir=root)
-            server = RedisServer(d, args, password=password)
+            server = RedisServer(d, args, password=password, tls=tls)
             started.append(server)
             return server.start() if start else server
         try:

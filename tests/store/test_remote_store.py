@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import threading
 import time
 
@@ -392,6 +393,21 @@ def test_password_protected_store(redis_servers):
     with_env.close()
 
 
+def test_tls(redis_servers):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (it makes the test certificate)")
+    server = redis_servers(tls=True)
+    store = make_store(server.url)
+    keys, blocks = run(4)
+    assert store.put_chunks(keys, blocks)
+    assert [bytes(b) for b in store.get_blocks(keys, store.locate(keys))] == blocks
+    store.close()
+    # a plain connection to the TLS port is refused by the server: the tier stays off
+    plain = make_store(f"redis://127.0.0.1:{server.port}/0")
+    assert not plain.up and plain.locate(keys) == [None] * 4
+    plain.close()
+
+
 def test_concurrent_callers(redis_server):
     """Worker threads and the scheduler side share one store."""
     store = make_store(redis_server.url)
@@ -432,3 +448,29 @@ def test_redis_cluster(redis_cluster):
     assert [bytes(b) for b in other.get_blocks(keys, other.locate(keys))] == blocks
     store.close()
     other.close()
+
+
+def test_redis_cluster_node_killed_then_back(redis_cluster):
+    """Runs after test_redis_cluster (it kills a node of the shared cluster, and
+    restores it)."""
+    store = make_store(redis_cluster.url)
+    keys, blocks = run(30)
+    assert store.put_chunks(keys, blocks)
+    refs = store.locate(keys)
+    node = redis_cluster.nodes[1]
+    node.kill()
+    try:
+        for call, args, miss in [(store.locate, (keys,), [None] * 30),
+                                 (store.get_blocks, (keys, refs), [None] * 30),
+                                 (store.put_chunks, (keys, blocks), False)]:
+            out, took = timed(call, *args)
+            assert out == miss and took < BOUND_S, (call.__name__, took)
+        assert not store.up
+    finally:
+        node.start()  # same port, same cluster config file: it rejoins
+    wait_for(lambda: store.up, timeout=30)
+    assert store.put_chunks(keys, blocks)
+    assert [bytes(b) for b in store.get_blocks(keys, store.locate(keys))] == blocks
+    counts = store.take_counts()
+    assert counts["reconnects"] == 1 and counts["corrupt"] == 0
+    store.close()

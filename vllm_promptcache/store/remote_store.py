@@ -268,13 +268,13 @@ class RemoteStore:
                 # A cluster client maps slots at construction: build it afresh.
                 self._drop_clients()
                 self._clients = self._make_clients()
-            self._clients[0].ping()
+            self._check(self._clients[0])
         except redis.AuthenticationError as e:
             self._warn_down("promptcache: the remote store at %s refused our credentials (%s): set "
                        "the password in the URL or VLLM_PROMPTCACHE_REMOTE_PASSWORD; the remote "
                        "tier stays off", self.url.masked(), e)
             return False
-        except (redis.RedisError, OSError, _cluster_error()) as e:
+        except (redis.RedisError, OSError, redis_errors().RedisClusterException) as e:
             self._warn_down("promptcache: the remote store at %s is unreachable (%s); the remote "
                        "tier is off and retries in the background", self.url.masked(), e)
             return False
@@ -290,6 +290,17 @@ class RemoteStore:
         logger.info("promptcache: remote tier %s at %s",
                     "reconnected" if again else "is up", self.url.masked())
         return True
+
+    def _check(self, client) -> None:
+        """Raise unless the store answers; a cluster must answer on every primary and
+        say it is whole (else the tier would come up only to fail again)."""
+        if not self.url.cluster:
+            client.ping()
+            return
+        for node in client.get_primaries():
+            state = client.cluster_info(target_nodes=node).get("cluster_state")
+            if state != "ok":
+                raise redis_errors().ClusterDownError(f"{node.name} says cluster_state:{state}")
 
     def _start_prober(self) -> None:
         with self._lock:
@@ -333,7 +344,8 @@ class RemoteStore:
             if down:
                 self._go_down(f"{DOWN_AFTER_TIMEOUTS} timeouts in a row")
             raise _Failed(str(e)) from None
-        except (redis.ConnectionError, OSError, _cluster_error()) as e:
+        except (redis.ConnectionError, OSError, redis_errors().ClusterDownError,
+                redis_errors().RedisClusterException) as e:
             self._count(failures=1)
             self._go_down(f"{type(e).__name__}: {e}")
             raise _Failed(str(e)) from None
@@ -642,7 +654,9 @@ class RemoteStore:
         self._drop_clients()
 
 
-def _cluster_error() -> type:
-    from redis.exceptions import RedisClusterException
+def redis_errors():
+    """redis-py's exceptions module, imported when a store is used (redis is an
+    optional dependency)."""
+    from redis import exceptions
 
-    return RedisClusterException
+    return exceptions
