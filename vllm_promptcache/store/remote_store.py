@@ -27,8 +27,8 @@ over the Redis key name and everything before it.  Index entries and metadata
 values carry a MAC over their name and content too.  Whoever lacks the secret
 cannot make a value this store serves; a value moved to another name fails.
 
-Lookups cost one round trip: `locate` pipelines a GET of every block's index
-entry (an index entry says where the block lives, so any split of a run into
+Lookups cost one round trip (on a cluster, one per node, sent together):
+`locate` pipelines a GET of every block's index entry (an index entry says where the block lives, so any split of a run into
 chunks is found).  The index is a hint: a chunk may vanish under it at any time
 (the store's own `allkeys-lru` eviction), which `get_*` answers as a plain miss,
 deleting the stale index entries.  A value that fails its MAC, its header
@@ -158,6 +158,11 @@ class RemoteStore:
                  max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, retry_initial_s: float = 0.5,
                  retry_max_s: float = 30.0, environ: Mapping[str, str] | None = None):
         self.url = url if isinstance(url, RemoteURL) else parse_remote_url(url, environ)
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise ImportError("--promptcache-remote-url needs redis-py: pip install "
+                              "'vllm-promptcache[remote]'") from None
         if not isinstance(fingerprint, str) or not _FINGERPRINT.match(fingerprint):
             raise ValueError(f"remote tier: fingerprint must be 32 lowercase hex characters, "
                              f"got {fingerprint!r}")
@@ -270,13 +275,14 @@ class RemoteStore:
                 self._clients = self._make_clients()
             self._check(self._clients[0])
         except redis.AuthenticationError as e:
-            self._warn_down("promptcache: the remote store at %s refused our credentials (%s): set "
-                       "the password in the URL or VLLM_PROMPTCACHE_REMOTE_PASSWORD; the remote "
-                       "tier stays off", self.url.masked(), e)
+            self._warn_down("promptcache: the remote store at %s refused our credentials (%s): "
+                            "set the password in the URL or VLLM_PROMPTCACHE_REMOTE_PASSWORD; "
+                            "the remote tier stays off", self.url.masked(), e)
             return False
         except (redis.RedisError, OSError, redis_errors().RedisClusterException) as e:
-            self._warn_down("promptcache: the remote store at %s is unreachable (%s); the remote "
-                       "tier is off and retries in the background", self.url.masked(), e)
+            self._warn_down("promptcache: the remote store at %s is unreachable (%s); the "
+                            "remote tier is off and retries in the background",
+                            self.url.masked(), e)
             return False
         if self._closed.is_set():
             self._drop_clients()
@@ -390,9 +396,16 @@ class RemoteStore:
             "fingerprint": self.fingerprint, "rank": self.rank, "world": self.world,
             "block_bytes": block_bytes, "keys": [k.hex() for k in keys],
         }, separators=(",", ":")).encode()
-        body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header,
-                         *(memoryview(b).cast("B") for b in blocks)])
-        return body + self._mac(self.chunk_name(chunk_id(keys)).encode(), body)
+        parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header,
+                 *(memoryview(b).cast("B") for b in blocks)]
+        # The MAC of _mac(name, body) computed over the parts: the blocks are copied once.
+        name = self.chunk_name(chunk_id(keys)).encode()
+        h = blake3(key=self._key)
+        h.update(struct.pack("<Q", len(name)) + name)
+        h.update(struct.pack("<Q", sum(len(p) for p in parts)))
+        for part in parts:
+            h.update(part)
+        return b"".join([*parts, h.digest()])
 
     def put_chunks(self, keys: Sequence[bytes], blocks: Sequence) -> bool:
         """Write a run of this rank's blocks (bytes-like, `block_bytes` each) as chunks
