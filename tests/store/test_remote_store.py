@@ -90,7 +90,8 @@ def test_url_forms_masking_and_errors():
     assert parse_remote_url("redis://h", environ={}).hosts == (("h", 6379),)
     # the password from the environment, the URL's own wins
     assert parse_remote_url("redis://h:1/0", environ={PASSWORD_ENV: "envpw"}).password == "envpw"
-    assert parse_remote_url("redis://:urlpw@h:1", environ={PASSWORD_ENV: "envpw"}).password == "urlpw"
+    url_wins = parse_remote_url("redis://:urlpw@h:1", environ={PASSWORD_ENV: "envpw"})
+    assert url_wins.password == "urlpw"
     assert parse_remote_url("redis://:urlpw@h:1", environ={}).masked() == "redis://:***@h:1"
     t = parse_remote_url("rediss://h:1/0?ssl_ca_certs=/ca.pem&ssl_cert_reqs=required", environ={})
     assert t.tls and t.client_kwargs()["ssl"] and t.client_kwargs()["ssl_ca_certs"] == "/ca.pem"

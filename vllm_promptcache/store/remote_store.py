@@ -28,8 +28,8 @@ values carry a MAC over their name and content too.  Whoever lacks the secret
 cannot make a value this store serves; a value moved to another name fails.
 
 Lookups cost one round trip (on a cluster, one per node, sent together):
-`locate` pipelines a GET of every block's index entry (an index entry says where the block lives, so any split of a run into
-chunks is found).  The index is a hint: a chunk may vanish under it at any time
+`locate` pipelines a GET of every block's index entry (an index entry says
+where the block lives, so any split of a run into chunks is found).  The index is a hint: a chunk may vanish under it at any time
 (the store's own `allkeys-lru` eviction), which `get_*` answers as a plain miss,
 deleting the stale index entries.  A value that fails its MAC, its header
 checks or the keys the caller expects is a miss too, deleted and counted corrupt.
@@ -509,7 +509,8 @@ class RemoteStore:
         want = dict(expected or {})
         return self._get([(cid, want)])[0]
 
-    def get_blocks(self, keys: Sequence[bytes], refs: Sequence[ChunkRef]) -> list[memoryview | None]:
+    def get_blocks(self, keys: Sequence[bytes], refs: Sequence[ChunkRef]
+                   ) -> list[memoryview | None]:
         """The blocks `keys` (located at `refs` by `locate`), fetching every chunk they
         name in one round trip; None for each block not served."""
         groups: dict[str, dict[int, bytes]] = {}
