@@ -29,9 +29,10 @@ cannot make a value this store serves; a value moved to another name fails.
 
 Lookups cost one round trip (on a cluster, one per node, sent together):
 `locate` pipelines a GET of every block's index entry (an index entry says
-where the block lives, so any split of a run into chunks is found).  The index is a hint: a chunk may vanish under it at any time
-(the store's own `allkeys-lru` eviction), which `get_*` answers as a plain miss,
-deleting the stale index entries.  A value that fails its MAC, its header
+where the block lives, so any split of a run into chunks is found).  The index
+is a hint: a chunk may vanish under it at any time (the store's own
+`allkeys-lru` eviction), which `get_*` answers as a plain miss, deleting the
+stale index entries.  A value that fails its MAC, its header
 checks or the keys the caller expects is a miss too, deleted and counted corrupt.
 
 Connection state: a call that meets a refused or broken connection (or
