@@ -14,13 +14,29 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_PROMPTCACHE_DISK_PATH",
                       tempfile.mkdtemp(prefix="vllm-promptcache-test-kv-"))
 
+# VLLM_PROMPTCACHE_TEST_DEVICE=cuda runs the engine tests on a GPU (bench/gpu_suite.py):
+# CUDA graphs stay on there (the connector asks for PIECEWISE), and bf16 is native.
+TEST_DEVICE = os.environ.get("VLLM_PROMPTCACHE_TEST_DEVICE", "cpu")
+
+
+def _test_dtype() -> str:
+    """bf16 where the hardware has it; on a CPU without bf16 instructions vLLM's
+    bf16 matmuls run ~5x slower than fp32 (bench/common.pick_dtype)."""
+    from bench.common import pick_dtype
+
+    return pick_dtype(os.environ.get("VLLM_PROMPTCACHE_TEST_DTYPE"), TEST_DEVICE)
+
+
 ENGINE_DEFAULTS = dict(
-    enforce_eager=True,
     gpu_memory_utilization=0.2,
     max_model_len=2048,
-    dtype="bfloat16",
+    dtype=_test_dtype(),
     seed=0,
 )
+if TEST_DEVICE == "cpu":
+    ENGINE_DEFAULTS["enforce_eager"] = True
+else:
+    ENGINE_DEFAULTS["gpu_memory_utilization"] = 0.3
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,11 @@ from vllm_promptcache.metrics import parse_prometheus
 
 pytestmark = pytest.mark.server
 
-COMMON = ["--enforce-eager", "--max-model-len", "2048", "--gpu-memory-utilization", "0.2",
-          "--dtype", "bfloat16", "--seed", "0"]
+from tests.conftest import ENGINE_DEFAULTS, TEST_DEVICE
+
+COMMON = [*(["--enforce-eager"] if TEST_DEVICE == "cpu" else []), "--max-model-len", "2048",
+          "--gpu-memory-utilization", str(ENGINE_DEFAULTS["gpu_memory_utilization"]),
+          "--dtype", ENGINE_DEFAULTS["dtype"], "--seed", "0"]
 
 
 def free_port() -> int:

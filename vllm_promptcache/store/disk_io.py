@@ -127,6 +127,9 @@ class DiskIO:
             logger.exception("promptcache: writing disk file %s failed", file_id)
         finally:
             self.unstage(len(keys))
+            release = getattr(staging, "release", None)
+            if release is not None:  # a lease from the worker's staging pool
+                release()
         self._events.put((WRITE, file_id, ok))
 
     # -- reads -----------------------------------------------------------------
