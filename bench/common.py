@@ -10,19 +10,29 @@
   else float32 (bf16 emulated is several times slower); ``--dtype`` overrides.  On CUDA,
   bfloat16.
 * **Provenance.**  `environment` records the CPU model, GPU, dtype, binding and
-  versions into every JSON.
+  versions into every JSON; `engine_threads` asks each engine's worker how many
+  OpenMP threads it really computes on and where they are bound, so a JSON shows that
+  its cases had the same; `MachineLoad` records the load average and the CPU time
+  other processes took during the run, since a shared machine slows every case (and
+  not always alike).
 * **Outputs.**  `write_outputs` writes the JSON, the Markdown table and a PNG chart
-  (matplotlib, Agg) side by side.
+  (matplotlib, Agg) side by side: `bar_chart`, `line_chart` (e.g. TTFT against prompt
+  length per case) or `distribution_chart` (e.g. each case's TTFTs).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
 import platform
+import sys
+import textwrap
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 BINDING_VARS = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND")
@@ -75,6 +85,127 @@ def bind_threads(reserved: int = 1) -> dict[str, str]:
     return {k: os.environ[k] for k in BINDING_VARS}
 
 
+def add_dtype_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="model dtype (default: bfloat16 where the CPU has bf16 "
+                         "instructions, else float32)")
+
+
+def setup(requested_dtype: str | None, device: str = "cpu") -> str:
+    """Bind threads alike for every engine of this run (before any starts) and pick the
+    dtype; lets `engine_threads` ask the worker over vLLM's RPC (a callable is pickled,
+    only between this run's own processes)."""
+    bind_threads()
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    return pick_dtype(requested_dtype, device)
+
+
+def _worker_threads(worker) -> dict[str, Any]:
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(),
+            "affinity": sorted(os.sched_getaffinity(0))}
+
+
+def engine_threads(llm) -> list[dict[str, Any]]:
+    """Per worker of `llm`: torch's OpenMP thread count and the CPUs the calling thread
+    is bound to, as vLLM's binding left them."""
+    import cloudpickle
+
+    # By value: the worker need not find this file on its import path.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        return llm.collective_rpc(_worker_threads)
+    except Exception as e:  # noqa: BLE001 - provenance must not cost the results
+        return [{"error": repr(e)}]
+
+
+def same_threads(per_case: dict[str, list[dict[str, Any]]]) -> bool:
+    """Whether every case's workers computed on the same threads; warns when not."""
+    seen = {json.dumps(v, sort_keys=True) for v in per_case.values()}
+    if len(seen) != 1:
+        print(f"WARNING: cases ran on different worker threads: {per_case}",
+              file=sys.stderr, flush=True)
+    return len(seen) == 1
+
+
+def run_environment(dtype: str, load: MachineLoad, threads: dict[str, list],
+                    device: str = "cpu") -> dict[str, Any]:
+    """`environment` plus each case's worker threads (checked equal) and the load."""
+    env = environment(dtype, device)
+    env["engine_threads"] = threads
+    env["same_engine_threads"] = same_threads(threads)
+    env["machine_load"] = load.record()
+    return env
+
+
+def _process_cpu() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far) of every process on the machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return procs
+
+
+class MachineLoad:
+    """Load from other processes during a run: the load averages at start and end, and
+    the CPU time that processes outside this run's process tree (engines and workers
+    included in the tree) took, sampled from /proc every `interval_s` by a thread."""
+
+    def __init__(self, interval_s: float = 2.0) -> None:
+        self.start_loadavg = os.getloadavg()
+        self.t0 = time.monotonic()
+        self.ours = {os.getpid()}
+        self.last = _process_cpu()
+        self.own_s = self.others_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        now = _process_cpu()
+        for pid, (ppid, _) in sorted(now.items()):
+            if ppid in self.ours:
+                self.ours.add(pid)
+        for pid, (_, cpu) in now.items():
+            delta = cpu - self.last.get(pid, (0, 0.0))[1]
+            if pid in self.ours:
+                self.own_s += delta
+            else:
+                self.others_s += delta
+        self.last = now
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self._sample()
+
+    def record(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        wall = time.monotonic() - self.t0
+        cores = self.others_s / wall if wall > 0 else 0.0
+        return {
+            "loadavg_start": [round(x, 2) for x in self.start_loadavg],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "wall_s": round(wall, 1),
+            "this_run_cpu_s": round(self.own_s, 1),
+            "other_processes_cpu_s": round(self.others_s, 1),
+            "other_processes_cores": round(cores, 2),
+            # A tenth of a core of foreign work on average.  Not the load average: at
+            # start it still holds the previous bench run's own load.
+            "shared_machine": cores > 0.1,
+        }
+
+
 def environment(dtype: str, device: str = "cpu") -> dict[str, Any]:
     """What a result depends on besides the code: recorded in every JSON."""
     env: dict[str, Any] = {
@@ -104,29 +235,91 @@ def environment(dtype: str, device: str = "cpu") -> dict[str, Any]:
     return env
 
 
-def bar_chart(png: Path, title: str, values: dict[str, float], ylabel: str) -> None:
-    """One bar per label (e.g. a case's TTFT), written as a PNG."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(values) + 2), 3.5))
-    ax.bar(list(values), list(values.values()), color="#4878a8")
+    return plt
+
+
+def _save(fig, ax, png: Path, title: str, ylabel: str, footnote: str | None) -> None:
     ax.set_title(title)
     ax.set_ylabel(ylabel)
-    ax.tick_params(axis="x", labelrotation=30)
-    fig.tight_layout()
+    lines = textwrap.wrap(footnote or "", int(fig.get_figwidth() * 17))
+    if lines:
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, color="#555555", va="bottom")
+    fig.tight_layout(rect=(0, 0.035 * len(lines), 1, 1))
     fig.savefig(png, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
-def write_outputs(out_json: Path, payload: dict, table_md: str, chart_title: str,
-                  chart_values: dict[str, float], chart_ylabel: str) -> None:
-    """JSON at `out_json`, the table beside it (.md) and the chart (.png)."""
+def bar_chart(png: Path, title: str, values: dict[str, float], ylabel: str,
+              footnote: str | None = None) -> None:
+    """One bar per label (e.g. a case's TTFT), written as a PNG."""
+    fig, ax = _pyplot().subplots(figsize=(max(4.5, 0.9 * len(values) + 2), 3.8))
+    bars = ax.bar(list(values), list(values.values()), color="#4878a8")
+    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.tick_params(axis="x", labelrotation=20)
+    _save(fig, ax, png, title, ylabel, footnote)
+
+
+def line_chart(png: Path, title: str, series: dict[str, tuple[list, list]], xlabel: str,
+               ylabel: str, log_y: bool = False, footnote: str | None = None) -> None:
+    """One line per label through its (x, y) points, e.g. TTFT against prompt length."""
+    fig, ax = _pyplot().subplots(figsize=(6.0, 4.0))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    if log_y:
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, ax, png, title, ylabel, footnote)
+
+
+def distribution_chart(png: Path, title: str, samples: dict[str, list[float]], ylabel: str,
+                       footnote: str | None = None) -> None:
+    """Each label's samples as a box (quartiles, whiskers to 1.5 IQR) over its points."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(samples) + 2), 4.0))
+    labels = list(samples)
+    ax.boxplot([samples[k] for k in labels], showfliers=False)
+    ax.set_xticks(range(1, len(labels) + 1), labels)
+    for i, k in enumerate(labels, start=1):
+        n = len(samples[k])
+        xs = [i + 0.25 * ((j % 7) / 6 - 0.5) for j in range(n)]
+        ax.scatter(xs, samples[k], s=6, alpha=0.5, color="#c0504d")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, ax, png, title, ylabel, footnote)
+
+
+def write_outputs(out_json: Path, payload: dict, table_md: str,
+                  chart: Callable[[Path], None] | None) -> None:
+    """JSON at `out_json`, the table beside it (.md) and the chart (.png): `chart` is
+    called with the PNG's path (e.g. a `functools.partial` of `line_chart`)."""
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(payload, indent=1) + "\n")
+    out_json.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     out_json.with_suffix(".md").write_text(table_md)
-    if chart_values:
-        bar_chart(out_json.with_suffix(".png"), chart_title, chart_values, chart_ylabel)
+    if chart is not None:
+        chart(out_json.with_suffix(".png"))
+
+
+def provenance_line(env: dict[str, Any]) -> str:
+    """One line for tables and charts: CPU, dtype, worker threads, shared machine."""
+    threads = env.get("engine_threads")
+    t = ""
+    if threads:
+        first = next(iter(threads.values()))[0]
+        t = f", {first.get('torch_threads')} worker thread(s) on CPU {first.get('affinity')}"
+    load = env.get("machine_load", {})
+    shared = (f"; machine shared (others used {load['other_processes_cores']} cores on average)"
+              if load.get("shared_machine") else "")
+    vllm = env.get("vllm") or ("vllm", "?")
+    return (f"{env['cpu_model']} ({env['cpu_count']} cores), {env['dtype']}{t}, "
+            f"vLLM {vllm[-1]}{shared}")

@@ -15,27 +15,31 @@ weights; vLLM's prefix cache on), and its TTFT (vLLM's `first_token_latency`) ta
 
 vLLM's prefix cache is reset before each of our modes (it would otherwise hold
 the previous mode's blocks) and no measured request is saved.  Ratios are taken
-against ``modules`` in the same run; timings are never asserted.
+against ``modules`` and ``no cache`` in the same run; timings are never asserted.  All
+four modes run on the same engine, so on the same threads; the binding
+(``bench/common.py``), the worker's thread count and the dtype (picked from the CPU,
+``--dtype`` overrides) are recorded.
 
     python bench/doc_qa.py            # 6 queries
     python bench/doc_qa.py --quick    # 2 queries
 
-Results: ``bench/results/doc-qa-cpu.json`` and ``.md``.
+Results: ``bench/results/doc-qa-cpu.json``, ``.md`` and ``.png`` (TTFT per mode).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
+import functools
 import os
-import platform
 import random
 import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import common  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "doc-qa-cpu.json"
 MODES = ("no cache", "prefix cache", "modules", "modules + fix")
@@ -71,9 +75,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    common.add_dtype_arg(ap)
     args = ap.parse_args()
     if args.quick:
         args.queries = 2
+    args.dtype = common.setup(args.dtype)
+    load = common.MachineLoad()
 
     from vllm import LLM, SamplingParams
 
@@ -82,9 +89,11 @@ def main() -> None:
     from vllm_promptcache.tiny_model import build_model
 
     llm = LLM(build_model("bench"), load_format="dummy", enforce_eager=True,
-              gpu_memory_utilization=0.2, dtype="bfloat16", max_model_len=8192,
+              gpu_memory_utilization=0.2, dtype=args.dtype, max_model_len=8192,
               max_num_batched_tokens=8192, enable_prefix_caching=True, seed=0,
               **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))
+    threads = common.engine_threads(llm)
+    log(f"worker threads: {threads}")
     rng = random.Random(args.seed)
     names = ["doc0", "doc1", "doc2"]
     texts = documents(llm.get_tokenizer(), 3, args.doc_tokens)
@@ -137,24 +146,27 @@ def main() -> None:
 
     median = {m: statistics.median(r[m] for r in rows) for m in MODES}
     ratio = {m: statistics.median(r[m] / r["modules"] for r in rows) for m in MODES}
-    doc = {"benchmark": "doc_qa", "date": _dt.datetime.now().isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    speedup = {m: statistics.median(r["no cache"] / r[m] for r in rows) for m in MODES}
+    env = common.run_environment(args.dtype, load, {"all modes (one engine)": threads})
+    doc = {"benchmark": "doc_qa", "environment": env,
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "ttft_median_s": median, "ttft_ratio_to_modules": ratio, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
-    lines = ["| mode | TTFT median | TTFT / modules (median of per-query ratios) |",
-             "|---|---|---|"]
-    lines += [f"| {m} | {median[m]:.3f} s | {ratio[m]:.2f}x |" for m in MODES]
+           "ttft_median_s": median, "ttft_ratio_to_modules": ratio,
+           "speedup_vs_no_cache": speedup, "rows": rows}
+    lines = ["| mode | TTFT median | TTFT / modules (median of per-query ratios) "
+             "| speedup vs no cache (median of per-query ratios) |", "|---|---|---|---|"]
+    lines += [f"| {m} | {median[m]:.3f} s | {ratio[m]:.2f}x | {speedup[m]:.2f}x |" for m in MODES]
     table = "\n".join(lines)
     loaded = statistics.median(r["loaded_tokens"] for r in rows)
     tokens = statistics.median(r["prompt_tokens"] for r in rows)
-    args.out.with_suffix(".md").write_text(
-        f"# Doc-QA with prompt modules ({doc['date']})\n\n{args.queries} queries, 3 documents of "
-        f"~{args.doc_tokens} tokens in shuffled order + a question ({tokens:.0f} prompt tokens), "
-        f"bench shape with dummy weights on {os.cpu_count()} CPU cores. Modules loaded "
-        f"{loaded:.0f} tokens per query (median); the boundary fix recomputes the last "
-        f"{args.fix_ratio:.0%} of the found run.\n\n" + table + "\n")
+    where = common.provenance_line(env)
+    md = (f"# Doc-QA with prompt modules ({env['date']})\n\n{args.queries} queries, 3 documents "
+          f"of ~{args.doc_tokens} tokens in shuffled order + a question ({tokens:.0f} prompt "
+          f"tokens), bench shape with dummy weights, on {where}; all modes on one engine. "
+          f"Modules loaded {loaded:.0f} tokens per query (median); the boundary fix recomputes "
+          f"the last {args.fix_ratio:.0%} of the found run.\n\n" + table + "\n")
+    common.write_outputs(args.out, doc, md, functools.partial(
+        common.bar_chart, title=f"Doc-QA TTFT per mode ({tokens:.0f}-token prompts, median)",
+        values=median, ylabel="TTFT (s)", footnote=where))
     print(table)
 
 

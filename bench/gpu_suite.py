@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -364,8 +365,10 @@ def main(argv=None) -> int:
     for g, by in results.items():
         for name, r in by.items():
             rows.append(f"| {g} | {name} | {json.dumps(r.get('result', r.get('error')))[:120]} |")
+    chart = functools.partial(common.bar_chart, title=f"TTFT, 8k-token document, {gpu}",
+                              values=ttft, ylabel="seconds") if ttft else None
     common.write_outputs(args.out / f"gpu-suite-{gpu}.json", payload, "\n".join(rows) + "\n",
-                         f"TTFT, 8k-token document, {gpu}", ttft, "seconds")
+                         chart)
     return 0
 
 

@@ -22,29 +22,33 @@ mode's argmax with the full prefill's, and the answer's perplexity; and, on the
 greedy answer, token F1 against the gold answer (CacheBlend's bound: F1 within
 0.02 of the full prefill).  No request is saved (promptcache_save=false), so the
 only stored KV is the modules', and vLLM's prefix cache is off: every mode sees
-exactly the KV it names.
+exactly the KV it names.  The dtype is picked from the CPU (``--dtype`` overrides); it,
+the CPU model, the thread binding (``bench/common.py``) and the worker's threads are
+recorded.
 
     python bench/module_accuracy.py             # 24 examples
     python bench/module_accuracy.py --quick     # 4
 
-Results: ``bench/results/module-accuracy-cpu.json`` and ``.md``.
+Results: ``bench/results/module-accuracy-cpu.json``, ``.md`` and ``.png`` (next-token
+agreement with the full prefill per order and mode).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
+import functools
 import math
 import os
-import platform
 import random
 import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "module-accuracy-cpu.json"
@@ -103,18 +107,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    common.add_dtype_arg(ap)
     args = ap.parse_args()
     if args.quick:
         args.examples = 4
+    args.dtype = common.setup(args.dtype)
+    load = common.MachineLoad()
 
     from vllm import LLM, SamplingParams
 
     from vllm_promptcache import PromptModules, Text, engine_kwargs, read_metrics
     from vllm_promptcache.compat import shutdown_llm
 
-    llm = LLM(str(args.model), enforce_eager=True, gpu_memory_utilization=0.2,
+    llm = LLM(str(args.model), enforce_eager=True, gpu_memory_utilization=0.2, dtype=args.dtype,
               max_model_len=2048, enable_prefix_caching=False, max_logprobs=-1, seed=0,
               **engine_kwargs(host_gb=0.5, disk_gb=0, position_independent=True))
+    threads = common.engine_threads(llm)
+    log(f"worker threads: {threads}")
     tokenizer = llm.get_tokenizer()
     rng = random.Random(args.seed)
     sys.path.insert(0, str(ROOT / "models"))
@@ -194,12 +203,10 @@ def main() -> None:
                 "f1_minus_full": statistics.fmean(r[mode]["f1"] - r["full"]["f1"] for r in sel),
                 "answers_equal_full": statistics.fmean(r[mode]["answer_equal_full"] for r in sel),
             }
-    doc = {"benchmark": "module_accuracy", "date": _dt.datetime.now().isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    env = common.run_environment(args.dtype, load, {"all modes (one engine)": threads})
+    doc = {"benchmark": "module_accuracy", "environment": env,
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "summary": summary, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
     lines = ["| order | mode | next-token agreement with full | answer perplexity | token F1 "
              "vs gold | F1 − full | greedy answer = full |", "|---|---|---|---|---|---|---|"]
     for key, s in summary.items():
@@ -209,13 +216,18 @@ def main() -> None:
     table = "\n".join(lines)
     tokens = statistics.median(r["prompt_tokens"] for r in rows)
     loaded = statistics.median(r["loaded_tokens_per_request"] for r in rows)
-    args.out.with_suffix(".md").write_text(
-        f"# Prompt-module accuracy ({doc['date']})\n\nModel `{args.model.name}`; "
+    where = common.provenance_line(env)
+    md = (
+        f"# Prompt-module accuracy ({env['date']})\n\nModel `{args.model.name}` on {where}; "
         f"{args.examples} examples of 3 held-out documents (~{args.doc_tokens} tokens each) in "
         f"schema order and shuffled, {tokens:.0f} prompt tokens (median), "
         f"{args.answer_tokens}-token answers; boundary fix = last {args.fix_ratio:.0%} of the "
         f"found run recomputed; cached requests loaded {loaded:.0f} tokens each (median, both "
         f"cached modes together).\n\n" + table + "\n")
+    common.write_outputs(args.out, doc, md, functools.partial(
+        common.bar_chart, title="Next-token agreement with a full prefill",
+        values={k.replace("/", "\n"): s["next_token_agreement"] for k, s in summary.items()},
+        ylabel="agreement", footnote=where))
     print(table)
 
 

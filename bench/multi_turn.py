@@ -20,6 +20,10 @@ Five cases, each on a fresh engine and an empty disk directory:
 * ``disk_lru``       the plugin, host + disk, LRU eviction.
 * ``disk_sched``     the plugin, host + disk, scheduler-aware eviction and prefetch.
 
+Every engine gets the same OpenMP binding (``bench/common.py``; left alone, vLLM gives
+the plugin's engines one more thread than the baselines), each worker's thread count is
+read back and recorded, and the dtype is picked from the CPU (``--dtype`` overrides).
+
 Reported per case: TTFT p50 / p99 (vLLM's ``first_token_latency``: arrival to first
 token, so queueing and waiting for a disk read count), and prefill throughput =
 prompt tokens / the time the engine had at least one request between being
@@ -33,18 +37,17 @@ Run:
     python bench/multi_turn.py --quick        # smoke run
     python bench/multi_turn.py --cases prefix,disk_sched --conversations 12
 
-Results: ``bench/results/multi-turn-cpu.json`` and ``.md`` (next to ``--out``).
+Results: ``bench/results/multi-turn-cpu.json``, ``.md`` and ``.png`` (each case's TTFT
+distribution), next to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import functools
 import heapq
-import json
 import math
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -53,7 +56,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import common  # noqa: E402
 
 TOKEN_LO, TOKEN_HI = 10, 8000
 CASES = ("nocache", "prefix", "host", "disk_lru", "disk_sched")
@@ -112,6 +118,8 @@ def run_case(case: str, model: str, convs: list[dict], args) -> dict:
 
     disk_dir = tempfile.mkdtemp(prefix=f"promptcache-bench-{case}-")
     llm = LLM(model, **engine_kwargs_for(case, args, disk_dir))
+    threads = common.engine_threads(llm)
+    log(f"   worker threads: {threads}")
     engine = llm.llm_engine
     # Warm-up at the prompt sizes to come (a new engine's first large prefills are
     # slow), under a salt that nothing later can match.  The first prompt is long:
@@ -167,7 +175,7 @@ def run_case(case: str, model: str, convs: list[dict], args) -> dict:
         plugin = read_metrics(llm)
     shutdown_llm(llm)
     shutil.rmtree(disk_dir, ignore_errors=True)
-    return summarize(case, records, wall, plugin)
+    return {**summarize(case, records, wall, plugin), "engine_threads": threads}
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -241,6 +249,13 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def chart(png: Path, results: dict[str, dict], footnote: str) -> None:
+    common.distribution_chart(
+        png, "Multi-turn TTFT per request (arrival to first token)",
+        {case: [r["ttft_s"] for r in res["records"]] for case, res in results.items()},
+        "TTFT (s)", footnote=footnote)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conversations", type=int, default=12)
@@ -256,6 +271,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="3 conversations x 2 turns")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    common.add_dtype_arg(ap)
     args = ap.parse_args()
     if args.quick:
         args.conversations, args.turns = 3, 2
@@ -263,6 +279,9 @@ def main() -> None:
     unknown = set(cases) - set(CASES)
     if unknown:
         ap.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(CASES)}")
+
+    args.dtype = common.setup(args.dtype)
+    load = common.MachineLoad()
 
     from vllm_promptcache.tiny_model import build_model
 
@@ -277,27 +296,30 @@ def main() -> None:
             f"prefill {r['prefill_tokens_per_s']:.0f} tok/s, host hits {hits(r, 'host')}, "
             f"disk hits {hits(r, 'disk')}")
     add_ratios(results)
+    env = common.run_environment(args.dtype, load,
+                                 {c: r["engine_threads"] for c, r in results.items()})
     working_set_blocks = sum(
         (len(c["system"]) + sum(map(len, c["users"])) + sum(c["answers"])) // 128 for c in convs)
+    block_bytes = 24 * 2 * 128 * 2 * 64 * (4 if args.dtype == "float32" else 2)
     doc = {
         "benchmark": "multi_turn",
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "environment": env,
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "model": "bench (24 layers, hidden 896, 2 KV heads, dummy weights)",
-                   "block_bytes": 24 * 2 * 128 * 2 * 64 * 2,
+                   "block_bytes": block_bytes,
                    "working_set_blocks": working_set_blocks},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
-    md = args.out.with_suffix(".md")
-    md.write_text(
-        f"# Multi-turn benchmark ({doc['date']})\n\n"
-        f"{args.conversations} conversations x {args.turns} turns, think time median {args.think_s} s, "
-        f"max_num_seqs {args.max_num_seqs}, "
-        f"vLLM pool {args.gpu_blocks} blocks, host tier {args.host_gb} GiB, disk {args.disk_gb} GiB; "
-        f"working set about {working_set_blocks} blocks of 1.5 MiB.\n\n" + table(results) + "\n")
+    where = common.provenance_line(env)
+    md = (f"# Multi-turn benchmark ({env['date']})\n\n"
+          f"{args.conversations} conversations x {args.turns} turns, think time median "
+          f"{args.think_s} s, max_num_seqs {args.max_num_seqs}, vLLM pool {args.gpu_blocks} "
+          f"blocks, host tier {args.host_gb} GiB, disk {args.disk_gb} GiB; working set about "
+          f"{working_set_blocks} blocks of {block_bytes / 2**20:g} MiB. On {where}; every "
+          f"engine on the same threads. Ratios are against cases of the same run.\n\n"
+          + table(results) + "\n")
+    common.write_outputs(args.out, doc, md,
+                         functools.partial(chart, results=results, footnote=where))
     print(table(results))
 
 

@@ -20,7 +20,9 @@ full prefill, and how often the first answer token agrees.  TTFT is measured on
 the ``bench`` shape (dummy weights, whose answers mean nothing); quality on the
 embedded tiny model (random weights and tokens) or, with ``--quality-model
 models/docs-llama``, on the real small model with conversations made of held-out
-English passages.  Timings are never asserted.
+English passages.  Both sides of a ratio run on the same engine, so on the same
+threads; the binding (``bench/common.py``), the worker's thread count and the dtype
+(picked from the CPU, ``--dtype`` overrides) are recorded.  Timings are never asserted.
 
 Run:
 
@@ -29,23 +31,25 @@ Run:
         --out bench/results/truncation-quality-docs-llama.json
     python bench/truncation.py --quick
 
-Results: ``bench/results/truncation-cpu.json`` and ``.md``.
+Results: ``bench/results/truncation-cpu.json``, ``.md`` and ``.png`` (TTFT of reuse and
+of a full prefill per model).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
+import functools
 import os
-import platform
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import common  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "truncation-cpu.json"
 
@@ -74,10 +78,12 @@ def run(model_name: str, args, turn_len: int, system_len: int, vocab: int,
     model = build_model(model_name) if model_name in ("tiny", "bench") else model_name
     extra = {"load_format": "dummy"} if model_name == "bench" else {}
     max_len = args.max_model_len if model_name == "bench" else min(args.max_model_len, 4096)
-    llm = LLM(model, enforce_eager=True, gpu_memory_utilization=0.2, dtype="bfloat16",
+    llm = LLM(model, enforce_eager=True, gpu_memory_utilization=0.2, dtype=args.dtype,
               max_model_len=max_len, max_num_batched_tokens=max(8192, max_len),
               enable_prefix_caching=True, seed=0, **extra,
               **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))
+    threads = common.engine_threads(llm)
+    log(f"  {model_name} worker threads: {threads}")
     rng = random.Random(args.seed)
 
     if model_name in ("tiny", "bench"):
@@ -128,7 +134,7 @@ def run(model_name: str, args, turn_len: int, system_len: int, vocab: int,
         log(f"  {model_name} conversation {c}: {rows[-1]}")
     shutdown_llm(llm)
     return {
-        "model": Path(model_name).name, "rows": rows,
+        "model": Path(model_name).name, "engine_threads": threads, "rows": rows,
         "ttft_reuse_median_s": statistics.median(r["ttft_reuse_s"] for r in rows),
         "ttft_full_median_s": statistics.median(r["ttft_full_s"] for r in rows),
         "speedup": statistics.median(r["ttft_full_s"] / r["ttft_reuse_s"] for r in rows),
@@ -157,7 +163,10 @@ def main() -> None:
     ap.add_argument("--documents", type=Path, default=Path("/tmp/docs-corpus/documents.jsonl"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    common.add_dtype_arg(ap)
     args = ap.parse_args()
+    args.dtype = common.setup(args.dtype)
+    load = common.MachineLoad()
     if args.quick:
         args.conversations, args.quality_conversations, args.turns, args.drop = 1, 2, 3, 1
     parts = args.parts.split(",")
@@ -170,12 +179,11 @@ def main() -> None:
         log(f"== quality, {args.quality_model}")
         results["quality"] = run(args.quality_model, args, turn_len=128, system_len=128, vocab=2000,
                                  conversations=args.quality_conversations)
-    doc = {"benchmark": "truncation", "date": _dt.datetime.now().isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    env = common.run_environment(args.dtype, load,
+                                 {part: r["engine_threads"] for part, r in results.items()})
+    doc = {"benchmark": "truncation", "environment": env,
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
     lines = ["| model | prompt tokens | shifted tokens | TTFT reuse | TTFT full prefill | speedup | "
              "answer token agreement | first token agrees | identical answers | "
              "tokens identical before first divergence |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -187,11 +195,19 @@ def main() -> None:
             f"{r['token_agreement_mean']:.2f} | {r['first_token_agreement']:.2f} | "
             f"{r['identical_answers']:.2f} | {r['identical_prefix_mean']:.1f} of {args.answer_tokens} |")
     table = "\n".join(lines)
-    args.out.with_suffix(".md").write_text(
-        f"# Turn after truncation ({doc['date']})\n\n{args.conversations} (TTFT) and "
-        f"{args.quality_conversations} (quality) conversations of "
-        f"{args.turns} turns, the oldest {args.drop} dropped; {args.answer_tokens}-token answers.\n\n"
-        + table + "\n")
+    where = common.provenance_line(env)
+    md = (f"# Turn after truncation ({env['date']})\n\n{args.conversations} (TTFT) and "
+          f"{args.quality_conversations} (quality) conversations of {args.turns} turns, the "
+          f"oldest {args.drop} dropped; {args.answer_tokens}-token answers. On {where}; reuse "
+          f"and full prefill on the same engine, speedup = full / reuse per conversation "
+          f"(median).\n\n" + table + "\n")
+    ttfts = {}
+    for r in results.values():
+        ttfts[f"{r['model']}: full prefill"] = r["ttft_full_median_s"]
+        ttfts[f"{r['model']}: reuse"] = r["ttft_reuse_median_s"]
+    common.write_outputs(args.out, doc, md, functools.partial(
+        common.bar_chart, title="Turn after truncation: TTFT (median)", values=ttfts,
+        ylabel="TTFT (s)", footnote=where))
     print(table)
 
 

@@ -14,6 +14,11 @@ What is measured, for each prompt length L (default 512, 2048, 4096 tokens):
   host tier.  The plugin's ``hit_tokens_total[host]`` counter is read before and
   after each timed request; a row whose timed requests got no host hit is flagged.
 
+Every engine gets the same OpenMP binding (``bench/common.py``: without it vLLM gives
+an engine with a KV connector one more thread than one without), and each worker's
+thread count is read back and recorded; the dtype is picked from the CPU (``--dtype``
+overrides).
+
 TTFT is the wall time of ``llm.generate`` for one prompt with ``max_tokens=1``
 (``RequestOutput.metrics.first_token_latency`` is recorded as well when vLLM fills
 it).  Every measurement uses a fresh random prompt (token ids in [10, 8000)), so
@@ -32,24 +37,25 @@ Run:
     python bench/ttft.py --quick          # smoke run: 512 tokens, 1 rep
     python bench/ttft.py --lengths 512,1024 --reps 5 --out /tmp/ttft.json
 
-Results: ``bench/results/ttft-cpu.json`` and a table in ``bench/results/ttft-cpu.md``
-(the ``.md`` is written next to ``--out``, with the same stem).
+Results: ``bench/results/ttft-cpu.json``, a table in ``ttft-cpu.md`` and TTFT against
+prompt length per case in ``ttft-cpu.png`` (written next to ``--out``, same stem).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
+import functools
 import os
-import platform
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import common  # noqa: E402
 
 SUFFIX = 16          # new tokens after the reused prefix
 HOST_GB = 2.0
@@ -71,12 +77,12 @@ class Prompts:
         return [self.rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(n)]
 
 
-def engine_defaults(max_len: int) -> dict:
+def engine_defaults(max_len: int, dtype: str) -> dict:
     max_model_len = max_len + SUFFIX + 48
     return dict(
         enforce_eager=True,
         gpu_memory_utilization=0.2,
-        dtype="bfloat16",
+        dtype=dtype,
         load_format="dummy",
         max_model_len=max_model_len,
         # Large enough that the longest prompt prefills in a single step.
@@ -156,10 +162,11 @@ def measure_one(case: str, llm, L: int, prompts: Prompts) -> dict:
     return r
 
 
-def run_case(case: str, model: str, lengths: list[int], reps: int, seed: int) -> dict:
+def run_case(case: str, model: str, lengths: list[int], reps: int, seed: int,
+             dtype: str) -> dict:
     from vllm_promptcache import engine_kwargs
 
-    kwargs = engine_defaults(max(lengths))
+    kwargs = engine_defaults(max(lengths), dtype)
     if case == "nocache":
         kwargs["enable_prefix_caching"] = False
     elif case == "prefix":
@@ -174,7 +181,8 @@ def run_case(case: str, model: str, lengths: list[int], reps: int, seed: int) ->
     llm = LLM(model, **kwargs)
     log(f"[{case}] engine up in {time.perf_counter() - t0:.1f} s")
     prompts = Prompts(seed + CASES.index(case))
-    results = {}
+    results = {"engine_threads": common.engine_threads(llm)}
+    log(f"[{case}] worker threads: {results['engine_threads']}")
     try:
         untimed(llm, prompts(128))            # first forward pass of the engine
         for L in lengths:
@@ -220,6 +228,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def chart(png: Path, rows: list[dict], footnote: str) -> None:
+    xs = [r["total_prompt_tokens"] for r in rows]
+    series = {label: (xs, [r[key] for r in rows]) for label, key in (
+        ("no cache", "ttft_nocache_s"), ("vLLM prefix-cache hit", "ttft_prefix_s"),
+        ("host-tier hit (plugin)", "ttft_host_s"))}
+    common.line_chart(png, "TTFT against prompt length (bench shape, CPU)", series,
+                      "prompt tokens", "TTFT (s, log scale)", log_y=True, footnote=footnote)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="512,2048,4096",
@@ -228,6 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 512 tokens, 1 rep")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     ap.add_argument("--seed", type=int, default=0)
+    common.add_dtype_arg(ap)
     args = ap.parse_args(argv)
 
     lengths = [512] if args.quick else [int(x) for x in args.lengths.split(",") if x.strip()]
@@ -235,8 +253,8 @@ def main(argv=None) -> int:
     if reps < 1 or not lengths or min(lengths) < 1:
         ap.error("need reps >= 1 and positive lengths")
 
-    import torch
-    import vllm
+    dtype = common.setup(args.dtype)
+    load = common.MachineLoad()
 
     from vllm_promptcache.tiny_model import SHAPES, build_model
 
@@ -246,7 +264,8 @@ def main(argv=None) -> int:
 
     per_case = {}
     for case in CASES:
-        per_case[case] = run_case(case, model, lengths, reps, args.seed)
+        per_case[case] = run_case(case, model, lengths, reps, args.seed, dtype)
+    env = common.run_environment(dtype, load, {c: per_case[c]["engine_threads"] for c in CASES})
 
     rows = []
     for L in lengths:
@@ -278,40 +297,34 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "ttft",
+        "environment": env,
         "config": {
             "model": "bench (tiny_model.build_model('bench'), load_format=dummy)",
             "model_shape": {k: getattr(shape, k) for k in (
                 "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                 "num_kv_heads", "max_position_embeddings")},
-            "dtype": "bfloat16",
             "lengths": lengths,
             "suffix_tokens": SUFFIX,
             "reps": reps,
             "warmup_per_case": 1,
             "host_gb": HOST_GB,
             "save_wait_s": SAVE_WAIT_S,
-            "engine_kwargs": engine_defaults(max(lengths)),
+            "engine_kwargs": engine_defaults(max(lengths), dtype),
             "ttft_definition": "wall time of llm.generate for one prompt, max_tokens=1, temperature=0",
-            "vllm_version": vllm.__version__,
-            "torch_version": torch.__version__,
-            "python_version": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "total_runtime_s": round(time.perf_counter() - started, 1),
         },
         "rows": rows,
         "host_final_metrics": per_case["host"].get("final_metrics"),
     }
 
-    md = (f"TTFT on CPU ({os.cpu_count()} cores), bench shape (24 layers, hidden 896), "
-          f"vLLM {vllm.__version__}, median of {reps} rep(s); each request = L reused tokens "
-          f"+ {SUFFIX} new ones, max_tokens=1.\n\n" + table(rows) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(md)
+    where = common.provenance_line(env)
+    md = (f"TTFT, bench shape (24 layers, hidden 896), on {where}; every engine on the same "
+          f"threads; median of {reps} rep(s); each request = L reused tokens + {SUFFIX} new "
+          f"ones, max_tokens=1. Speedups are against no cache in the same run.\n\n"
+          + table(rows) + "\n")
+    common.write_outputs(args.out, result, md, functools.partial(chart, rows=rows, footnote=where))
     print(md)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    print(f"wrote {args.out} and its .md and .png")
     if any(r["no_host_hit"] for r in rows):
         log("WARNING: some host-tier measurements got no host hit; see the JSON")
     return 0
