@@ -166,7 +166,10 @@ class MachineLoad:
         self.ours = {os.getpid()}
         self.last = _process_cpu()
         self.own_s = self.others_s = 0.0
+        self.phases: dict[str, dict[str, float]] = {}
+        self._phase = (None, self.t0, 0.0)
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
         self._thread.start()
 
@@ -183,14 +186,30 @@ class MachineLoad:
                 self.others_s += delta
         self.last = now
 
+    def phase(self, name: str | None) -> None:
+        """Close the current phase (e.g. one case's engine) and start `name`: each
+        phase's share of foreign load is recorded, since cases run one after another
+        and need not see the same."""
+        with self._lock:
+            self._sample()
+            label, t, others = self._phase
+            if label is not None:
+                wall = time.monotonic() - t
+                self.phases[label] = {
+                    "wall_s": round(wall, 1),
+                    "other_processes_cores": round((self.others_s - others) / wall, 2)
+                    if wall > 0 else 0.0}
+            self._phase = (name, time.monotonic(), self.others_s)
+
     def _run(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            self._sample()
+            with self._lock:
+                self._sample()
 
     def record(self) -> dict[str, Any]:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self.phase(None)
         wall = time.monotonic() - self.t0
         cores = self.others_s / wall if wall > 0 else 0.0
         return {
@@ -200,6 +219,7 @@ class MachineLoad:
             "this_run_cpu_s": round(self.own_s, 1),
             "other_processes_cpu_s": round(self.others_s, 1),
             "other_processes_cores": round(cores, 2),
+            "other_processes_cores_per_phase": self.phases,
             # A tenth of a core of foreign work on average.  Not the load average: at
             # start it still holds the previous bench run's own load.
             "shared_machine": cores > 0.1,
@@ -318,8 +338,12 @@ def provenance_line(env: dict[str, Any]) -> str:
         first = next(iter(threads.values()))[0]
         t = f", {first.get('torch_threads')} worker thread(s) on CPU {first.get('affinity')}"
     load = env.get("machine_load", {})
-    shared = (f"; machine shared (others used {load['other_processes_cores']} cores on average)"
-              if load.get("shared_machine") else "")
+    shared = ""
+    if load.get("shared_machine"):
+        phases = load.get("other_processes_cores_per_phase") or {}
+        each = ", ".join(f"{k} {v['other_processes_cores']}" for k, v in phases.items())
+        shared = (f"; machine shared: other processes used {load['other_processes_cores']} "
+                  f"cores on average" + (f" ({each})" if len(phases) > 1 else ""))
     vllm = env.get("vllm") or ("vllm", "?")
     return (f"{env['cpu_model']} ({env['cpu_count']} cores), {env['dtype']}{t}, "
             f"vLLM {vllm[-1]}{shared}")

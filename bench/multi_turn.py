@@ -290,6 +290,7 @@ def main() -> None:
     results = {}
     for case in cases:
         log(f"== {case}")
+        load.phase(case)
         results[case] = run_case(case, model, convs, args)
         r = results[case]
         log(f"   TTFT p50 {r['ttft_p50_s']:.3f}s p99 {r['ttft_p99_s']:.3f}s, "

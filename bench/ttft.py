@@ -264,6 +264,7 @@ def main(argv=None) -> int:
 
     per_case = {}
     for case in CASES:
+        load.phase(case)
         per_case[case] = run_case(case, model, lengths, reps, args.seed, dtype)
     env = common.run_environment(dtype, load, {c: per_case[c]["engine_threads"] for c in CASES})
 
