@@ -32,10 +32,16 @@ FLAGS = {
     "admin_key": "--promptcache-admin-key",
     "max_module_tokens": "--promptcache-max-module-tokens",
     "max_request_bytes": "--promptcache-max-request-bytes",
+    "remote_url": "--promptcache-remote-url",
+    "remote_timeout_ms": "--promptcache-remote-timeout-ms",
+    "remote_secret": "--promptcache-remote-secret",
 }
 # Kept in the API server process only: never put into the engine's config (which
 # vLLM logs), never shown in the summary.
-SERVER_ONLY_FIELDS = ("admin_key",)
+SERVER_ONLY_FIELDS = ("admin_key", "remote_secret")
+# VLLM_PROMPTCACHE_* variables that are not options: read elsewhere, never refused.
+OTHER_ENV = ("config", "model_dir", "remote_password", "test_device", "test_dtype",
+             "vllm033_src")
 
 
 class PromptCacheConfigError(ValueError):
@@ -87,6 +93,14 @@ class PromptCacheConfig:
     # module route reads (HTTP 413 beyond either).
     max_module_tokens: int = 32768
     max_request_bytes: int = 8 << 20
+    # A store shared by several servers, below disk: redis://HOST:PORT/DB,
+    # rediss://..., unix:///path.sock, redis+cluster://h:p,h:p.  "" = off.
+    remote_url: str = ""
+    # Lookups slower than this are misses; a step never waits on the network.
+    remote_timeout_ms: int = 50
+    # The key of every value's checksum, shared by the instances (>= 16 bytes);
+    # kept out of the engine's (logged) config: it travels in the environment.
+    remote_secret: str = ""
 
     def validate(self) -> "PromptCacheConfig":
         def bad(name: str, allowed: str) -> PromptCacheConfigError:
@@ -129,6 +143,20 @@ class PromptCacheConfig:
         if not isinstance(self.max_request_bytes, int) or isinstance(self.max_request_bytes, bool) \
                 or not (1024 <= self.max_request_bytes <= 1 << 32):
             raise bad("max_request_bytes", "an integer number of bytes in [1024, 4294967296]")
+        if not isinstance(self.remote_url, str):
+            raise bad("remote_url", "a redis://, rediss://, unix:// or redis+cluster:// URL")
+        if self.remote_url:
+            from .store.remote_url import RemoteURLError, parse_remote_url
+
+            try:
+                parse_remote_url(self.remote_url, environ={})
+            except RemoteURLError as e:
+                raise PromptCacheConfigError(str(e)) from None
+        if not isinstance(self.remote_timeout_ms, int) or isinstance(self.remote_timeout_ms, bool) \
+                or not (1 <= self.remote_timeout_ms <= 60000):
+            raise bad("remote_timeout_ms", "an integer number of milliseconds in [1, 60000]")
+        if not isinstance(self.remote_secret, str):
+            raise bad("remote_secret", "a string of at least 16 characters")
         if (self.truncate or self.modules_file) and not self.position_independent:
             return dataclasses.replace(self, position_independent=True).validate()
         if not isinstance(self.disk_path, str):
@@ -181,7 +209,8 @@ class PromptCacheConfig:
                 f"truncate: {self.truncate}, recompute ratio: {self.recompute_ratio:g}, "
                 f"modules file: {self.modules_file or '-'}, "
                 f"model id: {self.model_id or '(from the weights)'}, "
-                f"module registration over HTTP: {'on' if self.admin_key else 'off'}")
+                f"module registration over HTTP: {'on' if self.admin_key else 'off'}, "
+                f"remote tier: {_masked(self.remote_url) if self.remote_url else 'off'}")
 
 
 def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:
@@ -244,7 +273,7 @@ def env_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
             name = key[len(ENV_PREFIX):].lower()
             if name in names:
                 out[name] = value
-            elif name not in ("config", "model_dir"):
+            elif name not in OTHER_ENV:
                 raise PromptCacheConfigError(
                     f"unknown environment variable {key}; known: "
                     + ", ".join(ENV_PREFIX + n.upper() for n in sorted(names)))
@@ -279,3 +308,12 @@ def build_config(config_file: str | os.PathLike | None = None,
 
 def _field(name: str) -> dataclasses.Field:
     return {f.name: f for f in fields(PromptCacheConfig)}[name]
+
+
+def _masked(url: str) -> str:
+    from .store.remote_url import parse_remote_url
+
+    try:
+        return parse_remote_url(url, environ={}).masked()
+    except ValueError:
+        return "(invalid)"

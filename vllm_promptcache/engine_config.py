@@ -11,7 +11,27 @@ CONNECTOR_CLASS = "PromptCacheConnector"
 CONNECTOR_MODULE = "vllm_promptcache.connector"
 
 
+def export_secrets(config: PromptCacheConfig) -> PromptCacheConfig:
+    """Move the remote tier's secrets out of the options into this process's
+    environment, which the engine's processes inherit: vLLM logs its config, and
+    neither the shared secret nor the store's password may appear there."""
+    import dataclasses
+
+    if config.remote_secret:
+        os.environ["VLLM_PROMPTCACHE_REMOTE_SECRET"] = config.remote_secret
+    if config.remote_url:
+        from .store.remote_url import parse_remote_url
+
+        url = parse_remote_url(config.remote_url, environ={})
+        if url.password:
+            os.environ["VLLM_PROMPTCACHE_REMOTE_PASSWORD"] = url.password
+            config = dataclasses.replace(config, remote_url=dataclasses.replace(
+                url, password=None).masked())
+    return dataclasses.replace(config, remote_secret="")
+
+
 def kv_transfer_config_dict(config: PromptCacheConfig) -> dict[str, Any]:
+    config = export_secrets(config)
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,

@@ -82,6 +82,18 @@ def add_promptcache_args(parser: Any) -> Any:
                        default=None, metavar="BYTES",
                        help="Largest body the module route reads (HTTP 413 beyond). "
                             "Default 8388608.")
+    group.add_argument(FLAGS["remote_url"], dest="promptcache_remote_url", default=None,
+                       metavar="URL",
+                       help="A store shared by several servers, below disk: redis://HOST:PORT/DB, "
+                            "rediss:// (TLS), unix:///path.sock, redis+cluster://h:p,h:p. The "
+                            "password may also come from VLLM_PROMPTCACHE_REMOTE_PASSWORD.")
+    group.add_argument(FLAGS["remote_timeout_ms"], dest="promptcache_remote_timeout_ms",
+                       default=None, metavar="MS",
+                       help="Remote lookups slower than this are misses. Default 50.")
+    group.add_argument(FLAGS["remote_secret"], dest="promptcache_remote_secret", default=None,
+                       metavar="SECRET",
+                       help="Key of every remote value's checksum, shared by the instances (at "
+                            "least 16 characters); better from VLLM_PROMPTCACHE_REMOTE_SECRET.")
     return parser
 
 

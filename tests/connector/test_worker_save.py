@@ -11,7 +11,7 @@ from vllm_promptcache.metrics import PromptCacheStats
 
 def bare_worker():
     w = object.__new__(PromptCacheWorker)
-    w._saved, w._failed, w.disk = queue.SimpleQueue(), set(), None
+    w._saved, w._failed, w.secondary = queue.SimpleQueue(), set(), {}
     w._stats, w._stats_lock = PromptCacheStats(), threading.Lock()
     w.slot_bytes, w.buffer = 1024, None
     return w

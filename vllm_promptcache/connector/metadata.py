@@ -24,12 +24,14 @@ class BlockTransfer:
 
 @dataclass
 class DiskWrite:
-    """Write GPU blocks `block_ids` of a finished request as disk file `file_id`."""
+    """Write GPU blocks `block_ids` of a finished request into a tier below host, as
+    object `file_id` (a disk file, or a remote write job)."""
 
     req_id: str
     file_id: str
     keys: list[bytes]
     block_ids: list[int]
+    tier: str = "disk"
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Promotion:
     indices: list[int]
     slots: list[int]
     keys: list[bytes] = field(default_factory=list)
+    tier: str = "disk"  # which tier below host holds object `file_id`
 
 
 @dataclass
@@ -65,9 +68,10 @@ class PromptCacheMetadata(KVConnectorMetadata):
     shifted_loads: list[ShiftedLoad] = field(default_factory=list)
     # GPU -> host, of finished requests whose blocks vLLM keeps until we report them
     saves: list[BlockTransfer] = field(default_factory=list)
-    # GPU -> disk (write-through), of the same finished requests
+    # GPU -> disk and remote (write-through), of the same finished requests
     disk_writes: list[DiskWrite] = field(default_factory=list)
-    # disk -> host, for queued requests (prefetch) and lookups that found blocks on disk
+    # disk or remote -> host, for queued requests (prefetch) and lookups that found
+    # blocks below host
     promotions: list[Promotion] = field(default_factory=list)
 
     def is_empty(self) -> bool:

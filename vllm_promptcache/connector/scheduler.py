@@ -39,18 +39,17 @@ from ..store.host_tier import HostTier, slots_for
 from ..store.keys import BlockKey, BlockKeyer, ModelFingerprint
 from ..store.policies import make_policy
 from .approximate import ApproximateBlocks
-from .metadata import BlockTransfer, DiskWrite, PromptCacheMetadata, Promotion, ShiftedLoad
+from .metadata import BlockTransfer, PromptCacheMetadata, ShiftedLoad
+from .remote import remote_tier
 from .request_keys import RequestKeys
+from .secondary import SecondaryTiers
 from .shifted import ShiftedPlan, ShiftedReuse
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
-# Disk files hold at most this many bytes per rank (several blocks of one request).
-DISK_FILE_BYTES = 64 << 20
 # Pinned prompt modules may fill at most this share of the host tier: the rest
 # stays for conversations.
 MODULE_SHARE = 0.5
-WRITE, PROMOTE = "write", "promote"
 
 
 def host_tier_geometry(vllm_config: Any, kv_cache_config: Any, config: PromptCacheConfig) -> tuple[int, int]:
@@ -91,19 +90,6 @@ class _Module:
     seg_id: int | None
 
 
-@dataclass
-class _Job:
-    """A background job every worker must report on (a disk write or a promotion)."""
-
-    kind: str
-    reports: int = 0
-    ok: bool = True
-    slots: list[int] = field(default_factory=list)     # promotion: host slots being filled
-    keys: list[BlockKey] = field(default_factory=list)  # promotion: their keys
-    file_id: str = ""
-    prefetch: bool = False
-
-
 class PromptCacheScheduler:
     def __init__(self, vllm_config: Any, kv_cache_config: Any, config: PromptCacheConfig):
         self.config = config
@@ -130,7 +116,8 @@ class PromptCacheScheduler:
             directory, fp_hex = disk_place
             secret = fmt.disk_secret(config.disk_dir)
             self.disk = DiskTier(prepare_directory(directory), config.disk_bytes, self.world_size,
-                                 make_policy(config.eviction_policy), self.queued, secret)
+                                 make_policy(config.eviction_policy), self.queued, secret,
+                                 slot_bytes, self.layout)
             files, blocks = self.disk.scan(self._accept_file(fp_hex))
         elif config.disk_enabled and disk_place is not None:
             logger.warning("promptcache: this vLLM has no connector worker metadata; "
@@ -154,15 +141,12 @@ class PromptCacheScheduler:
         self._loads: list[BlockTransfer] = []
         self._shifted_loads: list[ShiftedLoad] = []
         self._saves: list[BlockTransfer] = []
-        self._disk_writes: list[DiskWrite] = []
-        self._promotions: list[Promotion] = []
         self._inflight_saves: dict[str, list[int]] = {}
         self._failed_saves: set[str] = set()
-        self._jobs: dict[tuple[str, str], _Job] = {}
-        self._job_ids = count()
-        # Keys a promotion brought into host and no load used yet: True if by prefetch.
-        self._promoted: OrderedDict[BlockKey, bool] = OrderedDict()
-        self._reported = {"host": 0, "disk": 0, "corrupt": 0}
+        self._reported = {"host": 0}
+        self.remote = remote_tier(config, self.fingerprint, self.world_size, slot_bytes)
+        self.secondary = SecondaryTiers([t for t in (self.disk, self.remote) if t is not None],
+                                        self.host, self.world_size, self.stats, self._abort_slots)
         self._modules: dict[str, _Module] = {}
         self.module_slot_budget = int(num_slots * MODULE_SHARE)
         disk_line = (f"disk tier {config.disk_gb:g} GiB at {self.disk.directory}, "
@@ -171,9 +155,11 @@ class PromptCacheScheduler:
                      if self.disk else "disk tier off")
         logger.info(
             "vllm-promptcache: host tier %.2f GiB = %d slots of one %d-token block "
-            "(%.2f MiB per slot per worker, %d worker(s)); %s; eviction %s; model fingerprint %s",
-            config.host_gb, num_slots, self.block_size, slot_bytes / 2**20, self.world_size,
-            disk_line, config.eviction_policy, self.fingerprint.describe())
+            "(%.2f MiB per slot per worker, %d worker(s)); %s; remote tier %s; eviction %s; "
+            "model fingerprint %s", config.host_gb, num_slots, self.block_size,
+            slot_bytes / 2**20, self.world_size, disk_line,
+            self.remote.store.url.masked() if self.remote else "off", config.eviction_policy,
+            self.fingerprint.describe())
 
     def _accept_file(self, fp_hex: str):
         def accept(header: fmt.FileHeader) -> str | None:
@@ -192,9 +178,11 @@ class PromptCacheScheduler:
             return
         self._queued_keys[request.request_id] = keys
         self.queued.update(keys)
-        if self.disk is None:
+        if not self.secondary:
             return
         start = len(self.host.ready_prefix(keys, touch=True))
+        if self.remote is not None and start < len(keys):
+            self.remote.start_lookup(request.request_id, keys[start:])
         if start < len(keys) and not self.host.is_pending(keys[start]):
             issued = self._promote(keys, start, prefetch=True)
             if issued:
@@ -221,8 +209,15 @@ class PromptCacheScheduler:
                 # The next block is on its way into host (a save of a conversation's
                 # previous turn, or a promotion from disk): ask again next step.
                 return None, False
-            if self.disk is not None and self._promote(keys, end, prefetch=False):
+            if self.secondary and self._promote(keys, end, prefetch=False):
                 return None, False
+            if self.remote is not None:
+                # One round trip, in the background: ask again until it answers.
+                self.remote.start_lookup(req_id, keys[end:])
+                if self.remote.lookup_pending(req_id):
+                    return None, False
+                if self._promote(keys, end, prefetch=False):
+                    return None, False
         shifted = None
         if self.shifted is not None and self.request_keys.shiftable(request):
             shifted = self.shifted.plan(request.all_token_ids, self.request_keys.namespace(request),
@@ -283,17 +278,7 @@ class PromptCacheScheduler:
         return None
 
     def _promote(self, keys: list[BlockKey], start: int, prefetch: bool) -> int:
-        """Read the run of keys[start:] found on disk into host; returns blocks issued."""
-        run = []  # (key, file id, index in file)
-        for key in keys[start:]:
-            where = self.disk.locate(key)
-            # Stop at a key already in host too: reserve() skips those, and the
-            # claims must pair with the run one to one.
-            if where is None or key in self.host:
-                break
-            run.append((key, *where))
-        if not run:
-            return 0
+        """Read the run of keys[start:] found below host into host; returns blocks issued."""
         # A promotion never evicts the request's own blocks (with a host tier
         # smaller than the request it would evict its head to fetch its tail,
         # forever); under the scheduler-aware policy a prefetch also spares
@@ -304,24 +289,7 @@ class PromptCacheScheduler:
                 return key in own or self.queued.get(key, 0) > 0
         else:
             spare = own.__contains__
-        claimed = self.host.reserve([key for key, _, _ in run], spare=spare)
-        run = run[:len(claimed)]  # no key of the run is resident: claims follow it in order
-        by_file: dict[str, list[tuple[BlockKey, int, int]]] = {}
-        for (key, file_id, index), (_, slot) in zip(run, claimed):
-            by_file.setdefault(file_id, []).append((key, index, slot))
-        for file_id, blocks in by_file.items():
-            promo_id = f"p{next(self._job_ids)}"
-            slots = [slot for _, _, slot in blocks]
-            self._promotions.append(Promotion(promo_id, file_id, [i for _, i, _ in blocks], slots,
-                                              [k for k, _, _ in blocks]))
-            self._jobs[(PROMOTE, promo_id)] = _Job(
-                PROMOTE, slots=slots, keys=[k for k, _, _ in blocks], file_id=file_id,
-                prefetch=prefetch)
-            self.disk.pin([file_id])
-        self.disk.touch([f for f in reversed(list(by_file))])
-        logger.debug("promptcache: promoting %d blocks from %d disk file(s)%s",
-                     len(run), len(by_file), " (prefetch)" if prefetch else "")
-        return len(run)
+        return self.secondary.promote(keys, start, spare, prefetch)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         self._unqueue(request.request_id)
@@ -342,24 +310,20 @@ class PromptCacheScheduler:
             self._plan_shifted_load(request.request_id, lookup.shifted,
                                     (n_all - n) * self.block_size, all_block_ids)
             self.approximate.started(request.request_id, lookup.shifted.start // self.block_size)
-        from_disk = prefetched = 0
-        for key in lookup.keys[:n]:
-            by_prefetch = self._promoted.pop(key, None)
-            if by_prefetch is not None:
-                from_disk += 1
-                prefetched += by_prefetch
+        from_tier, prefetched = self.secondary.loaded(lookup.keys[:n])
+        from_below = sum(from_tier.values())
         self.stats.inc("lookup_hits_total")
         if n_all > n:
             self.stats.inc("hit_tokens_total", (n_all - n) * self.block_size, tier="host")
-        if n - from_disk:
-            self.stats.inc("hit_tokens_total", (n - from_disk) * self.block_size, tier="host")
-        if from_disk:
-            self.stats.inc("hit_tokens_total", from_disk * self.block_size, tier="disk")
+        if n - from_below:
+            self.stats.inc("hit_tokens_total", (n - from_below) * self.block_size, tier="host")
+        for tier, blocks in from_tier.items():
+            self.stats.inc("hit_tokens_total", blocks * self.block_size, tier=tier)
         if prefetched:
             self.stats.inc("prefetch_hit_blocks_total", prefetched)
         logger.debug("promptcache: request %s loads %d tokens: %d blocks through host (%d of "
-                     "them from disk), %d tokens found at other positions; %d were in vLLM's "
-                     "prefix cache", request.request_id, num_external_tokens, n, from_disk,
+                     "them from disk or remote), %d tokens found at other positions; %d were in "
+                     "vLLM's prefix cache", request.request_id, num_external_tokens, n, from_below,
                      (n_all - n) * self.block_size, lookup.local_tokens)
 
     def _plan_shifted_load(self, req_id: str, plan: ShiftedPlan, n_tokens: int,
@@ -393,6 +357,8 @@ class PromptCacheScheduler:
         finally:
             self._params.pop(req_id, None)
             self.request_keys.forget(req_id)
+            if self.remote is not None:
+                self.remote.forget_request(req_id)
             self._skip_counted.discard(req_id)
             self._rejected_modules.discard(req_id)
 
@@ -441,11 +407,10 @@ class PromptCacheScheduler:
         claimed = self.host.reserve(keys, spare=own_keys.__contains__)
         slots = [slot for _, slot in claimed]
         for i, _ in claimed:  # saved afresh: a later hit on them is a host hit
-            self._promoted.pop(keys[i], None)
+            self.secondary.saved_afresh(keys[i])
         if claimed:
             self._saves.append(BlockTransfer(req_id, [block_ids[i] for i, _ in claimed], slots))
-        writes = (self._plan_disk_writes(req_id, keys[:exact], block_ids[:exact])
-                  if self.disk else 0)
+        writes = self.secondary.plan_writes(req_id, keys[:exact], block_ids[:exact])
         result = None
         if module is not None:
             result = self._pin_module(module, keys, seg_id)
@@ -453,7 +418,7 @@ class PromptCacheScheduler:
             return False, result
         self._inflight_saves[req_id] = slots
         logger.debug("promptcache: request %s finished; saving %d of its %d full blocks to "
-                     "host (%d exact), %d to disk", req_id, len(slots), n_blocks, exact, writes)
+                     "host (%d exact), %d below host", req_id, len(slots), n_blocks, exact, writes)
         # Keep the blocks until the worker reports the save done (get_finished).
         return True, result
 
@@ -521,37 +486,12 @@ class PromptCacheScheduler:
                                "where it appears until registered again", name)
                 self._drop_module(name)
 
-    def _plan_disk_writes(self, req_id: str, keys: list[BlockKey], block_ids: list[int]) -> int:
-        new = [i for i, key in enumerate(keys) if key not in self.disk]
-        per_file = max(1, DISK_FILE_BYTES // fmt.align_up(self.slot_bytes))
-        planned = 0
-        for lo in range(0, len(new), per_file):
-            idx = new[lo:lo + per_file]
-            file_id = fmt.new_file_id()
-            file_keys = [keys[i] for i in idx]
-            if not self.disk.reserve(file_id, file_keys, self._file_bytes(len(idx))):
-                self.stats.inc("dropped_saves_total", len(new) - lo, tier="disk")
-                break
-            self._disk_writes.append(DiskWrite(req_id, file_id, file_keys, [block_ids[i] for i in idx]))
-            self._jobs[(WRITE, file_id)] = _Job(WRITE, file_id=file_id)
-            planned += len(idx)
-        return planned
-
-    def _file_bytes(self, num_blocks: int) -> int:
-        """Bytes of one file on every rank, for the disk cap."""
-        header = fmt.FileHeader("0" * 32, self.world_size - 1, self.world_size, self.layout,
-                                self.slot_bytes, (b"\0" * 16,) * num_blocks,
-                                (b"\0" * fmt.CHECKSUM_BYTES,) * num_blocks)
-        one = len(header.encode(b"\0" * fmt.SECRET_BYTES)) + num_blocks * fmt.align_up(self.slot_bytes)
-        return one * self.world_size
-
     # -- per step --------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: Any) -> PromptCacheMetadata:
+        writes, promotions = self.secondary.take_metadata()
         meta = PromptCacheMetadata(loads=self._loads, shifted_loads=self._shifted_loads,
-                                   saves=self._saves, disk_writes=self._disk_writes,
-                                   promotions=self._promotions)
+                                   saves=self._saves, disk_writes=writes, promotions=promotions)
         self._loads, self._shifted_loads, self._saves = [], [], []
-        self._disk_writes, self._promotions = [], []
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
@@ -572,59 +512,17 @@ class PromptCacheScheduler:
             else:
                 self.host.commit(slots)
         if worker_meta is not None:
-            for file_id in worker_meta.corrupt_files:
-                self.disk.discard(file_id, corrupt=True)
-            for file_id in worker_meta.missing_files:
-                # Gone, or refused (another user's): unindex, never delete.
-                self.disk.discard(file_id, delete=False)
-            for kind, job_id, ok in worker_meta.events:
-                self._job_report(kind, job_id, ok)
-
-    def _job_report(self, kind: str, job_id: str, ok: bool) -> None:
-        job = self._jobs.get((kind, job_id))
-        if job is None:
-            return
-        job.reports += 1
-        job.ok = job.ok and ok
-        if job.reports < self.world_size:
-            return
-        del self._jobs[(kind, job_id)]
-        if kind == WRITE:
-            if job.ok:
-                self.disk.commit(job_id)
-            else:
-                self.stats.inc("save_failures_total", len(self.disk.file_keys(job_id)), tier="disk")
-                self.disk.abort(job_id)
-            return
-        self.disk.unpin([job.file_id])
-        if job.ok:
-            self.host.commit(job.slots)
-            self.stats.inc("promoted_blocks_total", len(job.slots), tier="disk")
-            for key in job.keys:
-                self._promoted[key] = job.prefetch
-                self._promoted.move_to_end(key)
-            while len(self._promoted) > self.host.num_slots:
-                self._promoted.popitem(last=False)
-        else:
-            self._abort_slots(job.slots)
-            # Corrupt or missing files were dropped above; any other read error
-            # only unindexes the file (a restart's scan sees it again).
-            self.disk.discard(job.file_id, delete=False)
+            self.secondary.on_worker_meta(worker_meta)
 
     def has_pending_work(self) -> bool:
-        return bool(self._saves or self._inflight_saves or self._disk_writes
-                    or self._promotions or self._jobs)
+        return bool(self._saves or self._inflight_saves or self.secondary.has_pending_work())
 
     def get_kv_connector_stats(self) -> PromptCacheStats | None:
         self._report_delta("host", self.host.evictions, "evictions_total")
         self.stats.set("tier_bytes_in_use", self.host.bytes_in_use * self.world_size, tier="host")
         self.stats.set("tier_capacity_bytes", self.host.capacity_bytes * self.world_size, tier="host")
         self.stats.set("pinned_modules", len(self._modules))
-        if self.disk is not None:
-            self._report_delta("disk", self.disk.evictions, "evictions_total")
-            self._report_delta("corrupt", self.disk.corrupt_blocks, "corrupt_blocks_total", "disk")
-            self.stats.set("tier_bytes_in_use", self.disk.bytes_in_use, tier="disk")
-            self.stats.set("tier_capacity_bytes", self.disk.capacity_bytes, tier="disk")
+        self.secondary.report_stats()
         return self.stats.take()
 
     def _report_delta(self, name: str, total: int, metric: str, tier: str | None = None) -> None:

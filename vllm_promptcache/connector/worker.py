@@ -31,15 +31,25 @@ from ..kernels import blocks_first, load_slots_into_blocks, save_blocks_to_slots
 from ..metrics import PromptCacheStats
 from ..store.disk_format import disk_secret
 from ..store.disk_io import DiskIO
+from ..store.remote_io import RemoteIO
+from ..store.secondary_io import SecondaryIO
 from ..store.host_buffer import HostBuffer, StagingPool
 from .gpu_transfer import GpuTransfers, ShiftGeometry
 from .metadata import (BlockTransfer, DiskWrite, PromptCacheMetadata, PromptCacheWorkerMeta,
                        ShiftedLoad)
-from .scheduler import disk_directory, host_tier_geometry
+from .remote import remote_store
+from .scheduler import disk_directory, host_tier_geometry, model_fingerprint
 
 # Staged (GPU -> RAM copied, not yet on disk) bytes beyond which disk saves are dropped;
 # also the size of the staging pool allocated (pinned on GPU machines) at start-up.
 MAX_STAGED_BYTES = 1 << 30
+# A remote store's own counters, exported as metrics with tier="remote".
+REMOTE_COUNTERS = (("remote_round_trips_total", "round_trips"),
+                   ("remote_failures_total", "failures"),
+                   ("remote_reconnects_total", "reconnects"),
+                   ("corrupt_blocks_total", "corrupt_blocks"),
+                   ("dropped_saves_total", "dropped_puts"),
+                   ("remote_seconds_total", "seconds"))
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
@@ -70,13 +80,21 @@ class PromptCacheWorker:
             self.num_kv_heads = mc.get_num_kv_heads(pc)
             self.head_size = mc.get_head_size()
             self.block_size = vllm_config.cache_config.block_size
-        self.disk: DiskIO | None = None
-        disk_place = disk_directory(vllm_config, config) if config.disk_enabled else None
-        if disk_place is not None and PromptCacheWorkerMeta is not None:
-            directory, fingerprint = disk_place
-            self.disk = DiskIO(directory, fingerprint, compat.tp_rank(),
-                               vllm_config.parallel_config.world_size, self.layer_pages,
-                               MAX_STAGED_BYTES, disk_secret(config.disk_dir))
+        # The tiers below host, by name ("disk", "remote"): the bytes of their writes
+        # and promotions (store/secondary_io.py).
+        self.secondary: dict[str, SecondaryIO] = {}
+        if PromptCacheWorkerMeta is not None:
+            world = vllm_config.parallel_config.world_size
+            disk_place = disk_directory(vllm_config, config) if config.disk_enabled else None
+            if disk_place is not None:
+                directory, fingerprint = disk_place
+                self.secondary["disk"] = DiskIO(directory, fingerprint, compat.tp_rank(), world,
+                                                self.layer_pages, MAX_STAGED_BYTES,
+                                                disk_secret(config.disk_dir))
+            store = remote_store(config, model_fingerprint(vllm_config, config),
+                                 compat.tp_rank(), world, self.slot_bytes)
+            if store is not None:
+                self.secondary["remote"] = RemoteIO(store, self.slot_bytes, MAX_STAGED_BYTES)
 
     # -- set-up ----------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -95,7 +113,7 @@ class PromptCacheWorker:
         on_cuda = self.device.type == "cuda"
         self.buffer = HostBuffer(self.num_slots, self.layer_pages, pin=on_cuda)
         assert self.buffer.slot_bytes == self.slot_bytes
-        if self.disk is not None:
+        if self.secondary:
             self._staging = StagingPool(max(1, MAX_STAGED_BYTES // self.slot_bytes),
                                         self.layer_pages, pin=on_cuda)
         if on_cuda:
@@ -199,8 +217,8 @@ class PromptCacheWorker:
         if self._gpu is not None:
             self._gpu.end_step()
         for promo in meta.promotions:
-            self.disk.promote(promo.promo_id, promo.file_id, promo.indices, promo.slots,
-                              self.buffer, promo.keys)
+            self.secondary[promo.tier].promote(promo.promo_id, promo.file_id, promo.indices,
+                                               promo.slots, self.buffer, promo.keys)
         if not (meta.saves or meta.disk_writes):
             return
         ready = self._gpu.step_done_event() if self._gpu is not None else None
@@ -234,15 +252,15 @@ class PromptCacheWorker:
             logger.exception("promptcache: saving request %s failed; its blocks will not be "
                              "served", req_id)
             for write, _ in staged:
-                self.disk.unstage(len(write.block_ids))
-                self.disk.drop_write(write.file_id, "save failed")
+                self.secondary[write.tier].unstage(len(write.block_ids))
+                self.secondary[write.tier].drop_write(write.file_id, "save failed")
             staged = []
             ok = False
         finally:
             # vLLM may reuse the request's GPU blocks from here on; the files follow.
             self._saved.put((req_id, ok))
         for write, staging in staged:
-            self.disk.write(write.file_id, write.keys, staging)
+            self.secondary[write.tier].write(write.file_id, write.keys, staging)
 
     def _save_and_stage(self, req_id: str, save: BlockTransfer | None, writes: list[DiskWrite],
                         ready: Any) -> tuple[bool, list]:
@@ -257,21 +275,22 @@ class PromptCacheWorker:
                                  "will not be served", req_id)
         staged = []
         for write in writes:
-            if not self.disk.try_stage(len(write.block_ids)):
-                self.disk.drop_write(write.file_id, "too many disk writes queued")
+            io = self.secondary[write.tier]
+            if not io.try_stage(len(write.block_ids)):
+                io.drop_write(write.file_id, "too many writes queued")
                 continue
             staging = self._staging.lease(len(write.block_ids))
             if staging is None:
-                self.disk.unstage(len(write.block_ids))
-                self.disk.drop_write(write.file_id, "the disk staging pool is full")
+                io.unstage(len(write.block_ids))
+                io.drop_write(write.file_id, "the staging pool is full")
                 continue
             try:
                 self._copy_out(write.block_ids, staging, list(range(len(write.block_ids))), ready)
                 staged.append((write, staging))
             except Exception:
                 staging.release()
-                self.disk.unstage(len(write.block_ids))
-                self.disk.drop_write(write.file_id, "staging failed")
+                io.unstage(len(write.block_ids))
+                io.drop_write(write.file_id, "staging failed")
                 logger.exception("promptcache: staging request %s for disk failed", req_id)
         with self._stats_lock:
             if ok and save is not None:
@@ -295,7 +314,12 @@ class PromptCacheWorker:
     def build_worker_meta(self) -> Any:
         if PromptCacheWorkerMeta is None:
             return None
-        events, corrupt, gone = self.disk.take_events() if self.disk else ([], set(), set())
+        events, corrupt, gone = [], set(), set()
+        for io in self.secondary.values():
+            e, c, g = io.take_events()
+            events += e
+            corrupt |= c
+            gone |= g
         if not (self._failed or events or corrupt or gone):
             return None
         meta = PromptCacheWorkerMeta(failed_saves=self._failed, events=events,
@@ -305,19 +329,23 @@ class PromptCacheWorker:
 
     def get_kv_connector_stats(self) -> PromptCacheStats | None:
         with self._stats_lock:
-            if self.disk is not None:
-                written, read = self.disk.take_byte_counts()
+            for name, io in self.secondary.items():
+                written, read = io.take_byte_counts()
                 if written:
-                    self._stats.inc("saved_bytes_total", written, tier="disk")
+                    self._stats.inc("saved_bytes_total", written, tier=name)
                 if read:
-                    self._stats.inc("loaded_bytes_total", read, tier="disk")
+                    self._stats.inc("loaded_bytes_total", read, tier=name)
+                counts = io.take_counts()
+                for metric, key in REMOTE_COUNTERS:
+                    if counts.get(key):
+                        self._stats.inc(metric, counts[key], tier=name)
             return self._stats.take()
 
 
     def shutdown(self) -> None:
         self._saver.shutdown(wait=True)
-        if self.disk is not None:
-            self.disk.shutdown()
+        for io in self.secondary.values():
+            io.shutdown()
 
 
 def _concat(transfers: list[BlockTransfer]) -> tuple[list[int], list[int]]:

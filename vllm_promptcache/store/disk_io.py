@@ -14,9 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -24,32 +22,11 @@ import torch
 
 from . import disk_format as fmt
 from .host_buffer import HostBuffer
+from .secondary_io import PROMOTE, WARN_EVERY_SECONDS, WRITE, RateLimitedWarning, SecondaryIO
 
 logger = logging.getLogger("vllm.promptcache")
 
 READ_THREADS = 4
-WARN_EVERY_SECONDS = 60.0
-WRITE = "write"
-PROMOTE = "promote"
-
-
-class _RateLimitedWarning:
-    """One warning per interval for a recurring condition (a full disk)."""
-
-    def __init__(self, interval: float):
-        self.interval = interval
-        self._last = -float("inf")
-        self.suppressed = 0
-
-    def __call__(self, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            if self.suppressed:
-                msg += f" ({self.suppressed} more since the last warning)"
-            logger.warning(msg, *args)
-            self._last, self.suppressed = now, 0
-        else:
-            self.suppressed += 1
 
 
 class _Promotion:
@@ -61,50 +38,26 @@ class _Promotion:
         self.lock = threading.Lock()
 
 
-class DiskIO:
+class DiskIO(SecondaryIO):
+    name = "disk"
+
     def __init__(self, directory: str, fingerprint: str, rank: int, world: int,
                  layout: Sequence[tuple[str, int]], max_staged_bytes: int, secret: bytes):
+        self.layout = tuple((str(n), int(b)) for n, b in layout)
+        super().__init__(sum(b for _, b in self.layout), max_staged_bytes)
         self.directory = directory
         self.secret = secret
         self.fingerprint = fingerprint
         self.rank = rank
         self.world = world
-        self.layout = tuple((str(n), int(b)) for n, b in layout)
-        self.block_bytes = sum(b for _, b in self.layout)
-        self.max_staged_bytes = max_staged_bytes
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="promptcache-disk-write")
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="promptcache-disk-read")
-        self._events: queue.SimpleQueue[tuple[str, str, bool]] = queue.SimpleQueue()
-        self._corrupt: set[str] = set()
-        self._gone: set[str] = set()
-        self._corrupt_lock = threading.Lock()
-        self._staged_bytes = 0
-        self._staged_lock = threading.Lock()
-        self._warn_full = _RateLimitedWarning(WARN_EVERY_SECONDS)
-        self._moved = {"written": 0, "read": 0}
-        self._moved_lock = threading.Lock()
+        self._warn_full = RateLimitedWarning(WARN_EVERY_SECONDS)
 
     def path(self, file_id: str) -> str:
         return os.path.join(self.directory, fmt.file_name(file_id, self.rank))
 
     # -- writes ----------------------------------------------------------------
-    def try_stage(self, num_blocks: int) -> bool:
-        """Claim staging memory for a write; False (drop the write) when too much is queued."""
-        need = num_blocks * self.block_bytes
-        with self._staged_lock:
-            if self._staged_bytes + need > self.max_staged_bytes:
-                return False
-            self._staged_bytes += need
-            return True
-
-    def unstage(self, num_blocks: int) -> None:
-        with self._staged_lock:
-            self._staged_bytes -= num_blocks * self.block_bytes
-
-    def drop_write(self, file_id: str, why: str) -> None:
-        self._warn_full("promptcache: disk tier dropped a save (%s); serving goes on", why)
-        self._events.put((WRITE, file_id, False))
-
     def write(self, file_id: str, keys: Sequence[bytes], staging: HostBuffer) -> None:
         """Queue the staged blocks (claimed with try_stage) for writing as one file."""
         self._writer.submit(self._write, file_id, tuple(keys), staging)
@@ -126,11 +79,7 @@ class DiskIO:
         except Exception:
             logger.exception("promptcache: writing disk file %s failed", file_id)
         finally:
-            self.unstage(len(keys))
-            release = getattr(staging, "release", None)
-            if release is not None:  # a lease from the worker's staging pool
-                release()
-        self._events.put((WRITE, file_id, ok))
+            self._finish_write(file_id, len(keys), staging, ok)
 
     # -- reads -----------------------------------------------------------------
     def promote(self, promo_id: str, file_id: str, indices: Sequence[int], slots: Sequence[int],
@@ -185,11 +134,7 @@ class DiskIO:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-                with self._corrupt_lock:
-                    self._corrupt.add(file_id)
-            elif state.gone:
-                with self._corrupt_lock:
-                    self._gone.add(file_id)
+            self._report_object(file_id, corrupt=state.corrupt, gone=state.gone)
             self._events.put((PROMOTE, promo_id, state.ok))
 
     def _check_header(self, header: fmt.FileHeader, index: int, key: bytes, path: str) -> None:
@@ -215,32 +160,6 @@ class DiskIO:
             if len(data) < fmt.ALIGN:
                 raise
             return fmt.read_header(path, self.secret)
-
-    # -- reports ---------------------------------------------------------------
-    def _count(self, what: str, nbytes: int) -> None:
-        with self._moved_lock:
-            self._moved[what] += nbytes
-
-    def take_byte_counts(self) -> tuple[int, int]:
-        """(bytes written, bytes read) since the last call."""
-        with self._moved_lock:
-            out = self._moved["written"], self._moved["read"]
-            self._moved = {"written": 0, "read": 0}
-        return out
-
-    def take_events(self) -> tuple[list[tuple[str, str, bool]], set[str], set[str]]:
-        """(finished jobs, files found corrupt (deleted), files found missing) since
-        the last call; a file is in its set before its job's event is queued."""
-        events = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                break
-        with self._corrupt_lock:
-            corrupt, self._corrupt = self._corrupt, set()
-            gone, self._gone = self._gone, set()
-        return events, corrupt, gone
 
     def shutdown(self) -> None:
         # Writes finish (files are durable before the engine exits); reads are dropped.

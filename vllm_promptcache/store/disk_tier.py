@@ -27,6 +27,8 @@ logger = logging.getLogger("vllm.promptcache")
 
 # A temporary or incomplete file older than this is a crashed writer's leftover.
 STALE_SECONDS = 600.0
+# Disk files hold at most this many bytes per rank (several blocks of one request).
+DISK_FILE_BYTES = 64 << 20
 
 
 class DiskTierError(RuntimeError):
@@ -70,9 +72,12 @@ class DiskTier:
     name = "disk"
 
     def __init__(self, directory: str, capacity_bytes: int, world: int, policy: EvictionPolicy,
-                 queued: Counter[BlockKey] | None = None, secret: bytes = b""):
+                 queued: Counter[BlockKey] | None = None, secret: bytes = b"",
+                 block_bytes: int = 0, layout: tuple[tuple[str, int], ...] = ()):
         self.directory = directory
         self.secret = secret
+        self.block_bytes = block_bytes  # per rank, for planning writes
+        self.layout = tuple(layout)
         self.capacity_bytes = capacity_bytes
         self.world = world
         self._policy = policy
@@ -132,6 +137,31 @@ class DiskTier:
                 self._pending[key] = file_id
             self._bytes += nbytes
             return True
+
+    def plan_write(self, keys: Sequence[BlockKey]) -> tuple[list[tuple[str, list[int]]], int]:
+        """Files for the run's blocks not on disk yet, each reserved under the cap:
+        ([(file id, indices into keys)], blocks dropped for want of room)."""
+        new = [i for i, key in enumerate(keys) if key not in self]
+        per_file = max(1, DISK_FILE_BYTES // fmt.align_up(self.block_bytes))
+        planned = []
+        for lo in range(0, len(new), per_file):
+            idx = new[lo:lo + per_file]
+            file_id = fmt.new_file_id()
+            if not self.reserve(file_id, [keys[i] for i in idx], self.file_bytes(len(idx))):
+                return planned, len(new) - lo
+            planned.append((file_id, idx))
+        return planned, 0
+
+    def file_bytes(self, num_blocks: int) -> int:
+        """Bytes of one file of `num_blocks` blocks on every rank, for the cap."""
+        header = fmt.FileHeader("0" * 32, self.world - 1, self.world, self.layout,
+                                self.block_bytes, (b"\0" * 16,) * num_blocks,
+                                (b"\0" * fmt.CHECKSUM_BYTES,) * num_blocks)
+        one = len(header.encode(b"\0" * fmt.SECRET_BYTES)) + num_blocks * fmt.align_up(self.block_bytes)
+        return one * self.world
+
+    def object_keys(self, file_id: str) -> tuple[BlockKey, ...]:
+        return self.file_keys(file_id)
 
     def commit(self, file_id: str) -> None:
         """Every rank wrote its file: the keys become servable."""

@@ -57,7 +57,7 @@ from typing import Callable, Mapping, Sequence
 
 from blake3 import blake3
 
-from .disk_io import _RateLimitedWarning
+from .secondary_io import RateLimitedWarning as _RateLimitedWarning
 from .remote_url import RemoteURL, parse_remote_url
 
 logger = logging.getLogger("vllm.promptcache")

@@ -1,0 +1,209 @@
+"""The tiers below host RAM, as the scheduler side sees them: written once for all.
+
+Disk (`store/disk_tier.py`) and a shared remote store (`store/remote_tier.py`)
+are the same kind of thing here.  Each is an index with a small interface --
+`locate(key)`, `key in tier`, `plan_write(keys)`, `commit` / `abort` /
+`discard(object id)`, `pin` / `unpin` / `touch`, counters -- and this module does
+what is common to them:
+- write-through: a finished request's exact blocks go to every tier that lacks
+  them (the worker stages them once per tier and writes in the background);
+- promotion: a run of blocks missing from host is read into host slots from the
+  first tier that holds each block (lookup order: disk, then remote), in the
+  background; the lookup meanwhile answers "ask again";
+- prefetch: the same for requests waiting in vLLM's queue;
+- jobs: a write or a promotion is done when every worker rank reported it.
+Adding a tier (S3, Mooncake) is one new index module and one worker-side IO module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any, Callable, Sequence
+
+from ..store.host_tier import HostTier
+from ..store.keys import BlockKey
+from ..store.secondary_io import PROMOTE, WRITE
+from .metadata import DiskWrite, Promotion
+
+logger = logging.getLogger("vllm.promptcache")
+
+
+@dataclass
+class _Job:
+    """A background job every worker must report on (a write or a promotion)."""
+
+    kind: str
+    tier: Any
+    reports: int = 0
+    ok: bool = True
+    slots: list[int] = field(default_factory=list)     # promotion: host slots being filled
+    keys: list[BlockKey] = field(default_factory=list)  # promotion: their keys
+    object_id: str = ""
+    prefetch: bool = False
+
+
+class SecondaryTiers:
+    def __init__(self, tiers: Sequence[Any], host: HostTier, world_size: int, stats: Any,
+                 abort_slots: Callable[[list[int]], None]):
+        self.tiers = list(tiers)
+        self.host = host
+        self.world_size = world_size
+        self.stats = stats
+        self._abort_slots = abort_slots
+        self.writes: list[DiskWrite] = []
+        self.promotions: list[Promotion] = []
+        self._jobs: dict[tuple[str, str], _Job] = {}
+        self._ids = count()
+        # Keys a promotion brought into host and no load used yet: (tier, by prefetch).
+        self._promoted: OrderedDict[BlockKey, tuple[str, bool]] = OrderedDict()
+        self._reported: dict[tuple[str, str], int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.tiers)
+
+    def tier(self, name: str) -> Any:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    # -- promotions ----------------------------------------------------------------
+    def promote(self, keys: list[BlockKey], start: int, spare: Callable[[BlockKey], bool],
+                prefetch: bool) -> int:
+        """Read the run keys[start:] found below host into host slots; returns blocks
+        issued.  `spare(key)` protects resident blocks from eviction for it."""
+        run = []  # (key, tier, object id, index)
+        for key in keys[start:]:
+            # Stop at a key already in host too: reserve() skips those, and the
+            # claims must pair with the run one to one.
+            if key in self.host:
+                break
+            for tier in self.tiers:
+                where = tier.locate(key)
+                if where is not None:
+                    run.append((key, tier, *where))
+                    break
+            else:
+                break
+        if not run:
+            return 0
+        claimed = self.host.reserve([key for key, _, _, _ in run], spare=spare)
+        run = run[:len(claimed)]  # no key of the run is resident: claims follow it in order
+        by_object: dict[tuple[str, str], list[tuple[BlockKey, int, int]]] = {}
+        tiers = {}
+        for (key, tier, object_id, index), (_, slot) in zip(run, claimed):
+            by_object.setdefault((tier.name, object_id), []).append((key, index, slot))
+            tiers[tier.name] = tier
+        for (name, object_id), blocks in by_object.items():
+            promo_id = f"p{next(self._ids)}"
+            slots = [slot for _, _, slot in blocks]
+            block_keys = [k for k, _, _ in blocks]
+            self.promotions.append(Promotion(promo_id, object_id, [i for _, i, _ in blocks],
+                                             slots, block_keys, tier=name))
+            self._jobs[(PROMOTE, promo_id)] = _Job(PROMOTE, tiers[name], slots=slots,
+                                                   keys=block_keys, object_id=object_id,
+                                                   prefetch=prefetch)
+            tiers[name].pin([object_id])
+        for name, tier in tiers.items():
+            tier.touch([o for (n, o) in reversed(list(by_object)) if n == name])
+        logger.debug("promptcache: promoting %d blocks from %d object(s) of %s%s", len(run),
+                     len(by_object), "/".join(tiers), " (prefetch)" if prefetch else "")
+        return len(run)
+
+    def loaded(self, keys: Sequence[BlockKey]) -> tuple[dict[str, int], int]:
+        """Blocks of a load that promotions brought in: ({tier: blocks}, by prefetch)."""
+        from_tier: dict[str, int] = {}
+        prefetched = 0
+        for key in keys:
+            origin = self._promoted.pop(key, None)
+            if origin is not None:
+                from_tier[origin[0]] = from_tier.get(origin[0], 0) + 1
+                prefetched += origin[1]
+        return from_tier, prefetched
+
+    def saved_afresh(self, key: BlockKey) -> None:
+        """A save rewrote this key into host: a later hit on it is a host hit."""
+        self._promoted.pop(key, None)
+
+    # -- write-through ----------------------------------------------------------------
+    def plan_writes(self, req_id: str, keys: list[BlockKey], block_ids: list[int]) -> int:
+        """Write-through of a finished request's (exact) blocks to every tier that
+        lacks them; returns the blocks planned."""
+        planned = 0
+        for tier in self.tiers:
+            jobs, dropped = tier.plan_write(keys)
+            for object_id, idx in jobs:
+                self.writes.append(DiskWrite(req_id, object_id, [keys[i] for i in idx],
+                                             [block_ids[i] for i in idx], tier=tier.name))
+                self._jobs[(WRITE, object_id)] = _Job(WRITE, tier, object_id=object_id)
+                planned += len(idx)
+            if dropped:
+                self.stats.inc("dropped_saves_total", dropped, tier=tier.name)
+        return planned
+
+    # -- per step -----------------------------------------------------------------------
+    def take_metadata(self) -> tuple[list[DiskWrite], list[Promotion]]:
+        out = self.writes, self.promotions
+        self.writes, self.promotions = [], []
+        return out
+
+    def on_worker_meta(self, worker_meta: Any) -> None:
+        for object_id in worker_meta.corrupt_files:
+            for tier in self.tiers:
+                tier.discard(object_id, corrupt=True)
+        for object_id in worker_meta.missing_files:
+            for tier in self.tiers:
+                # Gone, or refused (another user's): unindex, never delete.
+                tier.discard(object_id, delete=False)
+        for kind, job_id, ok in worker_meta.events:
+            self._job_report(kind, job_id, ok)
+
+    def _job_report(self, kind: str, job_id: str, ok: bool) -> None:
+        job = self._jobs.get((kind, job_id))
+        if job is None:
+            return
+        job.reports += 1
+        job.ok = job.ok and ok
+        if job.reports < self.world_size:
+            return
+        del self._jobs[(kind, job_id)]
+        tier = job.tier
+        if kind == WRITE:
+            if job.ok:
+                tier.commit(job_id)
+            else:
+                self.stats.inc("save_failures_total", len(tier.object_keys(job_id)),
+                               tier=tier.name)
+                tier.abort(job_id)
+            return
+        tier.unpin([job.object_id])
+        if job.ok:
+            self.host.commit(job.slots)
+            self.stats.inc("promoted_blocks_total", len(job.slots), tier=tier.name)
+            for key in job.keys:
+                self._promoted[key] = (tier.name, job.prefetch)
+                self._promoted.move_to_end(key)
+            while len(self._promoted) > self.host.num_slots:
+                self._promoted.popitem(last=False)
+        else:
+            self._abort_slots(job.slots)
+            # Corrupt or missing objects were dropped above; any other read error
+            # only unindexes the object (a disk restart's scan sees it again).
+            tier.discard(job.object_id, delete=False)
+
+    def has_pending_work(self) -> bool:
+        return bool(self.writes or self.promotions or self._jobs)
+
+    def report_stats(self) -> None:
+        for tier in self.tiers:
+            self._report_delta(tier.name, "evictions", tier.evictions, "evictions_total")
+            self._report_delta(tier.name, "corrupt", tier.corrupt_blocks, "corrupt_blocks_total")
+            if tier.capacity_bytes:
+                self.stats.set("tier_bytes_in_use", tier.bytes_in_use, tier=tier.name)
+                self.stats.set("tier_capacity_bytes", tier.capacity_bytes, tier=tier.name)
+
+    def _report_delta(self, tier: str, what: str, total: int, metric: str) -> None:
+        new = total - self._reported.get((tier, what), 0)
+        if new:
+            self.stats.inc(metric, new, tier=tier)
+            self._reported[(tier, what)] = total

@@ -1,0 +1,139 @@
+"""What every tier below host RAM does on a worker, written once.
+
+A secondary tier (disk, a remote store) moves bytes off vLLM's step, on its own
+threads: it writes staged blocks (write-through of a finished request) and reads
+blocks into host-buffer slots (a promotion).  Each outcome is an event, (kind, id,
+ok), that the connector forwards to the scheduler side, which owns the tier's
+index and waits for every rank's event.  Objects found corrupt (deleted) or gone
+are reported too, so the index forgets them.  Staged bytes are bounded: past the
+bound a write is dropped (a future miss only), with one warning a minute.
+
+A tier implements `write(job_id, keys, staging)`, `promote(promo_id, object_id,
+indices, slots, buffer, keys)` and `shutdown()`; `disk_io.DiskIO` and
+`remote_io.RemoteIO` are the two there are.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Sequence
+
+from .host_buffer import HostBuffer
+
+logger = logging.getLogger("vllm.promptcache")
+
+WARN_EVERY_SECONDS = 60.0
+WRITE = "write"
+PROMOTE = "promote"
+
+
+class RateLimitedWarning:
+    """One warning per interval for a recurring condition (a full disk, a store down)."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._last = -float("inf")
+        self.suppressed = 0
+
+    def __call__(self, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            if self.suppressed:
+                msg += f" ({self.suppressed} more since the last warning)"
+            logger.warning(msg, *args)
+            self._last, self.suppressed = now, 0
+        else:
+            self.suppressed += 1
+
+
+class SecondaryIO:
+    name = "secondary"
+
+    def __init__(self, block_bytes: int, max_staged_bytes: int):
+        self.block_bytes = block_bytes
+        self.max_staged_bytes = max_staged_bytes
+        self._events: queue.SimpleQueue[tuple[str, str, bool]] = queue.SimpleQueue()
+        self._corrupt: set[str] = set()
+        self._gone: set[str] = set()
+        self._corrupt_lock = threading.Lock()
+        self._staged_bytes = 0
+        self._staged_lock = threading.Lock()
+        self._warn_dropped = RateLimitedWarning(WARN_EVERY_SECONDS)
+        self._moved = {"written": 0, "read": 0}
+        self._moved_lock = threading.Lock()
+
+    # -- writes ----------------------------------------------------------------
+    def try_stage(self, num_blocks: int) -> bool:
+        """Claim staging memory for a write; False (drop the write) when too much is queued."""
+        need = num_blocks * self.block_bytes
+        with self._staged_lock:
+            if self._staged_bytes + need > self.max_staged_bytes:
+                return False
+            self._staged_bytes += need
+            return True
+
+    def unstage(self, num_blocks: int) -> None:
+        with self._staged_lock:
+            self._staged_bytes -= num_blocks * self.block_bytes
+
+    def drop_write(self, job_id: str, why: str) -> None:
+        self._warn_dropped("promptcache: %s tier dropped a save (%s); serving goes on",
+                           self.name, why)
+        self._events.put((WRITE, job_id, False))
+
+    def write(self, job_id: str, keys: Sequence[bytes], staging: HostBuffer) -> None:
+        raise NotImplementedError
+
+    def promote(self, promo_id: str, object_id: str, indices: Sequence[int],
+                slots: Sequence[int], buffer: HostBuffer, keys: Sequence[bytes]) -> None:
+        raise NotImplementedError
+
+    def _finish_write(self, job_id: str, num_blocks: int, staging: HostBuffer, ok: bool) -> None:
+        self.unstage(num_blocks)
+        release = getattr(staging, "release", None)
+        if release is not None:  # a lease from the worker's staging pool
+            release()
+        self._events.put((WRITE, job_id, ok))
+
+    # -- reports ---------------------------------------------------------------
+    def _count(self, what: str, nbytes: int) -> None:
+        with self._moved_lock:
+            self._moved[what] += nbytes
+
+    def _report_object(self, object_id: str, corrupt: bool = False, gone: bool = False) -> None:
+        with self._corrupt_lock:
+            if corrupt:
+                self._corrupt.add(object_id)
+            elif gone:
+                self._gone.add(object_id)
+
+    def take_byte_counts(self) -> tuple[int, int]:
+        """(bytes written, bytes read) since the last call."""
+        with self._moved_lock:
+            out = self._moved["written"], self._moved["read"]
+            self._moved = {"written": 0, "read": 0}
+        return out
+
+    def take_counts(self) -> dict[str, float]:
+        """Tier-specific counters since the last call (a remote store's)."""
+        return {}
+
+    def take_events(self) -> tuple[list[tuple[str, str, bool]], set[str], set[str]]:
+        """(finished jobs, objects found corrupt (deleted), objects found missing) since
+        the last call; an object is in its set before its job's event is queued."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        with self._corrupt_lock:
+            corrupt, self._corrupt = self._corrupt, set()
+            gone, self._gone = self._gone, set()
+        return events, corrupt, gone
+
+    def shutdown(self) -> None:
+        pass
