@@ -50,6 +50,21 @@ METRICS: dict[str, tuple[str, bool, str]] = {
 }
 
 
+# A remote store's own counters (RemoteStore.take_counts) -> metrics with tier="remote".
+REMOTE_STORE_COUNTERS = (("remote_round_trips_total", "round_trips"),
+                         ("remote_failures_total", "failures"),
+                         ("remote_reconnects_total", "reconnects"),
+                         ("remote_seconds_total", "seconds"),
+                         ("corrupt_blocks_total", "corrupt_blocks"),
+                         ("dropped_saves_total", "dropped_puts"))
+
+
+def export_store_counts(stats: "PromptCacheStats", counts: dict, tier: str = "remote") -> None:
+    for metric, key in REMOTE_STORE_COUNTERS:
+        if counts.get(key):
+            stats.inc(metric, counts[key], tier=tier)
+
+
 def _label_name(label: bool | str) -> str:
     return label if isinstance(label, str) else "tier"
 

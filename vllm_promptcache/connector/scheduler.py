@@ -32,7 +32,7 @@ from typing import Any
 from .. import compat
 from .. import request_params
 from ..config import PromptCacheConfig
-from ..metrics import PromptCacheStats
+from ..metrics import PromptCacheStats, export_store_counts
 from ..store import disk_format as fmt
 from ..store.disk_tier import DiskTier, prepare_directory
 from ..store.host_tier import HostTier, slots_for
@@ -523,6 +523,8 @@ class PromptCacheScheduler:
         self.stats.set("tier_capacity_bytes", self.host.capacity_bytes * self.world_size, tier="host")
         self.stats.set("pinned_modules", len(self._modules))
         self.secondary.report_stats()
+        if self.remote is not None:  # the lookups' side of the store (the worker reports its own)
+            export_store_counts(self.stats, self.remote.store.take_counts())
         return self.stats.take()
 
     def _report_delta(self, name: str, total: int, metric: str, tier: str | None = None) -> None:

@@ -28,7 +28,7 @@ import torch
 from .. import compat
 from ..config import PromptCacheConfig
 from ..kernels import blocks_first, load_slots_into_blocks, save_blocks_to_slots
-from ..metrics import PromptCacheStats
+from ..metrics import PromptCacheStats, export_store_counts
 from ..store.disk_format import disk_secret
 from ..store.disk_io import DiskIO
 from ..store.remote_io import RemoteIO
@@ -43,14 +43,6 @@ from .scheduler import disk_directory, host_tier_geometry, model_fingerprint
 # Staged (GPU -> RAM copied, not yet on disk) bytes beyond which disk saves are dropped;
 # also the size of the staging pool allocated (pinned on GPU machines) at start-up.
 MAX_STAGED_BYTES = 1 << 30
-# A remote store's own counters, exported as metrics with tier="remote".
-REMOTE_COUNTERS = (("remote_round_trips_total", "round_trips"),
-                   ("remote_failures_total", "failures"),
-                   ("remote_reconnects_total", "reconnects"),
-                   ("corrupt_blocks_total", "corrupt_blocks"),
-                   ("dropped_saves_total", "dropped_puts"),
-                   ("remote_seconds_total", "seconds"))
-
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
 
@@ -335,10 +327,7 @@ class PromptCacheWorker:
                     self._stats.inc("saved_bytes_total", written, tier=name)
                 if read:
                     self._stats.inc("loaded_bytes_total", read, tier=name)
-                counts = io.take_counts()
-                for metric, key in REMOTE_COUNTERS:
-                    if counts.get(key):
-                        self._stats.inc(metric, counts[key], tier=name)
+                export_store_counts(self._stats, io.take_counts(), name)
             return self._stats.take()
 
 

@@ -1,0 +1,167 @@
+"""The shared remote tier end to end, on a real Redis server: a conversation cached by
+one engine is a hit on another, and a store that dies, comes back or holds a bad
+value never stops serving nor changes an answer.
+
+Engine A runs in its own process (`engine_session.py`), as another server would;
+engine B is shared by the module, with vLLM's prefix cache off, a small host tier
+and no disk tier, so what it does not hold in host comes from the store.  Both
+get the shared secret from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import close_llm, make_llm, settled
+from tests.redis_server import RedisServer, _need_redis
+
+pytestmark = pytest.mark.engine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BLOCK = 128
+SECRET = "a-secret-the-instances-share-0123456789"
+
+
+def tokens(n, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(10, 2000) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    _need_redis()
+    server = RedisServer(str(tmp_path_factory.mktemp("redis"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_secret():
+    old = os.environ.get("VLLM_PROMPTCACHE_REMOTE_SECRET")
+    os.environ["VLLM_PROMPTCACHE_REMOTE_SECRET"] = SECRET  # engine processes inherit it
+    yield SECRET
+    if old is None:
+        del os.environ["VLLM_PROMPTCACHE_REMOTE_SECRET"]
+    else:
+        os.environ["VLLM_PROMPTCACHE_REMOTE_SECRET"] = old
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    llm = make_llm(tiny_model, enable_prefix_caching=True)
+    yield llm
+    close_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def engine_b(tiny_model, store, shared_secret, reference):
+    from vllm_promptcache import engine_kwargs
+
+    llm = make_llm(tiny_model, enable_prefix_caching=False,
+                   **engine_kwargs(host_gb=0.004, disk_gb=0, remote_url=store.url,
+                                   remote_timeout_ms=200))
+    yield llm
+    close_llm(llm)
+
+
+def generate(llm, prompt, max_tokens=12):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return list(llm.generate([{"prompt_token_ids": prompt}], sp,
+                             use_tqdm=False)[0].outputs[0].token_ids)
+
+
+def metric(llm, name, tier="remote"):
+    from vllm_promptcache import read_metrics
+
+    return settled(lambda: read_metrics(llm).get(name, {}).get(tier, 0.0),
+                   step=lambda: generate(llm, [5] * 20, max_tokens=1))
+
+
+def engine_a_turn(tiny_model, store, tmp_path, name, prompt):
+    """Turn k of a conversation on another server (its own process); returns its answer."""
+    job = {"model": tiny_model, "engine": {"enable_prefix_caching": False},
+           "promptcache": {"host_gb": 0.01, "disk_gb": 0, "remote_url": store.url,
+                           "remote_timeout_ms": 200},
+           "steps": [{"prompt": prompt, "max_tokens": 12}]}
+    (tmp_path / f"{name}.json").write_text(json.dumps(job))
+    out = tmp_path / f"{name}.out.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.connector.engine_session",
+                           str(tmp_path / f"{name}.json"), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    wait_for_writes(store)
+    return json.loads(out.read_text())["outputs"][0]
+
+
+def wait_for_writes(store, settle_s=1.0):
+    """Engine A exits once its writes are done; give the store a moment to be quiet."""
+    client = store.client()
+    last, deadline = None, time.time() + 20
+    while time.time() < deadline:
+        n = client.dbsize()
+        if n and n == last:
+            return
+        last = n
+        time.sleep(settle_s)
+
+
+def test_turn_k_on_one_server_turn_k_plus_1_on_another_loads_from_remote(
+        tiny_model, store, engine_b, reference, tmp_path):
+    prompt = tokens(5 * BLOCK + 30, 1)
+    answer = engine_a_turn(tiny_model, store, tmp_path, "a1", prompt)
+    before = metric(engine_b, "hit_tokens_total")
+    nxt = prompt + answer + tokens(40, 2)
+    assert generate(engine_b, nxt) == generate(reference, nxt)
+    assert metric(engine_b, "hit_tokens_total") - before == 5 * BLOCK
+
+
+def test_a_value_corrupted_in_the_store_is_a_miss(tiny_model, store, engine_b, reference,
+                                                  tmp_path):
+    prompt = tokens(3 * BLOCK + 30, 3)
+    answer = engine_a_turn(tiny_model, store, tmp_path, "a2", prompt)
+    client = store.client()
+    for name in client.keys("promptcache:*:kv:*"):
+        value = client.get(name)
+        client.set(name, value[:100] + bytes([value[100] ^ 1]) + value[101:])  # one bit
+    hits, corrupt = metric(engine_b, "hit_tokens_total"), metric(engine_b, "corrupt_blocks_total")
+    nxt = prompt + answer + tokens(40, 4)
+    assert generate(engine_b, nxt) == generate(reference, nxt)
+    assert metric(engine_b, "hit_tokens_total") == hits, "a damaged value is never served"
+    assert metric(engine_b, "corrupt_blocks_total") > corrupt
+
+
+def test_a_dead_store_means_misses_and_a_restarted_one_hits_again(tiny_model, store, engine_b,
+                                                                  reference, tmp_path):
+    failures = metric(engine_b, "remote_failures_total")
+    store.kill()
+    try:
+        history = tokens(2 * BLOCK + 10, 5)
+        for turn in range(2):  # requests still succeed, as misses, with failures counted
+            answer = generate(engine_b, history)
+            assert answer == generate(reference, history)
+            history = history + answer + tokens(20, 6 + turn)
+        assert metric(engine_b, "remote_failures_total") > failures
+    finally:
+        store.restart()
+    # The store is back (empty: it keeps nothing on disk).  Both sides of engine B
+    # reconnect in the background (backoff), without restarting it...
+    deadline = time.time() + 90
+    while metric(engine_b, "remote_reconnects_total") < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert metric(engine_b, "remote_reconnects_total") >= 2
+    # ...and another server's turn is a hit here again.
+    prompt = tokens(4 * BLOCK + 30, 9)
+    answer = engine_a_turn(tiny_model, store, tmp_path, "a3", prompt)
+    before = metric(engine_b, "hit_tokens_total")
+    nxt = prompt + answer + tokens(30, 10)
+    assert generate(engine_b, nxt) == generate(reference, nxt)
+    assert metric(engine_b, "hit_tokens_total") - before == 4 * BLOCK
