@@ -176,5 +176,5 @@ def test_differential_fuzz_against_vllm_without_the_plugin(tiny_model, tmp_path,
         fuzz.close()
     print(f"\nfuzz: {n} sequences, {fuzz.served} requests served exact-only and compared, "
           f"{fuzz.mismatches} mismatches; last exact engine's hits {hits}")
-    assert fuzz.served >= 2 * n
+    assert fuzz.served >= n
     assert fuzz.mismatches == 0, "\n".join(fuzz.failures[:20])

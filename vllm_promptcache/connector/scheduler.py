@@ -182,11 +182,24 @@ class PromptCacheScheduler:
             return
         start = len(self.host.ready_prefix(keys, touch=True))
         if self.remote is not None and start < len(keys):
+            # Answered in a later step: _prefetch_answered() promotes what it found.
             self.remote.start_lookup(request.request_id, keys[start:])
+        self._prefetch(keys)
+
+    def _prefetch(self, keys: list[BlockKey]) -> None:
+        """Promote a queued request's blocks found below host, ahead of its turn."""
+        start = len(self.host.ready_prefix(keys, touch=False))
         if start < len(keys) and not self.host.is_pending(keys[start]):
             issued = self._promote(keys, start, prefetch=True)
             if issued:
                 self.stats.inc("prefetch_blocks_total", issued)
+
+    def _prefetch_answered(self) -> None:
+        """Queued requests whose remote lookup answered since the last step: prefetch."""
+        for req_id in self.remote.take_answered():
+            keys = self._queued_keys.get(req_id)
+            if keys:
+                self._prefetch(keys)
 
     def get_num_new_matched_tokens(self, request: Any,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -488,6 +501,8 @@ class PromptCacheScheduler:
 
     # -- per step --------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: Any) -> PromptCacheMetadata:
+        if self.remote is not None:
+            self._prefetch_answered()
         writes, promotions = self.secondary.take_metadata()
         meta = PromptCacheMetadata(loads=self._loads, shifted_loads=self._shifted_loads,
                                    saves=self._saves, disk_writes=writes, promotions=promotions)

@@ -77,6 +77,16 @@ class RemoteTier:
             return False
         return True
 
+    def take_answered(self) -> list[str]:
+        """Requests whose lookup answered (or expired) since the last call; their
+        found blocks are indexed."""
+        now = time.monotonic()
+        done = [req_id for req_id, (future, started, _keys) in self._lookups.items()
+                if future is not None and (future.done() or now - started > self.deadline_s)]
+        for req_id in done:
+            self.lookup_pending(req_id)
+        return done
+
     def forget_request(self, req_id: str) -> None:
         self._lookups.pop(req_id, None)
 

@@ -1,0 +1,121 @@
+"""The scheduler side with the remote tier on a real Redis, without an engine: write-
+through plans, one background lookup per request, prefetch for queued requests,
+promotion from the store, and a vanished value as a plain miss."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.connector.test_scheduler import (BS, PAGE, Blocks, events_output, kv_cache_config,
+                                            request, vllm_config)
+from tests.redis_server import redis_server, redis_servers  # noqa: F401
+from vllm_promptcache.config import PromptCacheConfig
+from vllm_promptcache.connector.scheduler import PromptCacheScheduler
+from vllm_promptcache.store.remote_store import RemoteStore
+
+SECRET = "scheduler-test-secret-0123456789"
+BLOCK_BYTES = 2 * PAGE  # two layers of one page: one slot per worker
+
+
+@pytest.fixture
+def setup(redis_server, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("VLLM_PROMPTCACHE_REMOTE_SECRET", SECRET)
+    cfg = PromptCacheConfig(host_gb=64 * BLOCK_BYTES / 2**30, disk_gb=0, model_id="m-test",
+                            remote_url=redis_server.url, remote_timeout_ms=500).validate()
+    sched = PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg)
+    worker_store = RemoteStore(redis_server.url, sched.fingerprint.digest().hex(), SECRET,
+                               block_bytes=BLOCK_BYTES, timeout_ms=500)
+    assert until(lambda: sched.remote.store.up and worker_store.up), "the store never came up"
+    yield sched, worker_store
+    worker_store.close()
+    sched.remote.close()
+
+
+def write_through(sched, store, req, block_ids):
+    """Finish `req`, and do what the worker would: write its blocks to the store."""
+    sched.request_finished(req, block_ids)
+    meta = sched.build_connector_meta(None)
+    writes = [w for w in meta.disk_writes if w.tier == "remote"]
+    assert writes, "a finished request is written through to the remote tier"
+    for w in writes:
+        assert store.put_chunks(w.keys, [bytes([i % 251]) * BLOCK_BYTES for i in range(len(w.keys))])
+    from types import SimpleNamespace
+
+    from vllm_promptcache.connector.metadata import PromptCacheWorkerMeta
+
+    sched.update_connector_output(SimpleNamespace(  # the host save and the remote write done
+        finished_sending={req.request_id}, kv_connector_worker_meta=PromptCacheWorkerMeta(
+            events=[("write", w.file_id, True) for w in writes])))
+    return [k for w in writes for k in w.keys]
+
+
+def until(fn, timeout=5.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.02)
+    return fn()
+
+
+def test_a_queued_request_is_prefetched_from_the_store(setup):
+    sched, store = setup
+    toks = list(range(100, 113))  # 3 full blocks
+    keys = write_through(sched, store, request("a", toks), [1, 2, 3])
+    assert len(keys) == 3
+    # Another instance: nothing in host, the store has it.
+    sched.host.clear()
+    sched.remote._where.clear()
+    nxt = request("b", toks + [7, 7, 7], computed=0)
+    sched.on_new_request(nxt)
+    promos = until(lambda: sched.build_connector_meta(None).promotions)
+    assert [p.tier for p in promos] == ["remote"] and sum(len(p.slots) for p in promos) == 3
+    assert [k for p in promos for k in p.keys] == keys
+    sched.update_connector_output(events_output([("promote", p.promo_id, True) for p in promos]))
+    assert sched.get_num_new_matched_tokens(nxt, 0) == (12, False)
+    sched.update_state_after_alloc(nxt, Blocks([4, 5, 6, 7]), 12)
+    stats = sched.get_kv_connector_stats().data["counter"]
+    assert stats["hit_tokens_total|remote"] == 12
+    assert stats["prefetch_blocks_total|"] == 3 and stats["prefetch_hit_blocks_total|"] == 3
+
+
+def test_a_lookup_asks_again_until_the_store_answers_then_promotes(setup):
+    sched, store = setup
+    toks = list(range(300, 309))  # 2 full blocks
+    write_through(sched, store, request("a", toks), [1, 2])
+    sched.host.clear()
+    sched.remote._where.clear()
+    nxt = request("b", toks + [1], computed=0)
+    assert sched.get_num_new_matched_tokens(nxt, 0) == (None, False)  # lookup in flight
+    answer = until(lambda: sched.get_num_new_matched_tokens(nxt, 0)[0] is None
+                   and sched.build_connector_meta(None).promotions)
+    assert answer and answer[0].tier == "remote"
+    sched.update_connector_output(events_output([("promote", answer[0].promo_id, True)]))
+    assert sched.get_num_new_matched_tokens(nxt, 0) == (8, False)
+
+
+def test_a_value_the_store_evicted_is_a_plain_miss(setup, redis_server):  # noqa: F811
+    sched, store = setup
+    toks = list(range(500, 509))
+    write_through(sched, store, request("a", toks), [1, 2])
+    sched.host.clear()
+    nxt = request("b", toks + [1], computed=0)
+    assert sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
+    promos = sched.build_connector_meta(None).promotions
+    assert promos
+    # The store evicted the chunk (maxmemory) before the worker read it: the worker
+    # reports the object missing.
+    redis_server.client().flushall()
+    from types import SimpleNamespace
+
+    from vllm_promptcache.connector.metadata import PromptCacheWorkerMeta
+
+    sched.update_connector_output(SimpleNamespace(
+        finished_sending=set(), kv_connector_worker_meta=PromptCacheWorkerMeta(
+            events=[("promote", p.promo_id, False) for p in promos],
+            missing_files={p.file_id for p in promos})))
+    # One more lookup (the store may hold other copies), then computed: never an error.
+    assert until(lambda: sched.get_num_new_matched_tokens(nxt, 0) == (0, False))
