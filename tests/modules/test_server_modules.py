@@ -206,3 +206,18 @@ def test_deeply_nested_pml_is_a_400(server):
               + "</schema>")
     r = post(server, {"schema": schema})
     assert r.status_code == 400 and "nested deeper" in r.text
+
+
+def test_without_an_admin_key_http_registration_is_off_with_403(monkeypatch):
+    """No engine needed: the check the route runs first."""
+    from http import HTTPStatus
+
+    from vllm_promptcache.config import PromptCacheConfig
+    from vllm_promptcache.modules import server as server_module
+
+    monkeypatch.setattr(server_module, "_config", PromptCacheConfig().validate())
+    status, message = server_module._admin_refusal(ADMIN_KEY)
+    assert status == HTTPStatus.FORBIDDEN and "--promptcache-admin-key" in message
+    monkeypatch.setattr(server_module, "_config", PromptCacheConfig(admin_key=ADMIN_KEY).validate())
+    assert server_module._admin_refusal(ADMIN_KEY) is None
+    assert server_module._admin_refusal("x" * 30)[0] == HTTPStatus.UNAUTHORIZED
