@@ -93,7 +93,8 @@ def make_conversations(n: int, turns: int, seed: int) -> list[dict]:
 
 def engine_kwargs_for(case: str, args, disk_dir: str) -> dict:
     kw = dict(
-        enforce_eager=True, gpu_memory_utilization=0.2, dtype=getattr(args, "dtype", "bfloat16"),
+        enforce_eager=True, gpu_memory_utilization=getattr(args, "memory_utilization", 0.2),
+        dtype=getattr(args, "dtype", "bfloat16"),
         load_format="dummy",
         max_model_len=args.max_model_len, max_num_batched_tokens=max(8192, args.max_model_len),
         max_num_seqs=args.max_num_seqs, num_gpu_blocks_override=args.gpu_blocks, seed=0,
@@ -267,6 +268,9 @@ def main() -> None:
     ap.add_argument("--think-s", type=float, default=2.0, help="median think time between turns")
     ap.add_argument("--disk-gb", type=float, default=4.0)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--memory-utilization", type=float, default=0.2,
+                    help="vLLM's gpu_memory_utilization: on CPU, the share of RAM an engine "
+                         "reserves (lower it on a machine shared with other engines)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="3 conversations x 2 turns")
