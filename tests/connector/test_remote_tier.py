@@ -20,12 +20,14 @@ import time
 import pytest
 
 from tests.conftest import close_llm, make_llm, settled
-from tests.redis_server import RedisServer, _need_redis
+from tests.redis_server import RedisServer, _need_redis, redis_cluster  # noqa: F401
 
 pytestmark = pytest.mark.engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCK = 128
+# Several engines live at once here (and a subprocess one): a small KV pool each.
+SMALL_KV = 0.05
 SECRET = "a-secret-the-instances-share-0123456789"
 
 
@@ -55,7 +57,7 @@ def shared_secret():
 
 @pytest.fixture(scope="module")
 def reference(tiny_model):
-    llm = make_llm(tiny_model, enable_prefix_caching=True)
+    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=True)
     yield llm
     close_llm(llm)
 
@@ -64,7 +66,7 @@ def reference(tiny_model):
 def engine_b(tiny_model, store, shared_secret, reference):
     from vllm_promptcache import engine_kwargs
 
-    llm = make_llm(tiny_model, enable_prefix_caching=False,
+    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False,
                    **engine_kwargs(host_gb=0.004, disk_gb=0, remote_url=store.url,
                                    remote_timeout_ms=200))
     yield llm
@@ -88,7 +90,7 @@ def metric(llm, name, tier="remote"):
 
 def engine_a_turn(tiny_model, store, tmp_path, name, prompt):
     """Turn k of a conversation on another server (its own process); returns its answer."""
-    job = {"model": tiny_model, "engine": {"enable_prefix_caching": False},
+    job = {"model": tiny_model, "engine": {"enable_prefix_caching": False, "gpu_memory_utilization": SMALL_KV},
            "promptcache": {"host_gb": 0.01, "disk_gb": 0, "remote_url": store.url,
                            "remote_timeout_ms": 200},
            "steps": [{"prompt": prompt, "max_tokens": 12}]}
@@ -104,10 +106,10 @@ def engine_a_turn(tiny_model, store, tmp_path, name, prompt):
 
 def wait_for_writes(store, settle_s=1.0):
     """Engine A exits once its writes are done; give the store a moment to be quiet."""
-    client = store.client()
+    clients = [node.client() for node in getattr(store, "nodes", [store])]
     last, deadline = None, time.time() + 20
     while time.time() < deadline:
-        n = client.dbsize()
+        n = sum(c.dbsize() for c in clients)
         if n and n == last:
             return
         last = n
@@ -165,3 +167,25 @@ def test_a_dead_store_means_misses_and_a_restarted_one_hits_again(tiny_model, st
     nxt = prompt + answer + tokens(30, 10)
     assert generate(engine_b, nxt) == generate(reference, nxt)
     assert metric(engine_b, "hit_tokens_total") - before == 4 * BLOCK
+
+
+@pytest.fixture(scope="module")
+def engine_c(tiny_model, redis_cluster, shared_secret, reference):  # noqa: F811
+    """Built last in this module (read_metrics reads the newest engine)."""
+    from vllm_promptcache import engine_kwargs
+
+    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False,
+                   **engine_kwargs(host_gb=0.004, disk_gb=0, remote_url=redis_cluster.url,
+                                   remote_timeout_ms=200))
+    yield llm
+    close_llm(llm)
+
+
+def test_hits_across_two_engines_through_a_redis_cluster(tiny_model, redis_cluster,  # noqa: F811
+                                                         engine_c, reference, tmp_path):
+    prompt = tokens(5 * BLOCK + 30, 21)
+    answer = engine_a_turn(tiny_model, redis_cluster, tmp_path, "c1", prompt)
+    before = metric(engine_c, "hit_tokens_total")
+    nxt = prompt + answer + tokens(40, 22)
+    assert generate(engine_c, nxt) == generate(reference, nxt)
+    assert metric(engine_c, "hit_tokens_total") - before == 5 * BLOCK
