@@ -189,3 +189,47 @@ def test_hits_across_two_engines_through_a_redis_cluster(tiny_model, redis_clust
     nxt = prompt + answer + tokens(40, 22)
     assert generate(engine_c, nxt) == generate(reference, nxt)
     assert metric(engine_c, "hit_tokens_total") - before == 5 * BLOCK
+
+
+@pytest.fixture(scope="module")
+def engine_d(tiny_model, store, shared_secret, reference):
+    """Position-independent reuse on, sharing `store`; built after engine_c."""
+    from vllm_promptcache import engine_kwargs
+
+    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False,
+                   **engine_kwargs(host_gb=0.004, disk_gb=0, remote_url=store.url,
+                                   remote_timeout_ms=200, position_independent=True))
+    yield llm
+    close_llm(llm)
+
+
+def test_a_module_registered_on_one_instance_is_used_shifted_on_another(
+        tiny_model, store, engine_d, tmp_path):
+    from tests.modules.test_prompt_modules import text
+
+    docs = {"shared-a": text(170, 2), "shared-b": text(170, 3)}
+    job = {"model": tiny_model, "engine": {"enable_prefix_caching": False,
+                                           "gpu_memory_utilization": SMALL_KV},
+           "promptcache": {"host_gb": 0.01, "disk_gb": 0, "remote_url": store.url,
+                           "remote_timeout_ms": 200, "position_independent": True},
+           "modules": docs, "steps": []}
+    (tmp_path / "m.json").write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "-m", "tests.connector.engine_session",
+                           str(tmp_path / "m.json"), str(tmp_path / "m.out.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    wait_for_writes(store)
+    tok = engine_d.get_tokenizer()
+    a, b = (tok.encode(docs[n], add_special_tokens=False) for n in ("shared-a", "shared-b"))
+    # Plain prompts on the other instance, in another order than registered: b at its
+    # own position, a shifted after it.  Steps read the shared table every few
+    # seconds; each prompt has its own question, so none is an exact hit of another.
+    shifted = metric(engine_d, "shifted_hit_tokens_total", tier="host")
+    deadline, i = time.time() + 60, 0
+    while metric(engine_d, "shifted_hit_tokens_total", tier="host") == shifted:
+        assert time.time() < deadline, "the shared modules were never loaded on this instance"
+        i += 1
+        question = tok.encode(f"zebra question {i}: " + text(20, 100 + i), add_special_tokens=False)
+        generate(engine_d, [tok.bos_token_id] + b + a + question, max_tokens=2)
+        time.sleep(0.5)
+    assert metric(engine_d, "hit_tokens_total", tier="remote") > 0

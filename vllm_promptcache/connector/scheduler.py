@@ -130,7 +130,7 @@ class PromptCacheScheduler:
                 rope_params(vllm_config)  # the worker needs them; fail here, at start-up
             except UnsupportedRopeError as e:
                 raise RuntimeError(f"--promptcache-position-independent: {e}") from None
-            self.shifted = ShiftedReuse(self.block_size, self.host)
+            self.shifted = ShiftedReuse(self.block_size, self.host, below=self._fetch_below)
         self.stats = PromptCacheStats()
         self._skip_counted: set[str] = set()
         self._rejected_modules: set[str] = set()
@@ -147,6 +147,11 @@ class PromptCacheScheduler:
         self.remote = remote_tier(config, self.fingerprint, self.world_size, slot_bytes)
         self.secondary = SecondaryTiers([t for t in (self.disk, self.remote) if t is not None],
                                         self.host, self.world_size, self.stats, self._abort_slots)
+        self.shared = None  # modules shared with other instances through the store
+        if self.remote is not None and self.shifted is not None:
+            from .shared_segments import SharedSegments
+
+            self.shared = SharedSegments(self.remote, self.shifted, self.block_size)
         self._modules: dict[str, _Module] = {}
         self.module_slot_budget = int(num_slots * MODULE_SHARE)
         disk_line = (f"disk tier {config.disk_gb:g} GiB at {self.disk.directory}, "
@@ -193,6 +198,19 @@ class PromptCacheScheduler:
             issued = self._promote(keys, start, prefetch=True)
             if issued:
                 self.stats.inc("prefetch_blocks_total", issued)
+
+    def _fetch_below(self, keys: list[BlockKey], j: int) -> bool:
+        """A segment's blocks keys[j:] are not in host: fetch them from a tier below
+        host; True while that is under way (the request asks again)."""
+        if not self.secondary:
+            return False
+        if self._promote(keys, j, prefetch=False):
+            return True
+        if self.remote is None:
+            return False
+        lookup = "segment:" + keys[j].hex()
+        self.remote.start_lookup(lookup, keys[j:], retry_after_s=2.0)
+        return self.remote.lookup_pending(lookup) or self._promote(keys, j, prefetch=False) > 0
 
     def _prefetch_answered(self) -> None:
         """Queued requests whose remote lookup answered since the last step: prefetch."""
@@ -427,6 +445,8 @@ class PromptCacheScheduler:
         result = None
         if module is not None:
             result = self._pin_module(module, keys, seg_id)
+            if self.shared is not None and result[request_params.RESULT]["ok"]:
+                self.shared.publish(module, tokens, keys, namespace)
         if not claimed and not writes:
             return False, result
         self._inflight_saves[req_id] = slots
@@ -503,6 +523,8 @@ class PromptCacheScheduler:
     def build_connector_meta(self, scheduler_output: Any) -> PromptCacheMetadata:
         if self.remote is not None:
             self._prefetch_answered()
+        if self.shared is not None:
+            self.shared.sync()
         writes, promotions = self.secondary.take_metadata()
         meta = PromptCacheMetadata(loads=self._loads, shifted_loads=self._shifted_loads,
                                    saves=self._saves, disk_writes=writes, promotions=promotions)

@@ -7,14 +7,16 @@ blocks are stored under.  `SegmentIndex` finds the prompt's tokens inside stored
 segments at any offset; this planner turns the pieces it returns into a
 token-wise copy plan from READY host slots, which the worker executes with
 `load_tokens_shifted` (RoPE-rotating K by the delta).  Blocks of a segment that
-are not in host (evicted, or on disk only) end the plan there.
+are not in host end the plan there; where a tier below host holds them (disk, or
+the shared store for a module another instance registered), `below` fetches them
+into host and the plan says it is waiting, so the request asks again.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..store.host_tier import HostTier
 from ..store.keys import BlockKey
@@ -50,9 +52,11 @@ class ShiftedPlan:
 
 
 class ShiftedReuse:
-    def __init__(self, block_size: int, host: HostTier):
+    def __init__(self, block_size: int, host: HostTier, below: Any = None):
         self.block_size = block_size
         self.host = host
+        # below(keys, j) -> True while blocks keys[j:] are being fetched into host.
+        self.below = below
         self.index = SegmentIndex()
         self._keys: OrderedDict[int, list[BlockKey]] = OrderedDict()
         self._by_last_key: dict[BlockKey, int] = {}
@@ -116,7 +120,9 @@ class ShiftedReuse:
                     slot_of_block[j] = ready[0] if ready else None
                 slot = slot_of_block[j]
                 if slot is None:
-                    plan.waiting = j < len(keys) and self.host.is_pending(keys[j])
+                    plan.waiting = j < len(keys) and (
+                        self.host.is_pending(keys[j])
+                        or (self.below is not None and self.below(keys, j)))
                     return plan
                 plan.src_slots.append(slot)
                 plan.src_offsets.append(src % bs)

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-import torch
+import numpy
 
 from .host_buffer import HostBuffer
 from .remote_store import ChunkRef, RemoteStore
@@ -62,7 +62,7 @@ class RemoteIO(SecondaryIO):
             blocks = self.store.get_blocks(keys, [ChunkRef(chunk, i) for i in indices])
             if all(b is not None for b in blocks):
                 for block, slot in zip(blocks, slots):
-                    buffer.data[slot].copy_(torch.frombuffer(block, dtype=torch.uint8))
+                    buffer.data[slot].numpy()[:] = numpy.frombuffer(block, dtype=numpy.uint8)
                 self._count("read", len(blocks) * self.block_bytes)
                 ok = True
             else:  # evicted by the store, another rank's shard missing, or deleted as corrupt

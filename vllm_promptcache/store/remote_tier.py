@@ -48,9 +48,15 @@ class RemoteTier:
         self.capacity_bytes = 0
 
     # -- lookups -----------------------------------------------------------------
-    def start_lookup(self, req_id: str, keys: Sequence[BlockKey]) -> None:
-        """Ask the store about a request's blocks, once, in the background."""
-        if req_id in self._lookups or not keys:
+    def start_lookup(self, req_id: str, keys: Sequence[BlockKey],
+                     retry_after_s: float | None = None) -> None:
+        """Ask the store about a request's blocks, once, in the background (again
+        `retry_after_s` after an answer, if given)."""
+        entry = self._lookups.get(req_id)
+        if entry is not None and retry_after_s is not None and entry[0] is None \
+                and time.monotonic() - entry[1] > retry_after_s:
+            entry = None
+        if entry is not None or not keys:
             return
         keys = [k for k in keys[:MAX_LOOKUP_KEYS]]
         self._lookups[req_id] = (self._pool.submit(self.store.locate, keys), time.monotonic(),
@@ -86,6 +92,10 @@ class RemoteTier:
         for req_id in done:
             self.lookup_pending(req_id)
         return done
+
+    def submit(self, fn, *args) -> Future:
+        """Run a store call on the tier's background thread."""
+        return self._pool.submit(fn, *args)
 
     def forget_request(self, req_id: str) -> None:
         self._lookups.pop(req_id, None)
