@@ -219,17 +219,20 @@ def test_a_module_registered_on_one_instance_is_used_shifted_on_another(
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     wait_for_writes(store)
-    tok = engine_d.get_tokenizer()
-    a, b = (tok.encode(docs[n], add_special_tokens=False) for n in ("shared-a", "shared-b"))
-    # Plain prompts on the other instance, in another order than registered: b at its
-    # own position, a shifted after it.  Steps read the shared table every few
-    # seconds; each prompt has its own question, so none is an exact hit of another.
+    from vllm_promptcache import PromptModules, Text
+
+    # The other instance knows the modules by name (the shared module table) and
+    # finds their KV (the shared segment entries): b at its own position, a shifted
+    # after it.  Steps read the shared segments every few seconds; each prompt has
+    # its own question, so none is an exact hit of another.
+    modules = PromptModules(engine_d)
     shifted = metric(engine_d, "shifted_hit_tokens_total", tier="host")
     deadline, i = time.time() + 60, 0
     while metric(engine_d, "shifted_hit_tokens_total", tier="host") == shifted:
         assert time.time() < deadline, "the shared modules were never loaded on this instance"
         i += 1
-        question = tok.encode(f"zebra question {i}: " + text(20, 100 + i), add_special_tokens=False)
-        generate(engine_d, [tok.bos_token_id] + b + a + question, max_tokens=2)
+        prompt = modules.compose(["shared-b", "shared-a",
+                                  Text(f"zebra question {i}: " + text(20, 100 + i))])
+        generate(engine_d, prompt.token_ids, max_tokens=2)
         time.sleep(0.5)
     assert metric(engine_d, "hit_tokens_total", tier="remote") > 0

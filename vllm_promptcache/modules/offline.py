@@ -45,6 +45,12 @@ class PromptModules:
         self.table = ModuleTable(llm.get_tokenizer(),
                                  llm.llm_engine.vllm_config.cache_config.block_size)
         self._schemas: dict[str, tuple[Any, Any]] = {}  # name -> (schema, role wrappers)
+        from ..config import PromptCacheConfig
+        from .shared_table import shared_module_table
+
+        # With a shared remote tier: modules other instances registered, by name.
+        self.shared = shared_module_table(PromptCacheConfig.from_dict(options),
+                                          llm.llm_engine.vllm_config)
 
     def register_module(self, name: str, text: str) -> Module:
         return self.register_modules({name: text})[0]
@@ -64,6 +70,8 @@ class PromptModules:
                 errors.append(e)
                 continue
             self.table.add(module)
+            if self.shared is not None:
+                self.shared.publish(module)
             logger.info("promptcache: module %r: %d tokens, %d blocks stored", module.name,
                         len(module.token_ids), result.get("blocks", 0))
         if errors:
@@ -79,6 +87,12 @@ class PromptModules:
         return self.register_modules(self.table.cacheable(schema.module_pieces(role_wrappers)))
 
     def compose(self, items: Sequence[Item]) -> ComposedPrompt:
+        if self.shared is not None:  # names another instance registered
+            for item in items:
+                if isinstance(item, str) and item not in self.table:
+                    module = self.shared.fetch(item)
+                    if module is not None:
+                        self.table.add(module)
         return self.table.compose(items)
 
     def compose_pml(self, prompt_text: str) -> ComposedPrompt:

@@ -47,11 +47,13 @@ from .. import request_params
 from ..config import PromptCacheConfig
 from .registry import (ModuleCapacityError, ModuleError, ModuleTable, ModuleTooLarge,
                        UnknownModuleError, encoding_params, encoding_result)
+from .shared_table import shared_module_table
 
 logger = logging.getLogger("vllm.promptcache")
 ROUTE = "/v1/promptcache/modules"
 PLUGIN_NAME = "promptcache"
 ADMIN_HEADER = "x-promptcache-admin-key"
+SHARED_REFRESH_S = 2.0
 
 _config: PromptCacheConfig | None = None
 _active: "ServerModules | None" = None
@@ -66,6 +68,19 @@ class ServerModules:
         tokenizer = engine_client.renderer.get_tokenizer()
         self.table = ModuleTable(tokenizer, engine_client.vllm_config.cache_config.block_size,
                                  max_tokens)
+        # With a shared remote tier: modules registered on other instances, by name.
+        self.shared = shared_module_table(_config, engine_client.vllm_config)
+
+    async def follow_shared(self) -> None:
+        """Keep the table in step with the shared one (modules other instances registered)."""
+        while True:
+            try:
+                for module in await asyncio.to_thread(self.shared.fetch_all):
+                    if module.name not in self.table or self.table.get(module.name) != module:
+                        self.table.add(module)
+            except Exception:  # noqa: BLE001 - never let the follower die
+                logger.exception("promptcache: reading the shared module table failed")
+            await asyncio.sleep(SHARED_REFRESH_S)
 
     async def register(self, modules: Mapping[str, str]) -> list[dict]:
         """Encode and store modules in order; raises ModuleError at the first failure
@@ -80,6 +95,8 @@ class ServerModules:
                 final = out
             result = encoding_result(name, final.kv_transfer_params if final else None)
             self.table.add(module)
+            if self.shared is not None:
+                await asyncio.to_thread(self.shared.publish, module)
             done.append({"name": name, "tokens": len(module.token_ids),
                          "blocks": result.get("blocks", 0), "bytes": result.get("bytes", 0)})
             logger.info("promptcache: module %r registered (%d tokens)", name,
@@ -186,6 +203,9 @@ class ModulesEndpoint:
             return
         _active = state.promptcache_modules = ServerModules(
             engine_client, _config.max_module_tokens if _config else None)
+        if _active.shared is not None:
+            state.promptcache_follower = asyncio.get_running_loop().create_task(
+                _active.follow_shared())
         if _config is not None and _config.modules_file:
             kind, content = load_modules_file(_config.modules_file)
             done = await (_active.register_schema(content) if kind == "schema"
