@@ -81,6 +81,19 @@ def settled(read, step=None, tries: int = 30, pause: float = 0.1):
     return value
 
 
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """Kernels dispatch CPU tensors to the interpreted Triton kernel while this is set
+    (a module that uses it marks itself `usefixtures("triton_interpreter")`)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
 def pytest_addoption(parser):
     parser.addoption("--fuzz-sequences", type=int, default=200,
                      help="request sequences of the differential fuzz "

@@ -29,15 +29,8 @@ NUM_BLOCKS, H, N, D = 9, 2, 16, 32
 DTYPE = torch.bfloat16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+# Run the Triton kernels interpreted (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _layers(seed: int, any_bits: bool = True) -> dict[str, torch.Tensor]:

@@ -21,15 +21,8 @@ else:
 NUM_BLOCKS = 13
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+# Run the Triton kernels interpreted (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _kv(layout: str, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:

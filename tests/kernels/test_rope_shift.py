@@ -24,16 +24,8 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    """rope_shift_ dispatches CPU tensors to the (interpreted) Triton kernel while this is set."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+# Run the Triton kernels interpreted (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 # Relative to each rotated pair's magnitude: float32 compute error (~1e-7), plus for 16-bit
 # outputs half an ulp of rounding (<= 2**-8 of the value for bf16, 2**-11 for fp16).

@@ -22,15 +22,8 @@ from tests.kernels.test_rope_shift import (  # noqa: E402
     CASES, RTOL, bits, llama_inv_freq, make_cache, make_deltas, make_slots, read_slots)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+# Run the Triton kernels interpreted (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 @pytest.mark.parametrize("case", list(CASES))
