@@ -14,8 +14,21 @@ With the plugin on, the process waits until the disk tier's writes have landed
 
 import json
 import os
+import subprocess
 import sys
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_session(job: dict, directory, name: str) -> dict:
+    """Run JOB in its own engine process (as another server would); its OUT."""
+    job_file, out = directory / f"{name}.json", directory / f"{name}.out.json"
+    job_file.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "-m", "tests.connector.engine_session", str(job_file),
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
 
 
 def kv_files(directory):

@@ -9,22 +9,19 @@ The restart tests run their first engine in its own process
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.adapters import write_lora_adapter
+from tests.connector.engine_session import run_session
 from tests.conftest import close_llm, make_llm, settled
 
 pytestmark = pytest.mark.engine
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCK = 128
 # Several engines live at once here (and a subprocess one): a small KV pool each.
 SMALL_KV = 0.05
@@ -135,15 +132,6 @@ def test_a_conversation_longer_than_the_host_tier_keeps_its_head(cached, referen
 
 
 # -- restarts on one disk tier ------------------------------------------------------
-
-def run_session(job: dict, tmp_path, name: str) -> dict:
-    job_file, out = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
-    job_file.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-m", "tests.connector.engine_session", str(job_file),
-                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
-
 
 def kv_dirs(disk):
     return {d for d in os.listdir(disk) if len(d) == 32 and

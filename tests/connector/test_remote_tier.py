@@ -10,21 +10,18 @@ get the shared secret from the environment.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.conftest import close_llm, make_llm, settled
+from tests.connector.engine_session import run_session
 from tests.redis_server import RedisServer, _need_redis, redis_cluster  # noqa: F401
 
 pytestmark = pytest.mark.engine
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCK = 128
 # Several engines live at once here (and a subprocess one): a small KV pool each.
 SMALL_KV = 0.05
@@ -62,15 +59,20 @@ def reference(tiny_model):
     close_llm(llm)
 
 
-@pytest.fixture(scope="module")
-def engine_b(tiny_model, store, shared_secret, reference):
+def remote_engine(tiny_model, url, **options):
+    """An engine on the shared store, prefix cache off, a small host tier, no disk."""
     from vllm_promptcache import engine_kwargs
 
     llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False,
-                   **engine_kwargs(host_gb=0.004, disk_gb=0, remote_url=store.url,
-                                   remote_timeout_ms=200))
+                   **engine_kwargs(host_gb=0.004, disk_gb=0, remote_url=url,
+                                   remote_timeout_ms=200, **options))
     yield llm
     close_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def engine_b(tiny_model, store, shared_secret, reference):
+    yield from remote_engine(tiny_model, store.url)
 
 
 def generate(llm, prompt, max_tokens=12):
@@ -94,14 +96,9 @@ def engine_a_turn(tiny_model, store, tmp_path, name, prompt):
            "promptcache": {"host_gb": 0.01, "disk_gb": 0, "remote_url": store.url,
                            "remote_timeout_ms": 200},
            "steps": [{"prompt": prompt, "max_tokens": 12}]}
-    (tmp_path / f"{name}.json").write_text(json.dumps(job))
-    out = tmp_path / f"{name}.out.json"
-    proc = subprocess.run([sys.executable, "-m", "tests.connector.engine_session",
-                           str(tmp_path / f"{name}.json"), str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    answer = run_session(job, tmp_path, name)["outputs"][0]
     wait_for_writes(store)
-    return json.loads(out.read_text())["outputs"][0]
+    return answer
 
 
 def wait_for_writes(store, settle_s=1.0):
@@ -171,14 +168,8 @@ def test_a_dead_store_means_misses_and_a_restarted_one_hits_again(tiny_model, st
 
 @pytest.fixture(scope="module")
 def engine_c(tiny_model, redis_cluster, shared_secret, reference):  # noqa: F811
-    """Built last in this module (read_metrics reads the newest engine)."""
-    from vllm_promptcache import engine_kwargs
-
-    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False,
-                   **engine_kwargs(host_gb=0.004, disk_gb=0, remote_url=redis_cluster.url,
-                                   remote_timeout_ms=200))
-    yield llm
-    close_llm(llm)
+    """Built after engine_b (read_metrics reads the newest engine)."""
+    yield from remote_engine(tiny_model, redis_cluster.url)
 
 
 def test_hits_across_two_engines_through_a_redis_cluster(tiny_model, redis_cluster,  # noqa: F811
@@ -194,13 +185,7 @@ def test_hits_across_two_engines_through_a_redis_cluster(tiny_model, redis_clust
 @pytest.fixture(scope="module")
 def engine_d(tiny_model, store, shared_secret, reference):
     """Position-independent reuse on, sharing `store`; built after engine_c."""
-    from vllm_promptcache import engine_kwargs
-
-    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False,
-                   **engine_kwargs(host_gb=0.004, disk_gb=0, remote_url=store.url,
-                                   remote_timeout_ms=200, position_independent=True))
-    yield llm
-    close_llm(llm)
+    yield from remote_engine(tiny_model, store.url, position_independent=True)
 
 
 def test_a_module_registered_on_one_instance_is_used_shifted_on_another(
@@ -213,11 +198,7 @@ def test_a_module_registered_on_one_instance_is_used_shifted_on_another(
            "promptcache": {"host_gb": 0.01, "disk_gb": 0, "remote_url": store.url,
                            "remote_timeout_ms": 200, "position_independent": True},
            "modules": docs, "steps": []}
-    (tmp_path / "m.json").write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-m", "tests.connector.engine_session",
-                           str(tmp_path / "m.json"), str(tmp_path / "m.out.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_session(job, tmp_path, "m")
     wait_for_writes(store)
     from vllm_promptcache import PromptModules, Text
 

@@ -24,9 +24,8 @@ import hmac
 import logging
 import math
 import os
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
-from itertools import count
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from .. import compat
@@ -64,11 +63,11 @@ def model_fingerprint(vllm_config: Any, config: PromptCacheConfig) -> ModelFinge
     return ModelFingerprint.from_vllm_config(vllm_config, tp_rank=0, model_id=config.model_id)
 
 
-def disk_directory(vllm_config: Any, config: PromptCacheConfig) -> tuple[str, str] | None:
+def disk_directory(fingerprint: ModelFingerprint,
+                   config: PromptCacheConfig) -> tuple[str, str] | None:
     """(directory, fingerprint hex): one sub-directory per model fingerprint, so
     different models, weights, dtypes or layouts never share files.  None where
     the weights cannot be named: nothing is kept across restarts then."""
-    fingerprint = model_fingerprint(vllm_config, config)
     if not fingerprint.persistent:
         return None
     return os.path.join(config.disk_dir, fingerprint.digest().hex()), fingerprint.digest().hex()
@@ -111,7 +110,7 @@ class PromptCacheScheduler:
         self._queue_aware = config.eviction_policy == "scheduler-aware"
         self.host = HostTier(num_slots, slot_bytes, make_policy(config.eviction_policy), self.queued)
         self.disk: DiskTier | None = None
-        disk_place = disk_directory(vllm_config, config) if config.disk_enabled else None
+        disk_place = disk_directory(self.fingerprint, config) if config.disk_enabled else None
         if disk_place is not None and compat.worker_meta_supported():
             directory, fp_hex = disk_place
             secret = fmt.disk_secret(config.disk_dir)
@@ -244,6 +243,8 @@ class PromptCacheScheduler:
                 return None, False
             if self.remote is not None:
                 # One round trip, in the background: ask again until it answers.
+                # Only once nothing nearer is being fetched: an answer arriving after
+                # a failed promotion must not bring back the chunk it dropped.
                 self.remote.start_lookup(req_id, keys[end:])
                 if self.remote.lookup_pending(req_id):
                     return None, False

@@ -77,13 +77,14 @@ class PromptCacheWorker:
         self.secondary: dict[str, SecondaryIO] = {}
         if PromptCacheWorkerMeta is not None:
             world = vllm_config.parallel_config.world_size
-            disk_place = disk_directory(vllm_config, config) if config.disk_enabled else None
+            fingerprint = model_fingerprint(vllm_config, config)  # reads the weights' headers
+            disk_place = disk_directory(fingerprint, config) if config.disk_enabled else None
             if disk_place is not None:
                 directory, fingerprint = disk_place
                 self.secondary["disk"] = DiskIO(directory, fingerprint, compat.tp_rank(), world,
                                                 self.layer_pages, MAX_STAGED_BYTES,
                                                 disk_secret(config.disk_dir))
-            store = remote_store(config, model_fingerprint(vllm_config, config),
+            store = remote_store(config, fingerprint,
                                  compat.tp_rank(), world, self.slot_bytes)
             if store is not None:
                 self.secondary["remote"] = RemoteIO(store, self.slot_bytes, MAX_STAGED_BYTES)

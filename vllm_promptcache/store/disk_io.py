@@ -22,7 +22,8 @@ import torch
 
 from . import disk_format as fmt
 from .host_buffer import HostBuffer
-from .secondary_io import PROMOTE, WARN_EVERY_SECONDS, WRITE, RateLimitedWarning, SecondaryIO
+from .secondary_io import (PROMOTE, WARN_EVERY_SECONDS, WRITE,  # noqa: F401 - the event kinds
+                           RateLimitedWarning, SecondaryIO)
 
 logger = logging.getLogger("vllm.promptcache")
 

@@ -12,7 +12,6 @@ store and is reported gone, so the index forgets it.
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
