@@ -202,6 +202,57 @@ def _check(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq, rotary_dim
 
 # ----------------------------------------------------------------------- reference
 
+# Above this many runs of equal delta, angles are gathered per token instead.
+MAX_DELTA_RUNS = 64
+
+
+def _rotated(k: torch.Tensor, d: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
+             is_neox_style: bool) -> torch.Tensor:
+    """k [T, H, D] with token t rotated by d[t] positions (a new tensor).
+
+    Deltas come in runs (a moved module, a kept turn: one delta each), so the work is
+    done per run on slices: the angles once per run, in float64 as the oracle wants,
+    then two fused multiply-adds per half written straight into the output.  Runs of
+    delta 0 are copied.  Many short runs fall back to per-token angles."""
+    T = k.shape[0]
+    edges = (torch.nonzero(d[1:] != d[:-1]).flatten() + 1).tolist()
+    out = torch.empty_like(k)
+    if len(edges) + 1 > MAX_DELTA_RUNS:
+        ang = d.to(torch.float64)[:, None] * inv_freq.to(torch.float64).flatten()[None, :]
+        _rotate_into(out, k, ang.cos().to(torch.float32)[:, None, :],
+                     ang.sin().to(torch.float32)[:, None, :], rotary_dim, is_neox_style)
+        return out
+    inv = inv_freq.to(torch.float64).flatten()
+    for a, b in zip([0] + edges, edges + [T]):
+        delta = int(d[a])
+        if delta == 0:
+            out[a:b] = k[a:b]
+            continue
+        ang = delta * inv
+        _rotate_into(out[a:b], k[a:b], ang.cos().to(torch.float32).view(1, 1, -1),
+                     ang.sin().to(torch.float32).view(1, 1, -1), rotary_dim, is_neox_style)
+    return out
+
+
+def _rotate_into(out: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 rotary_dim: int, is_neox_style: bool) -> None:
+    rot = k[..., :rotary_dim].float()
+    half = rotary_dim // 2
+    if is_neox_style:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        o1, o2 = out[..., :half], out[..., half:rotary_dim]
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        o1, o2 = out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2]
+    # One scratch half, reused: fresh large tensors cost page faults on CPU.
+    tmp = torch.mul(x1, cos)
+    o1.copy_(tmp.addcmul_(x2, sin, value=-1))
+    torch.mul(x2, cos, out=tmp)
+    o2.copy_(tmp.addcmul_(x1, sin))
+    if rotary_dim < k.shape[-1]:
+        out[..., rotary_dim:] = k[..., rotary_dim:]
+
+
 def rope_shift_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
                          dst_v: torch.Tensor, slot_mapping: torch.Tensor, delta: torch.Tensor,
                          inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool) -> None:
@@ -220,24 +271,8 @@ def rope_shift_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.
         v = src_v[keep]
 
     # Only tokens that move are rotated; the rest (and all of V) are copied as is.
-    moved = (d != 0).nonzero().flatten() if rotary_dim > 0 else d[:0]
-    if moved.numel():
-        ang = d[moved].to(torch.float64)[:, None] * inv_freq.to(torch.float64).flatten()[None, :]
-        cos = ang.cos().to(torch.float32)[:, None, :]
-        sin = ang.sin().to(torch.float32)[:, None, :]
-        rot = k[moved, :, :rotary_dim].float()
-        if is_neox_style:
-            x1, x2 = rot.chunk(2, dim=-1)
-        else:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        o1 = x1 * cos - x2 * sin
-        o2 = x2 * cos + x1 * sin
-        if is_neox_style:
-            rotated = torch.cat((o1, o2), dim=-1)
-        else:
-            rotated = torch.stack((o1, o2), dim=-1).flatten(-2)
-        k = k.clone()
-        k[moved, :, :rotary_dim] = rotated.to(k.dtype)
+    if rotary_dim > 0 and bool((d != 0).any()):
+        k = _rotated(k, d, inv_freq, rotary_dim, is_neox_style)
 
     for d6, x in ((k6, k), (v6, v)):
         tg = d6.shape[2]

@@ -65,7 +65,7 @@ def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
     if src_slots.numel() == 0:
         return
     if not src_slots.is_cuda:  # (device indices were checked as lists: no sync here)
-        check_token_sources(src_slots.tolist(), src_offsets.tolist(), host_layer.shape[0],
+        check_token_sources(src_slots.numpy(), src_offsets.numpy(), host_layer.shape[0],
                             block_size)
     host = host_as_layer(host_layer, kv_layer)
     host_k, host_v = paged_kv_views(host, layout, num_kv_heads, head_size, block_size, isa)
@@ -77,10 +77,13 @@ def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
                       is_neox_style)
 
 
-def check_token_sources(src_slots: list[int], src_offsets: list[int], num_slots: int,
-                        block_size: int) -> None:
-    """Every source token inside the host tier (the Triton path does not check)."""
-    if src_slots and (min(src_slots) < 0 or max(src_slots) >= num_slots):
+def check_token_sources(src_slots, src_offsets, num_slots: int, block_size: int) -> None:
+    """Every source token inside the host tier (the Triton path does not check); the
+    indices are lists, numpy arrays or CPU tensors."""
+    import numpy as np
+
+    slots, offsets = np.asarray(src_slots), np.asarray(src_offsets)
+    if slots.size and (slots.min() < 0 or slots.max() >= num_slots):
         raise IndexError(f"src_slots out of range [0, {num_slots})")
-    if src_offsets and (min(src_offsets) < 0 or max(src_offsets) >= block_size):
+    if offsets.size and (offsets.min() < 0 or offsets.max() >= block_size):
         raise IndexError(f"src_offsets out of range [0, {block_size})")

@@ -33,6 +33,7 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "save_failures_total": (COUNTER, True, "Block saves that failed and were dropped (never served)."),
     "evictions_total": (COUNTER, True, "Blocks evicted from a tier."),
     "shifted_hit_tokens_total": (COUNTER, True, "Prompt tokens loaded at a new position (RoPE-shifted), a subset of hit_tokens_total."),
+    "gap_tokens_total": (COUNTER, True, "Prompt tokens between modules (labels, separators, arguments) loaded from their encoding, a subset of hit_tokens_total."),
     "corrupt_blocks_total": (COUNTER, True, "Blocks found corrupt (header or checksum), deleted and treated as a miss."),
     "promoted_blocks_total": (COUNTER, True, "Blocks read from a tier into the host tier (disk to host)."),
     "prefetch_blocks_total": (COUNTER, False, "Blocks a queued request needs that were read into host before its turn."),

@@ -22,6 +22,8 @@ Set by the plugin itself:
   process that started the engine (which the engine's processes inherit), and
   never leaves those processes; a marker without it is ignored by the engine, so
   no client request can pin, replace or register a module.
+- ``promptcache_layout``: this request is the gap encoding of a composed prompt,
+  and carries that prompt's layout (modules/layout.py); honoured with the token only.
 The answer of a module encoding is ``{"promptcache": {"module", "ok", ...}}``.
 """
 
@@ -40,6 +42,7 @@ LOAD = "promptcache_load"
 SAVE = "promptcache_save"
 ENCODE_MODULE = "promptcache_module"
 MODULE_TOKEN = "promptcache_module_token"
+LAYOUT = "promptcache_layout"
 RESULT = "promptcache"
 # Not VLLM_-prefixed: vLLM warns about (and lists) unknown VLLM_* variables.
 TOKEN_ENV = "PROMPTCACHE_MODULE_TOKEN"
@@ -70,6 +73,8 @@ def _problem(key: str, value: Any) -> str | None:
         return f"kv_transfer_params.{key} must be true or false, got {value!r}"
     if key == ENCODE_MODULE and not (isinstance(value, str) and value):
         return f"kv_transfer_params.{ENCODE_MODULE} must be a module name, got {value!r}"
+    if key == LAYOUT and not isinstance(value, list):
+        return f"kv_transfer_params.{LAYOUT} must be a list of spans"
     if key == MODULE_TOKEN and not isinstance(value, str):
         return f"kv_transfer_params.{MODULE_TOKEN} must be a string"
     return None

@@ -102,7 +102,8 @@ def test_the_same_adapter_twice_hits(cached, reference, adapters):
     before = host_hits(cached)
     assert generate(cached, prompt + first + [7] * 5, lora=a) == \
         generate(reference, prompt + first + [7] * 5, lora=a)
-    assert host_hits(cached) - before == 3 * BLOCK
+    # All that has KV: its full blocks, and its partial last block (tails.py).
+    assert host_hits(cached) - before == len(prompt) + len(first) - 1
 
 
 def test_an_adapter_replaced_on_disk_under_the_same_name_misses(cached, reference, adapters,

@@ -65,19 +65,23 @@ def finish_and_save(sched, req, block_ids, ok=True):
     return delay, meta
 
 
-def test_finished_request_saves_full_blocks_then_hits(sched):
-    toks = list(range(100, 114))  # 14 tokens: 13 have KV -> 3 full blocks
+def test_finished_request_saves_full_blocks_and_its_tail_then_hits(sched):
+    toks = list(range(100, 114))  # 14 tokens: 13 have KV -> 3 full blocks and 1 token
     delay, meta = finish_and_save(sched, request("a", toks), [7, 8, 9, 10])
     assert delay is True
-    assert [s.block_ids for s in meta.saves] == [[7, 8, 9]]
+    # The partial last block is kept too (tails.py), under a key of its own.
+    assert [s.block_ids for s in meta.saves] == [[7, 8, 9, 10]]
     nxt = request("b", toks + [1, 2, 3])
-    assert sched.get_num_new_matched_tokens(nxt, 0) == (3 * BS, False)
+    assert sched.get_num_new_matched_tokens(nxt, 0) == (3 * BS + 1, False)
     # vLLM's prefix cache already holds one block: only the rest is loaded.
-    assert sched.get_num_new_matched_tokens(nxt, BS) == (2 * BS, False)
-    sched.update_state_after_alloc(nxt, Blocks([20, 21, 22, 23, 24]), 2 * BS)
+    assert sched.get_num_new_matched_tokens(nxt, BS) == (2 * BS + 1, False)
+    sched.update_state_after_alloc(nxt, Blocks([20, 21, 22, 23, 24]), 2 * BS + 1)
     load = sched.build_connector_meta(None).loads
-    assert [(t.block_ids, len(t.slots)) for t in load] == [([21, 22], 2)]
-    assert load[0].slots == meta.saves[0].slots[1:3]
+    assert [(t.block_ids, len(t.slots)) for t in load] == [([21, 22, 23], 3)]
+    assert load[0].slots == meta.saves[0].slots[1:4]
+    # A prompt that goes on differently after the full blocks gets no tail.
+    other = request("c", toks[:12] + [7, 7, 7, 7])
+    assert sched.get_num_new_matched_tokens(other, 0) == (3 * BS, False)
 
 
 def test_failed_save_is_never_served(sched):
@@ -115,7 +119,8 @@ def test_decode_tokens_are_skipped_when_configured():
                                                save_decode_tokens=False).validate())
     toks = list(range(500, 517))  # 5 prompt tokens + 12 generated
     _, meta = finish_and_save(s, request("a", toks, prompt=5), [1, 2, 3, 4])
-    assert [t.block_ids for t in meta.saves] == [[1]]
+    # The prompt's full block and its 1-token tail; nothing generated.
+    assert [t.block_ids for t in meta.saves] == [[1, 2]]
 
 
 # -- the disk tier --------------------------------------------------------------
@@ -341,3 +346,15 @@ def test_bad_request_params_never_raise_and_a_bad_save_means_no_save(sched):
                               "promptcache_recompute_ratio": 2}
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
     assert sched.request_finished(req, [1, 2, 3, 4]) == (False, None)
+
+
+def test_a_load_vllm_trims_mid_block_copies_whole_blocks_and_never_plans_past_them(sched):
+    toks = list(range(800, 814))  # 3 full blocks and a 1-token tail are stored
+    finish_and_save(sched, request("a", toks), [7, 8, 9, 10])
+    nxt = request("b", toks + [1, 2, 3])
+    assert sched.get_num_new_matched_tokens(nxt, 0) == (3 * BS + 1, False)
+    # vLLM takes less than offered, ending inside block 2: blocks 0-2 are copied
+    # whole (vLLM computes the rest of block 2), and the tail is not loaded.
+    sched.update_state_after_alloc(nxt, Blocks([20, 21, 22, 23, 24]), 2 * BS + 2)
+    meta = sched.build_connector_meta(None)
+    assert [t.block_ids for t in meta.loads] == [[20, 21, 22]] and not meta.shifted_loads

@@ -57,7 +57,7 @@ def test_evicted_source_blocks_end_the_plan():
     plan = planner.plan(prompt, None, 0, len(prompt) - 1)
     assert plan.num_tokens == 0  # [7]*10 is not stored: nothing covers the start
     plan = planner.plan(prompt, None, 10, len(prompt) - 1)
-    assert plan.num_tokens == 3 * BS and set(plan.deltas) == {10}
+    assert plan.num_tokens == 3 * BS and set(plan.deltas.tolist()) == {10}
 
 
 def test_a_longer_turn_replaces_its_prefix_segment_and_salts_isolate():
@@ -138,4 +138,138 @@ def test_a_plan_after_an_exact_hit_that_ends_inside_a_module_goes_on_into_the_ne
     plan = planner.plan(prompt, None, start, len(prompt) - 1)
     assert plan.start == start
     assert plan.num_tokens == 1 + len(a) + len(b) - start
-    assert plan.deltas == [0] * (1 + len(a) - start) + [len(a)] * len(b)
+    assert plan.deltas.tolist() == [0] * (1 + len(a) - start) + [len(a)] * len(b)
+
+
+def python_calls(fn):
+    """(fn(), how many Python and C function calls it made)."""
+    import sys
+
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    sys.setprofile(count)
+    try:
+        result = fn()
+    finally:
+        sys.setprofile(None)
+    return result, calls
+
+
+def test_a_100k_token_plan_is_built_without_a_step_per_token():
+    """Plans are built per run of tokens with array operations: for 100k tokens the
+    planner makes a few calls per block (finding each source slot), never a few per
+    token.  Counted, not timed."""
+    import numpy as np
+
+    from vllm_promptcache.connector.layouts import Layouts
+    from vllm_promptcache.modules.layout import Layout
+    from vllm_promptcache.store.keys import BlockKeyer, ModelFingerprint
+
+    block, n = 256, 100_000
+    host = HostTier(2 * n // block + 8, 100, make_policy("lru"))
+    planner = ShiftedReuse(block, host)
+    rng = np.random.default_rng(0)
+    doc = rng.integers(10, 30000, size=n - n % block).tolist()
+    keys = keys_of_many(len(doc) // block, 3)
+    stored(host, keys)
+    planner.remember(doc, keys, None)
+    prompt = [1, 2, 3, 4, 5] + doc + [9] * 40
+    plan, calls = python_calls(lambda: planner.plan(prompt, None, 5, len(prompt) - 1))
+    assert plan.num_tokens == len(doc) and set(plan.deltas.tolist()) == {5}
+    assert calls < 10 * len(doc) // block, calls  # a per-token loop makes > 100k
+
+    # The same for a layout: the module and a gap, each a run of ~50k tokens.
+    fingerprint = ModelFingerprint(model="m", dtype="float32", kv_cache_dtype="auto",
+                                   block_size=block, num_layers=2, num_kv_heads=1,
+                                   head_size=8, tp_size=1, tp_rank=0)
+    keyer = BlockKeyer(fingerprint)
+    half = len(doc) // 2
+    gap_seq = [1] + doc[:half]
+    gap_seq += [0] * (-len(gap_seq) % block)
+    gap_keys = keyer.block_keys(gap_seq)
+    stored(host, gap_keys)
+    module = tuple([1] + doc[half:] + [0] * (-(len(doc) - half + 1) % block))
+    module_keys = keys_of_many(len(module) // block, 4)
+    stored(host, module_keys)
+    layouts = Layouts(keyer, planner, lambda name: (module, module_keys))
+    spans = [[0, 1, None, 0], [1, 1 + half, None, 0],
+             [1 + half, 1 + len(doc), "doc", 1]]
+    request = SimpleNamespace(request_id="gaps", all_token_ids=gap_seq,
+                              num_prompt_tokens=len(gap_seq))
+    assert layouts.announce(request, spans) is None
+    prompt = [1] + doc + [9] * 40
+    main = SimpleNamespace(request_id="main", all_token_ids=prompt, num_prompt_tokens=len(prompt))
+    entry = layouts.find(main)
+    assert entry is not None and entry.layout == Layout.from_params(spans)
+    plan, calls = python_calls(lambda: layouts.plan(entry, 0, len(prompt) - 1))
+    assert plan.num_tokens == 1 + len(doc) and plan.gap_tokens == 1 + half
+    assert calls < 10 * len(doc) // block, calls
+
+
+def keys_of_many(n, tag):
+    return [bytes([tag]) + i.to_bytes(4, "big") * 4 for i in range(n)]
+
+
+def test_a_layout_is_learnt_only_from_a_trusted_gap_encoding(monkeypatch):
+    """The gap encoding carries the prompt's layout; the prompt then loads the module
+    and the gaps at their positions, up to the layout's end.  The same marker from a
+    client (no token) is ignored and counted."""
+    import torch
+
+    from tests.connector.test_scheduler import (Blocks, kv_cache_config, module_request, output,
+                                                request, vllm_config)
+    from vllm_promptcache.config import PromptCacheConfig
+    from vllm_promptcache.connector.scheduler import PromptCacheScheduler
+    from vllm_promptcache.kernels import rope_params
+    from vllm_promptcache.request_params import module_token
+
+    monkeypatch.setattr(rope_params, "rope_params", lambda vc: (torch.ones(16), 32, True))
+    cfg = PromptCacheConfig(host_gb=256 * 2 * 1024 / 2**30, disk_gb=0, position_independent=True)
+    sched = PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg.validate())
+    bs = sched.block_size
+    doc = list(range(500, 510))  # a 10-token module, encoded as [BOS] doc [filler]
+    module_seq = [1] + doc + [2] * (-(len(doc) + 1) % bs)
+    sched.request_finished(module_request("m", module_seq, "doc"), list(range(len(module_seq) // bs)))
+    sched.update_connector_output(output({"m"}))
+    label, question = [70, 71, 72], [80, 81, 82, 83, 84]
+    prompt = [1] + label + doc + question  # [BOS] "Document:" doc "Question..."
+    spans = [[0, 1, None, 0], [1, 4, None, 0], [4, 14, "doc", 1]]
+    gap_seq = [1] + label  # BOS and the label: one block
+
+    def gap_request(req_id, token):
+        req = request(req_id, gap_seq + [0], computed=0, prompt=len(gap_seq))
+        req.kv_transfer_params = {"promptcache_layout": spans,
+                                  "promptcache_module_token": token}
+        return req
+
+    forged = gap_request("forged", "0" * 64)
+    sched.get_num_new_matched_tokens(forged, 0)
+    assert len(sched.layouts) == 0
+    stats = sched.get_kv_connector_stats().data["counter"]
+    assert stats["rejected_module_encodings_total|"] == 1
+
+    gaps = gap_request("gaps", module_token())
+    assert sched.get_num_new_matched_tokens(gaps, 0) == (0, False)
+    assert len(sched.layouts) == 1
+    gaps.num_computed_tokens = len(gap_seq)
+    sched.request_finished(gaps, [9])
+    sched.update_connector_output(output({"gaps"}))
+
+    main = request("main", prompt, computed=0)
+    # BOS, the label and the module: 14 tokens, the question computed.
+    assert sched.get_num_new_matched_tokens(main, 0) == (14, False)
+    sched.update_state_after_alloc(main, Blocks([30, 31, 32, 33, 34, 35]), 14)
+    meta = sched.build_connector_meta(None)
+    # Block 0 holds exactly the gap encoding's tokens: an exact whole-block load; then
+    # the module, moved by 3 (its encoding's BOS sits at 0, the label is 3 long).
+    assert meta.loads[0].block_ids == [30]
+    load = meta.shifted_loads[0]
+    assert load.deltas.tolist() == [3] * 10
+    assert load.dst_slots.tolist() == [30 * bs + p for p in range(4, 14)]
+    stats = sched.get_kv_connector_stats().data["counter"]
+    assert stats["hit_tokens_total|host"] == 14 and stats["shifted_hit_tokens_total|host"] == 10

@@ -57,16 +57,16 @@ def test_kept_turns_are_loaded_at_their_new_position(llm):
     answer = generate(llm, system + turn1 + turn2, max_tokens=24)
     hits0 = counter(llm, "hit_tokens_total")
     shifted0 = counter(llm, "shifted_hit_tokens_total")
-    # The client drops turn 1; the stored run is system + turn1 + turn2[:268]
-    # (6 full blocks of the 824 tokens that have KV).
+    # The client drops turn 1; the stored run is system + turn1 + turn2 + answer[:-1]
+    # (the 823 tokens that have KV: 6 full blocks and a partial one, all kept).
     truncated = system + turn2 + answer + tokens(30, 4)
     out = generate(llm, truncated)
     loaded = counter(llm, "hit_tokens_total") - hits0
     shifted = counter(llm, "shifted_hit_tokens_total") - shifted0
     # Block 0 (system) is in vLLM's own prefix cache; then system[128:] at delta 0
-    # and turn2[:268] at delta -300 cover up to token 468: blocks 1 and 2 are loaded.
-    assert loaded == 2 * BLOCK
-    assert shifted == 3 * BLOCK - len(system)
+    # and turn2 + answer[:-1] at delta -300 are loaded.
+    assert loaded == len(system) - BLOCK + len(turn2) + len(answer) - 1
+    assert shifted == len(turn2) + len(answer) - 1
     assert len(out) == 16
 
 

@@ -17,6 +17,12 @@ Two sources tell which blocks are approximate:
   mistaken for the old one.
 A block id marked and later recomputed for the very same tokens still reads as
 approximate: that costs a save, never a wrong token.
+
+Only blocks vLLM's prefix cache handed over can be such blocks: a request's blocks
+up to its local prefix-cache hit (and the block after it, which vLLM may also take
+from its cache as a partial tail).  Blocks past that were computed or loaded by the
+request itself, whatever their ids held before; with vLLM's prefix cache off no
+block is ever handed over.
 """
 
 from __future__ import annotations
@@ -27,10 +33,18 @@ from .. import compat
 
 
 class ApproximateBlocks:
-    def __init__(self) -> None:
+    def __init__(self, prefix_caching: bool = True, block_size: int = 1) -> None:
+        self.prefix_caching = prefix_caching
+        self.block_size = block_size
         self._marks: dict[int, Any] = {}    # block id -> vLLM block hash (None: unknown)
         self._running: dict[str, int] = {}  # request id -> its first approximate block
+        self._local: dict[str, int] = {}    # request id -> its local prefix-cache hit, tokens
         self._kv_cache_manager: Any = None
+
+    def looked_up(self, req_id: str, local_tokens: int) -> None:
+        """vLLM's prefix cache gave the request `local_tokens` (the largest over its
+        lookups: a preempted request is looked up again)."""
+        self._local[req_id] = max(local_tokens, self._local.get(req_id, 0))
 
     def bind(self, kv_cache_manager: Any) -> None:
         self._kv_cache_manager = kv_cache_manager
@@ -56,11 +70,15 @@ class ApproximateBlocks:
         """How many of the request's first `n_blocks` blocks hold exact KV."""
         req_id = request.request_id
         exact = min(n_blocks, self._running.get(req_id, n_blocks))
-        if not (self._marks or len(self._running) > (req_id in self._running)):
+        if not self.prefix_caching or not (
+                self._marks or len(self._running) > (req_id in self._running)):
             return exact
+        handed = exact
+        if req_id in self._local:  # blocks vLLM's prefix cache may have handed over
+            handed = min(exact, -(-self._local[req_id] // self.block_size) + 1)
         hashes = getattr(request, "block_hashes", None)
         running = self._running_blocks(skip=req_id)
-        for i in range(exact):
+        for i in range(handed):
             block_id = block_ids[i]
             if block_id in running:
                 return i
@@ -74,6 +92,7 @@ class ApproximateBlocks:
         """The request ended with KV exact up to block `exact`: mark the rest (the
         blocks vLLM's prefix cache may hand to later requests)."""
         self._running.pop(request.request_id, None)
+        self._local.pop(request.request_id, None)
         hashes = getattr(request, "block_hashes", None)
         for i in range(exact, len(block_ids)):
             if hashes is None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from ..kernels.block_copy import copy_pages_, paired_layouts
@@ -59,7 +60,9 @@ class IndexStaging:
         self.on_device = torch.empty(capacity, dtype=torch.int64, device=self.device)
 
     def send(self, *arrays: Sequence[int]) -> list[torch.Tensor]:
-        """The arrays as int64 device tensors (views of the persistent device buffer)."""
+        """The arrays (lists or numpy) as int64 device tensors (views of the persistent
+        device buffer); one vectorized pack, no per-element Python work."""
+        arrays = [np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays]
         n = sum(len(a) for a in arrays)
         if self._copied is not None:
             self._copied.synchronize()  # normally long done: the last step's copy
@@ -68,8 +71,8 @@ class IndexStaging:
             while cap < n:
                 cap *= 2
             self._alloc(cap)
-        flat = [x for a in arrays for x in a]
-        self.pinned[:n].copy_(torch.tensor(flat, dtype=torch.int64))
+        if n:
+            self.pinned[:n].copy_(torch.from_numpy(np.concatenate(arrays)))
         self.on_device[:n].copy_(self.pinned[:n], non_blocking=self.cuda)
         if self.cuda:
             self._copied = torch.cuda.Event()
@@ -131,14 +134,17 @@ class GpuTransfers:
         of each per layer, an event after each layer.  `shifted`: ShiftedLoad records."""
         if not block_ids and not shifted:
             return
-        src_slots, src_tokens, dst_tokens, deltas = [], [], [], []
+        src_tokens = dst_tokens = deltas = np.zeros(0, dtype=np.int64)
         if shifted:
             N = self.shift.block_size
             for load in shifted:
                 check_token_sources(load.src_slots, load.src_offsets, self.buffer.num_slots, N)
-                src_tokens += [s * N + o for s, o in zip(load.src_slots, load.src_offsets)]
-                dst_tokens += load.dst_slots
-                deltas += load.deltas
+            src_tokens = np.concatenate([np.asarray(load.src_slots, dtype=np.int64) * N
+                                         + np.asarray(load.src_offsets, dtype=np.int64)
+                                         for load in shifted])
+            dst_tokens = np.concatenate([np.asarray(load.dst_slots, dtype=np.int64)
+                                         for load in shifted])
+            deltas = np.concatenate([np.asarray(load.deltas, dtype=np.int64) for load in shifted])
         if slots and (min(slots) < 0 or max(slots) >= self.buffer.num_slots):
             raise IndexError(f"host slots out of range [0, {self.buffer.num_slots})")
         compute = torch.cuda.current_stream(self.device) if self.cuda else None
@@ -151,7 +157,7 @@ class GpuTransfers:
                 if block_ids:
                     host_lay, paged_lay = self.layouts[name][1], self.layouts[name][0]
                     copy_pages_(host_lay, src_slots, paged_lay, dst_blocks)
-                if src_tokens:
+                if len(src_tokens):
                     (hk, hv), (dk, dv) = self.shift_views[name]
                     s = self.shift
                     rope_shift_paged_(hk, hv, src_tok, dk, dv, dst_tok, delta, s.inv_freq,

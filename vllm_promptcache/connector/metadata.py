@@ -4,6 +4,7 @@ and what the workers report back."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from ..compat import connector_base
 
@@ -51,13 +52,15 @@ class Promotion:
 class ShiftedLoad:
     """Token-wise host -> GPU copy at new positions: token t comes from host slot
     `src_slots[t]`, offset `src_offsets[t]`, and goes to paged slot `dst_slots[t]`
-    (block_id * block_size + offset) with K rotated by `deltas[t]` positions."""
+    (block_id * block_size + offset) with K rotated by `deltas[t]` positions.  The
+    arrays are int64 numpy arrays (lists are accepted too): built and consumed
+    without a Python step per token."""
 
     req_id: str
-    src_slots: list[int]
-    src_offsets: list[int]
-    dst_slots: list[int]
-    deltas: list[int]
+    src_slots: Sequence[int]
+    src_offsets: Sequence[int]
+    dst_slots: Sequence[int]
+    deltas: Sequence[int]
 
 
 @dataclass

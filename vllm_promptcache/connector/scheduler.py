@@ -20,13 +20,14 @@ Invariants that make it safe:
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .. import compat
 from .. import request_params
@@ -38,11 +39,14 @@ from ..store.host_tier import HostTier, slots_for
 from ..store.keys import BlockKey, BlockKeyer, ModelFingerprint
 from ..store.policies import make_policy
 from .approximate import ApproximateBlocks
+from .layouts import Layouts
+from .markers import FrontEndMarkers
 from .metadata import BlockTransfer, PromptCacheMetadata, ShiftedLoad
 from .remote import remote_tier
 from .request_keys import RequestKeys
 from .secondary import SecondaryTiers
 from .shifted import ShiftedPlan, ShiftedReuse
+from .tails import RunTails, Tail
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
@@ -78,6 +82,7 @@ class _Lookup:
     local_tokens: int   # tokens vLLM's own prefix cache already holds
     keys: list[BlockKey]  # keys of the blocks to load, from local_tokens on
     slots: list[int]    # their host slots
+    tail: Tail | None = None  # then the partial last block of a stored run
     shifted: ShiftedPlan | None = None  # then tokens found at other positions
 
 
@@ -87,6 +92,8 @@ class _Module:
 
     slots: list[int]
     seg_id: int | None
+    tokens: tuple[int, ...] = ()  # its encoding sequence
+    keys: tuple[BlockKey, ...] = ()  # the blocks that sequence is stored under
 
 
 class PromptCacheScheduler:
@@ -96,8 +103,9 @@ class PromptCacheScheduler:
         self.fingerprint = model_fingerprint(vllm_config, config)
         self.keyer = BlockKeyer(self.fingerprint)
         self.request_keys = RequestKeys(self.keyer)
-        self.approximate = ApproximateBlocks()
-        self._module_token = request_params.module_token(create=False)
+        self.approximate = ApproximateBlocks(
+            bool(getattr(vllm_config.cache_config, "enable_prefix_caching", True)),
+            self.block_size)
         num_slots, slot_bytes = host_tier_geometry(vllm_config, kv_cache_config, config)
         self.slot_bytes = slot_bytes
         self.world_size = vllm_config.parallel_config.world_size
@@ -109,6 +117,7 @@ class PromptCacheScheduler:
         self.queued: Counter[BlockKey] = Counter()
         self._queue_aware = config.eviction_policy == "scheduler-aware"
         self.host = HostTier(num_slots, slot_bytes, make_policy(config.eviction_policy), self.queued)
+        self.tails = RunTails(self.keyer, self.host, num_slots)
         self.disk: DiskTier | None = None
         disk_place = disk_directory(self.fingerprint, config) if config.disk_enabled else None
         if disk_place is not None and compat.worker_meta_supported():
@@ -122,6 +131,7 @@ class PromptCacheScheduler:
             logger.warning("promptcache: this vLLM has no connector worker metadata; "
                            "the disk tier is off")
         self.shifted: ShiftedReuse | None = None
+        self.layouts: Layouts | None = None
         if config.position_independent:
             from ..kernels.rope_params import UnsupportedRopeError, rope_params
 
@@ -130,9 +140,11 @@ class PromptCacheScheduler:
             except UnsupportedRopeError as e:
                 raise RuntimeError(f"--promptcache-position-independent: {e}") from None
             self.shifted = ShiftedReuse(self.block_size, self.host, below=self._fetch_below)
+            self.layouts = Layouts(self.keyer, self.shifted, self._module_run)
         self.stats = PromptCacheStats()
+        self.markers = FrontEndMarkers(request_params.module_token(create=False), self.stats,
+                                       self._request_params)
         self._skip_counted: set[str] = set()
-        self._rejected_modules: set[str] = set()
         self._lookups: dict[str, _Lookup] = {}
         self._params: dict[str, Any] = {}  # per-request kv_transfer_params, parsed
         self._looked_up: set[str] = set()
@@ -224,6 +236,7 @@ class PromptCacheScheduler:
         if req_id not in self._looked_up:
             self._looked_up.add(req_id)
             self.stats.inc("lookups_total")
+        self.approximate.looked_up(req_id, num_computed_tokens)
         params = self._request_params(request)
         if params.get(request_params.LOAD) is False or self._encodes_module(request):
             # A module's encoding is served to every later prompt: always computed.
@@ -250,28 +263,50 @@ class PromptCacheScheduler:
                     return None, False
                 if self._promote(keys, end, prefetch=False):
                     return None, False
-        shifted = None
-        if self.shifted is not None and self.request_keys.shiftable(request):
-            shifted = self.shifted.plan(request.all_token_ids, self.request_keys.namespace(request),
-                                        end * self.block_size, len(request.all_token_ids) - 1)
-            if shifted.waiting:
+        tail = None
+        if self.request_keys.shiftable(request):  # no images or embeddings
+            tail = self.tails.find(keys, end, self.request_keys.namespace(request),
+                                   request.all_token_ids, len(request.all_token_ids) - 1)
+            if tail is True:  # the tail's save is in flight
                 return None, False
-            ratio = params.get(request_params.RECOMPUTE_RATIO)
-            ratio = self.config.recompute_ratio if ratio is None else ratio
-            # Boundary fix: the run's last `ratio` is prefilled, so it attends to what
-            # is actually before it (rounded up to whole blocks).
-            bs = self.block_size
-            recompute = -(-math.ceil(shifted.num_tokens * ratio) // bs) * bs
-            keep = max(0, shifted.num_tokens - recompute)
-            shifted.truncate(keep // bs * bs)
-            if shifted.num_tokens == 0:
-                shifted = None
-        total_blocks = len(slots) + (shifted.num_tokens // self.block_size if shifted else 0)
-        if total_blocks < self.config.min_load_blocks or not total_blocks:
+        tail_len = tail.length if tail else 0
+        shifted = None
+        if self.shifted is not None and self.request_keys.shiftable(request) \
+                and not self._encodes_gaps(request):
+            shifted = self._shifted_plan(request, end * self.block_size + tail_len, params)
+            if shifted is not None and shifted.waiting:
+                return None, False
+        total = len(slots) * self.block_size + tail_len + (shifted.num_tokens if shifted else 0)
+        if total < self.config.min_load_blocks * self.block_size or not total:
             self._lookups.pop(req_id, None)
             return 0, False
-        self._lookups[req_id] = _Lookup(num_computed_tokens, keys[start:end], slots, shifted)
-        return (start + total_blocks) * self.block_size - num_computed_tokens, False
+        self._lookups[req_id] = _Lookup(num_computed_tokens, keys[start:end], slots, tail,
+                                        shifted)
+        # Not always whole blocks: a run found at other positions may end inside one,
+        # and vLLM computes the rest of that block.
+        return start * self.block_size + total - num_computed_tokens, False
+
+    def _shifted_plan(self, request: Any, start: int, params: dict) -> ShiftedPlan | None:
+        """Tokens from `start` on found at other positions: by the prompt's announced
+        layout where it has one, else by the token-level search; minus the boundary fix."""
+        limit = len(request.all_token_ids) - 1
+        namespace = self.request_keys.namespace(request)
+        plan = None
+        entry = self.layouts.find(request) if namespace is None else None
+        if entry is not None:
+            plan = self.layouts.plan(entry, start, limit)
+            if plan.waiting:
+                return plan
+        if plan is None or not plan.num_tokens:
+            plan = self.shifted.plan(request.all_token_ids, namespace, start, limit)
+            if plan.waiting:
+                return plan
+        ratio = params.get(request_params.RECOMPUTE_RATIO)
+        ratio = self.config.recompute_ratio if ratio is None else ratio
+        # Boundary fix: the run's last `ratio` is prefilled, so it attends to what is
+        # actually before it.
+        plan.truncate(plan.num_tokens - math.ceil(plan.num_tokens * ratio))
+        return plan if plan.num_tokens else None
 
     def _keys(self, request: Any, max_blocks: int | None = None) -> list[BlockKey] | None:
         """The request's block keys (by default all but the block of its last token,
@@ -291,23 +326,24 @@ class PromptCacheScheduler:
         return params
 
     def _encodes_module(self, request: Any) -> str | None:
-        """The module this request encodes, if it carries the server's token; a
-        marker without it (a client's) is ignored and counted."""
-        params = self._request_params(request)
-        name = params.get(request_params.ENCODE_MODULE)
-        if name is None:
-            return None
-        token = params.get(request_params.MODULE_TOKEN)
-        if (self._module_token and isinstance(token, str)
-                and hmac.compare_digest(token.encode(), self._module_token.encode())):
-            return name
-        if request.request_id not in self._rejected_modules:
-            self._rejected_modules.add(request.request_id)
-            self.stats.inc("rejected_module_encodings_total")
-            logger.warning("promptcache: request %s asks to encode module %r without the "
-                           "server's token; served as an ordinary request", request.request_id,
-                           name)
-        return None
+        return self.markers.module(request)
+
+    def _encodes_gaps(self, request: Any) -> bool:
+        """True for the gap encoding of a composed prompt (modules/layout.py); its
+        layout is learnt the first time the request is seen."""
+        trusted, value = self.markers.gap_layout(request)
+        if value is not None and self.layouts is not None \
+                and self.request_keys.namespace(request) is None:
+            refusal = self.layouts.announce(request, value)
+            if refusal:
+                logger.warning("promptcache: request %s: layout ignored: %s",
+                               request.request_id, refusal)
+        return trusted
+
+    def _module_run(self, name: str) -> tuple[tuple[int, ...], tuple[BlockKey, ...]] | None:
+        """A registered module's encoding tokens and block keys (for layouts)."""
+        module = self._modules.get(name)
+        return None if module is None or not module.keys else (module.tokens, module.keys)
 
     def _promote(self, keys: list[BlockKey], start: int, prefetch: bool) -> int:
         """Read the run of keys[start:] found below host into host; returns blocks issued."""
@@ -328,25 +364,37 @@ class PromptCacheScheduler:
         lookup = self._lookups.pop(request.request_id, None)
         if num_external_tokens == 0 or lookup is None:
             return
-        assert num_external_tokens % self.block_size == 0, num_external_tokens
-        first = lookup.local_tokens // self.block_size
-        n_all = num_external_tokens // self.block_size
-        n = min(n_all, len(lookup.slots))
+        bs = self.block_size
+        first = lookup.local_tokens // bs
+        n = min(num_external_tokens // bs, len(lookup.slots))
+        n_shifted = num_external_tokens - n * bs
+        if n_shifted and n < len(lookup.slots):
+            # vLLM took part of one more exact block (it may trim what we offered):
+            # copy that block whole, vLLM computes the rest of it.
+            n, n_shifted = n + 1, 0
         all_block_ids = compat.request_block_ids(blocks)
         block_ids = all_block_ids[first:first + n]
         slots = lookup.slots[:n]
         self.host.ready_prefix(lookup.keys[:n], touch=True)
-        if n:
+        tail = lookup.tail
+        if tail is not None and n_shifted:
+            # The partial last block of a stored run: one more whole-block copy.
+            block_ids, slots = block_ids + [all_block_ids[first + n]], slots + [tail.slot]
+            self.host.ready_prefix([tail.key], touch=True)
+            taken = min(tail.length, n_shifted)
+            self.stats.inc("hit_tokens_total", taken, tier="host")
+            # What follows the tail is planned from its end only.
+            n_shifted = n_shifted - taken if taken == tail.length else 0
+        if slots:
             self._loads.append(BlockTransfer(request.request_id, block_ids, slots))
-        if n_all > n and lookup.shifted is not None:
-            self._plan_shifted_load(request.request_id, lookup.shifted,
-                                    (n_all - n) * self.block_size, all_block_ids)
+        if n_shifted and lookup.shifted is not None:
+            self._plan_shifted_load(request.request_id, lookup.shifted, n_shifted, all_block_ids)
             self.approximate.started(request.request_id, lookup.shifted.start // self.block_size)
         from_tier, prefetched = self.secondary.loaded(lookup.keys[:n])
         from_below = sum(from_tier.values())
         self.stats.inc("lookup_hits_total")
-        if n_all > n:
-            self.stats.inc("hit_tokens_total", (n_all - n) * self.block_size, tier="host")
+        if n_shifted:
+            self.stats.inc("hit_tokens_total", n_shifted, tier="host")
         if n - from_below:
             self.stats.inc("hit_tokens_total", (n - from_below) * self.block_size, tier="host")
         for tier, blocks in from_tier.items():
@@ -356,17 +404,20 @@ class PromptCacheScheduler:
         logger.debug("promptcache: request %s loads %d tokens: %d blocks through host (%d of "
                      "them from disk or remote), %d tokens found at other positions; %d were in "
                      "vLLM's prefix cache", request.request_id, num_external_tokens, n, from_below,
-                     (n_all - n) * self.block_size, lookup.local_tokens)
+                     n_shifted, lookup.local_tokens)
 
     def _plan_shifted_load(self, req_id: str, plan: ShiftedPlan, n_tokens: int,
                            block_ids: list[int]) -> None:
         plan.truncate(n_tokens)
         bs = self.block_size
-        dst = [block_ids[p // bs] * bs + p % bs for p in range(plan.start, plan.start + n_tokens)]
+        positions = np.arange(plan.start, plan.start + n_tokens, dtype=np.int64)
+        dst = np.asarray(block_ids, dtype=np.int64)[positions // bs] * bs + positions % bs
         self._shifted_loads.append(ShiftedLoad(req_id, plan.src_slots, plan.src_offsets, dst,
                                                plan.deltas))
         if plan.shifted_tokens:
             self.stats.inc("shifted_hit_tokens_total", plan.shifted_tokens, tier="host")
+        if plan.gap_tokens:
+            self.stats.inc("gap_tokens_total", plan.gap_tokens, tier="host")
         logger.debug("promptcache: request %s loads %d tokens found at other positions "
                      "(%d of them shifted)", req_id, n_tokens, plan.shifted_tokens)
 
@@ -392,7 +443,9 @@ class PromptCacheScheduler:
             if self.remote is not None:
                 self.remote.forget_request(req_id)
             self._skip_counted.discard(req_id)
-            self._rejected_modules.discard(req_id)
+            self.markers.forget(req_id)
+            if self.layouts is not None:
+                self.layouts.forget(req_id)
 
     def _finish(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         req_id = request.request_id
@@ -408,6 +461,11 @@ class PromptCacheScheduler:
         n_blocks = min(n_tokens // self.block_size, len(block_ids))
         params = self._request_params(request)
         module = self._encodes_module(request)
+        # The partial last block (tails.py): kept in host where its KV is exact, after
+        # at least one full block (a tail alone is under any load's minimum).
+        tail = n_tokens - n_blocks * self.block_size if (
+            module is None and n_blocks and exact > n_blocks and len(block_ids) > n_blocks
+            and self.request_keys.shiftable(request)) else 0
         if module is None and (n_blocks == 0 or params.get(request_params.SAVE) is False):
             return False, None
         keys = self._keys(request, n_blocks)
@@ -430,9 +488,12 @@ class PromptCacheScheduler:
             own = self.keyer.block_keys(tokens, f"{namespace or ''}\0approximate:{req_id}",
                                         n_blocks)
             keys = keys[:exact] + own[exact:]
+        if tail:
+            keys = keys + [self.tails.key(keys, n_blocks, namespace, tokens, tail)]
         seg_id = None
         if self.shifted is not None and self.request_keys.shiftable(request):
-            seg_id = self.shifted.remember(tokens, keys, namespace)
+            seg_id = self.shifted.remember(tokens, keys, namespace,
+                                           n_tokens=n_blocks * self.block_size + tail)
         # A save never evicts its own request's blocks: a conversation longer than
         # the host tier keeps its head (what the next turn loads first).
         own_keys = set(keys)
@@ -440,12 +501,15 @@ class PromptCacheScheduler:
         slots = [slot for _, slot in claimed]
         for i, _ in claimed:  # saved afresh: a later hit on them is a host hit
             self.secondary.saved_afresh(keys[i])
+        if tail and claimed and claimed[-1][0] == n_blocks:
+            self.tails.saved(keys, n_blocks, namespace, tokens, tail)
         if claimed:
             self._saves.append(BlockTransfer(req_id, [block_ids[i] for i, _ in claimed], slots))
         writes = self.secondary.plan_writes(req_id, keys[:exact], block_ids[:exact])
         result = None
         if module is not None:
-            result = self._pin_module(module, keys, seg_id)
+            result = self._pin_module(module, keys, seg_id,
+                                      tuple(tokens[:request.num_prompt_tokens]))
             if self.shared is not None and result[request_params.RESULT]["ok"]:
                 self.shared.publish(module, tokens, keys, namespace)
         if not claimed and not writes:
@@ -481,7 +545,8 @@ class PromptCacheScheduler:
         modules share counts once."""
         return len(set().union(*(m.slots for n, m in self._modules.items() if n != skip)))
 
-    def _pin_module(self, name: str, keys: list[BlockKey], seg_id: int | None) -> dict:
+    def _pin_module(self, name: str, keys: list[BlockKey], seg_id: int | None,
+                    tokens: tuple[int, ...]) -> dict:
         slots = [s for s in self.host.slots_of(keys) if s is not None]
         if len(slots) < len(keys):
             error = (f"module {name!r}: the host tier had room for {len(slots)} of its "
@@ -492,7 +557,7 @@ class PromptCacheScheduler:
         self.host.pin(slots)
         if seg_id is not None:
             self.shifted.pin(seg_id)
-        self._modules[name] = _Module(slots, seg_id)
+        self._modules[name] = _Module(slots, seg_id, tokens, tuple(keys))
         logger.info("promptcache: module %r registered: %d tokens in %d pinned blocks (%d of %d "
                     "module blocks in use)", name, len(keys) * self.block_size, len(slots),
                     self._pinned_module_slots(), self.module_slot_budget)

@@ -15,8 +15,9 @@ into host and the plan says it is waiting, so the request asks again.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+import numpy as np
 
 from ..store.host_tier import HostTier
 from ..store.keys import BlockKey
@@ -27,28 +28,71 @@ MAX_SEGMENTS = 4096
 MAX_TOKENS = 16 << 20
 
 
-@dataclass
 class ShiftedPlan:
-    """Token-wise sources for prompt tokens [start, start + len(deltas))."""
+    """Token-wise sources for prompt tokens [start, start + num_tokens): token t comes
+    from host slot src_slots[t], offset src_offsets[t], moved by deltas[t] positions.
 
-    start: int
-    src_slots: list[int] = field(default_factory=list)
-    src_offsets: list[int] = field(default_factory=list)
-    deltas: list[int] = field(default_factory=list)
-    # The plan stopped at a block whose save is still in flight: asking again
-    # shortly may find more (e.g. a module registered just before).
-    waiting: bool = False
+    Built from whole runs (one `add` per piece of a stored segment) and held as int64
+    numpy arrays: a plan of 100k tokens costs a few array operations per piece, never
+    a Python step per token."""
+
+    def __init__(self, start: int, block_size: int):
+        self.start = start
+        self.block_size = block_size
+        # (src_slots, src_offsets, deltas, from_gap) per run; merged on first read.
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        # The plan stopped at a block whose save is still in flight: asking again
+        # shortly may find more (e.g. a module registered just before).
+        self.waiting = False
+
+    def add(self, src_start: int, n: int, block_slots: np.ndarray, first_block: int,
+            delta: int, gap: bool = False) -> None:
+        """n tokens read from a stored run's tokens [src_start, src_start + n), whose
+        block j (from first_block on) sits in host slot block_slots[j - first_block]."""
+        if n <= 0:
+            return
+        bs = self.block_size
+        src = np.arange(src_start, src_start + n, dtype=np.int64)
+        self._parts.append((np.asarray(block_slots, dtype=np.int64)[src // bs - first_block],
+                            src % bs, np.full(n, delta, dtype=np.int64),
+                            np.full(n, gap, dtype=bool)))
+
+    def _merged(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if len(self._parts) != 1:
+            if not self._parts:
+                empty = np.zeros(0, dtype=np.int64)
+                return empty, empty, empty, np.zeros(0, dtype=bool)
+            self._parts = [tuple(np.concatenate(column) for column in zip(*self._parts))]
+        return self._parts[0]
+
+    @property
+    def src_slots(self) -> np.ndarray:
+        return self._merged()[0]
+
+    @property
+    def src_offsets(self) -> np.ndarray:
+        return self._merged()[1]
+
+    @property
+    def deltas(self) -> np.ndarray:
+        return self._merged()[2]
 
     @property
     def num_tokens(self) -> int:
-        return len(self.deltas)
+        return sum(len(part[2]) for part in self._parts)
 
     def truncate(self, n: int) -> None:
-        del self.src_slots[n:], self.src_offsets[n:], self.deltas[n:]
+        if n < self.num_tokens:
+            self._parts = [tuple(column[:n] for column in self._merged())]
 
     @property
     def shifted_tokens(self) -> int:
-        return sum(1 for d in self.deltas if d)
+        return int(np.count_nonzero(self.deltas))
+
+    @property
+    def gap_tokens(self) -> int:
+        """Tokens read from encoded gaps (text between modules), not from modules."""
+        return int(np.count_nonzero(self._merged()[3]))
 
 
 class ShiftedReuse:
@@ -64,21 +108,26 @@ class ShiftedReuse:
         self._tokens = 0
         self._pinned: set[int] = set()  # segments of prompt modules: never forgotten
 
-    def remember(self, tokens: Sequence[int], keys: list[BlockKey],
-                 salt: str | None) -> int | None:
-        """A saved run: tokens[:len(keys) * block_size] under `keys`; returns its id."""
+    def remember(self, tokens: Sequence[int], keys: list[BlockKey], salt: str | None,
+                 n_tokens: int | None = None) -> int | None:
+        """A saved run: tokens[:n_tokens] (default: whole blocks, len(keys) of them),
+        block j under keys[j] (the last may be a partial block's tail key); its id."""
         if not keys:
             return None
+        bs = self.block_size
+        n_tokens = len(keys) * bs if n_tokens is None else n_tokens
+        full = n_tokens // bs  # blocks a longer run shares with this one
         # A conversation's earlier turn is a prefix of this run: keep only the longer one.
-        for key in keys:
+        for key in keys[:full]:
             older = self._by_last_key.get(key)
             if older is not None and older not in self._pinned:
                 self._forget(older)
         seg_id, self._next_id = self._next_id, self._next_id + 1
-        self.index.add(seg_id, tokens[:len(keys) * self.block_size], salt)
+        self.index.add(seg_id, tokens[:n_tokens], salt)
         self._keys[seg_id] = keys
-        self._by_last_key[keys[-1]] = seg_id
-        self._tokens += len(keys) * self.block_size
+        if full:
+            self._by_last_key[keys[full - 1]] = seg_id
+        self._tokens += len(keys) * bs
         while len(self._keys) - len(self._pinned) > 1 and (
                 len(self._keys) > MAX_SEGMENTS or self._tokens > MAX_TOKENS):
             self._forget(next(s for s in self._keys if s not in self._pinned))
@@ -99,32 +148,34 @@ class ShiftedReuse:
             return
         self.index.remove(seg_id)
         self._tokens -= len(keys) * self.block_size
-        if self._by_last_key.get(keys[-1]) == seg_id:
-            del self._by_last_key[keys[-1]]
+        for key in keys[-2:]:  # the last full block's key (the last or the one before a tail)
+            if self._by_last_key.get(key) == seg_id:
+                del self._by_last_key[key]
 
     def plan(self, tokens: Sequence[int], salt: str | None, start: int, limit: int) -> ShiftedPlan:
         """Sources for tokens [start, x), x <= limit, from READY host slots, and
         contiguous from `start`; the caller rounds x down to a block boundary."""
-        plan = ShiftedPlan(start)
-        bs = self.block_size
+        plan = ShiftedPlan(start, self.block_size)
         for piece in self.index.cover(tokens, salt, start=start, end=limit):
             keys = self._keys.get(piece.seg_id)
-            if keys is None:
+            if keys is None or not self.add_run(plan, keys, piece.src_start,
+                                                piece.end - piece.start, piece.delta):
                 break
-            slot_of_block: dict[int, int | None] = {}
-            for t in range(piece.start, piece.end):
-                src = piece.src_start + (t - piece.start)
-                j = src // bs
-                if j not in slot_of_block:
-                    ready = self.host.ready_prefix([keys[j]], touch=False) if j < len(keys) else []
-                    slot_of_block[j] = ready[0] if ready else None
-                slot = slot_of_block[j]
-                if slot is None:
-                    plan.waiting = j < len(keys) and (
-                        self.host.is_pending(keys[j])
-                        or (self.below is not None and self.below(keys, j)))
-                    return plan
-                plan.src_slots.append(slot)
-                plan.src_offsets.append(src % bs)
-                plan.deltas.append(piece.delta)
         return plan
+
+    def add_run(self, plan: ShiftedPlan, keys: Sequence[BlockKey], src_start: int, n: int,
+                delta: int, gap: bool = False) -> bool:
+        """Add the n tokens of a stored run (blocks under `keys`) starting at its token
+        src_start, as far as their blocks are READY in host; False where it stopped
+        short (then plan.waiting says whether asking again may find more)."""
+        bs = self.block_size
+        j0, j1 = src_start // bs, (src_start + n - 1) // bs
+        slots = self.host.ready_prefix(keys[j0:j1 + 1], touch=False) if j0 < len(keys) else []
+        ready = max(0, min(n, (j0 + len(slots)) * bs - src_start))
+        plan.add(src_start, ready, np.asarray(slots, dtype=np.int64), j0, delta, gap)
+        if ready == n:
+            return True
+        j = j0 + len(slots)
+        plan.waiting = j < len(keys) and (self.host.is_pending(keys[j]) or (
+            self.below is not None and self.below(list(keys), j)))
+        return False

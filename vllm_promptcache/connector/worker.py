@@ -23,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import compat
@@ -184,10 +185,9 @@ class PromptCacheWorker:
         start = time.perf_counter()
         inv_freq, rotary_dim, is_neox = self.rope
         layout = "cpu" if self.device.type == "cpu" else "flash_attn"
-        src_slots = torch.tensor(load.src_slots, dtype=torch.long)
-        src_offsets = torch.tensor(load.src_offsets, dtype=torch.long)
-        dst = torch.tensor(load.dst_slots, dtype=torch.long)
-        deltas = torch.tensor(load.deltas, dtype=torch.long)
+        src_slots, src_offsets, dst, deltas = (
+            torch.as_tensor(np.asarray(a, dtype=np.int64))
+            for a in (load.src_slots, load.src_offsets, load.dst_slots, load.deltas))
         for name in self.kv:
             load_tokens_shifted(self.buffer.layer_view(name), src_slots, src_offsets,
                                 self.raw_kv[name], layout, self.num_kv_heads, self.head_size,

@@ -87,13 +87,26 @@ class PromptModules:
         return self.register_modules(self.table.cacheable(schema.module_pieces(role_wrappers)))
 
     def compose(self, items: Sequence[Item]) -> ComposedPrompt:
+        """The prompt of the items in order (a str names a module, `Text` is free text).
+        Where text lies between modules (or a module is short), the text is encoded
+        here, in one prefill of only its tokens, and the connector learns the layout,
+        so that the prompt loads every module and vLLM computes only what follows
+        the last one (modules/layout.py)."""
         if self.shared is not None:  # names another instance registered
             for item in items:
                 if isinstance(item, str) and item not in self.table:
                     module = self.shared.fetch(item)
                     if module is not None:
                         self.table.add(module)
-        return self.table.compose(items)
+        prompt = self.table.compose(items)
+        self.encode_gaps(prompt)
+        return prompt
+
+    def encode_gaps(self, prompt: ComposedPrompt) -> None:
+        """Run the prompt's gap encoding, if it needs one (compose does this)."""
+        request = self.table.gap_encoding(prompt)
+        if request is not None:
+            self.llm.generate([request[0]], request[1], use_tqdm=False)
 
     def compose_pml(self, prompt_text: str) -> ComposedPrompt:
         """A PML prompt (`<prompt schema=...>`) over a registered schema."""
@@ -106,8 +119,8 @@ class PromptModules:
                               f"registered; registered: {sorted(self._schemas) or 'none'}")
         schema, wrappers = self._schemas[prompt.schema_name]
         parts = resolve(schema, prompt, role_wrappers=wrappers, tokenizer=self.table.tokenizer)
-        # Pieces too short to register (chat markers) are computed.  Whitespace-only
-        # text between modules is dropped: module pieces keep their edge whitespace,
-        # and an uncached token between two modules would end the loaded run there.
+        # Pieces too short to register (chat markers) are text, encoded as gaps with
+        # the arguments.  Whitespace-only text between modules is dropped: module
+        # pieces keep their edge whitespace.
         return self.compose([p.name if p.kind == "module" and p.name in self.table
                              else Text(p.text) for p in parts if p.text.strip()])

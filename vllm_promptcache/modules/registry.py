@@ -30,9 +30,11 @@ from typing import Any, Iterable, Sequence, Union
 from .. import request_params
 from ..request_params import ENCODE_MODULE, MODULE_TOKEN
 from ..store.segments import SegmentIndex
+from .layout import Layout, layout_of
 
-# A module shorter than this is never found at another position: the segment
-# index's shortest piece (store/segments.py).
+# A module shorter than this is found at another position only where the prompt's
+# layout is known (compose, compose_pml, modules named in a request: layout.py); the
+# token-level search (store/segments.py) does not match shorter runs.
 MIN_MODULE_TOKENS = SegmentIndex().min_piece
 
 
@@ -83,11 +85,14 @@ class Boundary:
 
 
 class ComposedPrompt(dict):
-    """A `TokensPrompt` (pass it to `LLM.generate`) that also knows its parts."""
+    """A `TokensPrompt` (pass it to `LLM.generate`) that also knows its parts, and
+    its layout where the connector needs one (text between modules, short modules)."""
 
-    def __init__(self, token_ids: list[int], boundaries: list[Boundary]):
+    def __init__(self, token_ids: list[int], boundaries: list[Boundary],
+                 layout: Layout | None = None):
         super().__init__(prompt_token_ids=token_ids)
         self.boundaries = boundaries
+        self.layout = layout
 
     @property
     def token_ids(self) -> list[int]:
@@ -131,15 +136,14 @@ class ModuleTable:
         """The module and the token sequence that encodes it (see the module doc)."""
         if not isinstance(name, str) or not name.strip():
             raise ModuleError(f"a module name must be a non-empty string, got {name!r}")
-        if not isinstance(text, str) or not text:
-            raise ModuleError(f"module {name!r}: the text must be a non-empty string")
+        if not isinstance(text, str) or not text.strip():
+            raise ModuleError(f"module {name!r}: the text must be a non-blank string")
         ids = self.tokenize(text)
         if self.max_tokens is not None and len(ids) > self.max_tokens:
             raise ModuleTooLarge(f"module {name!r} is {len(ids)} tokens; the limit is "
                                  f"{self.max_tokens} (--promptcache-max-module-tokens)")
-        if len(ids) < MIN_MODULE_TOKENS:
-            raise ModuleError(f"module {name!r} is {len(ids)} tokens; a module must be at least "
-                              f"{MIN_MODULE_TOKENS} tokens to be found at another position")
+        if not ids:
+            raise ModuleError(f"module {name!r}: the text has no tokens")
         head = [self.bos] if self.bos is not None else []
         seq = head + ids
         seq += [self.filler] * (-len(seq) % self.block_size)
@@ -154,12 +158,13 @@ class ModuleTable:
     def add(self, module: Module) -> None:
         self._modules[module.name] = module
 
-    def compose(self, items: Sequence[Item]) -> ComposedPrompt:
-        """Token prompt of the items in order, after BOS: a str names a registered
-        module, `Text` is free text."""
+    def compose(self, items: Sequence[Item], bos: bool = True) -> ComposedPrompt:
+        """Token prompt of the items in order, after BOS (unless bos=False): a str
+        names a registered module, `Text` is free text."""
         if isinstance(items, (str, Text, Module)):
             raise TypeError("compose() takes a list of items, e.g. ['system', Text('...')]")
-        ids = [self.bos] if self.bos is not None else []
+        head = self.bos if bos else None
+        ids = [head] if head is not None else []
         boundaries = []
         for item in items:
             if isinstance(item, str):
@@ -173,17 +178,59 @@ class ModuleTable:
                                 f"got {type(item).__name__}")
             boundaries.append(Boundary(name, len(ids), len(ids) + len(part)))
             ids.extend(part)
-        return ComposedPrompt(ids, boundaries)
+        return ComposedPrompt(ids, boundaries, layout_of(boundaries, head, MIN_MODULE_TOKENS,
+                                                         1 if self.bos is not None else 0))
 
-    def prepend(self, names: Sequence[str], prompt_ids: Sequence[int]) -> list[int]:
-        """A rendered prompt with the named modules put right after its BOS."""
+    def gap_encoding(self, prompt: ComposedPrompt) -> tuple[dict, Any] | None:
+        """(TokensPrompt, SamplingParams) of the request that encodes the prompt's gaps
+        and tells the connector its layout; None if the prompt needs none.  Run it (to
+        its end) before the prompt."""
+        if prompt.layout is None:
+            return None
+        seq = prompt.layout.gap_sequence(prompt.token_ids, self.filler, self.block_size)
+        return {"prompt_token_ids": seq}, gap_encoding_params(prompt.layout)
+
+    def place(self, names: Sequence[str], prompt_ids: Sequence[int],
+              text: str | None = None) -> ComposedPrompt:
+        """A rendered prompt with the named modules in it: where `text` (the prompt's
+        text, after its BOS) holds a module's text, the module takes its place there;
+        the others go right after the BOS, in order."""
         modules = [self.get(n) for n in names]
         ids = list(prompt_ids)
         head = 1 if ids and self.bos is not None and ids[0] == self.bos else 0
-        out = ids[:head] if head else ([self.bos] if self.bos is not None else [])
-        for module in modules:
-            out.extend(module.token_ids)
-        return out + ids[head:]
+        found: list[tuple[int, int, Module]] = []
+        if text is not None:
+            at = 0
+            for module in modules:
+                i = text.find(module.text, at)
+                if i < 0:
+                    continue
+                found.append((i, i + len(module.text), module))
+                at = i + len(module.text)
+        if not found:
+            items: list[Item] = [*modules]
+            rest = ids[head:]
+        else:
+            placed = {id(m) for _, _, m in found}
+            items, at = [m for m in modules if id(m) not in placed], 0
+            for i, j, module in found:
+                if text[at:i]:
+                    items.append(Text(text[at:i]))
+                items.append(module)
+                at = j
+            rest = self.tokenize(text[at:]) if text[at:] else []
+        if found:  # the prompt is re-tokenized piecewise, after its own BOS if it had one
+            composed = self.compose(items, bos=bool(head))
+        else:
+            composed = self.compose(items)
+        ids = composed.token_ids + rest
+        if rest:
+            composed.boundaries.append(Boundary(None, len(composed.token_ids), len(ids)))
+        return ComposedPrompt(ids, composed.boundaries, composed.layout)
+
+    def prepend(self, names: Sequence[str], prompt_ids: Sequence[int]) -> list[int]:
+        """A rendered prompt with the named modules put right after its BOS."""
+        return self.place(names, prompt_ids).token_ids
 
 
 def encoding_params(name: str) -> Any:
@@ -202,6 +249,20 @@ def encoding_params(name: str) -> Any:
     return SamplingParams(max_tokens=1, temperature=0, **skip_prefix_cache_params(),
                           extra_args={"kv_transfer_params": {ENCODE_MODULE: name,
                                                              MODULE_TOKEN: token}})
+
+
+def gap_encoding_params(layout: Layout) -> Any:
+    """SamplingParams of a gap encoding (layout.py): one prefill, one sampled token,
+    the layout and this process's module token.  It may read vLLM's prefix cache
+    and the tiers (its KV is exact for its own tokens, as any request's)."""
+    from vllm import SamplingParams
+
+    token = request_params.module_token(create=False)
+    if not token:
+        raise ModuleError("prompt modules need the prompt cache's module token: build the "
+                          "engine with engine_kwargs(...) or start the server with --promptcache")
+    return SamplingParams(max_tokens=1, temperature=0, extra_args={"kv_transfer_params": {
+        request_params.LAYOUT: layout.to_params(), MODULE_TOKEN: token}})
 
 
 def encoding_result(name: str, kv_transfer_params: Any) -> dict:

@@ -14,9 +14,12 @@
 - ``--promptcache-modules FILE`` registers a file's modules at start-up (a PML
   schema, or a YAML/JSON mapping of name: text); a refusal stops start-up.
 - A completion or chat request names modules in ``kv_transfer_params``:
-  ``{"promptcache_modules": ["system", "doc-b"]}``.  Their tokens go right after
-  the prompt's BOS, in that order, before the request's own prompt (the rendered
-  chat for chat requests).  An unknown name is a 400 naming it.
+  ``{"promptcache_modules": ["system", "doc-b"]}``.  A module whose text the
+  request's prompt holds (the rendered chat for chat requests: a message may hold a
+  document) takes its place there, in the order named; the others go right after
+  the prompt's BOS, in that order.  The text between modules (chat markers, labels)
+  is encoded before the request runs, so that every module loads at its position
+  (layout.py).  An unknown name is a 400 naming it.
 - Clients that send plain text need none of this: registered modules are found
   inside any prompt by their tokens (the segment index), as long as the prompt's
   tokenization of the module text equals the module's own (module texts that
@@ -102,6 +105,15 @@ class ServerModules:
             logger.info("promptcache: module %r registered (%d tokens)", name,
                         len(module.token_ids))
         return done
+
+    async def encode_gaps(self, prompt: Any) -> None:
+        """Run a composed prompt's gap encoding, if it needs one (modules/layout.py)."""
+        request = self.table.gap_encoding(prompt)
+        if request is None:
+            return
+        async for _ in self.engine.generate(request[0], request[1],
+                                            f"promptcache-gaps-{uuid.uuid4().hex}"):
+            pass
 
     async def register_schema(self, schema_text: str) -> list[dict]:
         from .pml import chat_role_wrappers, parse_schema
@@ -241,16 +253,18 @@ async def _read_body(raw: Any, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def apply_request_params(serving: Any, request: Any, engine_inputs: list) -> Any:
-    """Check a request's promptcache options and put the modules it names in front
-    of its rendered prompts; returns an error response (400), or None."""
+async def apply_request_params(serving: Any, request: Any, engine_inputs: list) -> Any:
+    """Check a request's promptcache options and place the modules it names in its
+    rendered prompts (encoding the text between them); returns an error response
+    (400), or None."""
     params = getattr(request, "kv_transfer_params", None)
     if not isinstance(params, dict):
         return None
-    # Only the plugin encodes modules (through the route): a client cannot.  The
-    # engine ignores a marker without the server's token anyway.
-    params.pop(request_params.ENCODE_MODULE, None)
-    params.pop(request_params.MODULE_TOKEN, None)
+    # Only the plugin encodes modules and layouts: a client cannot.  The engine
+    # ignores a marker without the server's token anyway.
+    for key in (request_params.ENCODE_MODULE, request_params.MODULE_TOKEN,
+                request_params.LAYOUT):
+        params.pop(key, None)
     names = params.get(request_params.MODULES)
     try:
         request_params.validate(params)
@@ -264,11 +278,26 @@ def apply_request_params(serving: Any, request: Any, engine_inputs: list) -> Any
                                                 "prompt_embeds")):
                 raise ModuleError(f"kv_transfer_params.{request_params.MODULES}: prompt "
                                   f"modules work with text prompts only")
-            engine_input["prompt_token_ids"] = _active.table.prepend(
-                names, engine_input["prompt_token_ids"])
+            composed = await asyncio.to_thread(
+                _active.table.place, names, engine_input["prompt_token_ids"],
+                _prompt_text(_active.table.tokenizer, engine_input))
+            engine_input["prompt_token_ids"] = composed.token_ids
+            await _active.encode_gaps(composed)
     except ValueError as e:
         return serving.create_error_response(str(e))
     return None
+
+
+def _prompt_text(tokenizer: Any, engine_input: dict) -> str | None:
+    """The rendered prompt's text after its BOS (where modules are looked for)."""
+    text = engine_input.get("prompt")
+    ids = engine_input["prompt_token_ids"]
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    head = 1 if ids and bos_id is not None and ids[0] == bos_id else 0
+    if not isinstance(text, str):
+        return tokenizer.decode(ids[head:], skip_special_tokens=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    return text[len(bos):] if head and bos and text.startswith(bos) else text
 
 
 def install_server_modules(config: PromptCacheConfig) -> None:
@@ -292,13 +321,13 @@ def install_server_modules(config: PromptCacheConfig) -> None:
     async def completion(self, request):
         result = await render_completion(self, request)
         if isinstance(result, list):
-            return apply_request_params(self, request, result) or result
+            return await apply_request_params(self, request, result) or result
         return result
 
     async def chat(self, request):
         result = await render_chat(self, request)
         if isinstance(result, tuple):
-            return apply_request_params(self, request, result[1]) or result
+            return await apply_request_params(self, request, result[1]) or result
         return result
 
     OpenAIServingCompletion.render_completion_request = completion

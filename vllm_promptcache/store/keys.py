@@ -249,3 +249,12 @@ class BlockKeyer:
             prev = _blake(prev, chunk, b"x:" + more) if more else _blake(prev, chunk)
             keys.append(prev)
         return keys
+
+    def tail_key(self, prev: bytes | None, namespace: str | None,
+                 tail_tokens: Sequence[int]) -> BlockKey:
+        """The key of a run's partial last block (its first len(tail_tokens) tokens,
+        after the block keyed `prev`): never equal to a full block's key, so exact
+        lookups (whole blocks) never find it; position-independent lookups do."""
+        if prev is None:
+            prev = self.seed(namespace)
+        return _blake(prev, b"tail:", array("q", tail_tokens).tobytes())
