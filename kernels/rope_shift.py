@@ -234,21 +234,29 @@ def _rotated(k: torch.Tensor, d: torch.Tensor, inv_freq: torch.Tensor, rotary_di
     return out
 
 
+# Tokens rotated per pass: the float32 temporaries of a chunk stay in cache and
+# are reused by the allocator (fresh large tensors cost page faults on CPU).
+ROTATE_CHUNK = 512
+
+
 def _rotate_into(out: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  rotary_dim: int, is_neox_style: bool) -> None:
-    rot = k[..., :rotary_dim].float()
     half = rotary_dim // 2
-    if is_neox_style:
-        x1, x2 = rot[..., :half], rot[..., half:]
-        o1, o2 = out[..., :half], out[..., half:rotary_dim]
-    else:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        o1, o2 = out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2]
-    # One scratch half, reused: fresh large tensors cost page faults on CPU.
-    tmp = torch.mul(x1, cos)
-    o1.copy_(tmp.addcmul_(x2, sin, value=-1))
-    torch.mul(x2, cos, out=tmp)
-    o2.copy_(tmp.addcmul_(x1, sin))
+    per_token = cos.shape[0] > 1
+    for a in range(0, k.shape[0], ROTATE_CHUNK):
+        b = min(a + ROTATE_CHUNK, k.shape[0])
+        c, s_ = (cos[a:b], sin[a:b]) if per_token else (cos, sin)
+        rot = k[a:b, :, :rotary_dim].float()
+        if is_neox_style:
+            x1, x2 = rot[..., :half], rot[..., half:]
+            o1, o2 = out[a:b, :, :half], out[a:b, :, half:rotary_dim]
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            o1, o2 = out[a:b, :, 0:rotary_dim:2], out[a:b, :, 1:rotary_dim:2]
+        tmp = torch.mul(x1, c)
+        o1.copy_(tmp.addcmul_(x2, s_, value=-1))
+        torch.mul(x2, c, out=tmp)
+        o2.copy_(tmp.addcmul_(x1, s_))
     if rotary_dim < k.shape[-1]:
         out[..., rotary_dim:] = k[..., rotary_dim:]
 

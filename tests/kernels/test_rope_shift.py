@@ -294,3 +294,28 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     rs.rope_shift_(*args)
     assert calls == ["triton", "reference"]
+
+
+@pytest.mark.parametrize("runs", [1, 3, 200])
+def test_cpu_rotation_in_runs_and_chunks_matches_float64(runs, seed):
+    """The CPU path rotates per run of equal delta, in chunks of ROTATE_CHUNK tokens,
+    and falls back to per-token angles past MAX_DELTA_RUNS runs: all three agree with
+    the float64 formula, over more tokens than one chunk."""
+    from kernels.rope_shift import MAX_DELTA_RUNS, ROTATE_CHUNK, _rotated
+
+    T, H, D, rot = 2 * ROTATE_CHUNK + 300, 2, 64, 48
+    k = torch.randn(T, H, D).to(torch.bfloat16)
+    cuts = sorted(torch.randperm(T - 1)[:runs - 1].add(1).tolist())
+    delta = torch.zeros(T, dtype=torch.int64)
+    for i, (a, b) in enumerate(zip([0] + cuts, cuts + [T])):
+        delta[a:b] = 0 if i % 3 == 1 else int(torch.randint(-60_000, 60_000, ()))
+    assert (runs > MAX_DELTA_RUNS) == (int((delta[1:] != delta[:-1]).sum()) + 1 > MAX_DELTA_RUNS)
+    inv_freq = llama_inv_freq(rot)
+    for neox in (True, False):
+        got = _rotated(k, delta, inv_freq, rot, neox)
+        zero = delta == 0
+        assert torch.equal(bits(got[zero]), bits(k[zero]))
+        assert torch.equal(bits(got[..., rot:]), bits(k[..., rot:]))
+        want, scale = rope64(k, delta, inv_freq, rot, neox)
+        err = (got.double() - want).abs() / scale.clamp_min(1e-30)
+        assert float(err.max()) <= RTOL[torch.bfloat16], f"runs={runs} neox={neox}"

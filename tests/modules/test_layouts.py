@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import close_llm, make_llm, settled
-from tests.modules.test_prompt_modules import text
+from tests.modules.test_prompt_modules import generate, text
 
 pytestmark = pytest.mark.engine
 BLOCK = 128
@@ -36,14 +36,6 @@ def modules(llm):
     pm.register_modules({"docA": text(170, 2), "docB": text(150, 3),
                          "heading": "Results of the second study:\n"})
     return pm
-
-
-def generate(llm, prompt, max_tokens=4, **params):
-    from vllm import SamplingParams
-
-    extra = {"kv_transfer_params": params} if params else None
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args=extra)
-    return list(llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids)
 
 
 def counters(llm):
