@@ -9,13 +9,23 @@ costs, on doc-QA style prompts built from real English text:
 
 The model is `models/docs-llama` (trained on documentation that ships with this
 machine, see models/README.md); the documents are held-out ones it never saw
-(models/build_corpus.py).  Each example is scored in two orders -- the modules
-as registered (schema order) and shuffled -- and three modes:
+(models/build_corpus.py).  Each example is scored in three layouts -- the modules
+as registered (schema order), shuffled, and shuffled with a label before each
+document (``Document 2 of 3, "<its first words>":``, the words an argument of the
+label) and a separator (``---``) between documents -- and these modes:
 
 * ``full``          promptcache_load=false: everything prefilled (the reference);
 * ``cached``        every module loaded at its position (RoPE-shifted);
 * ``cached + fix``  the boundary fix: the last `--fix-ratio` of the found run is
   prefilled instead of loaded (`promptcache_recompute_ratio`).
+
+and, for the labelled layout, in place of the last two:
+
+* ``gaps prefilled``      the prompt as it ran before layouts (and as a plain client
+  still runs it): loaded up to the first label, everything after it prefilled;
+* ``gaps encoded``        `compose()`'s gap encoding: the labels and separators encoded
+  on their own first, then every module and gap loaded (modules/layout.py);
+* ``gaps encoded + fix``  the same with the boundary fix.
 
 Scores, teacher-forced over the gold answer tokens: next-token agreement of the
 mode's argmax with the full prefill's, and the answer's perplexity; and, on the
@@ -52,8 +62,10 @@ import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "module-accuracy-cpu.json"
-MODES = ("full", "cached", "cached + fix")
-ORDERS = ("schema", "shuffled")
+ORDERS = ("schema", "shuffled", "labelled")
+MODES = {"schema": ("full", "cached", "cached + fix"),
+         "shuffled": ("full", "cached", "cached + fix"),
+         "labelled": ("full", "gaps prefilled", "gaps encoded", "gaps encoded + fix")}
 INSTRUCTIONS = ("The documents below come from the documentation of a computer system. "
                 "Read all of them carefully. After them comes a question that quotes a short "
                 "passage from one of the documents; answer it with the words that follow the "
@@ -138,9 +150,9 @@ def main() -> None:
     modules.register_modules(registry)
     log(f"registered {len(registry)} modules")
 
-    mode_params = {"full": {"promptcache_load": False},
-                   "cached": {},
-                   "cached + fix": {"promptcache_recompute_ratio": args.fix_ratio}}
+    fix = {"promptcache_recompute_ratio": args.fix_ratio}
+    mode_params = {"full": {"promptcache_load": False}, "cached": {}, "cached + fix": fix,
+                   "gaps prefilled": {}, "gaps encoded": {}, "gaps encoded + fix": fix}
 
     def run(prompt_ids: list[int], gold: list[int], mode: str) -> dict:
         kv = {"promptcache_save": False, **mode_params[mode]}
@@ -170,15 +182,30 @@ def main() -> None:
         shuffled = names[:]
         while shuffled == names:
             rng.shuffle(shuffled)
-        for order, doc_names in zip(ORDERS, (names, shuffled)):
-            prompt = modules.compose(["instructions", *doc_names, Text(ex["question"])])
+        for order, doc_names in zip(ORDERS, (names, shuffled, shuffled)):
+            items = ["instructions", *doc_names, Text(ex["question"])]
+            if order == "labelled":
+                items = ["instructions"]
+                for j, name in enumerate(doc_names):
+                    title = " ".join(registry[name].split()[:4])
+                    items += [Text(f"{'---' + chr(10) * 2 if j else ''}Document {j + 1} of 3, "
+                                   f"\"{title}\":\n"), name]
+                items.append(Text(ex["question"]))
+            # Composed without running the gap encoding: the engine does not know the
+            # layout until encode_gaps() (so "gaps prefilled" runs as before layouts).
+            prompt = modules.table.compose(items)
             before = hits()
-            result = {mode: run(prompt.token_ids, ex["gold"], mode) for mode in MODES}
-            loaded = (hits() - before) / (1 + len(ex["gold"]))  # per request, both cached modes
+            result = {}
+            for mode in MODES[order]:
+                if mode == "gaps encoded":
+                    modules.encode_gaps(prompt)
+                result[mode] = run(prompt.token_ids, ex["gold"], mode)
+            cached_modes = len(MODES[order]) - 1
+            loaded = (hits() - before) / (cached_modes * (1 + len(ex["gold"])))
             full = result["full"]
             row = {"example": e, "order": order, "prompt_tokens": len(prompt.token_ids),
                    "loaded_tokens_per_request": loaded}
-            for mode in MODES:
+            for mode in MODES[order]:
                 r = result[mode]
                 row[mode] = {
                     "agreement": statistics.fmean(a == b for a, b in zip(r["argmax"], full["argmax"])),
@@ -189,13 +216,13 @@ def main() -> None:
             rows.append(row)
             log(f"  example {e} {order}: " + ", ".join(
                 f"{m}: agree {row[m]['agreement']:.2f} ppl {row[m]['ppl']:.1f} f1 {row[m]['f1']:.2f}"
-                for m in MODES))
+                for m in MODES[order]))
     shutdown_llm(llm)
 
     summary = {}
     for order in ORDERS:
         sel = [r for r in rows if r["order"] == order]
-        for mode in MODES:
+        for mode in MODES[order]:
             summary[f"{order}/{mode}"] = {
                 "next_token_agreement": statistics.fmean(r[mode]["agreement"] for r in sel),
                 "answer_ppl": math.exp(statistics.fmean(math.log(r[mode]["ppl"]) for r in sel)),
@@ -220,10 +247,11 @@ def main() -> None:
     md = (
         f"# Prompt-module accuracy ({env['date']})\n\nModel `{args.model.name}` on {where}; "
         f"{args.examples} examples of 3 held-out documents (~{args.doc_tokens} tokens each) in "
-        f"schema order and shuffled, {tokens:.0f} prompt tokens (median), "
+        f"schema order, shuffled, and shuffled with labels and separators between them, "
+        f"{tokens:.0f} prompt tokens (median), "
         f"{args.answer_tokens}-token answers; boundary fix = last {args.fix_ratio:.0%} of the "
-        f"found run recomputed; cached requests loaded {loaded:.0f} tokens each (median, both "
-        f"cached modes together).\n\n" + table + "\n")
+        f"found run recomputed; cached requests loaded {loaded:.0f} tokens each (median over "
+        f"the cached modes).\n\n" + table + "\n")
     common.write_outputs(args.out, doc, md, functools.partial(
         common.bar_chart, title="Next-token agreement with a full prefill",
         values={k.replace("/", "\n"): s["next_token_agreement"] for k, s in summary.items()},
