@@ -167,6 +167,7 @@ def test_a_100k_token_plan_is_built_without_a_step_per_token():
     import numpy as np
 
     from vllm_promptcache.connector.layouts import Layouts
+    from vllm_promptcache.connector.tails import RunTails
     from vllm_promptcache.modules.layout import Layout
     from vllm_promptcache.store.keys import BlockKeyer, ModelFingerprint
 
@@ -196,7 +197,8 @@ def test_a_100k_token_plan_is_built_without_a_step_per_token():
     module = tuple([1] + doc[half:] + [0] * (-(len(doc) - half + 1) % block))
     module_keys = keys_of_many(len(module) // block, 4)
     stored(host, module_keys)
-    layouts = Layouts(keyer, planner, lambda name: (module, module_keys))
+    layouts = Layouts(keyer, planner, lambda name: (module, module_keys),
+                      RunTails(keyer, host, 16))
     spans = [[0, 1, None, 0], [1, 1 + half, None, 0],
              [1 + half, 1 + len(doc), "doc", 1]]
     request = SimpleNamespace(request_id="gaps", all_token_ids=gap_seq,

@@ -39,10 +39,10 @@ def test_modules_back_to_back_need_no_layout_but_text_between_them_does():
     assert spans[0] == Span(0, 1, None, 0)  # BOS starts the gap encoding
     assert spans[2].offset == 1  # a module's tokens follow its encoding's BOS
     assert prompt.layout.end == prompt.boundaries[3].end  # the question is not covered
-    # The gap encoding: BOS and both labels, filled up to a whole block.
-    seq = prompt.layout.gap_sequence(prompt.token_ids, EOS, 8)
-    assert seq[:5] == [BOS] + t.tokenize("Doc one: Doc two:") and len(seq) == 8
-    assert seq[5:] == [EOS] * 3
+    # The gap encoding: BOS and both labels, nothing else (no filler: its partial
+    # last block is kept like any run's).
+    seq = prompt.layout.gap_sequence(prompt.token_ids)
+    assert seq == [BOS] + t.tokenize("Doc one: Doc two:")
 
 
 def test_a_short_module_needs_a_layout_even_back_to_back():

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 from ..modules.layout import Layout, LayoutError
 from ..store.keys import BlockKey, BlockKeyer
 from .shifted import ShiftedPlan, ShiftedReuse
+from .tails import RunTails
 
 logger = logging.getLogger("vllm.promptcache")
 
@@ -51,8 +52,10 @@ class Layouts:
     """Announced layouts, by the digest of the prompt tokens they cover."""
 
     def __init__(self, keyer: BlockKeyer, shifted: ShiftedReuse,
-                 module_run: Callable[[str], tuple[Sequence[int], list[BlockKey]] | None]):
+                 module_run: Callable[[str], tuple[Sequence[int], list[BlockKey]] | None],
+                 tails: RunTails):
         self.keyer = keyer
+        self.tails = tails
         self.block_size = keyer.block_size
         self.shifted = shifted
         # name -> (encoding tokens, block keys) of a registered module, or None.
@@ -97,7 +100,13 @@ class Layouts:
         old = self._entries.pop(key, None)
         if old is not None:
             self._ends[old.layout.end] -= 1
-        self._entries[key] = _Entry(layout, self.keyer.block_keys(gap_seq), offsets)
+        # The gap encoding's blocks: whole ones, then its partial last block (saved
+        # as a run's tail, under the key tails.py gives it).
+        gap_keys = self.keyer.block_keys(gap_seq)
+        if len(gap_seq) % self.block_size:
+            gap_keys.append(self.tails.key(gap_keys, len(gap_keys), None, gap_seq,
+                                           len(gap_seq) % self.block_size))
+        self._entries[key] = _Entry(layout, gap_keys, offsets)
         self._ends[layout.end] += 1
         while len(self._entries) > MAX_LAYOUTS:
             _, dropped = self._entries.popitem(last=False)

@@ -52,6 +52,10 @@ class FrontEndMarkers:
         self._gap_encodings.add(req_id)
         return True, value
 
+    def is_gap_encoding(self, req_id: str) -> bool:
+        """A trusted gap encoding, seen before."""
+        return req_id in self._gap_encodings
+
     def forget(self, req_id: str) -> None:
         self._rejected.discard(req_id)
         self._gap_encodings.discard(req_id)

@@ -140,7 +140,7 @@ class PromptCacheScheduler:
             except UnsupportedRopeError as e:
                 raise RuntimeError(f"--promptcache-position-independent: {e}") from None
             self.shifted = ShiftedReuse(self.block_size, self.host, below=self._fetch_below)
-            self.layouts = Layouts(self.keyer, self.shifted, self._module_run)
+            self.layouts = Layouts(self.keyer, self.shifted, self._module_run, self.tails)
         self.stats = PromptCacheStats()
         self.markers = FrontEndMarkers(request_params.module_token(create=False), self.stats,
                                        self._request_params)
@@ -462,11 +462,14 @@ class PromptCacheScheduler:
         params = self._request_params(request)
         module = self._encodes_module(request)
         # The partial last block (tails.py): kept in host where its KV is exact, after
-        # at least one full block (a tail alone is under any load's minimum).
+        # at least one full block (a tail alone is under any load's minimum), or as
+        # part of a gap encoding (which layouts read token by token).
         tail = n_tokens - n_blocks * self.block_size if (
-            module is None and n_blocks and exact > n_blocks and len(block_ids) > n_blocks
-            and self.request_keys.shiftable(request)) else 0
-        if module is None and (n_blocks == 0 or params.get(request_params.SAVE) is False):
+            module is None and exact > n_blocks and len(block_ids) > n_blocks
+            and self.request_keys.shiftable(request)
+            and (n_blocks or self.markers.is_gap_encoding(req_id))) else 0
+        if module is None and (n_blocks + tail == 0
+                               or params.get(request_params.SAVE) is False):
             return False, None
         keys = self._keys(request, n_blocks)
         if keys is None or len(keys) < n_blocks:

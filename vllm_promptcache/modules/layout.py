@@ -9,8 +9,9 @@ everything after it to be prefilled.  The layout makes the whole run loadable:
 - every piece of text before the last module (labels, separators, chat markers,
   parameter arguments), with the prompt's BOS first, is a *gap*;
 - the gaps are encoded together, before the prompt runs, as one short sequence of
-  their own, ``[BOS] gap1 gap2 ... [filler]`` (one extra prefill of only the gap
-  tokens, saved like any conversation and aged out like one);
+  their own, ``[BOS] gap1 gap2 ...`` (one extra prefill of only the gap tokens, saved
+  like any conversation -- its partial last block too, connector/tails.py -- and aged
+  out like one);
 - that encoding request carries the layout (`to_params`), so the scheduler side
   learns it and recognises the prompt when it arrives (by the digest of its tokens
   up to the layout's end), with whatever sampling parameters the caller chose;
@@ -79,10 +80,10 @@ class Layout:
             at += span.length
         return out
 
-    def gap_sequence(self, prompt_ids: Sequence[int], filler: int, block_size: int) -> list[int]:
-        """The gap encoding: the gaps' tokens in order, filled up to whole blocks."""
-        seq = [t for span in self.gap_spans for t in prompt_ids[span.start:span.end]]
-        return seq + [filler] * (-len(seq) % block_size)
+    def gap_sequence(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The gap encoding: the gaps' tokens in order (no filler: the partial last
+        block is kept like any run's)."""
+        return [t for span in self.gap_spans for t in prompt_ids[span.start:span.end]]
 
     def to_params(self) -> list[list]:
         return [[s.start, s.end, s.module, s.offset] for s in self.spans]

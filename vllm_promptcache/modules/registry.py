@@ -187,7 +187,7 @@ class ModuleTable:
         its end) before the prompt."""
         if prompt.layout is None:
             return None
-        seq = prompt.layout.gap_sequence(prompt.token_ids, self.filler, self.block_size)
+        seq = prompt.layout.gap_sequence(prompt.token_ids)
         return {"prompt_token_ids": seq}, gap_encoding_params(prompt.layout)
 
     def place(self, names: Sequence[str], prompt_ids: Sequence[int],
