@@ -136,11 +136,16 @@ def test_a_chat_message_holding_a_module_loads_it_in_place_with_the_text_around_
     r = requests.post(server.base + "/v1/chat/completions", json=body, headers=AUTH, timeout=120)
     assert r.status_code == 200, r.text
     hits, shifted, gaps = (b - a for a, b in zip(before, settled(counters, tries=20, pause=0.3)))
-    doc_tokens = len(tokenizer(tiny_model).encode(doc, add_special_tokens=False))
+    tok = tokenizer(tiny_model)
+    doc_tokens = len(tok.encode(doc, add_special_tokens=False))
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    before_doc = len(tok.encode(rendered[:rendered.index(doc)], add_special_tokens=False))
     # The chat markers, the system message and the label before the document are
-    # encoded as a gap; the document loads in place, moved; vLLM computes the rest.
-    assert gaps > 0 and shifted == doc_tokens
-    assert hits == gaps + doc_tokens
+    # encoded first (the gap encoding; they start the prompt as they start it, so they
+    # load as its run's block, exactly); the document loads in place, moved; vLLM
+    # computes the rest.
+    assert shifted == doc_tokens and hits == before_doc + doc_tokens
+    assert gaps == 0
 
 
 def test_a_module_at_its_own_position_answers_as_without_the_cache(server, tiny_model):
