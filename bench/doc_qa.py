@@ -136,7 +136,12 @@ def main() -> None:
     def fresh():
         # vLLM's prefix cache keeps the blocks of every request by their tokens --
         # including KV we loaded -- so a later mode would reuse an earlier one's.
-        llm.reset_prefix_cache()
+        # A reset fails while blocks are held (saves in flight): step until it works.
+        for _ in range(200):
+            if llm.reset_prefix_cache():
+                return
+            ttft({"prompt_token_ids": list(range(100, 108))})
+        raise RuntimeError("vLLM's prefix cache could not be reset")
 
     def hits():
         ttft({"prompt_token_ids": list(range(100, 108))})  # a step that carries the last stats
