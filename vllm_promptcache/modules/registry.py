@@ -12,10 +12,10 @@ Why the sequence looks like that:
 - ``BOS`` first: every prompt starts with it, so a module's KV is computed with
   the same attention sink it sees in use, and the first module's tokens keep
   their position (delta 0, an exact copy).
-- ``filler`` (EOS tokens up to a whole number of blocks): the connector saves whole
-  blocks only; without it a module's last partial block would be lost, and a
-  token that no stored segment covers ends the loaded run.  Filler after the
-  module does not change the module's own KV (attention is causal).
+- ``filler`` (EOS tokens up to a whole number of blocks): a module is pinned block by
+  block, so its encoding fills its last block (a conversation's partial last block
+  is kept as a tail instead, connector/tails.py).  Filler after the module does not
+  change the module's own KV (attention is causal).
 
 `ModuleTable` is the pure part (tokenizing, the encoding sequence, composing
 prompts); `offline.PromptModules` (for `LLM`) and `server` (for the OpenAI
