@@ -78,8 +78,12 @@ class Layouts:
         if layout.gap_tokens > len(gap_seq) or not layout.gap_spans:
             return "the layout's gaps are not this request's tokens"
         prefix: list[int] = []
+        gap_index = 0
         for span in layout.spans:
             if span.module is None:
+                at = offsets[gap_index]
+                prefix.extend(gap_seq[at:at + span.length])
+                gap_index += 1
                 continue
             run = self.module_run(span.module)
             if run is None:
@@ -87,15 +91,7 @@ class Layouts:
             tokens, _ = run
             if span.offset + span.length > len(tokens):
                 return f"a span is longer than module {span.module!r}"
-        gap_index = 0
-        for span in layout.spans:
-            if span.module is None:
-                at = offsets[gap_index]
-                prefix.extend(gap_seq[at:at + span.length])
-                gap_index += 1
-            else:
-                tokens, _ = self.module_run(span.module)
-                prefix.extend(tokens[span.offset:span.offset + span.length])
+            prefix.extend(tokens[span.offset:span.offset + span.length])
         key = digest(prefix)
         old = self._entries.pop(key, None)
         if old is not None:
@@ -129,9 +125,10 @@ class Layouts:
         entry = None
         for end in sorted(self._ends, reverse=True):
             if end <= len(tokens):
-                entry = self._entries.get(digest(tokens[:end]))
+                key = digest(tokens[:end])
+                entry = self._entries.get(key)
                 if entry is not None:
-                    self._entries.move_to_end(digest(tokens[:end]))
+                    self._entries.move_to_end(key)
                     break
         self._found[req_id] = entry
         return entry
