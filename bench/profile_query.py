@@ -158,7 +158,7 @@ def main() -> None:
     requests = {}
     for order in (["doc0", "doc1", "doc2"], ["doc2", "doc0", "doc1"]):  # warm, then measured
         prompt = modules.table.compose(labelled(order, question))
-        gap_prompt, gap_params = modules.table.gap_encoding(prompt)
+        gap_prompt, gap_params = modules.table.gap_encoding(prompt, again=True)
         # Salted: the labels request must not find this exact KV.
         plain = {"prompt_token_ids": prompt.token_ids, "cache_salt": "exact"}
         requests = {

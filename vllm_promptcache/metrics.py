@@ -19,6 +19,9 @@ KVConnectorStats, KVConnectorPromMetrics = stats_bases()
 
 PREFIX = "vllm:promptcache_"
 COUNTER, GAUGE = "counter", "gauge"
+# Not a metric: keys of layout templates whose gap encoding the scheduler side could
+# not find (modules/encoded_gaps.py); the front end's logger passes them on.
+GAPS_MISSING = "gaps_missing"
 
 # name -> (type, label: True for "tier", a name for another label, False for none, help)
 METRICS: dict[str, tuple[str, bool, str]] = {
@@ -93,7 +96,11 @@ class PromptCacheStats(KVConnectorStats):
             self.reset()
 
     def reset(self):
-        self.data = {COUNTER: {}, GAUGE: {}}
+        self.data = {COUNTER: {}, GAUGE: {}, GAPS_MISSING: []}
+
+    def gaps_missing(self, template_key: bytes) -> None:
+        if template_key.hex() not in self.data.setdefault(GAPS_MISSING, []):
+            self.data[GAPS_MISSING].append(template_key.hex())
 
     def inc(self, name: str, value: float = 1, tier: str | None = None) -> None:
         assert METRICS[name][0] == COUNTER, name
@@ -110,6 +117,8 @@ class PromptCacheStats(KVConnectorStats):
         for k, v in other.data.get(COUNTER, {}).items():
             self.data[COUNTER][k] = self.data[COUNTER].get(k, 0) + v
         self.data[GAUGE].update(other.data.get(GAUGE, {}))
+        missing = self.data.setdefault(GAPS_MISSING, [])
+        missing += [k for k in other.data.get(GAPS_MISSING, ()) if k not in missing]
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -121,7 +130,8 @@ class PromptCacheStats(KVConnectorStats):
         return out
 
     def is_empty(self) -> bool:
-        return not (self.data.get(COUNTER) or self.data.get(GAUGE))
+        return not (self.data.get(COUNTER) or self.data.get(GAUGE)
+                    or self.data.get(GAPS_MISSING))
 
     def take(self) -> "PromptCacheStats | None":
         """This interval's payload, leaving self empty for the next one."""
@@ -146,6 +156,9 @@ class PromptCachePromMetrics(KVConnectorPromMetrics):
             self._families[name] = fam
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
+        from .modules.encoded_gaps import engine_reported
+
+        engine_reported(transfer_stats_data.get(GAPS_MISSING) or ())
         base = list(self.per_engine_labelvalues[engine_idx])
         for kind in (COUNTER, GAUGE):
             for k, v in transfer_stats_data.get(kind, {}).items():

@@ -275,3 +275,118 @@ def test_a_layout_is_learnt_only_from_a_trusted_gap_encoding(monkeypatch):
     assert load.dst_slots.tolist() == [30 * bs + p for p in range(4, 14)]
     stats = sched.get_kv_connector_stats().data["counter"]
     assert stats["hit_tokens_total|host"] == 14 and stats["shifted_hit_tokens_total|host"] == 10
+
+
+def _layout_scheduler(monkeypatch, modules):
+    """A position-independent scheduler with `modules` ({name: tokens}) registered,
+    and the gap encoding of [BOS] label <module> announced and saved."""
+    import torch
+
+    from tests.connector.test_scheduler import kv_cache_config, module_request, output, vllm_config
+    from vllm_promptcache.config import PromptCacheConfig
+    from vllm_promptcache.connector.scheduler import PromptCacheScheduler
+    from vllm_promptcache.kernels import rope_params
+    from vllm_promptcache.request_params import module_token
+
+    monkeypatch.setattr(rope_params, "rope_params", lambda vc: (torch.ones(16), 32, True))
+    cfg = PromptCacheConfig(host_gb=256 * 2 * 1024 / 2**30, disk_gb=0, position_independent=True)
+    sched = PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg.validate())
+    bs = sched.block_size
+    block = 0
+    for name, doc in modules.items():
+        seq = [1] + doc + [2] * (-(len(doc) + 1) % bs)
+        sched.request_finished(module_request(name, seq, name),
+                               list(range(block, block + len(seq) // bs)))
+        sched.update_connector_output(output({name}))
+        block += len(seq) // bs
+    first = next(iter(modules.values()))
+    label = [70, 71, 72]
+    spans = [[0, 1, None, 0], [1, 4, None, 0], [4, 4 + len(first), next(iter(modules)), 1]]
+    gaps = _req("gaps", [1] + label + [0], computed=0, prompt=4)
+    gaps.kv_transfer_params = {"promptcache_layout": spans,
+                               "promptcache_module_token": module_token()}
+    assert sched.get_num_new_matched_tokens(gaps, 0) == (0, False)
+    gaps.num_computed_tokens = 4
+    sched.request_finished(gaps, [99])
+    sched.update_connector_output(output({"gaps"}))
+    return sched, label
+
+
+def _req(req_id, tokens, computed=0, prompt=None):
+    from tests.connector.test_scheduler import request as make
+
+    return make(req_id, tokens, computed=computed, prompt=prompt)
+
+
+def test_a_template_serves_other_modules_in_its_slot_without_an_announcement(monkeypatch):
+    """One gap encoding serves every prompt with the same text between modules: a
+    prompt with another registered module in the slot loads its label and module at
+    their positions, announced by nothing.  A module one token off, or another label,
+    is not matched."""
+    from tests.connector.test_scheduler import Blocks
+
+    doc, other = list(range(500, 510)), list(range(600, 621))
+    sched, label = _layout_scheduler(monkeypatch, {"doc": doc, "other": other})
+    question = [80, 81, 82, 83, 84]
+    main = _req("main", [1] + label + other + question)
+    assert sched.get_num_new_matched_tokens(main, 0) == (4 + len(other), False)
+    sched.update_state_after_alloc(main, Blocks(list(range(30, 40))), 4 + len(other))
+    meta = sched.build_connector_meta(None)
+    assert meta.loads[0].block_ids == [30]  # the gap encoding's block, exact
+    load = meta.shifted_loads[0]
+    assert load.deltas.tolist() == [3] * len(other)  # 'other' moved by the label
+    stats = sched.get_kv_connector_stats().data["counter"]
+    assert stats["shifted_hit_tokens_total|host"] == len(other)
+
+    # A module a token off: only [BOS] and the label, the gap encoding's own tokens,
+    # load (exact); another label: nothing.
+    for i, (prompt, loaded) in enumerate((([1] + label + other[:-1] + [7] + question, 4),
+                                          ([1, 70, 71, 73] + other + question, 0))):
+        req = _req(f"no{i}", prompt)
+        assert sched.get_num_new_matched_tokens(req, 0) == (loaded, False), prompt
+
+
+def test_a_template_whose_gaps_aged_out_is_reported_to_the_front_ends(monkeypatch):
+    """The gap encoding's KV is ordinary host KV: once it is gone, the next prompt of
+    the template loads nothing past it, and the template is reported (stats payload)
+    so that a front end that skipped the encoding runs it again."""
+    from vllm_promptcache.modules import encoded_gaps
+    from vllm_promptcache.modules.layout import Layout, template_of
+
+    doc = list(range(500, 510))
+    sched, label = _layout_scheduler(monkeypatch, {"doc": doc})
+    prompt = [1] + label + doc + [80, 81]
+    layout = Layout.from_params([[0, 1, None, 0], [1, 4, None, 0], [4, 14, "doc", 1]])
+    key = template_of(layout, prompt).key
+    memo = encoded_gaps.EncodedGaps()
+    memo.add(key)
+    encoded_gaps.engine_reported([])  # the engine's word has reached this process
+    assert key in memo
+    assert sched.get_kv_connector_stats().data.get("gaps_missing") == []
+
+    sched.host.clear()  # the gap encoding ages out (the module is pinned)
+    main = _req("main", prompt)
+    assert sched.get_num_new_matched_tokens(main, 0) == (0, False)
+    payload = sched.get_kv_connector_stats().data
+    assert payload["gaps_missing"] == [key.hex()]
+    encoded_gaps.engine_reported(payload["gaps_missing"])  # what metrics.observe does
+    assert key not in memo
+
+
+def test_a_front_end_skips_an_encoded_template_only_once_the_engine_reports():
+    """Until a stats payload has reached the process, every prompt runs its gap
+    encoding (nothing could tell this front end that one aged out)."""
+    from vllm_promptcache.modules import encoded_gaps
+
+    memo = encoded_gaps.EncodedGaps()
+    memo.add(b"k" * 16)
+    saved = encoded_gaps._engine_reports
+    try:
+        encoded_gaps._engine_reports = False
+        assert b"k" * 16 not in memo
+        encoded_gaps.engine_reported(["00" * 16])
+        assert b"k" * 16 in memo
+        encoded_gaps.engine_reported([(b"k" * 16).hex()])
+        assert b"k" * 16 not in memo
+    finally:
+        encoded_gaps._engine_reports = saved

@@ -57,7 +57,7 @@ def loaded(llm, prompt, **params):
     return tuple(b - a for a, b in zip(before, counters(llm)))
 
 
-def test_labels_between_modules_are_encoded_and_every_module_loads(llm, modules):
+def test_labels_between_modules_are_encoded_and_every_module_loads(llm, modules, monkeypatch):
     from vllm_promptcache import Text
 
     prompt = modules.compose([Text("Document 1:"), "docB", Text("\nDocument 2:"), "docA",
@@ -75,11 +75,22 @@ def test_labels_between_modules_are_encoded_and_every_module_loads(llm, modules)
     first = prompt.boundaries[0].end
     assert gaps == layout.gap_tokens - first
     assert shifted > 0
-    # The same labels with the modules swapped: the same gap encoding (its blocks are
-    # stored under the same keys), and the prompt loads whole again.
+    # The same labels with the modules swapped: the same template, whose gap encoding
+    # ran already -- compose() sends no request -- and the prompt loads whole again,
+    # matched to the template by the scheduler (modules/layout.py, Template).
+    sent = []
+    real = modules.llm.generate
+    monkeypatch.setattr(modules.llm, "generate", lambda *a, **k: sent.append(a) or real(*a, **k))
     swapped = modules.compose([Text("Document 1:"), "docA", Text("\nDocument 2:"), "docB",
                                Text(text(20, 12, "Question: kayak"))])
+    assert sent == []
+    monkeypatch.undo()
     assert loaded(llm, swapped)[0] == swapped.layout.end
+    # A plain client sending the same labels around the modules (token ids, no layout
+    # of its own) is matched to the template as well.
+    plain = modules.table.compose([Text("Document 1:"), "docB", Text("\nDocument 2:"), "docA",
+                                   Text(text(20, 19, "Question: canoe"))])
+    assert loaded(llm, {"prompt_token_ids": plain.token_ids})[0] == plain.layout.end
 
 
 def test_a_module_shorter_than_a_block_loads_between_texts(llm, modules):

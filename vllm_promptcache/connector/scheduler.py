@@ -140,7 +140,8 @@ class PromptCacheScheduler:
             except UnsupportedRopeError as e:
                 raise RuntimeError(f"--promptcache-position-independent: {e}") from None
             self.shifted = ShiftedReuse(self.block_size, self.host, below=self._fetch_below)
-            self.layouts = Layouts(self.keyer, self.shifted, self._module_run, self.tails)
+            self.layouts = Layouts(self.keyer, self.shifted, self._module_run, self.tails,
+                                   module_names=lambda: list(self._modules))
         self.stats = PromptCacheStats()
         self.markers = FrontEndMarkers(request_params.module_token(create=False), self.stats,
                                        self._request_params)
@@ -414,6 +415,8 @@ class PromptCacheScheduler:
         dst = np.asarray(block_ids, dtype=np.int64)[positions // bs] * bs + positions % bs
         self._shifted_loads.append(ShiftedLoad(req_id, plan.src_slots, plan.src_offsets, dst,
                                                plan.deltas))
+        # Used runs stay young (a gap encoding ages out only when unused).
+        self.host.touch(np.unique(plan.src_slots).tolist())
         if plan.shifted_tokens:
             self.stats.inc("shifted_hit_tokens_total", plan.shifted_tokens, tier="host")
         if plan.gap_tokens:
@@ -561,6 +564,8 @@ class PromptCacheScheduler:
         if seg_id is not None:
             self.shifted.pin(seg_id)
         self._modules[name] = _Module(slots, seg_id, tokens, tuple(keys))
+        if self.layouts is not None:
+            self.layouts.modules_changed()
         logger.info("promptcache: module %r registered: %d tokens in %d pinned blocks (%d of %d "
                     "module blocks in use)", name, len(keys) * self.block_size, len(slots),
                     self._pinned_module_slots(), self.module_slot_budget)
@@ -571,6 +576,8 @@ class PromptCacheScheduler:
         old = self._modules.pop(name, None)
         if old is None:
             return
+        if self.layouts is not None:
+            self.layouts.modules_changed()
         self.host.unpin(old.slots)
         if old.seg_id is not None and self.shifted is not None:
             self.shifted.unpin(old.seg_id)
@@ -628,6 +635,9 @@ class PromptCacheScheduler:
         self.stats.set("tier_bytes_in_use", self.host.bytes_in_use * self.world_size, tier="host")
         self.stats.set("tier_capacity_bytes", self.host.capacity_bytes * self.world_size, tier="host")
         self.stats.set("pinned_modules", len(self._modules))
+        if self.layouts is not None:
+            for template in self.layouts.take_missing():
+                self.stats.gaps_missing(template)
         self.secondary.report_stats()
         if self.remote is not None:  # the lookups' side of the store (the worker reports its own)
             export_store_counts(self.stats, self.remote.store.take_counts())

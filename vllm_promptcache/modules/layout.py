@@ -24,12 +24,21 @@ Cache's, which the boundary fix (`recompute_ratio`) tempers at the tail.
 
 Nothing is sent where the token-level search finds everything already: modules back
 to back, each at least `min_piece` tokens long.
+
+A layout with its modules left open is a *template* (`Template`): the gaps' tokens, in
+order, and a slot where each module goes.  One gap encoding serves every prompt of
+its template -- the same labels around any registered modules, in any order -- so a
+front end runs it once per template (and again only when the engine reports its KV
+gone), and the scheduler side matches later prompts to the template on its own
+(connector/layouts.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 from ..request_params import LAYOUT  # the key of an announcement in kv_transfer_params
 # The most spans a layout may have (a bound on what one request makes the engine keep).
@@ -131,3 +140,50 @@ def layout_of(boundaries: Sequence[Any], bos: int | None, min_piece: int,
     spans += [Span(b.start, b.end, b.name, module_offset if b.name is not None else 0)
               for b in covered]
     return Layout(tuple(spans))
+
+
+# A template item: a gap's tokens, or a module slot (the offset its tokens start at
+# in the module's encoding).
+Item = Union[tuple[int, ...], int]
+
+
+@dataclass(frozen=True)
+class Template:
+    """A layout with its modules left open: consecutive gaps merged into one item."""
+
+    items: tuple[Item, ...]
+
+    @property
+    def key(self) -> bytes:
+        """The template's identity, the same on every side (front end and scheduler)."""
+        h = hashlib.blake2b(digest_size=16)
+        for item in self.items:
+            if isinstance(item, int):
+                h.update(b"m" + item.to_bytes(8, "little"))
+            else:
+                h.update(b"g" + len(item).to_bytes(8, "little") + array("q", item).tobytes())
+        return h.digest()
+
+    @property
+    def head(self) -> tuple[int, ...]:
+        """The first gap's tokens (what every prompt of the template starts with)."""
+        return self.items[0] if self.items and not isinstance(self.items[0], int) else ()
+
+    @property
+    def gap_sequence(self) -> list[int]:
+        return [t for item in self.items if not isinstance(item, int) for t in item]
+
+
+def template_of(layout: Layout, prompt_ids: Sequence[int]) -> Template:
+    """The template of a layout over a prompt (its gap tokens taken from the prompt)."""
+    items: list[Item] = []
+    for span in layout.spans:
+        if span.module is not None:
+            items.append(span.offset)
+            continue
+        tokens = tuple(prompt_ids[span.start:span.end])
+        if items and not isinstance(items[-1], int):
+            items[-1] = items[-1] + tokens
+        else:
+            items.append(tokens)
+    return Template(tuple(items))

@@ -103,10 +103,12 @@ class PromptModules:
         return prompt
 
     def encode_gaps(self, prompt: ComposedPrompt) -> None:
-        """Run the prompt's gap encoding, if it needs one (compose does this)."""
+        """Run the prompt's gap encoding, if it needs one and its template's was not
+        run before (compose does this)."""
         request = self.table.gap_encoding(prompt)
         if request is not None:
             self.llm.generate([request[0]], request[1], use_tqdm=False)
+            self.table.gaps_encoded(prompt)
 
     def compose_pml(self, prompt_text: str) -> ComposedPrompt:
         """A PML prompt (`<prompt schema=...>`) over a registered schema."""

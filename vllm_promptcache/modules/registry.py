@@ -30,7 +30,8 @@ from typing import Any, Iterable, Sequence, Union
 from .. import request_params
 from ..request_params import ENCODE_MODULE, MODULE_TOKEN
 from ..store.segments import SegmentIndex
-from .layout import Layout, layout_of
+from .encoded_gaps import EncodedGaps
+from .layout import Layout, layout_of, template_of
 
 # A module shorter than this is found at another position only where the prompt's
 # layout is known (compose, compose_pml, modules named in a request: layout.py); the
@@ -113,6 +114,7 @@ class ModuleTable:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.filler = eos if eos is not None else (self.bos if self.bos is not None else 0)
         self._modules: dict[str, Module] = {}
+        self.encoded_gaps = EncodedGaps()  # templates whose gaps this front end encoded
 
     def __contains__(self, name: str) -> bool:
         return name in self._modules
@@ -181,14 +183,28 @@ class ModuleTable:
         return ComposedPrompt(ids, boundaries, layout_of(boundaries, head, MIN_MODULE_TOKENS,
                                                          1 if self.bos is not None else 0))
 
-    def gap_encoding(self, prompt: ComposedPrompt) -> tuple[dict, Any] | None:
+    def gap_encoding(self, prompt: ComposedPrompt,
+                     again: bool = False) -> tuple[dict, Any] | None:
         """(TokensPrompt, SamplingParams) of the request that encodes the prompt's gaps
-        and tells the connector its layout; None if the prompt needs none.  Run it (to
-        its end) before the prompt."""
+        and tells the connector its layout; None if the prompt needs none, or if this
+        front end ran its template's encoding before and the engine has not reported
+        it gone (encoded_gaps.py; `again` runs it anyway).  Run it (to its end) before
+        the prompt, then call `gaps_encoded`."""
         if prompt.layout is None:
+            return None
+        if not again and self.template_key(prompt) in self.encoded_gaps:
             return None
         seq = prompt.layout.gap_sequence(prompt.token_ids)
         return {"prompt_token_ids": seq}, gap_encoding_params(prompt.layout)
+
+    def gaps_encoded(self, prompt: ComposedPrompt) -> None:
+        """The prompt's gap encoding ran: later prompts of its template skip it."""
+        if prompt.layout is not None:
+            self.encoded_gaps.add(self.template_key(prompt))
+
+    @staticmethod
+    def template_key(prompt: ComposedPrompt) -> bytes:
+        return template_of(prompt.layout, prompt.token_ids).key
 
     def place(self, names: Sequence[str], prompt_ids: Sequence[int],
               text: str | None = None) -> ComposedPrompt:

@@ -114,6 +114,7 @@ class ServerModules:
         async for _ in self.engine.generate(request[0], request[1],
                                             f"promptcache-gaps-{uuid.uuid4().hex}"):
             pass
+        self.table.gaps_encoded(prompt)
 
     async def register_schema(self, schema_text: str) -> list[dict]:
         from .pml import chat_role_wrappers, parse_schema

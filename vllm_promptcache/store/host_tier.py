@@ -104,6 +104,11 @@ class HostTier:
     def state(self, slot: int) -> SlotState:
         return self._state[slot]
 
+    def touch(self, slots: Sequence[int]) -> None:
+        """These READY slots were just read (by a load planned from their slots)."""
+        with self._lock:
+            self._touch(slots)
+
     # -- writes ----------------------------------------------------------------
     def reserve(self, keys: Sequence[BlockKey],
                 spare: Callable[[BlockKey], bool] | None = None) -> list[tuple[int, int]]:
