@@ -9,8 +9,11 @@ order), whichever path wrote it.
 
 Two back-ends with one meaning:
 
-* `load_slots_into_blocks` / `save_blocks_to_slots`: plain torch (index_select /
-  index_copy_).  The CPU backend's path and the test oracle.
+* `load_slots_into_blocks` / `save_blocks_to_slots`: plain torch.  The CPU backend's
+  path and the test oracle.  Where each block is one contiguous page (the CPU
+  backend's layout), runs of consecutive slots into consecutive blocks are slice
+  copies and anything else one gather and one scatter of 8-byte words; other
+  layouts gather and scatter the blocks (index_select / index_copy_).
 * `copy_pages_` (Triton): one launch per layer moves every requested block, reading or
   writing the host slots through a device view of the pinned host buffer (no CPU copy,
   no staging).  A block's bytes are described by a `PageLayout`: runs of contiguous
@@ -62,6 +65,10 @@ def save_blocks_to_slots(kv_blocks: torch.Tensor, block_ids: torch.Tensor,
 
     kv_blocks: a blocks-first view of one layer; host_layer: [num_slots, page_bytes] uint8.
     """
+    pages = _block_bytes(kv_blocks)
+    if pages is not None and pages.device == host_layer.device:
+        _copy_rows(pages, block_ids, host_layer, slots)
+        return
     data = kv_blocks.index_select(0, block_ids.to(kv_blocks.device)).contiguous()
     data = data.view(torch.uint8).reshape(len(block_ids), -1)
     if data.device != host_layer.device:
@@ -72,10 +79,63 @@ def save_blocks_to_slots(kv_blocks: torch.Tensor, block_ids: torch.Tensor,
 def load_slots_into_blocks(host_layer: torch.Tensor, slots: torch.Tensor,
                            kv_blocks: torch.Tensor, block_ids: torch.Tensor) -> None:
     """kv_blocks[block_ids[i]] <- bytes of host_layer[slots[i]] for every i."""
+    pages = _block_bytes(kv_blocks)
+    if pages is not None and pages.device == host_layer.device:
+        _copy_rows(host_layer, slots, pages, block_ids)
+        return
     data = host_layer.index_select(0, slots.to(host_layer.device))
     data = data.to(kv_blocks.device)
     data = data.view(kv_blocks.dtype).reshape((len(slots),) + tuple(kv_blocks.shape[1:]))
     kv_blocks.index_copy_(0, block_ids.to(kv_blocks.device), data)
+
+
+# Slice copies per call at most; more runs than this go through one gather/scatter.
+MAX_SLICE_RUNS = 64
+
+
+def _block_bytes(kv_blocks: torch.Tensor) -> torch.Tensor | None:
+    """[num_blocks, page_bytes] uint8 view of a blocks-first layer whose blocks are each
+    one contiguous page in logical order (the CPU backend's; what a host slot holds);
+    None for other layouts."""
+    if kv_blocks.dim() < 2 or not kv_blocks[0].is_contiguous():
+        return None
+    rows = torch.as_strided(kv_blocks, (kv_blocks.shape[0], kv_blocks[0].numel()),
+                            (kv_blocks.stride(0), 1))
+    return rows.view(torch.uint8)
+
+
+def _words(rows: torch.Tensor) -> torch.Tensor:
+    """A [n, bytes] uint8 view as the widest integer words its size, row stride and
+    alignment allow (a gather of uint8 rows moves a byte at a time)."""
+    for width, dtype in WORD_DTYPES.items():
+        if width > 1 and rows.shape[1] % width == 0 and rows.stride(0) % width == 0 \
+                and rows.data_ptr() % width == 0:
+            return rows.view(dtype)
+    return rows
+
+
+def _copy_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor,
+               dst_idx: torch.Tensor) -> None:
+    """dst[dst_idx[i]] <- src[src_idx[i]] for [n, bytes] uint8 views on one device: runs
+    of consecutive rows on both sides (a stored run into fresh blocks usually is one) as
+    slice copies, else one gather and one scatter of whole words."""
+    import numpy as np
+
+    s = np.asarray(src_idx.cpu(), dtype=np.int64)
+    d = np.asarray(dst_idx.cpu(), dtype=np.int64)
+    if s.size == 0:
+        return
+    starts = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    if len(starts) < MAX_SLICE_RUNS:
+        bounds = [0, *starts.tolist(), s.size]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            n, i, j = b - a, int(s[a]), int(d[a])
+            dst[j:j + n].copy_(src[i:i + n])
+        return
+    ws, wd = _words(src), _words(dst)
+    if ws.dtype != wd.dtype:
+        ws, wd = src, dst
+    wd.index_copy_(0, dst_idx.to(dst.device), ws.index_select(0, src_idx.to(src.device)))
 
 
 # -------------------------------------------------------------------------- layout

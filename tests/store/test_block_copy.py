@@ -39,3 +39,40 @@ def test_round_trip_is_bit_exact(shape, bdim, dtype):
 def test_block_dim_requires_a_matching_dimension():
     with pytest.raises(ValueError, match="no dimension of size 5"):
         block_dim(torch.zeros(2, 3, 4), 5)
+
+
+@pytest.mark.parametrize("pattern", ["runs", "scattered"])
+@pytest.mark.parametrize("shape", [(300, 2, 16, 128), (2, 300, 16, 2, 64)])
+def test_runs_and_scattered_copies_move_each_block_whole(pattern, shape):
+    """Runs of consecutive slots into consecutive blocks (slice copies) and more runs
+    than MAX_SLICE_RUNS (one word gather and scatter) both move exactly the named
+    blocks, into host rows strided like the host buffer's (all layers in one row), and
+    back."""
+    from vllm_promptcache.kernels.block_copy import MAX_SLICE_RUNS
+
+    g = torch.Generator().manual_seed(2)
+    kv = torch.randn(shape, generator=g).to(torch.bfloat16)
+    view = blocks_first(kv, 300)
+    page = view[0].numel() * view.element_size()
+    buffer = torch.zeros(260, 3 * page, dtype=torch.uint8)  # three layers per slot row
+    host = buffer[:, page:2 * page]
+    if pattern == "runs":  # three runs
+        src = torch.cat([torch.arange(10, 60), torch.arange(100, 140), torch.arange(200, 201)])
+        slots = torch.cat([torch.arange(0, 50), torch.arange(70, 110), torch.arange(5, 6) + 250])
+    else:
+        src = torch.randperm(300, generator=g)[:2 * MAX_SLICE_RUNS]
+        slots = torch.randperm(260, generator=g)[:2 * MAX_SLICE_RUNS]
+    save_blocks_to_slots(view, src, host, slots)
+    for b, s in zip(src.tolist(), slots.tolist()):
+        assert torch.equal(host[s], view[b].contiguous().view(torch.uint8).flatten())
+    assert not buffer[:, :page].any() and not buffer[:, 2 * page:].any(), "other layers untouched"
+
+    target = torch.zeros_like(kv)
+    tview = blocks_first(target, 300)
+    dst = torch.randperm(300, generator=g)[:len(src)] if pattern == "scattered" \
+        else torch.arange(len(src)) + 7
+    load_slots_into_blocks(host, slots, tview, dst)
+    for b, d in zip(src.tolist(), dst.tolist()):
+        assert torch.equal(tview[d].view(torch.int16), view[b].view(torch.int16))
+    untouched = sorted(set(range(300)) - set(dst.tolist()))
+    assert not tview[untouched].view(torch.int16).any()
