@@ -6,7 +6,8 @@ so that one `cProfile` sees the front end, vLLM's scheduler, our connector's two
 sides and the model.  Three requests are profiled, each after vLLM's prefix cache is
 reset and on a warm engine (the same shapes were run once before):
 
-* ``gap encoding``  the labelled prompt's gaps (``compose()`` runs it first);
+* ``gap encoding``  the labelled prompt's gaps: ``compose()`` runs it before the first
+  prompt with these labels only (one encoding serves every prompt of its template);
 * ``labels``        the labelled prompt itself: every document and label loads, the
   question is computed;
 * ``exact hit``     the same prompt stored under its exact keys, loaded: the bar (under

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence, Union
 
 from ..request_params import LAYOUT  # the key of an announcement in kv_transfer_params
@@ -153,7 +154,7 @@ class Template:
 
     items: tuple[Item, ...]
 
-    @property
+    @cached_property
     def key(self) -> bytes:
         """The template's identity, the same on every side (front end and scheduler)."""
         h = hashlib.blake2b(digest_size=16)
