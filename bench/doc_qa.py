@@ -92,6 +92,27 @@ def documents(tokenizer, n: int, doc_tokens: int) -> list[str]:
     raise RuntimeError("not enough text in pydoc_data.topics")
 
 
+def engine(args):
+    """(LLM, PromptModules with doc0..doc2 registered, names, texts, worker threads): the
+    bench shape, vLLM's prefix cache on, position-independent reuse (also
+    bench/profile_query.py's)."""
+    from vllm import LLM
+
+    from vllm_promptcache import PromptModules, engine_kwargs
+    from vllm_promptcache.tiny_model import build_model
+
+    llm = LLM(build_model("bench"), load_format="dummy", enforce_eager=True,
+              gpu_memory_utilization=0.2, dtype=args.dtype, max_model_len=8192,
+              max_num_batched_tokens=8192, enable_prefix_caching=True, seed=0,
+              **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))
+    threads = common.engine_threads(llm)
+    names = ["doc0", "doc1", "doc2"]
+    texts = documents(llm.get_tokenizer(), 3, args.doc_tokens)
+    modules = PromptModules(llm)
+    modules.register_modules(dict(zip(names, texts)))
+    return llm, modules, names, texts, threads
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--queries", type=int, default=6, help="at most 6 (each its own order)")
@@ -108,23 +129,14 @@ def main() -> None:
     args.dtype = common.setup(args.dtype)
     load = common.MachineLoad()
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    from vllm_promptcache import PromptModules, Text, engine_kwargs, read_metrics
+    from vllm_promptcache import Text, read_metrics
     from vllm_promptcache.compat import shutdown_llm
-    from vllm_promptcache.tiny_model import build_model
 
-    llm = LLM(build_model("bench"), load_format="dummy", enforce_eager=True,
-              gpu_memory_utilization=0.2, dtype=args.dtype, max_model_len=8192,
-              max_num_batched_tokens=8192, enable_prefix_caching=True, seed=0,
-              **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))
-    threads = common.engine_threads(llm)
+    llm, modules, names, texts, threads = engine(args)
     log(f"worker threads: {threads}")
     rng = random.Random(args.seed)
-    names = ["doc0", "doc1", "doc2"]
-    texts = documents(llm.get_tokenizer(), 3, args.doc_tokens)
-    modules = PromptModules(llm)
-    modules.register_modules(dict(zip(names, texts)))
     log("registered:", {n: len(modules.table.get(n).token_ids) for n in names})
 
     def ttft(prompt, salt=None, **params):

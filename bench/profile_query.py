@@ -43,7 +43,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process: one profile
 
 import common  # noqa: E402
-from doc_qa import documents  # noqa: E402
+import doc_qa  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "profile-query-cpu.json"
 
@@ -119,21 +119,12 @@ def main() -> None:
     args.dtype = common.setup(args.dtype)
     load = common.MachineLoad()
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    from vllm_promptcache import PromptModules, Text, engine_kwargs
+    from vllm_promptcache import Text
     from vllm_promptcache.compat import shutdown_llm
-    from vllm_promptcache.tiny_model import build_model
 
-    llm = LLM(build_model("bench"), load_format="dummy", enforce_eager=True,
-              gpu_memory_utilization=0.2, dtype=args.dtype, max_model_len=8192,
-              max_num_batched_tokens=8192, enable_prefix_caching=True, seed=0,
-              **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))
-    threads = common.engine_threads(llm)
-    names = ["doc0", "doc1", "doc2"]
-    texts = documents(llm.get_tokenizer(), 3, args.doc_tokens)
-    modules = PromptModules(llm)
-    modules.register_modules(dict(zip(names, texts)))
+    llm, modules, _, _, threads = doc_qa.engine(args)
 
     def sampling(**params):
         return SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, extra_args={
