@@ -236,15 +236,19 @@ def main() -> None:
 
     median = {m: statistics.median(r[m] for r in rows) for m in MODES}
     ratio = {m: statistics.median(r[m] / r["exact hit"] for r in rows) for m in MODES}
+    # Against the like-for-like bar: the documents exact, the question computed.
+    like = {m: statistics.median(r[m] / r["exact hit, documents"] for r in rows) for m in MODES}
     speedup = {m: statistics.median(r["no cache"] / r[m] for r in rows) for m in MODES}
     env = common.run_environment(args.dtype, load, {"all modes (one engine)": threads})
     doc = {"benchmark": "doc_qa", "environment": env,
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "ttft_median_s": median, "ttft_ratio_to_exact_hit": ratio,
+           "ttft_ratio_to_exact_hit_documents": like,
            "speedup_vs_no_cache": speedup, "rows": rows}
-    lines = ["| mode | TTFT median | TTFT / exact hit (median of per-query ratios) "
-             "| speedup vs no cache (median of per-query ratios) |", "|---|---|---|---|"]
-    lines += [f"| {m} | {median[m]:.3f} s | {ratio[m]:.2f}x | {speedup[m]:.2f}x |" for m in MODES]
+    lines = ["| mode | TTFT median | / exact hit | / exact hit, documents | speedup vs no cache |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {m} | {median[m]:.3f} s | {ratio[m]:.2f}x | {like[m]:.2f}x | {speedup[m]:.2f}x |"
+              for m in MODES]
     table = "\n".join(lines)
     loaded = statistics.median(r["loaded_tokens"] for r in rows)
     labels_loaded = statistics.median(r["labels_loaded_tokens"] for r in rows)
@@ -260,7 +264,8 @@ def main() -> None:
           f"the last {args.fix_ratio:.0%} of the found run.  With labels ({labels_tokens:.0f} "
           f"prompt tokens) {labels_loaded:.0f} tokens were loaded (median); compose() took "
           f"{compose_s:.3f} s (median, its labels encoded before); on first use the gap "
-          f"encoding adds {gap_s:.3f} s (median) to the prompt's TTFT.\n\n" + table + "\n")
+          f"encoding adds {gap_s:.3f} s (median) to the prompt's TTFT.  Ratios are medians of "
+          f"per-query ratios.\n\n" + table + "\n")
     common.write_outputs(args.out, doc, md, functools.partial(
         common.bar_chart, title=f"Doc-QA TTFT per mode ({tokens:.0f}-token prompts, median)",
         values=median, ylabel="TTFT (s)", footnote=where))
