@@ -192,7 +192,9 @@ def main() -> None:
                                    f"\"{title}\":\n"), name]
                 items.append(Text(ex["question"]))
             # Composed without running the gap encoding: the engine does not know the
-            # layout until encode_gaps() (so "gaps prefilled" runs as before layouts).
+            # layout until encode_gaps() (so "gaps prefilled" runs as before layouts;
+            # each example's labels carry its documents' titles, so no earlier
+            # example's template matches it either).
             prompt = modules.table.compose(items)
             before = hits()
             result = {}
