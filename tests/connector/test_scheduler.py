@@ -358,3 +358,6 @@ def test_a_load_vllm_trims_mid_block_copies_whole_blocks_and_never_plans_past_th
     sched.update_state_after_alloc(nxt, Blocks([20, 21, 22, 23, 24]), 2 * BS + 2)
     meta = sched.build_connector_meta(None)
     assert [t.block_ids for t in meta.loads] == [[20, 21, 22]] and not meta.shifted_loads
+    # Counted as what vLLM took, not as the three blocks copied.
+    counters = sched.get_kv_connector_stats().data["counter"]
+    assert counters["hit_tokens_total|host"] == 2 * BS + 2

@@ -119,3 +119,26 @@ def test_a_value_the_store_evicted_is_a_plain_miss(setup, redis_server):  # noqa
             missing_files={p.file_id for p in promos})))
     # One more lookup (the store may hold other copies), then computed: never an error.
     assert until(lambda: sched.get_num_new_matched_tokens(nxt, 0) == (0, False))
+
+
+def test_answered_lookups_are_not_kept_forever(setup, monkeypatch):
+    """Segment lookups (one per stored run a prompt may hold) are remembered once
+    answered, so as not to ask again within their retry interval, but not forever:
+    at most MAX_ANSWERED of them, none older than ANSWERED_KEEP_S."""
+    from vllm_promptcache.store import remote_tier
+
+    sched, _ = setup
+    tier = sched.remote
+    monkeypatch.setattr(remote_tier, "MAX_ANSWERED", 4)
+    for i in range(10):
+        tier.start_lookup(f"segment:{i}", [bytes([i]) * 32], retry_after_s=2.0)
+    assert until(lambda: len(tier.take_answered()) == 0 and not any(
+        tier.lookup_pending(f"segment:{i}") for i in range(10)))
+    tier.take_answered()
+    assert tier.held_lookups() == 4  # the newest four answers
+    tier.start_lookup("segment:9", [bytes([9]) * 32], retry_after_s=2.0)
+    assert not tier.lookup_pending("segment:9"), "a kept answer is not asked again"
+    monkeypatch.setattr(remote_tier, "ANSWERED_KEEP_S", 0.0)
+    time.sleep(0.01)
+    tier.take_answered()
+    assert tier.held_lookups() == 0

@@ -369,10 +369,11 @@ class PromptCacheScheduler:
         first = lookup.local_tokens // bs
         n = min(num_external_tokens // bs, len(lookup.slots))
         n_shifted = num_external_tokens - n * bs
+        untaken = 0  # tokens of the last copied block that vLLM computes again
         if n_shifted and n < len(lookup.slots):
             # vLLM took part of one more exact block (it may trim what we offered):
             # copy that block whole, vLLM computes the rest of it.
-            n, n_shifted = n + 1, 0
+            n, n_shifted, untaken = n + 1, 0, bs - n_shifted
         all_block_ids = compat.request_block_ids(blocks)
         block_ids = all_block_ids[first:first + n]
         slots = lookup.slots[:n]
@@ -396,10 +397,13 @@ class PromptCacheScheduler:
         self.stats.inc("lookup_hits_total")
         if n_shifted:
             self.stats.inc("hit_tokens_total", n_shifted, tier="host")
-        if n - from_below:
-            self.stats.inc("hit_tokens_total", (n - from_below) * self.block_size, tier="host")
-        for tier, blocks in from_tier.items():
-            self.stats.inc("hit_tokens_total", blocks * self.block_size, tier=tier)
+        # Tokens per tier: whole blocks, less what vLLM computes of a trimmed last one
+        # (taken from host's count, or from a lower tier's where host has none).
+        counts = {"host": (n - from_below) * bs, **{t: b * bs for t, b in from_tier.items()}}
+        counts[next(t for t, c in counts.items() if c >= untaken)] -= untaken
+        for tier, tokens in counts.items():
+            if tokens:
+                self.stats.inc("hit_tokens_total", tokens, tier=tier)
         if prefetched:
             self.stats.inc("prefetch_hit_blocks_total", prefetched)
         logger.debug("promptcache: request %s loads %d tokens: %d blocks through host (%d of "

@@ -27,6 +27,11 @@ logger = logging.getLogger("vllm.promptcache")
 MAX_KNOWN = 1 << 20
 # Keys asked about in one lookup (a request's prefix).
 MAX_LOOKUP_KEYS = 8192
+# Answered lookups are kept only so that their asker does not ask again too soon (a
+# request until it finishes, a segment for its retry interval): at most this many,
+# none older than ANSWERED_KEEP_S (asking again after that costs one round trip).
+MAX_ANSWERED = 4096
+ANSWERED_KEEP_S = 30.0
 
 
 class RemoteTier:
@@ -91,7 +96,21 @@ class RemoteTier:
                 if future is not None and (future.done() or now - started > self.deadline_s)]
         for req_id in done:
             self.lookup_pending(req_id)
+        self._drop_old_answers(now)
         return done
+
+    def _drop_old_answers(self, now: float) -> None:
+        answered = [r for r, (future, _, _) in self._lookups.items() if future is None]
+        excess = len(answered) - MAX_ANSWERED
+        for r in answered:  # oldest first (dict order is the order they were started)
+            if excess <= 0 and now - self._lookups[r][1] <= ANSWERED_KEEP_S:
+                continue
+            del self._lookups[r]
+            excess -= 1
+
+    def held_lookups(self) -> int:
+        """Lookups in flight or remembered as answered."""
+        return len(self._lookups)
 
     def submit(self, fn, *args) -> Future:
         """Run a store call on the tier's background thread."""
