@@ -52,13 +52,6 @@ class EncodedGaps:
             while len(self._keys) > MAX_REMEMBERED:
                 self._keys.popitem(last=False)
 
-    def discard(self, key: bytes) -> None:
-        with _lock:
-            self._keys.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
 
 def engine_reported(missing: Iterable[str] = ()) -> None:
     """A stats payload arrived (metrics.py); `missing` are the hex keys of templates
@@ -67,6 +60,6 @@ def engine_reported(missing: Iterable[str] = ()) -> None:
     keys = [bytes.fromhex(k) for k in missing]
     with _lock:
         _engine_reports = True
-        for memo in list(_memos):
+        for memo in list(_memos) if keys else ():
             for key in keys:
                 memo._keys.pop(key, None)

@@ -170,10 +170,6 @@ class Template:
         """The first gap's tokens (what every prompt of the template starts with)."""
         return self.items[0] if self.items and not isinstance(self.items[0], int) else ()
 
-    @property
-    def gap_sequence(self) -> list[int]:
-        return [t for item in self.items if not isinstance(item, int) for t in item]
-
 
 def template_of(layout: Layout, prompt_ids: Sequence[int]) -> Template:
     """The template of a layout over a prompt (its gap tokens taken from the prompt)."""
