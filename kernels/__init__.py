@@ -11,6 +11,8 @@ oracle.
   delta; `rope_shift_paged_` reads the tokens straight from host slots.
 """
 
-from .block_copy import block_dim, blocks_first, load_slots_into_blocks, save_blocks_to_slots
+from .block_copy import (block_dim, blocks_first, load_slots_into_blocks, row_runs,
+                         save_blocks_to_slots)
 
-__all__ = ["block_dim", "blocks_first", "load_slots_into_blocks", "save_blocks_to_slots"]
+__all__ = ["block_dim", "blocks_first", "load_slots_into_blocks", "row_runs",
+           "save_blocks_to_slots"]

@@ -60,14 +60,16 @@ def blocks_first(kv_layer: torch.Tensor, num_blocks: int) -> torch.Tensor:
 # ----------------------------------------------------------------------- reference
 
 def save_blocks_to_slots(kv_blocks: torch.Tensor, block_ids: torch.Tensor,
-                         host_layer: torch.Tensor, slots: torch.Tensor) -> None:
+                         host_layer: torch.Tensor, slots: torch.Tensor,
+                         runs: RowRuns | None = None) -> None:
     """host_layer[slots[i]] <- bytes of kv_blocks[block_ids[i]] for every i.
 
     kv_blocks: a blocks-first view of one layer; host_layer: [num_slots, page_bytes] uint8.
+    runs: `row_runs(block_ids, slots)`, found once for every layer of a step (else here).
     """
     pages = _block_bytes(kv_blocks)
     if pages is not None and pages.device == host_layer.device:
-        _copy_rows(pages, block_ids, host_layer, slots)
+        _copy_rows(pages, block_ids, host_layer, slots, runs)
         return
     data = kv_blocks.index_select(0, block_ids.to(kv_blocks.device)).contiguous()
     data = data.view(torch.uint8).reshape(len(block_ids), -1)
@@ -77,11 +79,13 @@ def save_blocks_to_slots(kv_blocks: torch.Tensor, block_ids: torch.Tensor,
 
 
 def load_slots_into_blocks(host_layer: torch.Tensor, slots: torch.Tensor,
-                           kv_blocks: torch.Tensor, block_ids: torch.Tensor) -> None:
-    """kv_blocks[block_ids[i]] <- bytes of host_layer[slots[i]] for every i."""
+                           kv_blocks: torch.Tensor, block_ids: torch.Tensor,
+                           runs: RowRuns | None = None) -> None:
+    """kv_blocks[block_ids[i]] <- bytes of host_layer[slots[i]] for every i.
+    runs: `row_runs(slots, block_ids)`, found once for every layer of a step (else here)."""
     pages = _block_bytes(kv_blocks)
     if pages is not None and pages.device == host_layer.device:
-        _copy_rows(host_layer, slots, pages, block_ids)
+        _copy_rows(host_layer, slots, pages, block_ids, runs)
         return
     data = host_layer.index_select(0, slots.to(host_layer.device))
     data = data.to(kv_blocks.device)
@@ -114,22 +118,39 @@ def _words(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+@dataclass(frozen=True)
+class RowRuns:
+    """(source row, destination row, rows) of each run of consecutive rows on both
+    sides, or None where there are too many runs for slice copies."""
+
+    slices: tuple[tuple[int, int, int], ...] | None
+
+
+def row_runs(src_idx, dst_idx) -> RowRuns:
+    """The runs of `src_idx` -> `dst_idx` (lists, arrays or CPU tensors): every layer of
+    a step copies the same rows, so a step finds them once."""
+    import numpy as np
+
+    s = np.asarray(src_idx, dtype=np.int64)
+    d = np.asarray(dst_idx, dtype=np.int64)
+    starts = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    if len(starts) >= MAX_SLICE_RUNS:
+        return RowRuns(None)
+    bounds = [0, *starts.tolist(), s.size] if s.size else [0]
+    return RowRuns(tuple((int(s[a]), int(d[a]), b - a) for a, b in zip(bounds[:-1], bounds[1:])))
+
+
 def _copy_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor,
-               dst_idx: torch.Tensor) -> None:
+               dst_idx: torch.Tensor, runs: RowRuns | None = None) -> None:
     """dst[dst_idx[i]] <- src[src_idx[i]] for [n, bytes] uint8 views on one device: runs
     of consecutive rows on both sides (a stored run into fresh blocks usually is one) as
     slice copies, else one gather and one scatter of whole words."""
-    import numpy as np
-
-    s = np.asarray(src_idx.cpu(), dtype=np.int64)
-    d = np.asarray(dst_idx.cpu(), dtype=np.int64)
-    if s.size == 0:
+    if src_idx.numel() == 0:
         return
-    starts = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
-    if len(starts) < MAX_SLICE_RUNS:
-        bounds = [0, *starts.tolist(), s.size]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            n, i, j = b - a, int(s[a]), int(d[a])
+    if runs is None:
+        runs = row_runs(src_idx.cpu(), dst_idx.cpu())
+    if runs.slices is not None:
+        for i, j, n in runs.slices:
             dst[j:j + n].copy_(src[i:i + n])
         return
     ws, wd = _words(src), _words(dst)

@@ -63,6 +63,7 @@ Layout findings (vLLM 0.32, read from site-packages and checked against the inst
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -207,16 +208,17 @@ MAX_DELTA_RUNS = 64
 
 
 def _rotated(k: torch.Tensor, d: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
-             is_neox_style: bool) -> torch.Tensor:
-    """k [T, H, D] with token t rotated by d[t] positions (a new tensor).
+             is_neox_style: bool, in_place: bool = False) -> torch.Tensor:
+    """k [T, H, D] with token t rotated by d[t] positions: a new tensor, or k itself
+    when `in_place` (the paged path's gathered tokens are its own copy).
 
     Deltas come in runs (a moved module, a kept turn: one delta each), so the work is
     done per run on slices: the angles once per run, in float64 as the oracle wants,
-    then two fused multiply-adds per half written straight into the output.  Runs of
-    delta 0 are copied.  Many short runs fall back to per-token angles."""
+    then one multiply and one fused multiply-add per chunk.  Runs of delta 0 are left
+    as they are.  Many short runs fall back to per-token angles."""
     T = k.shape[0]
     edges = (torch.nonzero(d[1:] != d[:-1]).flatten() + 1).tolist()
-    out = torch.empty_like(k)
+    out = k if in_place else torch.empty_like(k)
     if len(edges) + 1 > MAX_DELTA_RUNS:
         ang = d.to(torch.float64)[:, None] * inv_freq.to(torch.float64).flatten()[None, :]
         _rotate_into(out, k, ang.cos().to(torch.float32)[:, None, :],
@@ -226,7 +228,8 @@ def _rotated(k: torch.Tensor, d: torch.Tensor, inv_freq: torch.Tensor, rotary_di
     for a, b in zip([0] + edges, edges + [T]):
         delta = int(d[a])
         if delta == 0:
-            out[a:b] = k[a:b]
+            if not in_place:
+                out[a:b] = k[a:b]
             continue
         ang = delta * inv
         _rotate_into(out[a:b], k[a:b], ang.cos().to(torch.float32).view(1, 1, -1),
@@ -234,42 +237,80 @@ def _rotated(k: torch.Tensor, d: torch.Tensor, inv_freq: torch.Tensor, rotary_di
     return out
 
 
-# Tokens rotated per pass: the float32 temporaries of a chunk stay in cache and
-# are reused by the allocator (fresh large tensors cost page faults on CPU).
-ROTATE_CHUNK = 512
+# Float32 values rotated per pass (1 MiB): the chunk's two float32 buffers are kept
+# between calls (see `_scratch`), so a pass neither allocates nor page-faults, and a
+# chunk is large enough that the per-op overhead of a few torch calls stays small.
+ROTATE_CHUNK_VALUES = 1 << 18
+
+_scratch_local = threading.local()
+
+
+def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 buffers of n values, this thread's own, reused across calls."""
+    bufs = getattr(_scratch_local, "bufs", None)
+    if bufs is None or bufs[0].numel() < n:
+        bufs = _scratch_local.bufs = (torch.empty(n), torch.empty(n))
+    return bufs[0][:n], bufs[1][:n]
+
+
+def _pairwise(cos: torch.Tensor, sin: torch.Tensor, is_neox_style: bool):
+    """cos and sin [..., rotary_dim // 2] spread over the rotary dims: x' = x * c + swap(x) * s
+    with swap(x) = (x2, x1) (NeoX halves) or each pair's two values exchanged (GPT-J),
+    and s carrying the sign (-sin on the first of a pair, +sin on the second)."""
+    if is_neox_style:
+        return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+    return (torch.stack([cos, cos], -1).flatten(-2),
+            torch.stack([-sin, sin], -1).flatten(-2))
+
+
+def _swap_into(out: torch.Tensor, x: torch.Tensor, is_neox_style: bool) -> None:
+    half = x.shape[-1] // 2
+    if is_neox_style:
+        torch.cat([x[..., half:], x[..., :half]], -1, out=out)
+    else:
+        pairs = x.unflatten(-1, (half, 2))
+        torch.stack([pairs[..., 1], pairs[..., 0]], -1, out=out.unflatten(-1, (half, 2)))
 
 
 def _rotate_into(out: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  rotary_dim: int, is_neox_style: bool) -> None:
-    half = rotary_dim // 2
+    """out[..., :rotary_dim] <- k rotated (float32 math, rounded once); the other dims
+    copied.  `out` may be `k`: each chunk is read into a float32 buffer first.
+
+    x * c + swap(x) * s is the same float32 arithmetic, in the same order, as the
+    two-halves form (x1 * c - x2 * s, x2 * c + x1 * s); doing both halves at once
+    saves passes over the data."""
+    c, s = _pairwise(cos, sin, is_neox_style)
     per_token = cos.shape[0] > 1
-    for a in range(0, k.shape[0], ROTATE_CHUNK):
-        b = min(a + ROTATE_CHUNK, k.shape[0])
-        c, s_ = (cos[a:b], sin[a:b]) if per_token else (cos, sin)
-        rot = k[a:b, :, :rotary_dim].float()
-        if is_neox_style:
-            x1, x2 = rot[..., :half], rot[..., half:]
-            o1, o2 = out[a:b, :, :half], out[a:b, :, half:rotary_dim]
-        else:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            o1, o2 = out[a:b, :, 0:rotary_dim:2], out[a:b, :, 1:rotary_dim:2]
-        tmp = torch.mul(x1, c)
-        o1.copy_(tmp.addcmul_(x2, s_, value=-1))
-        torch.mul(x2, c, out=tmp)
-        o2.copy_(tmp.addcmul_(x1, s_))
-    if rotary_dim < k.shape[-1]:
+    T, H = k.shape[0], k.shape[1]
+    step = max(1, ROTATE_CHUNK_VALUES // (H * rotary_dim))
+    rot_buf, swap_buf = _scratch(min(step, T) * H * rotary_dim)
+    for a in range(0, T, step):
+        b = min(a + step, T)
+        n = (b - a) * H * rotary_dim
+        rot = rot_buf[:n].view(b - a, H, rotary_dim)
+        swapped = swap_buf[:n].view(b - a, H, rotary_dim)
+        rot.copy_(k[a:b, :, :rotary_dim])
+        _swap_into(swapped, rot, is_neox_style)
+        ca, sa = (c[a:b], s[a:b]) if per_token else (c, s)
+        out[a:b, :, :rotary_dim].copy_(rot.mul_(ca).addcmul_(swapped, sa))
+    if rotary_dim < k.shape[-1] and out.data_ptr() != k.data_ptr():
         out[..., rotary_dim:] = k[..., rotary_dim:]
 
 
 def rope_shift_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
                          dst_v: torch.Tensor, slot_mapping: torch.Tensor, delta: torch.Tensor,
-                         inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool) -> None:
-    """Plain-torch `rope_shift_`: the CPU path and the test oracle (same semantics)."""
+                         inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool,
+                         sources_are_scratch: bool = False) -> None:
+    """Plain-torch `rope_shift_`: the CPU path and the test oracle (same semantics).
+    `sources_are_scratch`: src_k is the caller's own copy, rotated in place."""
     k6, v6 = _check(src_k, src_v, dst_k, dst_v, slot_mapping, delta, inv_freq, rotary_dim)
     T, H, D = src_k.shape
+    in_place = sources_are_scratch
     if bool((slot_mapping >= 0).all()):  # the common case: no gather
         slots, d, k, v = slot_mapping.to(torch.int64), delta.to(torch.int64), src_k, src_v
     else:
+        in_place = True  # k is the gather's copy
         keep = (slot_mapping >= 0).nonzero().flatten()
         if keep.numel() == 0:
             return
@@ -280,7 +321,7 @@ def rope_shift_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.
 
     # Only tokens that move are rotated; the rest (and all of V) are copied as is.
     if rotary_dim > 0 and bool((d != 0).any()):
-        k = _rotated(k, d, inv_freq, rotary_dim, is_neox_style)
+        k = _rotated(k, d, inv_freq, rotary_dim, is_neox_style, in_place=in_place)
 
     for d6, x in ((k6, k), (v6, v)):
         tg = d6.shape[2]
@@ -488,7 +529,7 @@ def rope_shift_paged_reference(src_k: torch.Tensor, src_v: torch.Tensor,
     rope_shift_reference(gather_tokens(src_k, src_slot_mapping).to(device),
                          gather_tokens(src_v, src_slot_mapping).to(device), dst_k, dst_v,
                          slot_mapping.to(device), delta.to(device), inv_freq, rotary_dim,
-                         is_neox_style)
+                         is_neox_style, sources_are_scratch=True)
 
 
 def rope_shift_paged_triton(src_k: torch.Tensor, src_v: torch.Tensor,

@@ -298,12 +298,13 @@ def test_dispatch(monkeypatch):
 
 @pytest.mark.parametrize("runs", [1, 3, 200])
 def test_cpu_rotation_in_runs_and_chunks_matches_float64(runs, seed):
-    """The CPU path rotates per run of equal delta, in chunks of ROTATE_CHUNK tokens,
+    """The CPU path rotates per run of equal delta, in chunks of ROTATE_CHUNK_VALUES,
     and falls back to per-token angles past MAX_DELTA_RUNS runs: all three agree with
     the float64 formula, over more tokens than one chunk."""
-    from kernels.rope_shift import MAX_DELTA_RUNS, ROTATE_CHUNK, _rotated
+    from kernels.rope_shift import MAX_DELTA_RUNS, ROTATE_CHUNK_VALUES, _rotated
 
-    T, H, D, rot = 2 * ROTATE_CHUNK + 300, 2, 64, 48
+    H, D, rot = 2, 64, 48
+    T = 2 * (ROTATE_CHUNK_VALUES // (H * rot)) + 300
     k = torch.randn(T, H, D).to(torch.bfloat16)
     cuts = sorted(torch.randperm(T - 1)[:runs - 1].add(1).tolist())
     delta = torch.zeros(T, dtype=torch.int64)
@@ -319,3 +320,27 @@ def test_cpu_rotation_in_runs_and_chunks_matches_float64(runs, seed):
         want, scale = rope64(k, delta, inv_freq, rot, neox)
         err = (got.double() - want).abs() / scale.clamp_min(1e-30)
         assert float(err.max()) <= RTOL[torch.bfloat16], f"runs={runs} neox={neox}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_rotation_leaves_its_sources_alone_unless_they_are_scratch(dtype, seed):
+    """The CPU path rotates float32 copies of each chunk: a float32 source (whose
+    `.float()` would be itself) is not written, and rotating a scratch copy in place
+    gives the same bits as rotating into a new tensor."""
+    from kernels.rope_shift import ROTATE_CHUNK_VALUES, _rotated
+
+    H, D, rot = 2, 64, 48
+    T = ROTATE_CHUNK_VALUES // (H * rot) + 77
+    k = torch.randn(T, H, D).to(dtype)
+    before = k.clone()
+    delta = torch.full((T,), 12_345, dtype=torch.int64)
+    delta[:40] = 0
+    inv_freq = llama_inv_freq(rot)
+    for neox in (True, False):
+        fresh = _rotated(k, delta, inv_freq, rot, neox)
+        assert torch.equal(bits(k), bits(before))
+        scratch = k.clone()
+        in_place = _rotated(scratch, delta, inv_freq, rot, neox, in_place=True)
+        assert in_place.data_ptr() == scratch.data_ptr()
+        assert torch.equal(bits(in_place), bits(fresh))
+        assert not torch.equal(bits(fresh[40:, :, :rot]), bits(k[40:, :, :rot]))

@@ -76,3 +76,33 @@ def test_runs_and_scattered_copies_move_each_block_whole(pattern, shape):
         assert torch.equal(tview[d].view(torch.int16), view[b].view(torch.int16))
     untouched = sorted(set(range(300)) - set(dst.tolist()))
     assert not tview[untouched].view(torch.int16).any()
+
+
+def test_runs_found_once_serve_every_layer_of_a_step():
+    """The worker finds a step's runs once (`row_runs`) and hands them to every layer's
+    copy: the runs are what the indices say, and copies given them move the same bytes
+    as copies that find them themselves."""
+    from vllm_promptcache.kernels.block_copy import MAX_SLICE_RUNS, row_runs
+
+    assert row_runs([4, 5, 6, 9], [0, 1, 2, 3]).slices == ((4, 0, 3), (9, 3, 1))
+    assert row_runs([], []).slices == ()
+    assert row_runs(list(range(0, 4 * MAX_SLICE_RUNS, 2)),
+                    list(range(2 * MAX_SLICE_RUNS))).slices is None
+
+    g = torch.Generator().manual_seed(3)
+    layers = [blocks_first(torch.randn(40, 2, 16, 128, generator=g).to(torch.bfloat16), 40)
+              for _ in range(3)]
+    page = layers[0][0].numel() * 2
+    src = [3, 4, 5, 20, 21, 30]
+    slots = [10, 11, 12, 0, 1, 7]
+    runs = row_runs(src, slots)
+    for view in layers:
+        given = torch.zeros(16, page, dtype=torch.uint8)
+        found = torch.zeros(16, page, dtype=torch.uint8)
+        save_blocks_to_slots(view, torch.tensor(src), given, torch.tensor(slots), runs)
+        save_blocks_to_slots(view, torch.tensor(src), found, torch.tensor(slots))
+        assert torch.equal(given, found) and given.any()
+        back = torch.zeros_like(view)
+        load_slots_into_blocks(given, torch.tensor(slots), back, torch.tensor(src),
+                               row_runs(slots, src))
+        assert torch.equal(back[src].view(torch.int16), view[src].view(torch.int16))

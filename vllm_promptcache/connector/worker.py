@@ -28,7 +28,7 @@ import torch
 
 from .. import compat
 from ..config import PromptCacheConfig
-from ..kernels import blocks_first, load_slots_into_blocks, save_blocks_to_slots
+from ..kernels import blocks_first, load_slots_into_blocks, row_runs, save_blocks_to_slots
 from ..metrics import PromptCacheStats, export_store_counts
 from ..store.disk_format import disk_secret
 from ..store.disk_io import DiskIO
@@ -157,8 +157,9 @@ class PromptCacheWorker:
         block_ids, slots = _concat(meta.loads)
         src_slots = torch.tensor(slots, dtype=torch.long)
         dst_blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        runs = row_runs(slots, block_ids)
         for name, kv in self.kv.items():
-            load_slots_into_blocks(self.buffer.layer_view(name), src_slots, kv, dst_blocks)
+            load_slots_into_blocks(self.buffer.layer_view(name), src_slots, kv, dst_blocks, runs)
         with self._stats_lock:
             self._stats.inc("loaded_bytes_total", len(slots) * self.slot_bytes, tier="host")
             self._stats.inc("load_seconds_total", time.perf_counter() - start, tier="host")
@@ -230,8 +231,9 @@ class PromptCacheWorker:
             return
         src_blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         dst_slots = torch.tensor(slots, dtype=torch.long)
+        runs = row_runs(block_ids, slots)
         for name, kv in self.kv.items():
-            save_blocks_to_slots(kv, src_blocks, dst.layer_view(name), dst_slots)
+            save_blocks_to_slots(kv, src_blocks, dst.layer_view(name), dst_slots, runs)
 
     def _save(self, req_id: str, save: BlockTransfer | None, writes: list[DiskWrite],
               ready: Any) -> None:
