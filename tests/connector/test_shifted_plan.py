@@ -390,3 +390,37 @@ def test_a_front_end_skips_an_encoded_template_only_once_the_engine_reports():
         assert b"k" * 16 not in memo
     finally:
         encoded_gaps._engine_reports = saved
+
+
+def test_templates_past_the_bound_are_forgotten_and_reported(monkeypatch):
+    """The scheduler keeps at most MAX_TEMPLATES templates: the oldest goes, is
+    reported for the front ends to encode again, and no longer matches, while the kept
+    ones (whatever the length of their first gap) still do."""
+    from types import SimpleNamespace
+
+    from vllm_promptcache.connector import layouts as lay
+    from vllm_promptcache.modules.layout import Template
+
+    monkeypatch.setattr(lay, "MAX_TEMPLATES", 2)
+    doc = list(range(500, 520))
+    encoding = [1] + doc + [2] * 11
+    table = lay.Layouts(SimpleNamespace(block_size=16), None,
+                        lambda name: (encoding, []) if name == "doc" else None, None,
+                        module_names=lambda: ["doc"])
+    heads = [(1, 70), (1, 70, 71, 72), (1, 80)]
+    templates = [Template((head, 1, (90, 91))) for head in heads]
+    for t in templates:
+        table._add_template(t, [])
+
+    assert table.take_missing() == [templates[0].key]
+    assert table.take_missing() == []
+    for head, t in zip(heads, templates):
+        entry = table._from_template(list(head) + doc + [90, 91, 5, 6])
+        if t is templates[0]:
+            assert entry is None
+        else:
+            assert entry is not None and entry.template == t.key
+            assert [s.module for s in entry.layout.spans] == [None, "doc", None]
+    assert sorted(table._head_lengths.elements()) == [2, 4]
+    # A prompt one token off in the text after the module matches nothing.
+    assert table._from_template([1, 80] + doc + [90, 7]) is None

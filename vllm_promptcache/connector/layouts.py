@@ -87,10 +87,13 @@ class Layouts:
         self.module_names = module_names
         self._templates: OrderedDict[bytes, _Template] = OrderedDict()
         self._by_head: dict[tuple[int, ...], list[bytes]] = {}  # first gap -> templates
+        self._head_lengths: Counter[int] = Counter()  # len(first gap) -> templates
         self._missing: set[bytes] = set()  # templates to report (encoded_gaps.py)
         # Per offset into the encodings (1 after a BOS): HEAD tokens of each registered
-        # module -> (name, its lengths to try); rebuilt when modules change.
-        self._module_heads: dict[int, dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]]] = {}
+        # module -> (name, its lengths to try), and the head lengths there are; rebuilt
+        # when modules change.
+        self._module_heads: dict[int, tuple[dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]],
+                                            tuple[int, ...]]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -150,6 +153,7 @@ class Layouts:
         key = template.key
         if self._templates.pop(key, None) is None:
             self._by_head.setdefault(template.head, []).append(key)
+            self._head_lengths[len(template.head)] += 1
         self._templates[key] = _Template(template, gap_keys)
         self._missing.discard(key)
         while len(self._templates) > MAX_TEMPLATES:
@@ -158,6 +162,9 @@ class Layouts:
             keys.remove(old)
             if not keys:
                 del self._by_head[dropped.template.head]
+            self._head_lengths[len(dropped.template.head)] -= 1
+            if not self._head_lengths[len(dropped.template.head)]:
+                del self._head_lengths[len(dropped.template.head)]
             self._missing.add(old)  # the front ends must announce it again
 
     def take_missing(self) -> list[bytes]:
@@ -196,7 +203,7 @@ class Layouts:
     # -- templates -------------------------------------------------------------
     def _from_template(self, tokens: Sequence[int]) -> _Entry | None:
         """The layout of the most recent template these prompt tokens fit, if any."""
-        for head in {len(h) for h in self._by_head}:
+        for head in sorted(self._head_lengths, reverse=True):  # the most specific first
             for key in reversed(self._by_head.get(tuple(tokens[:head]), ())):
                 entry = self._match(self._templates[key], tokens)
                 if entry is not None:
@@ -228,9 +235,9 @@ class Layouts:
     def _module_at(self, tokens: Sequence[int], pos: int, offset: int) -> tuple[str, int] | None:
         """The longest registered module whose tokens (from `offset` of its encoding)
         the prompt has at `pos`."""
-        heads = self._heads(offset)
+        heads, head_lengths = self._heads(offset)
         best = None
-        for n in {len(h) for h in heads}:
+        for n in head_lengths:
             for name, lengths in heads.get(tuple(tokens[pos:pos + n]), ()):
                 run = self.module_run(name)
                 if run is None:
@@ -242,7 +249,9 @@ class Layouts:
                         best = (name, length)
         return best
 
-    def _heads(self, offset: int) -> dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]]:
+    def _heads(self, offset: int) -> tuple[dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]],
+                                           tuple[int, ...]]:
+        """(HEAD tokens -> modules, the lengths those heads have) at `offset`."""
         if offset not in self._module_heads:
             heads: dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]] = {}
             for name in self.module_names():
@@ -259,7 +268,7 @@ class Layouts:
                     end -= 1
                 lengths = tuple(sorted({len(body), end}))
                 heads.setdefault(tuple(body[:min(HEAD, end)]), []).append((name, lengths))
-            self._module_heads[offset] = heads
+            self._module_heads[offset] = (heads, tuple(sorted({len(h) for h in heads})))
         return self._module_heads[offset]
 
     def forget(self, req_id: str) -> None:

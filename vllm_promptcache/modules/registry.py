@@ -99,6 +99,14 @@ class ComposedPrompt(dict):
     def token_ids(self) -> list[int]:
         return self["prompt_token_ids"]
 
+    @property
+    def template_key(self) -> bytes:
+        """Its layout's template key (layout.py), hashed once per prompt."""
+        key = getattr(self, "_template_key", None)
+        if key is None:
+            key = self._template_key = template_of(self.layout, self.token_ids).key
+        return key
+
 
 Item = Union[str, Text, Module]
 
@@ -204,7 +212,7 @@ class ModuleTable:
 
     @staticmethod
     def template_key(prompt: ComposedPrompt) -> bytes:
-        return template_of(prompt.layout, prompt.token_ids).key
+        return prompt.template_key
 
     def place(self, names: Sequence[str], prompt_ids: Sequence[int],
               text: str | None = None) -> ComposedPrompt:
