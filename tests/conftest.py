@@ -28,7 +28,10 @@ def _test_dtype() -> str:
 
 
 ENGINE_DEFAULTS = dict(
-    gpu_memory_utilization=0.2,
+    # A fraction of RAM on CPU.  vLLM's CPU worker touches every page of its KV pool
+    # at start-up: 0.2 (4 GiB here) took 12 s of each engine's start against 0.3 s for
+    # 0.05, and 0.05 still holds a million tokens of the tiny model.
+    gpu_memory_utilization=0.05,
     max_model_len=2048,
     dtype=_test_dtype(),
     seed=0,
@@ -55,6 +58,41 @@ def make_llm(model: str, **kwargs):
     llm.generate([{"prompt_token_ids": list(range(100, 300))}], SamplingParams(max_tokens=1),
                  use_tqdm=False)
     return llm
+
+
+# LoRA on the engines that serve adapters (test_no_wrong_token, the fuzz).
+LORA = dict(enable_lora=True, max_lora_rank=8, max_loras=2, max_cpu_loras=4)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model):
+    """vLLM without the plugin, prefix caching on: the reference the engine test modules
+    compare greedy tokens and logprobs against, started once for the session.  Without
+    the plugin it registers no prompt-cache metrics, so `read_metrics` still reads
+    the newest plugin engine."""
+    llm = make_llm(tiny_model, enable_prefix_caching=True, max_model_len=4096)
+    yield llm
+    close_llm(llm)
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_model, tmp_path_factory) -> dict[str, str]:
+    """Adapters A, B, C (seeds 1, 2, 3), the same files for every module: vLLM caches a
+    loaded adapter by its int id, so the shared `lora_reference` must always see id 1
+    as A and id 2 as B."""
+    from tests.adapters import write_lora_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: write_lora_adapter(str(root / name), tiny_model, seed)
+            for name, seed in (("A", 1), ("B", 2), ("C", 3))}
+
+
+@pytest.fixture(scope="session")
+def lora_reference(tiny_model):
+    """`reference` with LoRA on (adapters from `lora_adapters`, ids 1 and 2)."""
+    llm = make_llm(tiny_model, enable_prefix_caching=True, max_model_len=4096, **LORA)
+    yield llm
+    close_llm(llm)
 
 
 def close_llm(llm) -> None:

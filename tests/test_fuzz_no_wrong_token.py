@@ -1,13 +1,13 @@
 """Differential fuzz: seeded request sequences through the plugin, against vLLM without it.
 
 Three engines share one disk tier's directory:
-- R: vLLM without the plugin (the reference), LoRA on;
+- R: vLLM without the plugin (the session's reference, LoRA on: conftest.py);
 - S: the plugin with position-independent reuse and vLLM's prefix cache on, with
   three prompt modules: it serves modules in shuffled order, truncated
   conversations (oldest turns dropped) and shifted hand-offs -- approximate
   KV, which it may serve and must never store as exact;
 - P: the plugin exact-only (vLLM's prefix cache on), LoRA on, restarted every
-  few sequences so it opens what S and it wrote to disk.
+  every RESTART_EVERY sequences so it opens what S and it wrote to disk.
 
 Sequences mix cache salts, two LoRA adapters, shared prefixes, multi-turn
 conversations, modules, shifted reuse and truncation.  Every request P serves
@@ -21,14 +21,14 @@ import random
 
 import pytest
 
-from tests.adapters import write_lora_adapter
-from tests.conftest import close_llm, make_llm
+from tests.conftest import LORA, close_llm, make_llm
 
 pytestmark = pytest.mark.engine
 
-LORA = dict(enable_lora=True, max_lora_rank=8, max_loras=2, max_cpu_loras=4)
 SMALL = dict(gpu_memory_utilization=0.06, max_model_len=4096)
-RESTART_EVERY = 50
+# Each restart costs an engine start (~35 s on 2 cores); the suite's 200 sequences
+# restart P twice, each time with the requests deferred since the last.
+RESTART_EVERY = 100
 
 
 def chunk(rng, lo, hi):
@@ -36,14 +36,14 @@ def chunk(rng, lo, hi):
 
 
 class Fuzz:
-    def __init__(self, model, disk, adapters, seed):
+    def __init__(self, model, disk, adapters, reference, seed):
         from vllm_promptcache import PromptModules, engine_kwargs
 
         from tests.modules.test_prompt_modules import text
 
         self.model, self.disk, self.rng = model, disk, random.Random(seed)
         self.adapters = [None, ("A", 1, adapters[0]), ("B", 2, adapters[1])]
-        self.reference = make_llm(model, enable_prefix_caching=True, **SMALL, **LORA)
+        self.reference = reference
         self.shifting = make_llm(model, enable_prefix_caching=True, **SMALL, **LORA,
                                  **engine_kwargs(host_gb=0.03, disk_path=disk, disk_gb=1,
                                                  position_independent=True))
@@ -153,17 +153,17 @@ class Fuzz:
 
     def close(self):
         self.check_no_shifted_hits()
-        for llm in (self.exact, self.shifting, self.reference):
+        for llm in (self.exact, self.shifting):  # (the reference is the session's)
             close_llm(llm)
 
 
-def test_differential_fuzz_against_vllm_without_the_plugin(tiny_model, tmp_path, request):
+def test_differential_fuzz_against_vllm_without_the_plugin(tiny_model, tmp_path, request,
+                                                           lora_reference, lora_adapters):
     from vllm_promptcache import read_metrics
 
     n = request.config.getoption("--fuzz-sequences")
-    adapters = [write_lora_adapter(str(tmp_path / name), tiny_model, seed)
-                for name, seed in (("A", 1), ("B", 2))]
-    fuzz = Fuzz(tiny_model, str(tmp_path / "kv"), adapters, seed=20261201)
+    adapters = [lora_adapters["A"], lora_adapters["B"]]  # ids 1 and 2, as everywhere
+    fuzz = Fuzz(tiny_model, str(tmp_path / "kv"), adapters, lora_reference, seed=20261201)
     try:
         for i in range(n):
             fuzz.sequence(i)

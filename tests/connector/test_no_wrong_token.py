@@ -1,8 +1,8 @@
 """No wrong token, end to end: every input that shapes KV is in its key, approximate
 KV never passes for exact, and a conversation longer than the host tier keeps its head.
 
-Engines shared by the module: vLLM without the plugin (the reference; LoRA on)
-and the plugin with vLLM's prefix cache off (LoRA on, a 12-block host tier).
+Engines shared by the module: vLLM without the plugin (the session's reference
+with LoRA on, conftest.py) and the plugin with vLLM's prefix cache off (LoRA on, a 12-block host tier).
 The restart tests run their first engine in its own process
 (`engine_session.py`) on a disk tier the second engine then opens.
 """
@@ -18,7 +18,7 @@ import pytest
 
 from tests.adapters import write_lora_adapter
 from tests.connector.engine_session import run_session
-from tests.conftest import close_llm, make_llm, settled
+from tests.conftest import LORA, close_llm, make_llm, settled
 
 pytestmark = pytest.mark.engine
 
@@ -27,7 +27,6 @@ BLOCK = 128
 SMALL_KV = 0.05
 SLOT_BYTES = 64 * 1024  # the tiny model: 2 layers x K,V x 128 tokens x 2 heads x 32 x bf16
 SLOTS = 12
-LORA = dict(enable_lora=True, max_lora_rank=8, max_loras=2, max_cpu_loras=4)
 
 
 def tokens(n, seed):
@@ -36,17 +35,13 @@ def tokens(n, seed):
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    return {name: write_lora_adapter(str(root / name), tiny_model, seed)
-            for name, seed in (("A", 1), ("B", 2), ("C", 3))}
+def adapters(lora_adapters):
+    return lora_adapters
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model):
-    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=True, max_model_len=4096, **LORA)
-    yield llm
-    close_llm(llm)
+def reference(lora_reference):
+    return lora_reference  # the session's, with LoRA on (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -52,13 +52,6 @@ def shared_secret():
         os.environ["VLLM_PROMPTCACHE_REMOTE_SECRET"] = old
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model):
-    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=True)
-    yield llm
-    close_llm(llm)
-
-
 def remote_engine(tiny_model, url, **options):
     """An engine on the shared store, prefix cache off, a small host tier, no disk."""
     from vllm_promptcache import engine_kwargs

@@ -2,7 +2,7 @@
 
 These are the host tier's tests (the disk tier is off here; see
 test_disk_restart.py).  Three engines are shared by the whole module: vLLM without the plugin (the
-reference), the plugin with vLLM's prefix cache off (every hit comes from the host
+session's reference, conftest.py), the plugin with vLLM's prefix cache off (every hit comes from the host
 tier), and the plugin with it on.  Tests run in file order, and `read_metrics`
 sees the most recently built engine (vLLM re-registers its metrics per engine),
 so the engine a test reads is built before it and none after it.
@@ -31,10 +31,8 @@ HOST_GB = 0.004  # ~65 slots of 64 KiB: small enough for the flood test to evict
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_model):
-    llm = make_llm(tiny_model, enable_prefix_caching=True)
-    yield llm
-    close_llm(llm)
+def baseline(reference):
+    return reference  # the session's vLLM without the plugin (conftest.py)
 
 
 @pytest.fixture(scope="module")
