@@ -130,34 +130,63 @@ def test_three_chat_turns_reuse_host_kv_and_match_the_reference(servers, tiny_mo
     assert "vllm:promptcache_" not in requests.get(reference.base + "/metrics").text
 
 
-@pytest.mark.parametrize("launcher,bad,expect", [
-    (["-m", "vllm.entrypoints.openai.api_server", "--model"], ["--promptcache-host-gb", "-1"],
-     "--promptcache-host-gb"),
-    (["-m", "vllm_promptcache", "serve"], ["--promptcache-host-gb", "huge"], "--promptcache-host-gb"),
-    (["-m", "vllm_promptcache", "serve"], ["--promptcache-eviction-policy", "random"],
-     "--promptcache-eviction-policy"),
-    (["-m", "vllm_promptcache", "serve"], ["--promptcache-disk-path", "/proc/promptcache-kv"],
-     "--promptcache-disk-path"),
-])
-def test_bad_config_stops_start_up_with_a_clear_error(tiny_model, launcher, bad, expect):
-    start = time.time()
-    r = subprocess.run([sys.executable, *launcher, tiny_model, "--promptcache", *bad, *COMMON],
-                       capture_output=True, text=True, timeout=180)
-    assert r.returncode != 0
-    err = r.stderr + r.stdout
-    assert expect in err and any(why in err for why in ("allowed", "not a float", "not writable")), \
-        err[-2000:]
+# Bad start-ups: (launcher, bad options, what the error must name).
+BAD_STARTS = {
+    "api-server-host-gb": (["-m", "vllm.entrypoints.openai.api_server", "--model"],
+                           ["--promptcache-host-gb", "-1"], "--promptcache-host-gb"),
+    "serve-host-gb": (["-m", "vllm_promptcache", "serve"], ["--promptcache-host-gb", "huge"],
+                      "--promptcache-host-gb"),
+    "serve-eviction-policy": (["-m", "vllm_promptcache", "serve"],
+                              ["--promptcache-eviction-policy", "random"],
+                              "--promptcache-eviction-policy"),
+    "serve-disk-path": (["-m", "vllm_promptcache", "serve"],
+                        ["--promptcache-disk-path", "/proc/promptcache-kv"],
+                        "--promptcache-disk-path"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_starts(tiny_model, tmp_path_factory):
+    """Every bad start-up of this module launched at once: each spends its time
+    importing vLLM before it fails, so the cores run them side by side.
+    {name: (process, log path)}; the YAML case is "yaml"."""
+    d = tmp_path_factory.mktemp("bad-starts")
+    yaml = d / "pc.yaml"
+    yaml.write_text(json.dumps({"host_gb": 1, "disk": "yes"}))
+    argvs = {name: [*launcher, tiny_model, "--promptcache", *bad, *COMMON]
+             for name, (launcher, bad, _) in BAD_STARTS.items()}
+    argvs["yaml"] = ["-m", "vllm_promptcache", "serve", tiny_model, "--promptcache",
+                     "--promptcache-config", str(yaml), *COMMON]
+    procs = {}
+    for name, argv in argvs.items():
+        log = d / f"{name}.log"
+        with open(log, "w") as f:
+            procs[name] = (subprocess.Popen([sys.executable, *argv], stdout=f,
+                                            stderr=subprocess.STDOUT), log)
+    yield procs
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def failed_start(bad_starts, name) -> str:
+    """The output of a start-up that must fail (it must not hang either)."""
+    proc, log = bad_starts[name]
+    assert proc.wait(timeout=300) != 0
+    return log.read_text()
+
+
+@pytest.mark.parametrize("name", list(BAD_STARTS))
+def test_bad_config_stops_start_up_with_a_clear_error(bad_starts, name):
+    err = failed_start(bad_starts, name)
+    assert BAD_STARTS[name][2] in err and any(
+        why in err for why in ("allowed", "not a float", "not writable")), err[-2000:]
     assert "Initializing a V1 LLM engine" not in err, "the error must come before any engine starts"
-    assert time.time() - start < 120
 
 
-def test_bad_yaml_file_is_refused(tiny_model, tmp_path):
-    f = tmp_path / "pc.yaml"
-    f.write_text(json.dumps({"host_gb": 1, "disk": "yes"}))
-    r = subprocess.run([sys.executable, "-m", "vllm_promptcache", "serve", tiny_model, "--promptcache",
-                        "--promptcache-config", str(f), *COMMON], capture_output=True, text=True,
-                       timeout=180)
-    assert r.returncode != 0 and "unknown promptcache option 'disk'" in r.stderr + r.stdout
+def test_bad_yaml_file_is_refused(bad_starts):
+    assert "unknown promptcache option 'disk'" in failed_start(bad_starts, "yaml")
 
 
 def test_an_over_long_chat_gets_vllms_usual_error_without_truncation(servers, tiny_model):

@@ -83,15 +83,20 @@ def metric(llm, name, tier="remote"):
                    step=lambda: generate(llm, [5] * 20, max_tokens=1))
 
 
-def engine_a_turn(tiny_model, store, tmp_path, name, prompt):
-    """Turn k of a conversation on another server (its own process); returns its answer."""
+def engine_a_turns(tiny_model, store, tmp_path, name, prompts):
+    """Turn k of each conversation on another server (one process of its own, one
+    engine start); returns their answers once the store has their writes."""
     job = {"model": tiny_model, "engine": {"enable_prefix_caching": False, "gpu_memory_utilization": SMALL_KV},
            "promptcache": {"host_gb": 0.01, "disk_gb": 0, "remote_url": store.url,
                            "remote_timeout_ms": 200},
-           "steps": [{"prompt": prompt, "max_tokens": 12}]}
-    answer = run_session(job, tmp_path, name)["outputs"][0]
+           "steps": [{"prompt": prompt, "max_tokens": 12} for prompt in prompts]}
+    answers = run_session(job, tmp_path, name)["outputs"]
     wait_for_writes(store)
-    return answer
+    return answers
+
+
+def engine_a_turn(tiny_model, store, tmp_path, name, prompt):
+    return engine_a_turns(tiny_model, store, tmp_path, name, [prompt])[0]
 
 
 def wait_for_writes(store, settle_s=1.0):
@@ -106,20 +111,27 @@ def wait_for_writes(store, settle_s=1.0):
         time.sleep(settle_s)
 
 
+@pytest.fixture(scope="module")
+def turns_on_a(tiny_model, store, shared_secret, tmp_path_factory):
+    """Turn k of the first two tests' conversations, served by engine A in one
+    process: {test: (prompt, answer)}."""
+    prompts = {"hit": tokens(5 * BLOCK + 30, 1), "corrupt": tokens(3 * BLOCK + 30, 3)}
+    answers = engine_a_turns(tiny_model, store, tmp_path_factory.mktemp("engine-a"), "a",
+                             list(prompts.values()))
+    return {name: (prompt, answer) for (name, prompt), answer in zip(prompts.items(), answers)}
+
+
 def test_turn_k_on_one_server_turn_k_plus_1_on_another_loads_from_remote(
-        tiny_model, store, engine_b, reference, tmp_path):
-    prompt = tokens(5 * BLOCK + 30, 1)
-    answer = engine_a_turn(tiny_model, store, tmp_path, "a1", prompt)
+        store, engine_b, reference, turns_on_a):
+    prompt, answer = turns_on_a["hit"]
     before = metric(engine_b, "hit_tokens_total")
     nxt = prompt + answer + tokens(40, 2)
     assert generate(engine_b, nxt) == generate(reference, nxt)
     assert metric(engine_b, "hit_tokens_total") - before == 5 * BLOCK
 
 
-def test_a_value_corrupted_in_the_store_is_a_miss(tiny_model, store, engine_b, reference,
-                                                  tmp_path):
-    prompt = tokens(3 * BLOCK + 30, 3)
-    answer = engine_a_turn(tiny_model, store, tmp_path, "a2", prompt)
+def test_a_value_corrupted_in_the_store_is_a_miss(store, engine_b, reference, turns_on_a):
+    prompt, answer = turns_on_a["corrupt"]
     client = store.client()
     for name in client.keys("promptcache:*:kv:*"):
         value = client.get(name)
