@@ -6,7 +6,7 @@ Three engines share one disk tier's directory:
   three prompt modules: it serves modules in shuffled order, truncated
   conversations (oldest turns dropped) and shifted hand-offs -- approximate
   KV, which it may serve and must never store as exact;
-- P: the plugin exact-only (vLLM's prefix cache on), LoRA on, restarted every
+- P: the plugin exact-only (vLLM's prefix cache on), LoRA on, restarted
   every RESTART_EVERY sequences so it opens what S and it wrote to disk.
 
 Sequences mix cache salts, two LoRA adapters, shared prefixes, multi-turn

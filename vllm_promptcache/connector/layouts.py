@@ -163,8 +163,7 @@ class Layouts:
             if not keys:
                 del self._by_head[dropped.template.head]
             self._head_lengths[len(dropped.template.head)] -= 1
-            if not self._head_lengths[len(dropped.template.head)]:
-                del self._head_lengths[len(dropped.template.head)]
+            self._head_lengths = +self._head_lengths  # drop lengths no template has
             self._missing.add(old)  # the front ends must announce it again
 
     def take_missing(self) -> list[bytes]:
