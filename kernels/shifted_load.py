@@ -10,13 +10,18 @@ wrote them: the layer's blocks-first view of one block, made contiguous.  Viewin
 ``[num_slots, page_bytes]`` host layer as a KV tensor of the layer's own shape with
 num_slots blocks therefore lets `paged_kv_views` read it, packed CPU layouts included,
 and tokens are gathered through the same views vLLM's attention uses.
+
+On the CPU, runs of tokens are moved as slices of blocks (shifted_slices.py) and only
+what is left token by token; on CUDA (and under the Triton interpreter) one Triton
+program moves each token.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .rope_shift import paged_kv_views, rope_shift_paged_
+from .rope_shift import _use_triton, paged_kv_views, rope_shift_paged_
+from .shifted_slices import SlicePlan, move_layer, plan_slices
 
 
 def _block_dim(kv_layer: torch.Tensor) -> int:
@@ -45,7 +50,7 @@ def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
                         num_kv_heads: int, head_size: int, block_size: int,
                         dst_slot_mapping: torch.Tensor, delta: torch.Tensor,
                         inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool,
-                        isa: str | None = None) -> None:
+                        isa: str | None = None, plan: SlicePlan | None = None) -> None:
     """Token t: host slot src_slots[t], offset src_offsets[t] -> paged slot
     dst_slot_mapping[t] of `kv_layer`, K rotated by delta[t] positions.
 
@@ -58,19 +63,27 @@ def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
         isa as for `paged_kv_views`.
     dst_slot_mapping: [T] int64, block_id * block_size + offset, -1 = skip.
     delta, inv_freq, rotary_dim, is_neox_style: as for `rope_shift_`.
+    plan: on the CPU, `plan_slices` of these tokens, built (and their sources checked)
+        once for every layer of a step; else built here.
     Delta-0 tokens and all of V are copied bit-exactly.
     """
     if src_slots.shape != src_offsets.shape or src_slots.dim() != 1:
         raise ValueError("src_slots and src_offsets must be [T]")
     if src_slots.numel() == 0:
         return
-    if not src_slots.is_cuda:  # (device indices were checked as lists: no sync here)
+    if not src_slots.is_cuda and plan is None:  # (device indices were checked as lists)
         check_token_sources(src_slots.numpy(), src_offsets.numpy(), host_layer.shape[0],
                             block_size)
     host = host_as_layer(host_layer, kv_layer)
     host_k, host_v = paged_kv_views(host, layout, num_kv_heads, head_size, block_size, isa)
     dst_k, dst_v = paged_kv_views(kv_layer, layout, num_kv_heads, head_size, block_size, isa)
     device = kv_layer.device
+    if not _use_triton(kv_layer):
+        if plan is None:
+            plan = plan_slices(src_slots, src_offsets, dst_slot_mapping, delta, block_size,
+                               inv_freq)
+        move_layer(host_k, host_v, dst_k, dst_v, plan, inv_freq, rotary_dim, is_neox_style)
+        return
     rope_shift_paged_(host_k, host_v, src_slots * block_size + src_offsets, dst_k, dst_v,
                       dst_slot_mapping.to(device=device, dtype=torch.int64),
                       delta.to(device=device, dtype=torch.int64), inv_freq, rotary_dim,

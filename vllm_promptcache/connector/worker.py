@@ -181,7 +181,8 @@ class PromptCacheWorker:
     def _load_shifted(self, load: ShiftedLoad) -> None:
         """Tokens from host slots at other positions (CPU backend); synchronous, before
         the forward."""
-        from ..kernels.shifted_load import load_tokens_shifted
+        from ..kernels.shifted_load import check_token_sources, load_tokens_shifted
+        from ..kernels.shifted_slices import plan_slices
 
         start = time.perf_counter()
         inv_freq, rotary_dim, is_neox = self.rope
@@ -189,11 +190,16 @@ class PromptCacheWorker:
         src_slots, src_offsets, dst, deltas = (
             torch.as_tensor(np.asarray(a, dtype=np.int64))
             for a in (load.src_slots, load.src_offsets, load.dst_slots, load.deltas))
+        # Checked and planned once for every layer of the step.
+        check_token_sources(src_slots.numpy(), src_offsets.numpy(), self.buffer.num_slots,
+                            self.block_size)
+        plan = plan_slices(src_slots, src_offsets, dst, deltas, self.block_size, inv_freq)
+        inv_freq = inv_freq.to(self.device)
         for name in self.kv:
             load_tokens_shifted(self.buffer.layer_view(name), src_slots, src_offsets,
                                 self.raw_kv[name], layout, self.num_kv_heads, self.head_size,
-                                self.block_size, dst, deltas, inv_freq.to(self.device),
-                                rotary_dim, is_neox)
+                                self.block_size, dst, deltas, inv_freq, rotary_dim, is_neox,
+                                plan=plan)
         with self._stats_lock:
             tokens = len(load.deltas)
             self._stats.inc("loaded_bytes_total", tokens * self.slot_bytes // self.block_size,

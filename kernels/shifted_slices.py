@@ -1,0 +1,233 @@
+"""The CPU path of shifted loads: runs of tokens moved as slices of whole blocks.
+
+A shifted load's tokens come in runs.  A module or an encoded gap placed at a new
+position moves all its tokens by one delta, and consecutive source tokens go to
+consecutive destination slots.  Cut at the source's and the destination's block edges,
+a run becomes pieces: (source block, offset) -> (destination block, offset), `length`
+tokens.  A run whose destination starts r tokens (mod block_size N) after its source
+has only two kinds of middle piece, [0, N-r) -> [r, N) and [N-r, N) -> [0, r) (one kind
+when r is 0).  So the pieces that share (source offset, destination offset, length,
+delta) -- a *kind* -- are moved together:
+
+* one gather of their source slices (rows of contiguous tokens in vLLM's page layout),
+* one rotation of K by the kind's delta, in float32 as `rope_shift_reference` does it,
+* one scatter into the destination slices.
+
+That is a few torch operations per kind, whatever the number of tokens, instead of
+indexing token by token through the page's strides (which on vLLM's CPU layout, K
+stored dim-major, read each token's head dims N elements apart).
+
+Kinds with fewer than `MIN_KIND_TOKENS` tokens (the ends of runs, short gaps) cost more
+in per-operation overhead than they save, so their tokens go through the per-token path
+(`rope_shift_paged_`) in one call.  Both paths round the same float32 arithmetic
+(x * c + swap(x) * s, one fused multiply-add) once, so a token's bytes do not depend
+on which path moved it: tests/kernels/test_shifted_slices.py checks this bit for bit.
+
+Plans are built once per step (`plan_slices`, numpy, a few array operations whatever
+the token count) and run for every layer (`move_layer`).  Destinations whose token axis
+is packed with the head dims (vLLM's CPU AMX layout, 6-D views) have no slice of
+tokens; there every token takes the per-token path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .rope_shift import _scratch, rope_shift_paged_
+
+# A run with fewer tokens than this goes through the per-token path: a run costs a
+# few torch calls of ~8 us each, the per-token path ~0.5 us a token a layer on this CPU.
+MIN_RUN_TOKENS = 32
+# Float32 values of K rotated per pass (4 MiB): the gathered blocks are rotated in
+# chunks of rows, so the scratch stays bounded whatever the load's length.
+SLICE_CHUNK_VALUES = 1 << 20
+
+
+@dataclass
+class SliceGroup:
+    """Pieces [src_offset, +length) of gathered rows [first_row, +len(dst_blocks)) ->
+    [dst_offset, +length) of paged blocks dst_blocks, row i to dst_blocks[i]."""
+
+    first_row: int
+    src_offset: int
+    dst_offset: int
+    length: int
+    dst_blocks: torch.Tensor
+
+
+@dataclass
+class TokenRest:
+    """Tokens moved one by one: host token src_index[t] (slot * N + offset) -> paged slot
+    dst_slots[t], K rotated by deltas[t]."""
+
+    src_index: torch.Tensor
+    dst_slots: torch.Tensor
+    deltas: torch.Tensor
+
+
+@dataclass
+class SlicePlan:
+    """A shifted load as whole host blocks gathered into rows (row_slots), K of rows
+    [0, rotated_rows) rotated by cos/sin [rotated_rows, rotary_dim // 2] (float32, one
+    delta per row: the delta-0 rows come last and are not touched), then scattered as
+    `groups` of slices; the short runs as `rest`, per token."""
+
+    row_slots: torch.Tensor
+    rotated_rows: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    neg_sin: torch.Tensor
+    groups: list[SliceGroup]
+    rest: TokenRest
+    every_token: TokenRest  # the whole load per token, for destinations with no slices
+
+    @property
+    def sliced_tokens(self) -> int:
+        return sum(g.length * len(g.dst_blocks) for g in self.groups)
+
+
+def _as_int64(a) -> np.ndarray:
+    return np.asarray(a.numpy() if isinstance(a, torch.Tensor) else a, dtype=np.int64)
+
+
+def _token_rest(src_index: np.ndarray, dst: np.ndarray, deltas: np.ndarray) -> TokenRest:
+    return TokenRest(torch.from_numpy(np.ascontiguousarray(src_index)),
+                     torch.from_numpy(np.ascontiguousarray(dst)),
+                     torch.from_numpy(np.ascontiguousarray(deltas)))
+
+
+def _breaks(pos: np.ndarray, block: np.ndarray, N: int) -> np.ndarray:
+    """Where token t does not follow token t-1 inside one block (True), as [T-1]."""
+    return ~((block[1:] == block[:-1]) & (pos[1:] == pos[:-1] + 1))
+
+
+def plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size: int,
+                inv_freq: torch.Tensor, min_run_tokens: int = MIN_RUN_TOKENS) -> SlicePlan:
+    """Plan a shifted load (int64 arrays or CPU tensors, as `load_tokens_shifted` takes
+    them; destination -1 = skip): runs of tokens as slices of gathered blocks, short
+    runs per token.  A few numpy operations per run, none per token."""
+    N = block_size
+    ss, so, dst, dl = (_as_int64(a) for a in (src_slots, src_offsets, dst_slots, deltas))
+    every = _token_rest(ss * N + so, dst, dl)
+    keep = dst >= 0
+    if not keep.all():
+        ss, so, dst, dl = ss[keep], so[keep], dst[keep], dl[keep]
+    db, do = dst // N, dst % N
+    T = ss.size
+    # A run: one delta, source and destination both one token on (a block's last token
+    # is followed by the first of any block).
+    src_breaks = _breaks(so, ss, N) & ~((so[:-1] == N - 1) & (so[1:] == 0))
+    dst_breaks = _breaks(do, db, N) & ~((do[:-1] == N - 1) & (do[1:] == 0))
+    run_starts = np.flatnonzero(np.concatenate(
+        ([True], src_breaks | dst_breaks | (dl[1:] != dl[:-1])))) if T else np.zeros(0, int)
+    run_lengths = np.diff(np.append(run_starts, T))
+    long_runs = run_lengths >= min_run_tokens
+    # Rotated runs first, so that the rows not to touch (delta 0) are one tail.
+    runs = np.flatnonzero(long_runs)
+    runs = runs[np.argsort(dl[run_starts[runs]] == 0, kind="stable")]
+    # Rows: each run's source blocks in order (its first token's block, then one more
+    # at each offset 0 after it).
+    row_slots, row_delta, groups = [], [], []
+    for r in runs.tolist():
+        a, n = int(run_starts[r]), int(run_lengths[r])
+        t = np.arange(a, a + n)
+        new_row = np.concatenate(([True], so[t[1:]] == 0))
+        row_of = np.cumsum(new_row) - 1 + len(row_slots)
+        row_slots.extend(ss[t[new_row]].tolist())
+        row_delta.extend([int(dl[a])] * int(new_row.sum()))
+        # Pieces: cut where the source row or the destination block changes.
+        cut = np.concatenate(([True], (row_of[1:] != row_of[:-1]) | (db[t[1:]] != db[t[:-1]])))
+        p = np.flatnonzero(cut)
+        p_len = np.diff(np.append(p, n))
+        key = np.stack([so[t[p]], do[t[p]], p_len], axis=1)
+        uniq, which = np.unique(key, axis=0, return_inverse=True)
+        for k in range(len(uniq)):
+            pieces = p[which.reshape(-1) == k]
+            rows = row_of[pieces]
+            # A run's pieces of one kind sit in consecutive rows.
+            assert np.array_equal(rows, rows[0] + np.arange(len(rows))), rows
+            groups.append(SliceGroup(int(rows[0]), int(uniq[k, 0]), int(uniq[k, 1]),
+                                     int(uniq[k, 2]), torch.from_numpy(db[t[pieces]])))
+    row_delta = np.asarray(row_delta, dtype=np.float64)
+    rotated = int(np.count_nonzero(row_delta))
+    ang = torch.from_numpy(row_delta[:rotated, None]) \
+        * inv_freq.detach().to("cpu", torch.float64).flatten()[None, :]
+    sin = ang.sin().to(torch.float32)
+    short = np.repeat(~long_runs, run_lengths)
+    return SlicePlan(torch.tensor(row_slots, dtype=torch.int64), rotated,
+                     ang.cos().to(torch.float32), sin, -sin, groups,
+                     _token_rest((ss * N + so)[short], dst[short], dl[short]), every)
+
+
+def _physical(view: torch.Tensor) -> tuple[int, ...]:
+    """The order of a 4-D [blocks, tokens, heads, dims] view's last three dims by
+    decreasing stride: the order its bytes lie in."""
+    return tuple(sorted((1, 2, 3), key=lambda d: -view.stride(d)))
+
+
+def _rotate_rows_(x: torch.Tensor, dim: int, cos: torch.Tensor, sin: torch.Tensor,
+                 neg_sin: torch.Tensor, rotary_dim: int, is_neox_style: bool) -> None:
+    """Head dims (axis `dim`) [0, rotary_dim) of each row x[i] rotated in place by row i's
+    angles (cos/sin [rows, rotary_dim // 2]): per pair (x1, x2), x1 * cos - x2 * sin and
+    x2 * cos + x1 * sin in float32, rounded once -- the arithmetic of
+    `rope_shift_reference` (a multiply, then a fused multiply-add)."""
+    half = rotary_dim // 2
+    rot = x.narrow(dim, 0, rotary_dim)
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = half
+    c, s, ns = cos.view(shape), sin.view(shape), neg_sin.view(shape)
+    x32_buf, y32_buf = _scratch(rot.numel())
+    x32 = x32_buf.view(rot.shape)
+    x32.copy_(rot)
+    if is_neox_style:
+        a, b = x32.narrow(dim, 0, half), x32.narrow(dim, half, half)
+        out_a, out_b = rot.narrow(dim, 0, half), rot.narrow(dim, half, half)
+    else:
+        pairs, out_pairs = x32.unflatten(dim, (half, 2)), rot.unflatten(dim, (half, 2))
+        a, b = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)
+        out_a, out_b = out_pairs.select(dim + 1, 0), out_pairs.select(dim + 1, 1)
+    y = y32_buf[:a.numel()].view(a.shape)
+    out_a.copy_(torch.mul(a, c, out=y).addcmul_(b, ns))
+    out_b.copy_(torch.mul(b, c, out=y).addcmul_(a, s))
+
+
+def _move_rows(src: torch.Tensor, dst: torch.Tensor, plan: SlicePlan, rotate: bool,
+               rotary_dim: int, is_neox_style: bool) -> None:
+    """K or V ([blocks, tokens, heads, dims] views): gather the plan's rows, rotate, and
+    scatter its groups."""
+    order = _physical(src)
+    back = tuple(int(i) for i in np.argsort((0,) + order))
+    rows = src.permute(0, *order).index_select(0, plan.row_slots)  # bytes in page order
+    if rotate and rotary_dim > 0 and plan.rotated_rows:
+        dim = 1 + order.index(3)
+        per_row = rows[0].numel()
+        step = max(1, SLICE_CHUNK_VALUES // per_row)
+        for a in range(0, plan.rotated_rows, step):
+            b = min(a + step, plan.rotated_rows)
+            _rotate_rows_(rows[a:b], dim, plan.cos[a:b], plan.sin[a:b], plan.neg_sin[a:b],
+                          rotary_dim, is_neox_style)
+    logical = rows.permute(*back)
+    for g in plan.groups:
+        dst.narrow(1, g.dst_offset, g.length).index_copy_(
+            0, g.dst_blocks,
+            logical.narrow(0, g.first_row, len(g.dst_blocks)).narrow(1, g.src_offset, g.length))
+
+
+def move_layer(host_k: torch.Tensor, host_v: torch.Tensor, dst_k: torch.Tensor,
+               dst_v: torch.Tensor, plan: SlicePlan, inv_freq: torch.Tensor, rotary_dim: int,
+               is_neox_style: bool) -> None:
+    """One layer of a shifted load: host slots' paged views -> the layer's paged views
+    (`paged_kv_views` of both), on the CPU."""
+    if dst_k.dim() != 4 or host_k.dim() != 4:  # packed tokens: no slices
+        rest = plan.every_token
+    else:
+        if plan.groups:
+            _move_rows(host_k, dst_k, plan, True, rotary_dim, is_neox_style)
+            _move_rows(host_v, dst_v, plan, False, rotary_dim, is_neox_style)
+        rest = plan.rest
+    if rest.dst_slots.numel():
+        rope_shift_paged_(host_k, host_v, rest.src_index, dst_k, dst_v, rest.dst_slots,
+                          rest.deltas, inv_freq, rotary_dim, is_neox_style)

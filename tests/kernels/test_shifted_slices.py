@@ -1,0 +1,159 @@
+"""The CPU slice path of shifted loads (kernels/shifted_slices.py): runs of tokens laid
+out as a real load lays them out -- modules and gaps at new positions, cut anywhere
+inside blocks -- are moved bit for bit as the per-token path moves them, and as
+float64 RoPE says, on every layout; and a plan is a few groups per run, not a step
+per token."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.kernels.test_rope_shift import RTOL, bits, llama_inv_freq, rope64
+from tests.kernels.test_shifted_load import CASES, make_layer, read_kv, save_to_host, write_kv
+from vllm_promptcache.kernels import shifted_slices
+from vllm_promptcache.kernels.rope_shift import paged_kv_views, rope_shift_paged_reference
+from vllm_promptcache.kernels.shifted_load import host_as_layer, load_tokens_shifted
+from vllm_promptcache.kernels.shifted_slices import plan_slices
+
+SRC_BLOCKS, DST_BLOCKS = 23, 29
+
+
+@pytest.fixture
+def rng():
+    seed = np.random.SeedSequence().entropy % (2 ** 31)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed), seed
+
+
+def layout_of_a_load(rng: np.random.Generator, N: int):
+    """Token sources and destinations as the scheduler plans them: stored runs (whole
+    host blocks, tokens from offset 0) placed as runs at new positions of a prompt, with
+    gaps of a few tokens between them, runs that start and end mid-block, one run moved
+    by a whole number of blocks, a short run, a source block used twice at two deltas,
+    and a few skipped destinations (-1)."""
+    src_slots, src_offsets, dst, deltas = [], [], [], []
+    free_dst = rng.permutation(DST_BLOCKS)
+    pos = int(rng.integers(0, N))  # the prompt position of the next run
+    stored = {0: [3, 7, 1], 1: [10, 4], 2: [15, 16, 2, 20]}  # run -> its host slots
+    plan = [(0, 5, 2 * N + 3), (1, 0, N + N // 2), (2, N - 1, 3 * N - 2), (0, 1, 2),
+            (1, 0, 3), (0, 0, N + 1)]
+    for i, (run, src_start, n) in enumerate(plan):
+        if i == 5:  # a whole number of blocks after its source position
+            pos = src_start + N * (-(-(pos - src_start) // N) + int(rng.integers(0, 2)))
+        slots = stored[run]
+        t = np.arange(src_start, src_start + n)
+        src_slots.append(np.asarray(slots)[t // N])
+        src_offsets.append(t % N)
+        p = pos + np.arange(n)
+        dst.append(free_dst[p // N] * N + p % N)
+        deltas.append(np.full(n, pos - src_start))
+        pos += n + int(rng.integers(1, 6))  # a label between modules
+    src_slots, src_offsets, dst, deltas = (np.concatenate(a) for a in
+                                           (src_slots, src_offsets, dst, deltas))
+    assert dst.max() < DST_BLOCKS * N and len(set(dst.tolist())) == len(dst)
+    dst[rng.choice(len(dst), 3, replace=False)] = -1
+    return src_slots, src_offsets, dst, deltas
+
+
+def setup_layers(case, rng):
+    layout, isa, dtype, H, D, rot, neox, N = CASES[case]
+    k = torch.randn(SRC_BLOCKS, N, H, D).to(dtype)
+    v = torch.randn(SRC_BLOCKS, N, H, D).to(dtype)
+    k[0, :3] = -0.0  # delta-0 tokens must keep their sign bits
+    src_raw, src_kv, name = make_layer(layout, isa, SRC_BLOCKS, H, N, D, dtype)
+    write_kv(layout, isa, src_raw, k, v)
+    slot_of_block = torch.from_numpy(rng.permutation(SRC_BLOCKS))
+    buf, host = save_to_host(src_kv, SRC_BLOCKS, slot_of_block)
+    block_of_slot = torch.argsort(slot_of_block)
+    return k, v, block_of_slot, host, name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_slices_move_what_the_per_token_path_moves_bit_for_bit(case, rng, monkeypatch):
+    np_rng, seed = rng
+    layout, isa, dtype, H, D, rot, neox, N = CASES[case]
+    msg = f"[{case} seed={seed}]"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU path
+    k, v, block_of_slot, host, name = setup_layers(case, np_rng)
+    src_slots, src_offsets, dst, deltas = layout_of_a_load(np_rng, N)
+    inv_freq = llama_inv_freq(rot)
+    args = [torch.from_numpy(a) for a in (src_slots, src_offsets, dst, deltas)]
+
+    ours_raw, ours_kv, _ = make_layer(layout, isa, DST_BLOCKS, H, N, D, dtype)
+    # Runs of 4 tokens and more as slices (the blocks here are small): the run of 2
+    # and the 3 ends left by the skipped destinations take the per-token path.
+    plan = plan_slices(*args, N, inv_freq, min_run_tokens=4)
+    load_tokens_shifted(host, args[0], args[1], ours_kv, name, H, D, N, args[2], args[3],
+                        inv_freq, rot, neox, isa=isa, plan=plan)
+
+    oracle_raw, oracle_kv, _ = make_layer(layout, isa, DST_BLOCKS, H, N, D, dtype)
+    host_k, host_v = paged_kv_views(host_as_layer(host, oracle_kv), name, H, D, N, isa)
+    dst_k, dst_v = paged_kv_views(oracle_kv, name, H, D, N, isa)
+    rope_shift_paged_reference(host_k, host_v, args[0] * N + args[1], dst_k, dst_v, args[2],
+                               args[3], inv_freq, rot, neox)
+
+    # NaN-poisoned destinations: equal bits also say nothing was written elsewhere.
+    assert torch.equal(bits(ours_raw), bits(oracle_raw)), msg
+    if isa != "amx":  # packed tokens take the per-token path whole
+        assert 0 < plan.rest.dst_slots.numel() <= 2 + 3 * 3, msg
+        assert plan.sliced_tokens + plan.rest.dst_slots.numel() == (dst >= 0).sum(), msg
+
+    ok = dst >= 0
+    got_k, got_v = (x.reshape(DST_BLOCKS * N, H, D)[dst[ok]]
+                    for x in read_kv(layout, isa, ours_raw, H, N, D))
+    blocks = block_of_slot[src_slots[ok]]
+    want_k, want_v = k[blocks, src_offsets[ok]], v[blocks, src_offsets[ok]]
+    assert torch.equal(bits(got_v), bits(want_v)), msg
+    zero = torch.from_numpy(deltas[ok] == 0)
+    assert torch.equal(bits(got_k[zero]), bits(want_k[zero])), msg
+    ref, scale = rope64(want_k, torch.from_numpy(deltas[ok]), inv_freq, rot, neox)
+    err = (got_k.double() - ref).abs() / scale.clamp_min(1e-30)
+    assert float(err.max()) <= RTOL[dtype], f"{msg} max relative error {float(err.max()):.3g}"
+
+
+def test_rotation_in_chunks_gives_the_same_bytes(rng, monkeypatch):
+    np_rng, seed = rng
+    case = "cpu_vec-fp32-neox"
+    layout, isa, dtype, H, D, rot, neox, N = CASES[case]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _, _, _, host, name = setup_layers(case, np_rng)
+    args = [torch.from_numpy(a) for a in layout_of_a_load(np_rng, N)]
+    inv_freq = llama_inv_freq(rot)
+    out = []
+    for chunk in (shifted_slices.SLICE_CHUNK_VALUES, H * D * N):  # one row per pass
+        monkeypatch.setattr(shifted_slices, "SLICE_CHUNK_VALUES", chunk)
+        raw, kv, _ = make_layer(layout, isa, DST_BLOCKS, H, N, D, dtype)
+        load_tokens_shifted(host, args[0], args[1], kv, name, H, D, N, args[2], args[3],
+                            inv_freq, rot, neox, isa=isa)
+        out.append(raw)
+    assert torch.equal(bits(out[0]), bits(out[1])), f"seed={seed}"
+
+
+def test_a_long_run_is_a_few_groups_not_a_step_per_token():
+    """100k tokens of one module moved mid-block: two kinds of middle piece and its two
+    ends; the rows are the module's blocks, and no token is left to the per-token path."""
+    N, n, shift = 128, 100_000, 45
+    t = np.arange(n)
+    slots = np.random.default_rng(0).permutation(n // N + 1)
+    dst_blocks = np.random.default_rng(1).permutation((n + shift) // N + 1)
+    p = t + shift
+    plan = plan_slices(slots[t // N], t % N, dst_blocks[p // N] * N + p % N,
+                       np.full(n, shift), N, llama_inv_freq(64))
+    assert len(plan.groups) <= 4
+    assert plan.sliced_tokens == n and plan.rest.dst_slots.numel() == 0
+    assert torch.equal(plan.row_slots, torch.from_numpy(slots[:len(plan.row_slots)]))
+    assert plan.rotated_rows == len(plan.row_slots) == -(-n // N)
+
+
+def test_short_runs_and_delta_zero_rows_are_planned_apart():
+    N = 16
+    # A short run (per token), a delta-0 run and a moved run.
+    src = np.concatenate([np.arange(5), np.arange(40), np.arange(40)])
+    slots = np.concatenate([np.full(5, 9), src[5:45] // N + 20, src[45:] // N + 30])
+    dst = np.concatenate([np.arange(5) + 200, np.arange(40), np.arange(40) + 100])
+    deltas = np.concatenate([np.full(5, 200), np.zeros(40, int), np.full(40, 100)])
+    plan = plan_slices(slots, src % N, dst, deltas, N, llama_inv_freq(8), min_run_tokens=8)
+    assert plan.rest.dst_slots.tolist() == list(range(200, 205))
+    # The moved run's rows come first (rotated), the delta-0 run's rows after.
+    assert plan.row_slots.tolist() == [30, 31, 32, 20, 21, 22]
+    assert plan.rotated_rows == 3 and plan.cos.shape == (3, 4)
