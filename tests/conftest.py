@@ -27,11 +27,15 @@ def _test_dtype() -> str:
     return pick_dtype(os.environ.get("VLLM_PROMPTCACHE_TEST_DTYPE"), TEST_DEVICE)
 
 
+# Every engine's KV pool, explicit: 256 MiB holds 512k tokens of the tiny model.  A
+# share of memory (gpu_memory_utilization) is not portable on CPU: vLLM's CPU worker
+# takes that share of its NUMA node's memory minus its own RSS, and a node's size
+# varies between machines (8 of 24 GiB on one of ours, where 0.05 left a negative
+# pool).  With an explicit size and eager mode vLLM also skips its warm-up forward.
+KV_POOL_BYTES = 256 << 20
+
 ENGINE_DEFAULTS = dict(
-    # A fraction of RAM on CPU.  vLLM's CPU worker touches every page of its KV pool
-    # at start-up: 0.2 (4 GiB here) took 12 s of each engine's start against 0.3 s for
-    # 0.05, and 0.05 still holds a million tokens of the tiny model.
-    gpu_memory_utilization=0.05,
+    kv_cache_memory_bytes=KV_POOL_BYTES,
     max_model_len=2048,
     dtype=_test_dtype(),
     seed=0,
@@ -39,7 +43,7 @@ ENGINE_DEFAULTS = dict(
 if TEST_DEVICE == "cpu":
     ENGINE_DEFAULTS["enforce_eager"] = True
 else:
-    ENGINE_DEFAULTS["gpu_memory_utilization"] = 0.3
+    ENGINE_DEFAULTS["gpu_memory_utilization"] = 0.3  # the model's room; the pool is explicit
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from tests.conftest import LORA, close_llm, make_llm
 
 pytestmark = pytest.mark.engine
 
-SMALL = dict(gpu_memory_utilization=0.06, max_model_len=4096)
+SMALL = dict(max_model_len=4096)
 # Each restart costs an engine start (~35 s on 2 cores); the suite's 200 sequences
 # restart P twice, each time with the requests deferred since the last.
 RESTART_EVERY = 100

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.server
 from tests.conftest import ENGINE_DEFAULTS, TEST_DEVICE
 
 COMMON = [*(["--enforce-eager"] if TEST_DEVICE == "cpu" else []), "--max-model-len", "2048",
-          "--gpu-memory-utilization", str(ENGINE_DEFAULTS["gpu_memory_utilization"]),
+          "--kv-cache-memory-bytes", str(ENGINE_DEFAULTS["kv_cache_memory_bytes"]),
           "--dtype", ENGINE_DEFAULTS["dtype"], "--seed", "0"]
 
 

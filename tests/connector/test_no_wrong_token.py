@@ -23,8 +23,6 @@ from tests.conftest import LORA, close_llm, make_llm, settled
 pytestmark = pytest.mark.engine
 
 BLOCK = 128
-# Several engines live at once here (and a subprocess one): a small KV pool each.
-SMALL_KV = 0.05
 SLOT_BYTES = 64 * 1024  # the tiny model: 2 layers x K,V x 128 tokens x 2 heads x 32 x bf16
 SLOTS = 12
 
@@ -48,7 +46,7 @@ def reference(lora_reference):
 def cached(tiny_model):
     from vllm_promptcache import engine_kwargs
 
-    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False, max_model_len=4096, **LORA,
+    llm = make_llm(tiny_model, enable_prefix_caching=False, max_model_len=4096, **LORA,
                    **engine_kwargs(host_gb=SLOTS * SLOT_BYTES / 2**30, disk_gb=0))
     yield llm
     close_llm(llm)
@@ -157,7 +155,7 @@ def test_weights_replaced_in_place_miss_after_a_restart_and_old_files_age_out(ti
     assert os.path.exists(os.path.join(model, "model.safetensors"))
     disk = str(tmp_path / "kv")
     prompt = tokens(4 * BLOCK + 20, 6)
-    first = run_session({"model": model, "engine": {"enable_prefix_caching": False, "gpu_memory_utilization": SMALL_KV},
+    first = run_session({"model": model, "engine": {"enable_prefix_caching": False},
                          "promptcache": {"host_gb": 0.01, "disk_path": disk, "disk_gb": 1},
                          "steps": [{"prompt": prompt, "max_tokens": 8}]}, tmp_path, "old")
     old_dirs = kv_dirs(disk)
@@ -166,11 +164,11 @@ def test_weights_replaced_in_place_miss_after_a_restart_and_old_files_age_out(ti
                     for n in os.listdir(os.path.join(disk, d)))
     resave_weights(model)
     turn2 = prompt + first["outputs"][0] + tokens(40, 7)
-    ref = make_llm(model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False)
+    ref = make_llm(model, enable_prefix_caching=False)
     expected = generate(ref, turn2)
     close_llm(ref)
     # Room for the old files, not for them and this turn's: the old ones go first.
-    llm = make_llm(model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False,
+    llm = make_llm(model, enable_prefix_caching=False,
                    **engine_kwargs(host_gb=0.01, disk_path=disk,
                                    disk_gb=1.5 * old_bytes / 2**30))
     try:
@@ -199,7 +197,7 @@ def test_approximate_kv_handed_on_by_vllms_prefix_cache_is_never_served_as_exact
     disk = str(tmp_path / "kv")
     question = {"text": "walrus " + text(40, 8)}
     session = run_session({
-        "model": tiny_model, "engine": {"enable_prefix_caching": True, "gpu_memory_utilization": SMALL_KV},
+        "model": tiny_model, "engine": {"enable_prefix_caching": True},
         "promptcache": {"host_gb": 0.05, "disk_path": disk, "disk_gb": 1,
                         "position_independent": True},
         "modules": {"docA": text(170, 2), "docB": text(170, 3)},
@@ -209,7 +207,7 @@ def test_approximate_kv_handed_on_by_vllms_prefix_cache_is_never_served_as_exact
     }, tmp_path, "approximate")
     assert session["metrics"]["shifted_hit_tokens_total"]["host"] > 0, "A must load docB shifted"
     b_prompt = session["prompts"][1] + session["outputs"][1] + tokens(30, 10)
-    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False,
+    llm = make_llm(tiny_model, enable_prefix_caching=False,
                    **engine_kwargs(host_gb=0.05, disk_path=disk, disk_gb=1))
     def disk_hits():
         return settled(lambda: read_metrics(llm).get("hit_tokens_total", {}).get("disk", 0.0),

@@ -23,8 +23,6 @@ from tests.redis_server import RedisServer, _need_redis, redis_cluster  # noqa: 
 pytestmark = pytest.mark.engine
 
 BLOCK = 128
-# Several engines live at once here (and a subprocess one): a small KV pool each.
-SMALL_KV = 0.05
 SECRET = "a-secret-the-instances-share-0123456789"
 
 
@@ -56,7 +54,7 @@ def remote_engine(tiny_model, url, **options):
     """An engine on the shared store, prefix cache off, a small host tier, no disk."""
     from vllm_promptcache import engine_kwargs
 
-    llm = make_llm(tiny_model, gpu_memory_utilization=SMALL_KV, enable_prefix_caching=False,
+    llm = make_llm(tiny_model, enable_prefix_caching=False,
                    **engine_kwargs(host_gb=0.004, disk_gb=0, remote_url=url,
                                    remote_timeout_ms=200, **options))
     yield llm
@@ -86,7 +84,7 @@ def metric(llm, name, tier="remote"):
 def engine_a_turns(tiny_model, store, tmp_path, name, prompts):
     """Turn k of each conversation on another server (one process of its own, one
     engine start); returns their answers once the store has their writes."""
-    job = {"model": tiny_model, "engine": {"enable_prefix_caching": False, "gpu_memory_utilization": SMALL_KV},
+    job = {"model": tiny_model, "engine": {"enable_prefix_caching": False},
            "promptcache": {"host_gb": 0.01, "disk_gb": 0, "remote_url": store.url,
                            "remote_timeout_ms": 200},
            "steps": [{"prompt": prompt, "max_tokens": 12} for prompt in prompts]}
@@ -198,8 +196,7 @@ def test_a_module_registered_on_one_instance_is_used_shifted_on_another(
     from tests.modules.test_prompt_modules import text
 
     docs = {"shared-a": text(170, 2), "shared-b": text(170, 3)}
-    job = {"model": tiny_model, "engine": {"enable_prefix_caching": False,
-                                           "gpu_memory_utilization": SMALL_KV},
+    job = {"model": tiny_model, "engine": {"enable_prefix_caching": False},
            "promptcache": {"host_gb": 0.01, "disk_gb": 0, "remote_url": store.url,
                            "remote_timeout_ms": 200, "position_independent": True},
            "modules": docs, "steps": []}
