@@ -15,6 +15,10 @@
   its cases had the same; `MachineLoad` records the load average and the CPU time
   other processes took during the run, since a shared machine slows every case (and
   not always alike).
+* **KV pool.**  Explicit (``kv_cache_memory_bytes``, `kv_pool_bytes`).  On CPU,
+  ``gpu_memory_utilization`` is a share of the NUMA node's memory minus the worker's
+  RSS, and node sizes differ between machines (8 of 24 GiB on one of ours): there 0.2
+  of the node was less than the bench model's own RSS, and no engine started.
 * **Outputs.**  `write_outputs` writes the JSON, the Markdown table and a PNG chart
   (matplotlib, Agg) side by side: `bar_chart`, `line_chart` (e.g. TTFT against prompt
   length per case) or `distribution_chart` (e.g. each case's TTFTs).
@@ -35,6 +39,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# vLLM's KV pool on CPU where a benchmark does not size it in blocks: ~170k tokens of
+# the bench shape in bf16.
+KV_POOL_BYTES = 2 << 30
+KV_BLOCK_TOKENS = 128
 BINDING_VARS = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND")
 DTYPES = ("bfloat16", "float32", "float16")
 
@@ -70,6 +78,19 @@ def pick_dtype(requested: str | None, device: str = "cpu") -> str:
     if device == "cuda":
         return "bfloat16"
     return "bfloat16" if cpu_flags() & set(BF16_FLAGS) else "float32"
+
+
+def kv_pool_bytes(model: str | None = None, blocks: int | None = None) -> int:
+    """An explicit KV pool (vLLM's ``kv_cache_memory_bytes``): room for `blocks` blocks
+    of 128 tokens of `model` at 4 bytes an element (vLLM's pool is then
+    ``num_gpu_blocks_override``; this only has to hold it), else KV_POOL_BYTES."""
+    if blocks is None:
+        return KV_POOL_BYTES
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    block = (cfg["num_hidden_layers"] * 2 * KV_BLOCK_TOKENS * cfg["num_key_value_heads"]
+             * head_dim * 4)
+    return (blocks + 1) * block
 
 
 def bind_threads(reserved: int = 1) -> dict[str, str]:

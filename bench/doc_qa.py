@@ -102,7 +102,7 @@ def engine(args):
     from vllm_promptcache.tiny_model import build_model
 
     llm = LLM(build_model("bench"), load_format="dummy", enforce_eager=True,
-              gpu_memory_utilization=0.2, dtype=args.dtype, max_model_len=8192,
+              kv_cache_memory_bytes=common.kv_pool_bytes(), dtype=args.dtype, max_model_len=8192,
               max_num_batched_tokens=8192, enable_prefix_caching=True, seed=0,
               **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))
     threads = common.engine_threads(llm)

@@ -273,7 +273,8 @@ def multi_turn_args(args) -> argparse.Namespace:
         think_s=1.0, disk_gb=64.0, max_model_len=16384, seed=0, quick=False,
         dtype=args.dtype,
         engine_overrides={"enforce_eager": False, "skip_tokenizer_init": True,
-                          "gpu_memory_utilization": args.gpu_memory_utilization})
+                          "gpu_memory_utilization": args.gpu_memory_utilization,
+                          "kv_cache_memory_bytes": None})
 
 
 def multi_turn_cases(args, model: str) -> list[Case]:

@@ -19,6 +19,18 @@ head_dim]`` tensor per K and V; ``cpu`` is vLLM's CPU-backend layer tensor viewe
 ``paged_kv_views(..., "cpu")`` (packed per this machine's attention ISA); ``flash_attn``
 (GPU only) is vLLM 0.32's ``[blocks, kv_heads, block_size, 2 * head_dim]`` layer tensor.
 
+A second table times the engine's load from the host tier, on vLLM's CPU layer layout
+(``--host-load-tokens``, default 6000 and 32768: a few documents of the doc-QA bench, and a
+long one): the KV of T tokens saved in host slots (whole blocks, in a shuffled order) is
+loaded into one layer of the paged cache by
+
+* ``block copy`` -- ``load_slots_into_blocks``, the path of an exact hit (the baseline);
+* ``slices`` -- ``load_tokens_shifted`` with its slice plan (what a module moved to a new
+  position costs: the run lands 45 tokens into a block, K rotated by 40,045 positions);
+  the plan is built once per step for every layer and its time is reported apart;
+* ``per token`` -- the same tokens through ``rope_shift_paged_reference``, the per-token
+  path the slices replaced (still the path of short runs and AMX-packed pages).
+
 Bytes per call = K and V read plus K and V written = 4 * T * kv_heads * head_dim * 2 B;
 GB/s = bytes / time.  Each measurement is the median of ``--reps`` repetitions after
 ``--warmup`` untimed calls; copy and shift calls are interleaved within a repetition so
@@ -32,8 +44,8 @@ Run:
     python bench/kernels.py                          # 2048, 8192, 32768 tokens, 15 reps
     python bench/kernels.py --tokens 2048 --reps 5 --out /tmp/kernels.json
 
-Results: ``bench/results/kernels-cpu.json``, a table in ``kernels-cpu.md`` and the shift /
-copy time ratios in ``kernels-cpu.png`` (``kernels-cuda.*`` by default on a CUDA machine;
+Results: ``bench/results/kernels-cpu.json``, tables in ``kernels-cpu.md`` and the time
+ratios (shift / copy, host load / block copy) in ``kernels-cpu.png`` (``kernels-cuda.*`` by default on a CUDA machine;
 written next to ``--out``).
 """
 
@@ -189,6 +201,99 @@ def measure(device: str, layout: str, T: int, impls: dict, reps: int, warmup: in
     return rows
 
 
+HOST_LOAD_OFFSET = 45  # where in a block the moved run lands
+
+
+def measure_host_load(T: int, reps: int, warmup: int, dtype) -> dict:
+    """One layer loaded from host slots: whole blocks, slices, per token (see the module
+    docstring), median seconds of each and the plan's build time."""
+    from vllm_promptcache.kernels.block_copy import load_slots_into_blocks, row_runs
+    from vllm_promptcache.kernels.rope_shift import (
+        _cpu_isa, paged_kv_views, rope_shift_paged_reference)
+    from vllm_promptcache.kernels.shifted_load import host_as_layer, load_tokens_shifted
+    from vllm_promptcache.kernels.shifted_slices import plan_slices
+
+    H, D = bench_shape()
+    N = BLOCK_SIZE
+    isa = _cpu_isa(dtype, N, D)
+    stored = -(-T // N)
+    num_blocks = stored + 2
+    kv = torch.zeros(num_blocks, H, N, 2 * D, dtype=dtype)
+    page = H * N * 2 * D * kv.element_size()
+    host = torch.randn(stored, page // 4).view(torch.uint8)  # random bytes of real floats
+    slots = torch.randperm(stored)
+    table = torch.randperm(num_blocks)
+    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    t = torch.arange(T)
+    src_slots, src_offsets = slots[t // N], t % N
+    p = t + HOST_LOAD_OFFSET
+    dst = table[p // N] * N + p % N
+    delta = torch.full((T,), SHIFT_DELTA + HOST_LOAD_OFFSET, dtype=torch.int64)
+    block_src, block_dst = slots, table[:stored]
+    runs = row_runs(block_src.tolist(), block_dst.tolist())
+    plan_times = []
+    for _ in range(max(3, reps // 3)):
+        t0 = time.perf_counter()
+        plan = plan_slices(src_slots, src_offsets, dst, delta, N, inv_freq)
+        plan_times.append(time.perf_counter() - t0)
+    host_k, host_v = paged_kv_views(host_as_layer(host, kv), "cpu", H, D, N, isa)
+    dst_k, dst_v = paged_kv_views(kv, "cpu", H, D, N, isa)
+    calls = {
+        "block copy": lambda: load_slots_into_blocks(host, block_src, kv, block_dst, runs),
+        "slices": lambda: load_tokens_shifted(host, src_slots, src_offsets, kv, "cpu", H, D, N,
+                                              dst, delta, inv_freq, D, True, isa=isa,
+                                              plan=plan),
+        "per token": lambda: rope_shift_paged_reference(
+            host_k, host_v, src_slots * N + src_offsets, dst_k, dst_v, dst, delta, inv_freq, D,
+            True),
+    }
+    # The two shifted paths write the same bytes.
+    calls["slices"]()
+    sliced = kv.clone()
+    kv.zero_()
+    calls["per token"]()
+    same = torch.equal(sliced.view(torch.uint8), kv.view(torch.uint8))
+    if not same:
+        log(f"WARNING: host load T={T}: slices and per token wrote different bytes")
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    run = timer("cpu")
+    times = {key: [] for key in calls}
+    for _ in range(reps):
+        for key, fn in calls.items():
+            times[key].append(run(fn))
+    med = {key: statistics.median(v) for key, v in times.items()}
+    row = {"tokens": T, "isa": isa, "offset_in_block": HOST_LOAD_OFFSET,
+           "delta": SHIFT_DELTA + HOST_LOAD_OFFSET, "bytes": 4 * T * H * D * kv.element_size(),
+           "block_copy_s": med["block copy"], "slices_s": med["slices"],
+           "per_token_s": med["per token"], "plan_s": statistics.median(plan_times),
+           "slices_over_block_copy": med["slices"] / med["block copy"],
+           "per_token_over_block_copy": med["per token"] / med["block copy"],
+           "slices_bitexact_with_per_token": same,
+           "samples_s": times}
+    log(f"[host load T={T}] block copy {med['block copy'] * 1e3:.3f} ms, slices "
+        f"{med['slices'] * 1e3:.3f} ms ({row['slices_over_block_copy']:.2f}x), per token "
+        f"{med['per token'] * 1e3:.3f} ms ({row['per_token_over_block_copy']:.2f}x), plan "
+        f"{row['plan_s'] * 1e3:.3f} ms once per step")
+    return row
+
+
+def host_load_table(rows: list[dict]) -> str:
+    lines = [
+        "| tokens | CPU ISA | block copy (ms) | slices (ms) | slices / block copy "
+        "| per token (ms) | per token / block copy | plan, once per step (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tokens']} | {r['isa']} | {r['block_copy_s'] * 1e3:.3f} "
+            f"| {r['slices_s'] * 1e3:.3f} | {r['slices_over_block_copy']:.2f}x "
+            f"| {r['per_token_s'] * 1e3:.3f} | {r['per_token_over_block_copy']:.2f}x "
+            f"| {r['plan_s'] * 1e3:.3f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| device | layout | tokens | impl | delta | shift (ms) | shift GB/s | copy (ms) "
@@ -204,11 +309,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def chart(png: Path, rows: list[dict], footnote: str) -> None:
+def chart(png: Path, rows: list[dict], host_rows: list[dict], footnote: str) -> None:
     ratios = {f"{r['device']} {r['layout']} {r['impl'][:3]}\nT={r['tokens']} d={r['delta']}":
               r["shift_over_copy"] for r in rows}
-    common.bar_chart(png, "rope_shift time / plain copy time (same bytes, same run)", ratios,
-                     "ratio (1 = as fast as a copy)", footnote=footnote)
+    for r in host_rows:
+        ratios[f"host load slices\nT={r['tokens']}"] = r["slices_over_block_copy"]
+        ratios[f"host load per token\nT={r['tokens']}"] = r["per_token_over_block_copy"]
+    common.bar_chart(png, "time / its baseline (same bytes, same run): rope_shift / copy, "
+                     "host load / block copy", ratios, "ratio (1 = as fast as the baseline)",
+                     footnote=footnote)
 
 
 def worker_like_threads() -> list[int]:
@@ -230,9 +339,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     ap.add_argument("--out", type=Path, default=RESULTS / f"kernels-{'cuda' if cuda else 'cpu'}.json",
                     help="JSON output path")
+    ap.add_argument("--host-load-tokens", default="6000,32768",
+                    help="token counts of the host-load table (CPU layout; empty: skip)")
     common.add_dtype_arg(ap)
     args = ap.parse_args(argv)
     tokens = [int(x) for x in args.tokens.split(",") if x.strip()]
+    host_tokens = [int(x) for x in args.host_load_tokens.split(",") if x.strip()]
     if args.reps < 1 or args.warmup < 0 or not tokens or min(tokens) < 1:
         ap.error("need reps >= 1, warmup >= 0 and positive token counts")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -252,6 +364,10 @@ def main(argv=None) -> int:
             for layout in cpu_layouts(dtype):
                 rows += measure("cpu", layout, T, {"reference": rope_shift_reference},
                                 args.reps, args.warmup, dtype)
+        host_rows = []
+        if "cpu" in cpu_layouts(dtype):
+            host_rows = [measure_host_load(T, args.reps, args.warmup, dtype)
+                         for T in host_tokens]
         if cuda:
             impls = {"reference": rope_shift_reference}
             if HAS_TRITON:
@@ -276,6 +392,12 @@ def main(argv=None) -> int:
             "total_runtime_s": round(time.perf_counter() - started, 1),
         },
         "rows": rows,
+        "host_load": {
+            "definition": "one layer of vLLM's CPU layout loaded from host slots; block copy "
+                          "= load_slots_into_blocks (exact hit), slices = load_tokens_shifted "
+                          "with its plan, per token = rope_shift_paged_reference",
+            "rows": host_rows,
+        },
     }
     where = common.provenance_line(env).replace("worker thread(s)", "torch thread(s)")
     if cuda:
@@ -284,9 +406,20 @@ def main(argv=None) -> int:
           f"{H} KV heads x head_dim {D}, block size {BLOCK_SIZE}; median of {args.reps} "
           f"reps after {args.warmup} warm-up calls, copy and shift interleaved.  GB/s counts "
           f"K+V read + written.\n\n" + table(rows) + "\n")
-    common.write_outputs(args.out, result, md, functools.partial(chart, rows=rows, footnote=where))
+    if host_rows:
+        md += (f"\nOne layer loaded from the host tier on vLLM's CPU layout ({H} KV heads x "
+               f"head_dim {D}, block size {BLOCK_SIZE}): whole blocks as an exact hit loads "
+               f"them, against the same tokens moved {HOST_LOAD_OFFSET} tokens into a block "
+               f"and rotated by {SHIFT_DELTA + HOST_LOAD_OFFSET:,} positions (a module at a new "
+               f"position), as slices and per token; median of {args.reps} reps, the three "
+               f"interleaved.\n\n" + host_load_table(host_rows) + "\n")
+    common.write_outputs(args.out, result, md, functools.partial(
+        chart, rows=rows, host_rows=host_rows, footnote=where))
     print(md)
     print(f"wrote {args.out} and its .md and .png")
+    if not all(r["slices_bitexact_with_per_token"] for r in host_rows):
+        log("WARNING: slices and per token wrote different bytes; see the JSON")
+        return 1
     if not all(r["delta0_bitexact_with_copy"] for r in rows):
         log("WARNING: a delta-0 shift did not write the copy's bytes; see the JSON")
         return 1

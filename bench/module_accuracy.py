@@ -131,7 +131,8 @@ def main() -> None:
     from vllm_promptcache import PromptModules, Text, engine_kwargs, read_metrics
     from vllm_promptcache.compat import shutdown_llm
 
-    llm = LLM(str(args.model), enforce_eager=True, gpu_memory_utilization=0.2, dtype=args.dtype,
+    llm = LLM(str(args.model), enforce_eager=True, kv_cache_memory_bytes=common.kv_pool_bytes(),
+              dtype=args.dtype,
               max_model_len=2048, enable_prefix_caching=False, max_logprobs=-1, seed=0,
               **engine_kwargs(host_gb=0.5, disk_gb=0, position_independent=True))
     threads = common.engine_threads(llm)

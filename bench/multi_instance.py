@@ -206,7 +206,7 @@ def server_argv(case: str, model: str, port: int, args, disk_dir: str,
             "--num-gpu-blocks-override", str(args.gpu_blocks),
             # On CPU, --gpu-memory-utilization asks for that share of the machine's RAM
             # free at start-up (others share it); an explicit KV size skips that check.
-            "--kv-cache-memory-bytes", str(kv_cache_bytes(model, args)),
+            "--kv-cache-memory-bytes", str(common.kv_pool_bytes(model, args.gpu_blocks)),
             "--enable-prefix-caching",
             "--enable-prompt-tokens-details", "--disable-uvicorn-access-log"]
     if args.device == "cpu":
@@ -218,15 +218,6 @@ def server_argv(case: str, model: str, port: int, args, disk_dir: str,
         argv += ["--promptcache-remote-url", remote_url,
                  "--promptcache-remote-timeout-ms", str(args.remote_timeout_ms)]
     return argv
-
-
-def kv_cache_bytes(model: str, args) -> int:
-    """Room for `--gpu-blocks` blocks of 128 tokens at 4 bytes an element (vLLM's pool
-    is `--num-gpu-blocks-override`; this only has to hold it)."""
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    block = cfg["num_hidden_layers"] * 2 * 128 * cfg["num_key_value_heads"] * head_dim * 4
-    return (args.gpu_blocks + 1) * block
 
 
 def start_redis(directory: str):

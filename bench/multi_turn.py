@@ -91,9 +91,12 @@ def make_conversations(n: int, turns: int, seed: int) -> list[dict]:
     return convs
 
 
-def engine_kwargs_for(case: str, args, disk_dir: str) -> dict:
+def engine_kwargs_for(case: str, args, disk_dir: str, model: str | None = None) -> dict:
+    """The case's LLM kwargs; `model` sizes the explicit KV pool to --gpu-blocks (on a
+    GPU, bench/gpu_suite.py overrides the pool with a share of memory)."""
+    blocks = args.gpu_blocks if model is not None else None
     kw = dict(
-        enforce_eager=True, gpu_memory_utilization=getattr(args, "memory_utilization", 0.2),
+        enforce_eager=True, kv_cache_memory_bytes=common.kv_pool_bytes(model, blocks),
         dtype=getattr(args, "dtype", "bfloat16"),
         load_format="dummy",
         max_model_len=args.max_model_len, max_num_batched_tokens=max(8192, args.max_model_len),
@@ -118,7 +121,7 @@ def run_case(case: str, model: str, convs: list[dict], args) -> dict:
     from vllm_promptcache.compat import shutdown_llm
 
     disk_dir = tempfile.mkdtemp(prefix=f"promptcache-bench-{case}-")
-    llm = LLM(model, **engine_kwargs_for(case, args, disk_dir))
+    llm = LLM(model, **engine_kwargs_for(case, args, disk_dir, model))
     threads = common.engine_threads(llm)
     log(f"   worker threads: {threads}")
     engine = llm.llm_engine
@@ -268,9 +271,6 @@ def main() -> None:
     ap.add_argument("--think-s", type=float, default=2.0, help="median think time between turns")
     ap.add_argument("--disk-gb", type=float, default=4.0)
     ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--memory-utilization", type=float, default=0.2,
-                    help="vLLM's gpu_memory_utilization: on CPU, the share of RAM an engine "
-                         "reserves (lower it on a machine shared with other engines)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="3 conversations x 2 turns")

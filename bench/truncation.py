@@ -78,7 +78,8 @@ def run(model_name: str, args, turn_len: int, system_len: int, vocab: int,
     model = build_model(model_name) if model_name in ("tiny", "bench") else model_name
     extra = {"load_format": "dummy"} if model_name == "bench" else {}
     max_len = args.max_model_len if model_name == "bench" else min(args.max_model_len, 4096)
-    llm = LLM(model, enforce_eager=True, gpu_memory_utilization=0.2, dtype=args.dtype,
+    llm = LLM(model, enforce_eager=True, kv_cache_memory_bytes=common.kv_pool_bytes(),
+              dtype=args.dtype,
               max_model_len=max_len, max_num_batched_tokens=max(8192, max_len),
               enable_prefix_caching=True, seed=0, **extra,
               **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))

@@ -81,7 +81,7 @@ def engine_defaults(max_len: int, dtype: str) -> dict:
     max_model_len = max_len + SUFFIX + 48
     return dict(
         enforce_eager=True,
-        gpu_memory_utilization=0.2,
+        kv_cache_memory_bytes=common.kv_pool_bytes(),
         dtype=dtype,
         load_format="dummy",
         max_model_len=max_model_len,

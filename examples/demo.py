@@ -26,7 +26,9 @@ def main() -> None:
 
     model = build_model("tiny")
     print(f"model: {model}")
-    llm = LLM(model, enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=4096,
+    # An explicit KV pool (256 MiB): on CPU a share of memory (gpu_memory_utilization)
+    # is a share of the NUMA node minus the worker's RSS, which differs between machines.
+    llm = LLM(model, enforce_eager=True, kv_cache_memory_bytes=256 << 20, max_model_len=4096,
               dtype="bfloat16", enable_prefix_caching=False, max_num_batched_tokens=4096,
               **engine_kwargs(host_gb=0.25))
     greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)

@@ -39,7 +39,7 @@ def main() -> None:
 
     model = sys.argv[1] if len(sys.argv) > 1 else build_model("bench")
     dummy = {} if len(sys.argv) > 1 else {"load_format": "dummy"}
-    llm = LLM(model, **dummy, enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=4096,
+    llm = LLM(model, **dummy, enforce_eager=True, kv_cache_memory_bytes=1 << 30, max_model_len=4096,
               max_num_batched_tokens=4096, enable_prefix_caching=False,
               **engine_kwargs(host_gb=0.25, disk_gb=0, position_independent=True))
     modules = PromptModules(llm)
