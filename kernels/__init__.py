@@ -9,6 +9,9 @@ oracle.
 - `triton_launch`: whether Triton is there, and interpreter-aware kernel launch.
 - `rope_shift`: K/V of a token run into the paged cache, K rotated by a RoPE position
   delta; `rope_shift_paged_` reads the tokens straight from host slots.
+- `shifted_load`: a step's tokens from host slots into the paged cache at new
+  positions; on CPU through `shifted_slices`, which moves runs of tokens as slices of
+  whole blocks (the per-token path keeps short runs and AMX-packed pages).
 """
 
 from .block_copy import (block_dim, blocks_first, load_slots_into_blocks, row_runs,
