@@ -339,6 +339,13 @@ def distribution_chart(png: Path, title: str, samples: dict[str, list[float]], y
     _save(fig, ax, png, title, ylabel, footnote)
 
 
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: one header row, then `rows` (cells already formatted)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def write_outputs(out_json: Path, payload: dict, table_md: str,
                   chart: Callable[[Path], None] | None) -> None:
     """JSON at `out_json`, the table beside it (.md) and the chart (.png): `chart` is

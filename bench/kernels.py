@@ -280,33 +280,24 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype) -> dict:
 
 
 def host_load_table(rows: list[dict]) -> str:
-    lines = [
-        "| tokens | CPU ISA | block copy (ms) | slices (ms) | slices / block copy "
-        "| per token (ms) | per token / block copy | plan, once per step (ms) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['tokens']} | {r['isa']} | {r['block_copy_s'] * 1e3:.3f} "
-            f"| {r['slices_s'] * 1e3:.3f} | {r['slices_over_block_copy']:.2f}x "
-            f"| {r['per_token_s'] * 1e3:.3f} | {r['per_token_over_block_copy']:.2f}x "
-            f"| {r['plan_s'] * 1e3:.3f} |")
-    return "\n".join(lines)
+    ms = lambda s: f"{s * 1e3:.3f}"  # noqa: E731
+    return common.markdown_table(
+        ["tokens", "CPU ISA", "block copy (ms)", "slices (ms)", "slices / block copy",
+         "per token (ms)", "per token / block copy", "plan, once per step (ms)"],
+        [[str(r["tokens"]), r["isa"], ms(r["block_copy_s"]), ms(r["slices_s"]),
+          f"{r['slices_over_block_copy']:.2f}x", ms(r["per_token_s"]),
+          f"{r['per_token_over_block_copy']:.2f}x", ms(r["plan_s"])] for r in rows])
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| device | layout | tokens | impl | delta | shift (ms) | shift GB/s | copy (ms) "
-        "| copy GB/s | shift / copy time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        layout = r["layout"] + (f" ({r['isa']})" if r["isa"] else "")
-        lines.append(
-            f"| {r['device']} | {layout} | {r['tokens']} | {r['impl']} | {r['delta']} "
-            f"| {r['shift_s'] * 1e3:.3f} | {r['shift_gbs']:.2f} | {r['copy_s'] * 1e3:.3f} "
-            f"| {r['copy_gbs']:.2f} | {r['shift_over_copy']:.2f}x |")
-    return "\n".join(lines)
+    ms = lambda s: f"{s * 1e3:.3f}"  # noqa: E731
+    return common.markdown_table(
+        ["device", "layout", "tokens", "impl", "delta", "shift (ms)", "shift GB/s",
+         "copy (ms)", "copy GB/s", "shift / copy time"],
+        [[r["device"], r["layout"] + (f" ({r['isa']})" if r["isa"] else ""), str(r["tokens"]),
+          r["impl"], str(r["delta"]), ms(r["shift_s"]), f"{r['shift_gbs']:.2f}",
+          ms(r["copy_s"]), f"{r['copy_gbs']:.2f}", f"{r['shift_over_copy']:.2f}x"]
+         for r in rows])
 
 
 def chart(png: Path, rows: list[dict], host_rows: list[dict], footnote: str) -> None:

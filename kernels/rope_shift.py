@@ -208,9 +208,11 @@ MAX_DELTA_RUNS = 64
 
 
 def _rotated(k: torch.Tensor, d: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
-             is_neox_style: bool, in_place: bool = False) -> torch.Tensor:
-    """k [T, H, D] with token t rotated by d[t] positions: a new tensor, or k itself
-    when `in_place` (the paged path's gathered tokens are its own copy).
+             is_neox_style: bool, in_place: bool = False,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """k [T, H, D] with token t rotated by d[t] positions: in `out` (k's shape), a new
+    tensor, or k itself when `in_place` (the paged path's gathered tokens are its own
+    copy).
 
     Deltas come in runs (a moved module, a kept turn: one delta each), so the work is
     done per run on slices: the angles once per run, in float64 as the oracle wants,
@@ -218,7 +220,7 @@ def _rotated(k: torch.Tensor, d: torch.Tensor, inv_freq: torch.Tensor, rotary_di
     as they are.  Many short runs fall back to per-token angles."""
     T = k.shape[0]
     edges = (torch.nonzero(d[1:] != d[:-1]).flatten() + 1).tolist()
-    out = k if in_place else torch.empty_like(k)
+    out = k if in_place else torch.empty_like(k) if out is None else out
     if len(edges) + 1 > MAX_DELTA_RUNS:
         ang = d.to(torch.float64)[:, None] * inv_freq.to(torch.float64).flatten()[None, :]
         _rotate_into(out, k, ang.cos().to(torch.float32)[:, None, :],
@@ -253,47 +255,60 @@ def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return bufs[0][:n], bufs[1][:n]
 
 
-def _pairwise(cos: torch.Tensor, sin: torch.Tensor, is_neox_style: bool):
-    """cos and sin [..., rotary_dim // 2] spread over the rotary dims: x' = x * c + swap(x) * s
-    with swap(x) = (x2, x1) (NeoX halves) or each pair's two values exchanged (GPT-J),
-    and s carrying the sign (-sin on the first of a pair, +sin on the second)."""
-    if is_neox_style:
-        return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
-    return (torch.stack([cos, cos], -1).flatten(-2),
-            torch.stack([-sin, sin], -1).flatten(-2))
+def _scratch_like(x: torch.Tensor) -> torch.Tensor:
+    """A buffer of x's shape and dtype (CPU), this thread's own, reused across calls:
+    the rotated copy of K that is scattered at once (a fresh one page-faults)."""
+    bufs = getattr(_scratch_local, "like", None)
+    if bufs is None:
+        bufs = _scratch_local.like = {}
+    buf = bufs.get(x.dtype)
+    if buf is None or buf.numel() < x.numel():
+        buf = bufs[x.dtype] = torch.empty(x.numel(), dtype=x.dtype)
+    return buf[:x.numel()].view(x.shape)
 
 
-def _swap_into(out: torch.Tensor, x: torch.Tensor, is_neox_style: bool) -> None:
-    half = x.shape[-1] // 2
+def _pair_halves(x: torch.Tensor, dim: int, half: int, is_neox_style: bool):
+    """(first, second) of each rotary pair along axis `dim` of x's rotary part: the two
+    halves (NeoX) or the even and odd dims (GPT-J), as views."""
     if is_neox_style:
-        torch.cat([x[..., half:], x[..., :half]], -1, out=out)
-    else:
-        pairs = x.unflatten(-1, (half, 2))
-        torch.stack([pairs[..., 1], pairs[..., 0]], -1, out=out.unflatten(-1, (half, 2)))
+        return x.narrow(dim, 0, half), x.narrow(dim, half, half)
+    pairs = x.unflatten(dim, (half, 2))
+    return pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)
+
+
+def rotate_pairs_(out: torch.Tensor, x: torch.Tensor, dim: int, cos: torch.Tensor,
+                  sin: torch.Tensor, neg_sin: torch.Tensor, rotary_dim: int,
+                  is_neox_style: bool) -> None:
+    """out's head dims (axis `dim`) [0, rotary_dim) <- x's, rotated: per pair (x1, x2),
+    x1 * cos - x2 * sin and x2 * cos + x1 * sin, in float32 and rounded once (a
+    multiply, then a fused multiply-add; the CPU path's one arithmetic, whichever layout
+    and chunking).  cos, sin and neg_sin (float32) broadcast against a pair half, the
+    half-dims at `dim`.  `out` may be `x`: x's rotary part is first read into this
+    thread's float32 scratch."""
+    half = rotary_dim // 2
+    src, dst = x.narrow(dim, 0, rotary_dim), out.narrow(dim, 0, rotary_dim)
+    x32_buf, y32_buf = _scratch(src.numel())
+    x32 = x32_buf.view(src.shape)
+    x32.copy_(src)
+    a, b = _pair_halves(x32, dim, half, is_neox_style)
+    out_a, out_b = _pair_halves(dst, dim, half, is_neox_style)
+    y = y32_buf[:a.numel()].view(a.shape)
+    out_a.copy_(torch.mul(a, cos, out=y).addcmul_(b, neg_sin))
+    out_b.copy_(torch.mul(b, cos, out=y).addcmul_(a, sin))
 
 
 def _rotate_into(out: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  rotary_dim: int, is_neox_style: bool) -> None:
-    """out[..., :rotary_dim] <- k rotated (float32 math, rounded once); the other dims
-    copied.  `out` may be `k`: each chunk is read into a float32 buffer first.
-
-    x * c + swap(x) * s is the same float32 arithmetic, in the same order, as the
-    two-halves form (x1 * c - x2 * s, x2 * c + x1 * s); doing both halves at once
-    saves passes over the data."""
-    c, s = _pairwise(cos, sin, is_neox_style)
+    """out[..., :rotary_dim] <- k [T, H, D] rotated (`rotate_pairs_`, in chunks of
+    tokens); the other dims copied.  cos/sin: [T or 1, 1, rotary_dim // 2]."""
     per_token = cos.shape[0] > 1
+    neg_sin = -sin
     T, H = k.shape[0], k.shape[1]
     step = max(1, ROTATE_CHUNK_VALUES // (H * rotary_dim))
-    rot_buf, swap_buf = _scratch(min(step, T) * H * rotary_dim)
     for a in range(0, T, step):
         b = min(a + step, T)
-        n = (b - a) * H * rotary_dim
-        rot = rot_buf[:n].view(b - a, H, rotary_dim)
-        swapped = swap_buf[:n].view(b - a, H, rotary_dim)
-        rot.copy_(k[a:b, :, :rotary_dim])
-        _swap_into(swapped, rot, is_neox_style)
-        ca, sa = (c[a:b], s[a:b]) if per_token else (c, s)
-        out[a:b, :, :rotary_dim].copy_(rot.mul_(ca).addcmul_(swapped, sa))
+        c, s, ns = (t[a:b] if per_token else t for t in (cos, sin, neg_sin))
+        rotate_pairs_(out[a:b], k[a:b], 2, c, s, ns, rotary_dim, is_neox_style)
     if rotary_dim < k.shape[-1] and out.data_ptr() != k.data_ptr():
         out[..., rotary_dim:] = k[..., rotary_dim:]
 
@@ -321,7 +336,8 @@ def rope_shift_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.
 
     # Only tokens that move are rotated; the rest (and all of V) are copied as is.
     if rotary_dim > 0 and bool((d != 0).any()):
-        k = _rotated(k, d, inv_freq, rotary_dim, is_neox_style, in_place=in_place)
+        k = _rotated(k, d, inv_freq, rotary_dim, is_neox_style, in_place=in_place,
+                     out=None if in_place or k.is_cuda else _scratch_like(k))
 
     for d6, x in ((k6, k), (v6, v)):
         tg = d6.shape[2]

@@ -6,22 +6,24 @@ consecutive destination slots.  Cut at the source's and the destination's block 
 a run becomes pieces: (source block, offset) -> (destination block, offset), `length`
 tokens.  A run whose destination starts r tokens (mod block_size N) after its source
 has only two kinds of middle piece, [0, N-r) -> [r, N) and [N-r, N) -> [0, r) (one kind
-when r is 0).  So the pieces that share (source offset, destination offset, length,
-delta) -- a *kind* -- are moved together:
+when r is 0), and its two ends.  So a layer's load is, for K and for V:
 
-* one gather of their source slices (rows of contiguous tokens in vLLM's page layout),
-* one rotation of K by the kind's delta, in float32 as `rope_shift_reference` does it,
-* one scatter into the destination slices.
+* one gather of every sliced run's source blocks, whole, into rows (the bytes of
+  vLLM's page layout, rows of contiguous tokens);
+* one rotation of K, each row by its run's delta (float32, `rotate_pairs_`; rows of
+  delta 0 are not touched);
+* one scatter per kind of piece of a run (`index_copy_` of the kind's rows, slices of
+  the same offsets and length), a plain copy for a kind of one piece.
 
-That is a few torch operations per kind, whatever the number of tokens, instead of
+That is a few torch operations per run, whatever the number of tokens, instead of
 indexing token by token through the page's strides (which on vLLM's CPU layout, K
 stored dim-major, read each token's head dims N elements apart).
 
-Kinds with fewer than `MIN_KIND_TOKENS` tokens (the ends of runs, short gaps) cost more
-in per-operation overhead than they save, so their tokens go through the per-token path
-(`rope_shift_paged_`) in one call.  Both paths round the same float32 arithmetic
-(x * c + swap(x) * s, one fused multiply-add) once, so a token's bytes do not depend
-on which path moved it: tests/kernels/test_shifted_slices.py checks this bit for bit.
+Only the `MAX_SLICE_RUNS` longest runs are sliced: a load with many tiny runs would
+cost more in per-operation overhead than it saves, so the others go through the
+per-token path (`rope_shift_paged_`) in one call.  Both paths round the same float32
+arithmetic once (`rotate_pairs_`), so a token's bytes do not depend on which path
+moved it: tests/kernels/test_shifted_slices.py checks this bit for bit.
 
 Plans are built once per step (`plan_slices`, numpy, a few array operations whatever
 the token count) and run for every layer (`move_layer`).  Destinations whose token axis
@@ -36,11 +38,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .rope_shift import _scratch, rope_shift_paged_
+from .rope_shift import rope_shift_paged_, rotate_pairs_
 
-# A run with fewer tokens than this goes through the per-token path: a run costs a
-# few torch calls of ~8 us each, the per-token path ~0.5 us a token a layer on this CPU.
-MIN_RUN_TOKENS = 32
+# Runs moved as slices, at most: the longest ones (each costs a gathered row per source
+# block and up to four groups of a few torch calls each, ~10-60 us a group); the others
+# go through the per-token path (~0.5 us a token a layer on this CPU, plus ~0.4 ms a
+# call), e.g. the single tokens of a load with no runs.
+MAX_SLICE_RUNS = 16
 # Float32 values of K rotated per pass (4 MiB): the gathered blocks are rotated in
 # chunks of rows, so the scratch stays bounded whatever the load's length.
 SLICE_CHUNK_VALUES = 1 << 20
@@ -49,13 +53,15 @@ SLICE_CHUNK_VALUES = 1 << 20
 @dataclass
 class SliceGroup:
     """Pieces [src_offset, +length) of gathered rows [first_row, +len(dst_blocks)) ->
-    [dst_offset, +length) of paged blocks dst_blocks, row i to dst_blocks[i]."""
+    [dst_offset, +length) of paged blocks dst_blocks, row i to dst_blocks[i]; a group of
+    one piece also names its block (`dst_block`), copied without an index operation."""
 
     first_row: int
     src_offset: int
     dst_offset: int
     length: int
     dst_blocks: torch.Tensor
+    dst_block: int | None = None
 
 
 @dataclass
@@ -105,10 +111,11 @@ def _breaks(pos: np.ndarray, block: np.ndarray, N: int) -> np.ndarray:
 
 
 def plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size: int,
-                inv_freq: torch.Tensor, min_run_tokens: int = MIN_RUN_TOKENS) -> SlicePlan:
+                inv_freq: torch.Tensor, max_runs: int = MAX_SLICE_RUNS) -> SlicePlan:
     """Plan a shifted load (int64 arrays or CPU tensors, as `load_tokens_shifted` takes
-    them; destination -1 = skip): runs of tokens as slices of gathered blocks, short
-    runs per token.  A few numpy operations per run, none per token."""
+    them; destination -1 = skip): the `max_runs` longest runs of tokens as slices of
+    gathered blocks, the rest per token.  A few numpy operations per sliced run, none
+    per token."""
     N = block_size
     ss, so, dst, dl = (_as_int64(a) for a in (src_slots, src_offsets, dst_slots, deltas))
     every = _token_rest(ss * N + so, dst, dl)
@@ -124,9 +131,10 @@ def plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size: int,
     run_starts = np.flatnonzero(np.concatenate(
         ([True], src_breaks | dst_breaks | (dl[1:] != dl[:-1])))) if T else np.zeros(0, int)
     run_lengths = np.diff(np.append(run_starts, T))
-    long_runs = run_lengths >= min_run_tokens
+    runs = np.sort(np.argsort(-run_lengths, kind="stable")[:max_runs])
+    sliced_runs = np.zeros(len(run_starts), dtype=bool)
+    sliced_runs[runs] = True
     # Rotated runs first, so that the rows not to touch (delta 0) are one tail.
-    runs = np.flatnonzero(long_runs)
     runs = runs[np.argsort(dl[run_starts[runs]] == 0, kind="stable")]
     # Rows: each run's source blocks in order (its first token's block, then one more
     # at each offset 0 after it).
@@ -149,14 +157,16 @@ def plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size: int,
             rows = row_of[pieces]
             # A run's pieces of one kind sit in consecutive rows.
             assert np.array_equal(rows, rows[0] + np.arange(len(rows))), rows
+            blocks = db[t[pieces]]
             groups.append(SliceGroup(int(rows[0]), int(uniq[k, 0]), int(uniq[k, 1]),
-                                     int(uniq[k, 2]), torch.from_numpy(db[t[pieces]])))
+                                     int(uniq[k, 2]), torch.from_numpy(blocks),
+                                     int(blocks[0]) if len(blocks) == 1 else None))
     row_delta = np.asarray(row_delta, dtype=np.float64)
     rotated = int(np.count_nonzero(row_delta))
     ang = torch.from_numpy(row_delta[:rotated, None]) \
         * inv_freq.detach().to("cpu", torch.float64).flatten()[None, :]
     sin = ang.sin().to(torch.float32)
-    short = np.repeat(~long_runs, run_lengths)
+    short = np.repeat(~sliced_runs, run_lengths)
     return SlicePlan(torch.tensor(row_slots, dtype=torch.int64), rotated,
                      ang.cos().to(torch.float32), sin, -sin, groups,
                      _token_rest((ss * N + so)[short], dst[short], dl[short]), every)
@@ -166,32 +176,6 @@ def _physical(view: torch.Tensor) -> tuple[int, ...]:
     """The order of a 4-D [blocks, tokens, heads, dims] view's last three dims by
     decreasing stride: the order its bytes lie in."""
     return tuple(sorted((1, 2, 3), key=lambda d: -view.stride(d)))
-
-
-def _rotate_rows_(x: torch.Tensor, dim: int, cos: torch.Tensor, sin: torch.Tensor,
-                 neg_sin: torch.Tensor, rotary_dim: int, is_neox_style: bool) -> None:
-    """Head dims (axis `dim`) [0, rotary_dim) of each row x[i] rotated in place by row i's
-    angles (cos/sin [rows, rotary_dim // 2]): per pair (x1, x2), x1 * cos - x2 * sin and
-    x2 * cos + x1 * sin in float32, rounded once -- the arithmetic of
-    `rope_shift_reference` (a multiply, then a fused multiply-add)."""
-    half = rotary_dim // 2
-    rot = x.narrow(dim, 0, rotary_dim)
-    shape = [x.shape[0]] + [1] * (x.dim() - 1)
-    shape[dim] = half
-    c, s, ns = cos.view(shape), sin.view(shape), neg_sin.view(shape)
-    x32_buf, y32_buf = _scratch(rot.numel())
-    x32 = x32_buf.view(rot.shape)
-    x32.copy_(rot)
-    if is_neox_style:
-        a, b = x32.narrow(dim, 0, half), x32.narrow(dim, half, half)
-        out_a, out_b = rot.narrow(dim, 0, half), rot.narrow(dim, half, half)
-    else:
-        pairs, out_pairs = x32.unflatten(dim, (half, 2)), rot.unflatten(dim, (half, 2))
-        a, b = pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)
-        out_a, out_b = out_pairs.select(dim + 1, 0), out_pairs.select(dim + 1, 1)
-    y = y32_buf[:a.numel()].view(a.shape)
-    out_a.copy_(torch.mul(a, c, out=y).addcmul_(b, ns))
-    out_b.copy_(torch.mul(b, c, out=y).addcmul_(a, s))
 
 
 def _move_rows(src: torch.Tensor, dst: torch.Tensor, plan: SlicePlan, rotate: bool,
@@ -207,10 +191,16 @@ def _move_rows(src: torch.Tensor, dst: torch.Tensor, plan: SlicePlan, rotate: bo
         step = max(1, SLICE_CHUNK_VALUES // per_row)
         for a in range(0, plan.rotated_rows, step):
             b = min(a + step, plan.rotated_rows)
-            _rotate_rows_(rows[a:b], dim, plan.cos[a:b], plan.sin[a:b], plan.neg_sin[a:b],
-                          rotary_dim, is_neox_style)
+            shape = [b - a] + [1] * (rows.dim() - 1)
+            shape[dim] = rotary_dim // 2  # each row's angles along its head dims
+            rotate_pairs_(rows[a:b], rows[a:b], dim, *(t[a:b].view(shape) for t in (
+                plan.cos, plan.sin, plan.neg_sin)), rotary_dim, is_neox_style)
     logical = rows.permute(*back)
     for g in plan.groups:
+        if g.dst_block is not None:
+            dst[g.dst_block].narrow(0, g.dst_offset, g.length).copy_(
+                logical[g.first_row].narrow(0, g.src_offset, g.length))
+            continue
         dst.narrow(1, g.dst_offset, g.length).index_copy_(
             0, g.dst_blocks,
             logical.narrow(0, g.first_row, len(g.dst_blocks)).narrow(1, g.src_offset, g.length))
