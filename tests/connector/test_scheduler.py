@@ -299,7 +299,7 @@ def test_a_pinned_module_survives_a_flood_and_a_failed_one_does_not(sched):
     assert sched.request_finished(module_request("m2", list(range(600, 640)), "other"),
                                   list(range(10)))[1]["promptcache"]["ok"] is True
     sched.update_connector_output(output({"m2"}, {"m2"}))  # the second module's save fails
-    assert set(sched._modules) == {"docs"}  # its pins are dropped with it
+    assert sched.modules.names() == ["docs"]  # its pins are dropped with it
     for i in range(40):  # 40 requests of 4 blocks through a 64-slot host tier
         finish_and_save(sched, request(f"r{i}", list(range(1000 + 20 * i, 1017 + 20 * i))),
                         list(range(4)))
@@ -330,7 +330,7 @@ def test_a_module_pinned_on_another_requests_write_is_dropped_when_that_write_fa
     assert result["promptcache"]["ok"] is True
     sched.build_connector_meta(None)
     sched.update_connector_output(output({"r", "m"}, {"r"}))  # r's save fails
-    assert "shared" not in sched._modules
+    assert "shared" not in sched.modules
 
 
 def test_an_interrupted_module_encoding_is_refused(sched):

@@ -42,6 +42,7 @@ from .approximate import ApproximateBlocks
 from .layouts import Layouts
 from .markers import FrontEndMarkers
 from .metadata import BlockTransfer, PromptCacheMetadata, ShiftedLoad
+from .pinned_modules import PinnedModules, module_failed
 from .remote import remote_tier
 from .request_keys import RequestKeys
 from .secondary import SecondaryTiers
@@ -49,10 +50,6 @@ from .shifted import ShiftedPlan, ShiftedReuse
 from .tails import RunTails, Tail
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
-
-# Pinned prompt modules may fill at most this share of the host tier: the rest
-# stays for conversations.
-MODULE_SHARE = 0.5
 
 
 def host_tier_geometry(vllm_config: Any, kv_cache_config: Any, config: PromptCacheConfig) -> tuple[int, int]:
@@ -84,16 +81,6 @@ class _Lookup:
     slots: list[int]    # their host slots
     tail: Tail | None = None  # then the partial last block of a stored run
     shifted: ShiftedPlan | None = None  # then tokens found at other positions
-
-
-@dataclass
-class _Module:
-    """A registered prompt module: its host slots stay pinned."""
-
-    slots: list[int]
-    seg_id: int | None
-    tokens: tuple[int, ...] = ()  # its encoding sequence
-    keys: tuple[BlockKey, ...] = ()  # the blocks that sequence is stored under
 
 
 class PromptCacheScheduler:
@@ -140,8 +127,12 @@ class PromptCacheScheduler:
             except UnsupportedRopeError as e:
                 raise RuntimeError(f"--promptcache-position-independent: {e}") from None
             self.shifted = ShiftedReuse(self.block_size, self.host, below=self._fetch_below)
-            self.layouts = Layouts(self.keyer, self.shifted, self._module_run, self.tails,
-                                   module_names=lambda: list(self._modules))
+        self.modules = PinnedModules(self.host, self.shifted, self.block_size, slot_bytes,
+                                     self.world_size)
+        if self.shifted is not None:
+            self.layouts = Layouts(self.keyer, self.shifted, self.modules.run, self.tails,
+                                   module_names=self.modules.names)
+            self.modules.on_change = self.layouts.modules_changed
         self.stats = PromptCacheStats()
         self.markers = FrontEndMarkers(request_params.module_token(create=False), self.stats,
                                        self._request_params)
@@ -164,8 +155,6 @@ class PromptCacheScheduler:
             from .shared_segments import SharedSegments
 
             self.shared = SharedSegments(self.remote, self.shifted, self.block_size)
-        self._modules: dict[str, _Module] = {}
-        self.module_slot_budget = int(num_slots * MODULE_SHARE)
         disk_line = (f"disk tier {config.disk_gb:g} GiB at {self.disk.directory}, "
                      f"{files} files / {blocks} blocks found, "
                      f"{self.disk.stale_bytes / 2**20:.1f} MiB of other fingerprints to age out"
@@ -341,11 +330,6 @@ class PromptCacheScheduler:
                                request.request_id, refusal)
         return trusted
 
-    def _module_run(self, name: str) -> tuple[tuple[int, ...], tuple[BlockKey, ...]] | None:
-        """A registered module's encoding tokens and block keys (for layouts)."""
-        module = self._modules.get(name)
-        return None if module is None or not module.keys else (module.tokens, module.keys)
-
     def _promote(self, keys: list[BlockKey], start: int, prefetch: bool) -> int:
         """Read the run of keys[start:] found below host into host; returns blocks issued."""
         # A promotion never evicts the request's own blocks (with a host tier
@@ -480,15 +464,15 @@ class PromptCacheScheduler:
             return False, None
         keys = self._keys(request, n_blocks)
         if keys is None or len(keys) < n_blocks:
-            return False, None if module is None else self._module_failed(
+            return False, None if module is None else module_failed(
                 module, "its request could not be keyed")
         if module is not None:
-            refusal = self._module_refusal(module, n_blocks, request.num_prompt_tokens)
+            refusal = self.modules.refusal(module, n_blocks, request.num_prompt_tokens)
             if refusal is None and exact < n_blocks:
                 refusal = (f"module {module!r}: its encoding reused approximate KV from vLLM's "
                            f"prefix cache; register it again")
             if refusal:
-                return False, self._module_failed(module, refusal)
+                return False, module_failed(module, refusal)
         exact = min(exact, n_blocks)
         namespace = self.request_keys.namespace(request)
         if exact < n_blocks:
@@ -518,7 +502,7 @@ class PromptCacheScheduler:
         writes = self.secondary.plan_writes(req_id, keys[:exact], block_ids[:exact])
         result = None
         if module is not None:
-            result = self._pin_module(module, keys, seg_id,
+            result = self.modules.pin(module, keys, seg_id,
                                       tuple(tokens[:request.num_prompt_tokens]))
             if self.shared is not None and result[request_params.RESULT]["ok"]:
                 self.shared.publish(module, tokens, keys, namespace)
@@ -530,74 +514,13 @@ class PromptCacheScheduler:
         # Keep the blocks until the worker reports the save done (get_finished).
         return True, result
 
-    def _module_failed(self, module: str, error: str) -> dict:
-        logger.warning("promptcache: %s", error)
-        return {request_params.RESULT: {"module": module, "ok": False, "error": error}}
-
-    # -- prompt modules --------------------------------------------------------
-    def _module_refusal(self, name: str, n_blocks: int, prompt_tokens: int) -> str | None:
-        """Why module `name` of n_blocks cannot be pinned, or None if it can."""
-        if n_blocks * self.block_size < prompt_tokens:
-            # The encoding sequence is whole blocks; fewer means it was cut short.
-            return (f"module {name!r}: its encoding was interrupted ({n_blocks} of "
-                    f"{-(-prompt_tokens // self.block_size)} blocks computed)")
-        others = self._pinned_module_slots(skip=name)
-        if others + n_blocks <= self.module_slot_budget:
-            return None
-        mib = self.slot_bytes * self.world_size / 2**20
-        return (f"module {name!r} needs {n_blocks} KV blocks ({n_blocks * mib:.1f} MiB); prompt "
-                f"modules may pin at most {self.module_slot_budget} of the host tier's "
-                f"{self.host.num_slots} blocks ({MODULE_SHARE:.0%}) and {others} are pinned "
-                f"already: raise --promptcache-host-gb or register fewer/shorter modules")
-
-    def _pinned_module_slots(self, skip: str | None = None) -> int:
-        """Host slots pinned by modules (other than `skip`); a block that several
-        modules share counts once."""
-        return len(set().union(*(m.slots for n, m in self._modules.items() if n != skip)))
-
-    def _pin_module(self, name: str, keys: list[BlockKey], seg_id: int | None,
-                    tokens: tuple[int, ...]) -> dict:
-        slots = [s for s in self.host.slots_of(keys) if s is not None]
-        if len(slots) < len(keys):
-            error = (f"module {name!r}: the host tier had room for {len(slots)} of its "
-                     f"{len(keys)} blocks (the rest is pinned or being written)")
-            logger.warning("promptcache: %s", error)
-            return {request_params.RESULT: {"module": name, "ok": False, "error": error}}
-        self._drop_module(name)
-        self.host.pin(slots)
-        if seg_id is not None:
-            self.shifted.pin(seg_id)
-        self._modules[name] = _Module(slots, seg_id, tokens, tuple(keys))
-        if self.layouts is not None:
-            self.layouts.modules_changed()
-        logger.info("promptcache: module %r registered: %d tokens in %d pinned blocks (%d of %d "
-                    "module blocks in use)", name, len(keys) * self.block_size, len(slots),
-                    self._pinned_module_slots(), self.module_slot_budget)
-        return {request_params.RESULT: {"module": name, "ok": True, "blocks": len(slots),
-                                        "bytes": len(slots) * self.slot_bytes * self.world_size}}
-
-    def _drop_module(self, name: str) -> None:
-        old = self._modules.pop(name, None)
-        if old is None:
-            return
-        if self.layouts is not None:
-            self.layouts.modules_changed()
-        self.host.unpin(old.slots)
-        if old.seg_id is not None and self.shifted is not None:
-            self.shifted.unpin(old.seg_id)
-
     def _abort_slots(self, slots: list[int]) -> None:
         """Writes into these host slots failed: release them, and drop every module
         pinned on one of them (its own save, or another request's save or
         promotion of the same blocks)."""
         released = set(self.host.abort(slots))
-        if not released:
-            return
-        for name, module in list(self._modules.items()):
-            if released.intersection(module.slots):
-                logger.warning("promptcache: saving module %r failed; it will be computed "
-                               "where it appears until registered again", name)
-                self._drop_module(name)
+        if released:
+            self.modules.slots_lost(released)
 
     # -- per step --------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: Any) -> PromptCacheMetadata:
@@ -638,7 +561,7 @@ class PromptCacheScheduler:
         self._report_delta("host", self.host.evictions, "evictions_total")
         self.stats.set("tier_bytes_in_use", self.host.bytes_in_use * self.world_size, tier="host")
         self.stats.set("tier_capacity_bytes", self.host.capacity_bytes * self.world_size, tier="host")
-        self.stats.set("pinned_modules", len(self._modules))
+        self.stats.set("pinned_modules", len(self.modules))
         if self.layouts is not None:
             for template in self.layouts.take_missing():
                 self.stats.gaps_missing(template)
