@@ -110,6 +110,33 @@ def _breaks(pos: np.ndarray, block: np.ndarray, N: int) -> np.ndarray:
     return ~((block[1:] == block[:-1]) & (pos[1:] == pos[:-1] + 1))
 
 
+def _run_groups(t: np.ndarray, so: np.ndarray, db: np.ndarray, do: np.ndarray,
+                first_row: int) -> tuple[np.ndarray, list[SliceGroup]] | None:
+    """Tokens t of one run: which of them start a gathered row (its first, then each at
+    source offset 0), and its groups of pieces, rows numbered from first_row; None
+    where a kind's pieces are not in consecutive rows, as a group needs them."""
+    n = len(t)
+    new_row = np.concatenate(([True], so[t[1:]] == 0))
+    row_of = np.cumsum(new_row) - 1 + first_row
+    # Pieces: cut where the source row or the destination block changes.
+    cut = np.concatenate(([True], (row_of[1:] != row_of[:-1]) | (db[t[1:]] != db[t[:-1]])))
+    p = np.flatnonzero(cut)
+    p_len = np.diff(np.append(p, n))
+    uniq, which = np.unique(np.stack([so[t[p]], do[t[p]], p_len], axis=1), axis=0,
+                            return_inverse=True)
+    groups = []
+    for k in range(len(uniq)):
+        pieces = p[which.reshape(-1) == k]
+        rows = row_of[pieces]
+        if not np.array_equal(rows, rows[0] + np.arange(len(rows))):
+            return None
+        blocks = db[t[pieces]]
+        groups.append(SliceGroup(int(rows[0]), int(uniq[k, 0]), int(uniq[k, 1]),
+                                 int(uniq[k, 2]), torch.from_numpy(blocks),
+                                 int(blocks[0]) if len(blocks) == 1 else None))
+    return new_row, groups
+
+
 def plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size: int,
                 inv_freq: torch.Tensor, max_runs: int = MAX_SLICE_RUNS) -> SlicePlan:
     """Plan a shifted load (int64 arrays or CPU tensors, as `load_tokens_shifted` takes
@@ -141,26 +168,14 @@ def plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size: int,
     row_slots, row_delta, groups = [], [], []
     for r in runs.tolist():
         a, n = int(run_starts[r]), int(run_lengths[r])
-        t = np.arange(a, a + n)
-        new_row = np.concatenate(([True], so[t[1:]] == 0))
-        row_of = np.cumsum(new_row) - 1 + len(row_slots)
-        row_slots.extend(ss[t[new_row]].tolist())
+        run_groups = _run_groups(np.arange(a, a + n), so, db, do, len(row_slots))
+        if run_groups is None:  # (not seen: then the run goes token by token)
+            sliced_runs[r] = False
+            continue
+        new_row, found = run_groups
+        groups += found
+        row_slots.extend(ss[a:a + n][new_row].tolist())
         row_delta.extend([int(dl[a])] * int(new_row.sum()))
-        # Pieces: cut where the source row or the destination block changes.
-        cut = np.concatenate(([True], (row_of[1:] != row_of[:-1]) | (db[t[1:]] != db[t[:-1]])))
-        p = np.flatnonzero(cut)
-        p_len = np.diff(np.append(p, n))
-        key = np.stack([so[t[p]], do[t[p]], p_len], axis=1)
-        uniq, which = np.unique(key, axis=0, return_inverse=True)
-        for k in range(len(uniq)):
-            pieces = p[which.reshape(-1) == k]
-            rows = row_of[pieces]
-            # A run's pieces of one kind sit in consecutive rows.
-            assert np.array_equal(rows, rows[0] + np.arange(len(rows))), rows
-            blocks = db[t[pieces]]
-            groups.append(SliceGroup(int(rows[0]), int(uniq[k, 0]), int(uniq[k, 1]),
-                                     int(uniq[k, 2]), torch.from_numpy(blocks),
-                                     int(blocks[0]) if len(blocks) == 1 else None))
     row_delta = np.asarray(row_delta, dtype=np.float64)
     rotated = int(np.count_nonzero(row_delta))
     ang = torch.from_numpy(row_delta[:rotated, None]) \
