@@ -222,9 +222,14 @@ def _rotated(k: torch.Tensor, d: torch.Tensor, inv_freq: torch.Tensor, rotary_di
     edges = (torch.nonzero(d[1:] != d[:-1]).flatten() + 1).tolist()
     out = k if in_place else torch.empty_like(k) if out is None else out
     if len(edges) + 1 > MAX_DELTA_RUNS:
+        # Every token rotated, delta-0 ones by angle 0, which would not keep their bits
+        # (-0.0 * 1 + x * -0.0 is +0.0 for a negative x): they are put back as they were.
+        zero = torch.nonzero(d == 0).flatten()
+        unmoved = k[zero]  # (a copy)
         ang = d.to(torch.float64)[:, None] * inv_freq.to(torch.float64).flatten()[None, :]
         _rotate_into(out, k, ang.cos().to(torch.float32)[:, None, :],
                      ang.sin().to(torch.float32)[:, None, :], rotary_dim, is_neox_style)
+        out[zero] = unmoved
         return out
     inv = inv_freq.to(torch.float64).flatten()
     for a, b in zip([0] + edges, edges + [T]):
@@ -280,9 +285,10 @@ def rotate_pairs_(out: torch.Tensor, x: torch.Tensor, dim: int, cos: torch.Tenso
                   sin: torch.Tensor, neg_sin: torch.Tensor, rotary_dim: int,
                   is_neox_style: bool) -> None:
     """out's head dims (axis `dim`) [0, rotary_dim) <- x's, rotated: per pair (x1, x2),
-    x1 * cos - x2 * sin and x2 * cos + x1 * sin, in float32 and rounded once (a
-    multiply, then a fused multiply-add; the CPU path's one arithmetic, whichever layout
-    and chunking).  cos, sin and neg_sin (float32) broadcast against a pair half, the
+    x1 * cos - x2 * sin and x2 * cos + x1 * sin, in float32 (a multiply, then
+    `addcmul_`, fused where the CPU build vectorizes it), rounded into x's dtype at the
+    end: the CPU paths' one arithmetic, the same operations in the same order whichever
+    layout and chunking.  cos, sin and neg_sin (float32) broadcast against a pair half, the
     half-dims at `dim`.  `out` may be `x`: x's rotary part is first read into this
     thread's float32 scratch."""
     half = rotary_dim // 2

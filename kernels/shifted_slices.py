@@ -25,8 +25,9 @@ per-token path (`rope_shift_paged_`) in one call.  Both paths round the same flo
 arithmetic once (`rotate_pairs_`), so a token's bytes do not depend on which path
 moved it: tests/kernels/test_shifted_slices.py checks this bit for bit.
 
-Plans are built once per step (`plan_slices`, numpy, a few array operations whatever
-the token count) and run for every layer (`move_layer`).  Destinations whose token axis
+Plans are built once per load (a request's shifted tokens in a step: `plan_slices`,
+numpy, a few array operations whatever the token count) and run for every layer
+(`move_layer`).  Destinations whose token axis
 is packed with the head dims (vLLM's CPU AMX layout, 6-D views) have no slice of
 tokens; there every token takes the per-token path.
 """
@@ -46,7 +47,9 @@ from .rope_shift import rope_shift_paged_, rotate_pairs_
 # call), e.g. the single tokens of a load with no runs.
 MAX_SLICE_RUNS = 16
 # Float32 values of K rotated per pass (4 MiB): the gathered blocks are rotated in
-# chunks of rows, so the scratch stays bounded whatever the load's length.
+# chunks of rows, so the rotation's scratch stays bounded whatever the load's length
+# (the gathered rows themselves are a copy of the sliced blocks, as the per-token
+# path's gather is a copy of its tokens).
 SLICE_CHUNK_VALUES = 1 << 20
 
 
@@ -151,10 +154,13 @@ def plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size: int,
         ss, so, dst, dl = ss[keep], so[keep], dst[keep], dl[keep]
     db, do = dst // N, dst % N
     T = ss.size
-    # A run: one delta, source and destination both one token on (a block's last token
-    # is followed by the first of any block).
+    # A run: one delta, source and destination both one token on.  A source block's
+    # last token may be followed by the first of any block (each starts a new gathered
+    # row); a destination block's last only by the first of another block (pieces are
+    # cut where the destination block changes).
     src_breaks = _breaks(so, ss, N) & ~((so[:-1] == N - 1) & (so[1:] == 0))
-    dst_breaks = _breaks(do, db, N) & ~((do[:-1] == N - 1) & (do[1:] == 0))
+    dst_breaks = _breaks(do, db, N) & ~((do[:-1] == N - 1) & (do[1:] == 0)
+                                        & (db[1:] != db[:-1]))
     run_starts = np.flatnonzero(np.concatenate(
         ([True], src_breaks | dst_breaks | (dl[1:] != dl[:-1])))) if T else np.zeros(0, int)
     run_lengths = np.diff(np.append(run_starts, T))

@@ -161,3 +161,55 @@ def test_runs_past_the_longest_go_per_token_and_delta_zero_rows_come_last():
     # The moved run's rows come first (rotated), the delta-0 run's rows after.
     assert plan.row_slots.tolist() == [30, 31, 32, 20, 21, 22]
     assert plan.rotated_rows == 3 and plan.cos.shape == (3, 4)
+
+
+def _both_paths(host_k, host_v, src_slots, src_offsets, dst, delta, inv_freq, rot, neox,
+                **plan_kw):
+    """(per-token reference, slices) K and V written into NaN-poisoned destinations."""
+    N = host_k.shape[1]
+    out = []
+    for sliced in (False, True):
+        k, v = torch.full_like(host_k, float("nan")), torch.full_like(host_v, float("nan"))
+        if sliced:
+            plan = plan_slices(src_slots, src_offsets, dst, delta, N, inv_freq, **plan_kw)
+            shifted_slices.move_layer(host_k, host_v, k, v, plan, inv_freq, rot, neox)
+        else:
+            rope_shift_paged_reference(host_k, host_v, src_slots * N + src_offsets, k, v, dst,
+                                       delta, inv_freq, rot, neox)
+        out.append((k, v))
+    return out
+
+
+def test_a_destination_wrapping_into_its_own_block_is_no_run(monkeypatch):
+    """Destination offset N-1 then offset 0 of the same block: two runs, not one piece
+    running past the block's end (found by review: it raised)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    N, H, D = 4, 1, 8
+    inv_freq = llama_inv_freq(D)
+    host_k, host_v = torch.randn(1, N, H, D), torch.randn(1, N, H, D)
+    (rk, rv), (sk, sv) = _both_paths(host_k, host_v, torch.tensor([0, 0]), torch.tensor([0, 1]),
+                                     torch.tensor([3, 0]), torch.tensor([5, 5]), inv_freq, D,
+                                     True)
+    assert torch.equal(bits(rk), bits(sk)) and torch.equal(bits(rv), bits(sv))
+
+
+@pytest.mark.parametrize("max_runs", [0, 16])
+def test_delta_zero_tokens_keep_their_bits_among_many_runs(max_runs, monkeypatch):
+    """More delta runs than the per-token path rotates run by run (MAX_DELTA_RUNS): its
+    delta-0 tokens still keep their bits (-0.0 beside a negative partner included), as
+    the slices and the Triton kernel keep them (found by review)."""
+    from vllm_promptcache.kernels.rope_shift import MAX_DELTA_RUNS
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    N, H, D = 4, 1, 4
+    T = MAX_DELTA_RUNS + 2
+    S = T // N + 1
+    inv_freq = llama_inv_freq(D)
+    host_k, host_v = torch.randn(S, N, H, D), torch.randn(S, N, H, D)
+    host_k[0, 0, 0] = torch.tensor([-0.0, 0.5, -1.0, 0.5])  # NeoX pair (0, 2): -0.0, -1.0
+    t = torch.arange(T)
+    delta = t % 2  # token 0: delta 0; T runs
+    (rk, rv), (sk, sv) = _both_paths(host_k, host_v, t // N, t % N, t, delta, inv_freq, D, True,
+                                     max_runs=max_runs)
+    assert torch.equal(bits(rk[0, 0, 0]), bits(host_k[0, 0, 0]))  # the sign bit too
+    assert torch.equal(bits(rk), bits(sk)) and torch.equal(bits(rv), bits(sv))
