@@ -208,11 +208,9 @@ MAX_DELTA_RUNS = 64
 
 
 def _rotated(k: torch.Tensor, d: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
-             is_neox_style: bool, in_place: bool = False,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """k [T, H, D] with token t rotated by d[t] positions: in `out` (k's shape), a new
-    tensor, or k itself when `in_place` (the paged path's gathered tokens are its own
-    copy).
+             is_neox_style: bool, in_place: bool = False) -> torch.Tensor:
+    """k [T, H, D] with token t rotated by d[t] positions: a new tensor, or k itself
+    when `in_place` (the paged path's gathered tokens are its own copy).
 
     Deltas come in runs (a moved module, a kept turn: one delta each), so the work is
     done per run on slices: the angles once per run, in float64 as the oracle wants,
@@ -220,7 +218,7 @@ def _rotated(k: torch.Tensor, d: torch.Tensor, inv_freq: torch.Tensor, rotary_di
     as they are.  Many short runs fall back to per-token angles."""
     T = k.shape[0]
     edges = (torch.nonzero(d[1:] != d[:-1]).flatten() + 1).tolist()
-    out = k if in_place else torch.empty_like(k) if out is None else out
+    out = k if in_place else torch.empty_like(k)
     if len(edges) + 1 > MAX_DELTA_RUNS:
         # Every token rotated, delta-0 ones by angle 0, which would not keep their bits
         # (-0.0 * 1 + x * -0.0 is +0.0 for a negative x): they are put back as they were.
@@ -258,18 +256,6 @@ def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     if bufs is None or bufs[0].numel() < n:
         bufs = _scratch_local.bufs = (torch.empty(n), torch.empty(n))
     return bufs[0][:n], bufs[1][:n]
-
-
-def _scratch_like(x: torch.Tensor) -> torch.Tensor:
-    """A buffer of x's shape and dtype (CPU), this thread's own, reused across calls:
-    the rotated copy of K that is scattered at once (a fresh one page-faults)."""
-    bufs = getattr(_scratch_local, "like", None)
-    if bufs is None:
-        bufs = _scratch_local.like = {}
-    buf = bufs.get(x.dtype)
-    if buf is None or buf.numel() < x.numel():
-        buf = bufs[x.dtype] = torch.empty(x.numel(), dtype=x.dtype)
-    return buf[:x.numel()].view(x.shape)
 
 
 def _pair_halves(x: torch.Tensor, dim: int, half: int, is_neox_style: bool):
@@ -342,8 +328,7 @@ def rope_shift_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.
 
     # Only tokens that move are rotated; the rest (and all of V) are copied as is.
     if rotary_dim > 0 and bool((d != 0).any()):
-        k = _rotated(k, d, inv_freq, rotary_dim, is_neox_style, in_place=in_place,
-                     out=None if in_place or k.is_cuda else _scratch_like(k))
+        k = _rotated(k, d, inv_freq, rotary_dim, is_neox_style, in_place=in_place)
 
     for d6, x in ((k6, k), (v6, v)):
         tg = d6.shape[2]

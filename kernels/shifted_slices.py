@@ -108,9 +108,14 @@ def _token_rest(src_index: np.ndarray, dst: np.ndarray, deltas: np.ndarray) -> T
                      torch.from_numpy(np.ascontiguousarray(deltas)))
 
 
-def _breaks(pos: np.ndarray, block: np.ndarray, N: int) -> np.ndarray:
-    """Where token t does not follow token t-1 inside one block (True), as [T-1]."""
-    return ~((block[1:] == block[:-1]) & (pos[1:] == pos[:-1] + 1))
+def _follows(pos: np.ndarray, block: np.ndarray, N: int, wrap_into_same: bool) -> np.ndarray:
+    """Whether token t follows token t-1, as [T-1]: the next offset of its block, or
+    offset 0 after offset N-1 -- of any block where `wrap_into_same`, else of another."""
+    inside = (block[1:] == block[:-1]) & (pos[1:] == pos[:-1] + 1)
+    wrap = (pos[:-1] == N - 1) & (pos[1:] == 0)
+    if not wrap_into_same:
+        wrap &= block[1:] != block[:-1]
+    return inside | wrap
 
 
 def _run_groups(t: np.ndarray, so: np.ndarray, db: np.ndarray, do: np.ndarray,
@@ -158,11 +163,9 @@ def plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size: int,
     # last token may be followed by the first of any block (each starts a new gathered
     # row); a destination block's last only by the first of another block (pieces are
     # cut where the destination block changes).
-    src_breaks = _breaks(so, ss, N) & ~((so[:-1] == N - 1) & (so[1:] == 0))
-    dst_breaks = _breaks(do, db, N) & ~((do[:-1] == N - 1) & (do[1:] == 0)
-                                        & (db[1:] != db[:-1]))
-    run_starts = np.flatnonzero(np.concatenate(
-        ([True], src_breaks | dst_breaks | (dl[1:] != dl[:-1])))) if T else np.zeros(0, int)
+    same_run = (_follows(so, ss, N, wrap_into_same=True)
+                & _follows(do, db, N, wrap_into_same=False) & (dl[1:] == dl[:-1]))
+    run_starts = np.flatnonzero(np.concatenate(([True], ~same_run))) if T else np.zeros(0, int)
     run_lengths = np.diff(np.append(run_starts, T))
     runs = np.sort(np.argsort(-run_lengths, kind="stable")[:max_runs])
     sliced_runs = np.zeros(len(run_starts), dtype=bool)
