@@ -27,7 +27,8 @@ loaded into one layer of the paged cache by
 * ``block copy`` -- ``load_slots_into_blocks``, the path of an exact hit (the baseline);
 * ``slices`` -- ``load_tokens_shifted`` with its slice plan (what a module moved to a new
   position costs: the run lands 45 tokens into a block, K rotated by 40,045 positions);
-  the plan is built once per step for every layer and its time is reported apart;
+  the plan is built once per load (a request's tokens in a step) for every layer and
+  its time is reported apart;
 * ``per token`` -- the same tokens through ``rope_shift_paged_reference``, the per-token
   path the slices replaced (still the path of short runs and AMX-packed pages).
 
@@ -275,7 +276,7 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype) -> dict:
     log(f"[host load T={T}] block copy {med['block copy'] * 1e3:.3f} ms, slices "
         f"{med['slices'] * 1e3:.3f} ms ({row['slices_over_block_copy']:.2f}x), per token "
         f"{med['per token'] * 1e3:.3f} ms ({row['per_token_over_block_copy']:.2f}x), plan "
-        f"{row['plan_s'] * 1e3:.3f} ms once per step")
+        f"{row['plan_s'] * 1e3:.3f} ms once per load")
     return row
 
 
@@ -283,7 +284,7 @@ def host_load_table(rows: list[dict]) -> str:
     ms = lambda s: f"{s * 1e3:.3f}"  # noqa: E731
     return common.markdown_table(
         ["tokens", "CPU ISA", "block copy (ms)", "slices (ms)", "slices / block copy",
-         "per token (ms)", "per token / block copy", "plan, once per step (ms)"],
+         "per token (ms)", "per token / block copy", "plan, once per load (ms)"],
         [[str(r["tokens"]), r["isa"], ms(r["block_copy_s"]), ms(r["slices_s"]),
           f"{r['slices_over_block_copy']:.2f}x", ms(r["per_token_s"]),
           f"{r['per_token_over_block_copy']:.2f}x", ms(r["plan_s"])] for r in rows])
