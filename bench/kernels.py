@@ -30,7 +30,13 @@ loaded into one layer of the paged cache by
   the plan is built once per load (a request's tokens in a step) for every layer and
   its time is reported apart;
 * ``per token`` -- the same tokens through ``rope_shift_paged_reference``, the per-token
-  path the slices replaced (still the path of short runs and AMX-packed pages).
+  path the slices replaced (still the path of short runs).
+
+The host-load table has rows for this CPU's attention ISA and, on a CPU without AMX
+tiles and a 16-bit dtype, also for vLLM's AMX-packed page layout (the layout an AMX
+CPU's engine uses: 16 tokens of K or 2 of V interleaved with the head dims).  Those
+rows time the same moves of bytes on this CPU -- moving KV uses no AMX instruction --
+and are marked ``layout only``.
 
 Bytes per call = K and V read plus K and V written = 4 * T * kv_heads * head_dim * 2 B;
 GB/s = bytes / time.  Each measurement is the median of ``--reps`` repetitions after
@@ -205,9 +211,21 @@ def measure(device: str, layout: str, T: int, impls: dict, reps: int, warmup: in
 HOST_LOAD_OFFSET = 45  # where in a block the moved run lands
 
 
-def measure_host_load(T: int, reps: int, warmup: int, dtype) -> dict:
+def host_load_isas(dtype) -> list[str]:
+    """This CPU's attention ISA for the bench shape, and "amx" (its page layout, timed
+    here) where that is not already it and the dtype is 16-bit."""
+    from vllm_promptcache.kernels.rope_shift import _cpu_isa
+
+    H, D = bench_shape()
+    isa = _cpu_isa(dtype, BLOCK_SIZE, D)
+    packed = dtype.itemsize == 2 and BLOCK_SIZE % 32 == 0 and D % 16 == 0
+    return [isa] + (["amx"] if packed and isa != "amx" else [])
+
+
+def measure_host_load(T: int, reps: int, warmup: int, dtype, isa: str | None = None) -> dict:
     """One layer loaded from host slots: whole blocks, slices, per token (see the module
-    docstring), median seconds of each and the plan's build time."""
+    docstring), median seconds of each and the plan's build time; pages packed for `isa`
+    (default: this CPU's)."""
     from vllm_promptcache.kernels.block_copy import load_slots_into_blocks, row_runs
     from vllm_promptcache.kernels.rope_shift import (
         _cpu_isa, paged_kv_views, rope_shift_paged_reference)
@@ -216,7 +234,8 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype) -> dict:
 
     H, D = bench_shape()
     N = BLOCK_SIZE
-    isa = _cpu_isa(dtype, N, D)
+    own_isa = _cpu_isa(dtype, N, D)
+    isa = isa or own_isa
     stored = -(-T // N)
     num_blocks = stored + 2
     kv = torch.zeros(num_blocks, H, N, 2 * D, dtype=dtype)
@@ -255,7 +274,7 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype) -> dict:
     calls["per token"]()
     same = torch.equal(sliced.view(torch.uint8), kv.view(torch.uint8))
     if not same:
-        log(f"WARNING: host load T={T}: slices and per token wrote different bytes")
+        log(f"WARNING: host load T={T} {isa}: slices and per token wrote different bytes")
     for _ in range(warmup):
         for fn in calls.values():
             fn()
@@ -265,7 +284,8 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype) -> dict:
         for key, fn in calls.items():
             times[key].append(run(fn))
     med = {key: statistics.median(v) for key, v in times.items()}
-    row = {"tokens": T, "isa": isa, "offset_in_block": HOST_LOAD_OFFSET,
+    row = {"tokens": T, "isa": isa, "layout_only": isa != own_isa,
+           "offset_in_block": HOST_LOAD_OFFSET,
            "delta": SHIFT_DELTA + HOST_LOAD_OFFSET, "bytes": 4 * T * H * D * kv.element_size(),
            "block_copy_s": med["block copy"], "slices_s": med["slices"],
            "per_token_s": med["per token"], "plan_s": statistics.median(plan_times),
@@ -273,7 +293,7 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype) -> dict:
            "per_token_over_block_copy": med["per token"] / med["block copy"],
            "slices_bitexact_with_per_token": same,
            "samples_s": times}
-    log(f"[host load T={T}] block copy {med['block copy'] * 1e3:.3f} ms, slices "
+    log(f"[host load T={T} {isa}] block copy {med['block copy'] * 1e3:.3f} ms, slices "
         f"{med['slices'] * 1e3:.3f} ms ({row['slices_over_block_copy']:.2f}x), per token "
         f"{med['per token'] * 1e3:.3f} ms ({row['per_token_over_block_copy']:.2f}x), plan "
         f"{row['plan_s'] * 1e3:.3f} ms once per load")
@@ -285,7 +305,7 @@ def host_load_table(rows: list[dict]) -> str:
     return common.markdown_table(
         ["tokens", "CPU ISA", "block copy (ms)", "slices (ms)", "slices / block copy",
          "per token (ms)", "per token / block copy", "plan, once per load (ms)"],
-        [[str(r["tokens"]), r["isa"], ms(r["block_copy_s"]), ms(r["slices_s"]),
+        [[str(r["tokens"]), r["isa"] + (" (layout only)" if r.get("layout_only") else ""), ms(r["block_copy_s"]), ms(r["slices_s"]),
           f"{r['slices_over_block_copy']:.2f}x", ms(r["per_token_s"]),
           f"{r['per_token_over_block_copy']:.2f}x", ms(r["plan_s"])] for r in rows])
 
@@ -305,8 +325,9 @@ def chart(png: Path, rows: list[dict], host_rows: list[dict], footnote: str) -> 
     ratios = {f"{r['device']} {r['layout']} {r['impl'][:3]}\nT={r['tokens']} d={r['delta']}":
               r["shift_over_copy"] for r in rows}
     for r in host_rows:
-        ratios[f"host load slices\nT={r['tokens']}"] = r["slices_over_block_copy"]
-        ratios[f"host load per token\nT={r['tokens']}"] = r["per_token_over_block_copy"]
+        ratios[f"host load {r['isa']} slices\nT={r['tokens']}"] = r["slices_over_block_copy"]
+        ratios[f"host load {r['isa']} per token\nT={r['tokens']}"] = \
+            r["per_token_over_block_copy"]
     common.bar_chart(png, "time / its baseline (same bytes, same run): rope_shift / copy, "
                      "host load / block copy", ratios, "ratio (1 = as fast as the baseline)",
                      footnote=footnote)
@@ -358,8 +379,8 @@ def main(argv=None) -> int:
                                 args.reps, args.warmup, dtype)
         host_rows = []
         if "cpu" in cpu_layouts(dtype):
-            host_rows = [measure_host_load(T, args.reps, args.warmup, dtype)
-                         for T in host_tokens]
+            host_rows = [measure_host_load(T, args.reps, args.warmup, dtype, isa)
+                         for isa in host_load_isas(dtype) for T in host_tokens]
         if cuda:
             impls = {"reference": rope_shift_reference}
             if HAS_TRITON:
@@ -404,7 +425,9 @@ def main(argv=None) -> int:
                f"them, against the same tokens moved {HOST_LOAD_OFFSET} tokens into a block "
                f"and rotated by {SHIFT_DELTA + HOST_LOAD_OFFSET:,} positions (a module at a new "
                f"position), as slices and per token; median of {args.reps} reps, the three "
-               f"interleaved.\n\n" + host_load_table(host_rows) + "\n")
+               f"interleaved.  Rows marked layout only time vLLM's AMX page layout on this "
+               f"CPU (moving KV uses no AMX instruction).\n\n" + host_load_table(host_rows)
+               + "\n")
     common.write_outputs(args.out, result, md, functools.partial(
         chart, rows=rows, host_rows=host_rows, footnote=where))
     print(md)

@@ -27,9 +27,16 @@ moved it: tests/kernels/test_shifted_slices.py checks this bit for bit.
 
 Plans are built once per load (a request's shifted tokens in a step: `plan_slices`,
 numpy, a few array operations whatever the token count) and run for every layer
-(`move_layer`).  Destinations whose token axis
-is packed with the head dims (vLLM's CPU AMX layout, 6-D views) have no slice of
-tokens; there every token takes the per-token path.
+(`move_layer`).
+
+Packed pages (vLLM's CPU AMX layout, 6-D views ``[blocks, groups, TG, heads, DG,
+DGs]``) interleave TG tokens with the head dims, so a slice of tokens is not one view
+there.  A piece is then cut where its destination's token groups begin and end (a part
+inside one group, then whole groups) when source and destination sit at the same place
+in their groups, else moved one lane of the groups at a time (TG views, each token
+group's lane l -> lane l'), and K is unpacked into rows of whole tokens before it is
+rotated (K: 16-token groups of 4-byte words; V: pairs of tokens).  Copies of packed
+data move 4- or 8-byte words where a view's last axis holds whole tokens' words.
 """
 
 from __future__ import annotations
@@ -91,7 +98,6 @@ class SlicePlan:
     neg_sin: torch.Tensor
     groups: list[SliceGroup]
     rest: TokenRest
-    every_token: TokenRest  # the whole load per token, for destinations with no slices
 
     @property
     def sliced_tokens(self) -> int:
@@ -153,7 +159,6 @@ def plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size: int,
     per token."""
     N = block_size
     ss, so, dst, dl = (_as_int64(a) for a in (src_slots, src_offsets, dst_slots, deltas))
-    every = _token_rest(ss * N + so, dst, dl)
     keep = dst >= 0
     if not keep.all():
         ss, so, dst, dl = ss[keep], so[keep], dst[keep], dl[keep]
@@ -193,55 +198,148 @@ def plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size: int,
     short = np.repeat(~sliced_runs, run_lengths)
     return SlicePlan(torch.tensor(row_slots, dtype=torch.int64), rotated,
                      ang.cos().to(torch.float32), sin, -sin, groups,
-                     _token_rest((ss * N + so)[short], dst[short], dl[short]), every)
+                     _token_rest((ss * N + so)[short], dst[short], dl[short]))
 
 
 def _physical(view: torch.Tensor) -> tuple[int, ...]:
-    """The order of a 4-D [blocks, tokens, heads, dims] view's last three dims by
-    decreasing stride: the order its bytes lie in."""
-    return tuple(sorted((1, 2, 3), key=lambda d: -view.stride(d)))
+    """A paged view's dims after the block dim, by decreasing stride: the order its
+    bytes lie in."""
+    return tuple(sorted(range(1, view.dim()), key=lambda d: -view.stride(d)))
+
+
+def _tokens6(view: torch.Tensor) -> torch.Tensor:
+    """A paged view as [blocks, token groups, TG, heads, DG, DGs]: 6-D views as they are,
+    a 4-D [blocks, tokens, heads, dims] one as groups of one token, [B, N, 1, H, 1, D]."""
+    return view if view.dim() == 6 else view.unsqueeze(2).unsqueeze(4)
+
+
+def _words(*views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The views (one shape, one dtype) with each last axis's elements merged into 8- or
+    4-byte integers, where every one's last axis is contiguous and that long in bytes
+    (a bit copy then moves 2-4x fewer elements: AMX-packed K's pairs of head dims);
+    else as they are."""
+    x = views[0]
+    nbytes = x.shape[-1] * x.element_size()
+    for word in (torch.int64, torch.int32):
+        size = word.itemsize
+        if x.element_size() < size and nbytes % size == 0:
+            try:
+                return tuple(v.view(word) for v in views)
+            except RuntimeError:  # a stride or offset not in whole words
+                pass
+    return views
+
+
+def _unpacked(x: torch.Tensor) -> torch.Tensor:
+    """A 6-D view [R, G, TG, H, DG, DGs] copied into contiguous rows of whole tokens,
+    returned as [R, G * TG, 1, H, DG, DGs] (one token per group)."""
+    R, G, TG, H, DG, DGs = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype)
+    dst, src = _words(out, x)
+    dst.copy_(src)
+    return out.view(R, G * TG, 1, H, DG, DGs)
+
+
+def _tokens(view6: torch.Tensor, start: int, groups: int, per_group: int) -> torch.Tensor:
+    """Tokens [start, start + groups * per_group) of a 6-D view, as [B, groups, per_group,
+    H, DG, DGs]: any tokens of a view with one token per group; else `per_group` tokens
+    inside one of its groups, or whole groups from a group's first token."""
+    TG = view6.shape[2]
+    if TG == 1:
+        return view6.narrow(1, start, groups * per_group).squeeze(2).unflatten(
+            1, (groups, per_group))
+    if groups == 1:
+        return view6.select(1, start // TG).narrow(1, start % TG, per_group).unsqueeze(1)
+    return view6.narrow(1, start // TG, groups)
+
+
+def _lane(view6: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Tokens start, start + TG, ... (`count` of them: one lane of consecutive token
+    groups) of a 6-D view, as [B, count, H, DG, DGs]."""
+    TG = view6.shape[2]
+    return view6.select(2, start % TG).narrow(1, start // TG, count)
+
+
+def _part_views(src6: torch.Tensor, dst6: torch.Tensor, src_offset: int, dst_offset: int,
+                length: int):
+    """(source, destination) views of one shape covering a piece: tokens
+    [src_offset, +length) of src6's blocks -> [dst_offset, +length) of dst6's.  src6
+    has dst6's token groups or one token per group."""
+    ts, td = src6.shape[2], dst6.shape[2]
+    if ts not in (1, td):
+        raise ValueError(f"source token groups of {ts} into destination groups of {td}")
+    if ts == td and (src_offset - dst_offset) % td:
+        # At different places in their groups: one lane of the groups at a time.
+        for lane in range(min(td, length)):
+            count = -(-(length - lane) // td)
+            yield (_lane(src6, src_offset + lane, count),
+                   _lane(dst6, dst_offset + lane, count))
+        return
+    # Cut where the destination's groups begin and end.
+    at, end = dst_offset, dst_offset + length
+    while at < end:
+        if at % td == 0 and end - at >= td:
+            groups, per_group = (end - at) // td, td
+        else:
+            groups, per_group = 1, min(td - at % td, end - at)
+        a = src_offset + at - dst_offset
+        yield (_tokens(src6, a, groups, per_group), _tokens(dst6, at, groups, per_group))
+        at += groups * per_group
+
+
+def _rotate_rows(rows: torch.Tensor, dim: int, plan: SlicePlan, rotary_dim: int,
+                 is_neox_style: bool) -> None:
+    """Rows [0, plan.rotated_rows) of `rows` (head dims at axis `dim`) rotated in place,
+    each by its run's delta, in chunks of rows."""
+    per_row = rows[0].numel()
+    step = max(1, SLICE_CHUNK_VALUES // per_row)
+    for a in range(0, plan.rotated_rows, step):
+        b = min(a + step, plan.rotated_rows)
+        shape = [b - a] + [1] * (rows.dim() - 1)
+        shape[dim] = rotary_dim // 2  # each row's angles along its head dims
+        rotate_pairs_(rows[a:b], rows[a:b], dim, *(t[a:b].view(shape) for t in (
+            plan.cos, plan.sin, plan.neg_sin)), rotary_dim, is_neox_style)
 
 
 def _move_rows(src: torch.Tensor, dst: torch.Tensor, plan: SlicePlan, rotate: bool,
                rotary_dim: int, is_neox_style: bool) -> None:
-    """K or V ([blocks, tokens, heads, dims] views): gather the plan's rows, rotate, and
-    scatter its groups."""
+    """K or V (paged views, 4-D [blocks, tokens, heads, dims] or 6-D packed): gather the
+    plan's rows, rotate, and scatter its groups."""
     order = _physical(src)
     back = tuple(int(i) for i in np.argsort((0,) + order))
     rows = src.permute(0, *order).index_select(0, plan.row_slots)  # bytes in page order
-    if rotate and rotary_dim > 0 and plan.rotated_rows:
-        dim = 1 + order.index(3)
-        per_row = rows[0].numel()
-        step = max(1, SLICE_CHUNK_VALUES // per_row)
-        for a in range(0, plan.rotated_rows, step):
-            b = min(a + step, plan.rotated_rows)
-            shape = [b - a] + [1] * (rows.dim() - 1)
-            shape[dim] = rotary_dim // 2  # each row's angles along its head dims
-            rotate_pairs_(rows[a:b], rows[a:b], dim, *(t[a:b].view(shape) for t in (
-                plan.cos, plan.sin, plan.neg_sin)), rotary_dim, is_neox_style)
-    logical = rows.permute(*back)
+    rotate = rotate and rotary_dim > 0 and plan.rotated_rows > 0
+    if src.dim() == 4:
+        if rotate:
+            _rotate_rows(rows, 1 + order.index(3), plan, rotary_dim, is_neox_style)
+        rows6 = _tokens6(rows.permute(*back))
+    elif rotate:  # packed tokens: rotated (and scattered) as rows of whole tokens
+        rows6 = _unpacked(rows.permute(*back))
+        R, T, _, H, DG, DGs = rows6.shape
+        _rotate_rows(rows6.view(R, T, H, DG * DGs), 3, plan, rotary_dim, is_neox_style)
+    else:
+        rows6 = rows.permute(*back)
+    dst6 = _tokens6(dst)
     for g in plan.groups:
-        if g.dst_block is not None:
-            dst[g.dst_block].narrow(0, g.dst_offset, g.length).copy_(
-                logical[g.first_row].narrow(0, g.src_offset, g.length))
-            continue
-        dst.narrow(1, g.dst_offset, g.length).index_copy_(
-            0, g.dst_blocks,
-            logical.narrow(0, g.first_row, len(g.dst_blocks)).narrow(1, g.src_offset, g.length))
+        for part_src, part_dst in _part_views(rows6, dst6, g.src_offset, g.dst_offset,
+                                              g.length):
+            part_dst, part_src = _words(part_dst, part_src)
+            if g.dst_block is not None:
+                part_dst[g.dst_block].copy_(part_src[g.first_row])
+            else:
+                part_dst.index_copy_(0, g.dst_blocks,
+                                     part_src.narrow(0, g.first_row, len(g.dst_blocks)))
 
 
 def move_layer(host_k: torch.Tensor, host_v: torch.Tensor, dst_k: torch.Tensor,
                dst_v: torch.Tensor, plan: SlicePlan, inv_freq: torch.Tensor, rotary_dim: int,
                is_neox_style: bool) -> None:
     """One layer of a shifted load: host slots' paged views -> the layer's paged views
-    (`paged_kv_views` of both), on the CPU."""
-    if dst_k.dim() != 4 or host_k.dim() != 4:  # packed tokens: no slices
-        rest = plan.every_token
-    else:
-        if plan.groups:
-            _move_rows(host_k, dst_k, plan, True, rotary_dim, is_neox_style)
-            _move_rows(host_v, dst_v, plan, False, rotary_dim, is_neox_style)
-        rest = plan.rest
+    (`paged_kv_views` of both, one layout), on the CPU."""
+    if plan.groups:
+        _move_rows(host_k, dst_k, plan, True, rotary_dim, is_neox_style)
+        _move_rows(host_v, dst_v, plan, False, rotary_dim, is_neox_style)
+    rest = plan.rest
     if rest.dst_slots.numel():
         rope_shift_paged_(host_k, host_v, rest.src_index, dst_k, dst_v, rest.dst_slots,
                           rest.deltas, inv_freq, rotary_dim, is_neox_style)

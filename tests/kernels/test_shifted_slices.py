@@ -96,10 +96,9 @@ def test_slices_move_what_the_per_token_path_moves_bit_for_bit(case, max_runs, r
 
     # NaN-poisoned destinations: equal bits also say nothing was written elsewhere.
     assert torch.equal(bits(ours_raw), bits(oracle_raw)), msg
-    if isa != "amx":  # packed tokens take the per-token path whole
-        assert (plan.rest.dst_slots.numel() > 0) == (max_runs == 5), msg
-        assert plan.sliced_tokens + plan.rest.dst_slots.numel() == (dst >= 0).sum(), msg
-        assert any(g.dst_block is not None for g in plan.groups), msg  # copied by view
+    assert (plan.rest.dst_slots.numel() > 0) == (max_runs == 5), msg
+    assert plan.sliced_tokens + plan.rest.dst_slots.numel() == (dst >= 0).sum(), msg
+    assert any(g.dst_block is not None for g in plan.groups), msg  # copied by view
 
     ok = dst >= 0
     got_k, got_v = (x.reshape(DST_BLOCKS * N, H, D)[dst[ok]]
@@ -213,3 +212,45 @@ def test_delta_zero_tokens_keep_their_bits_among_many_runs(max_runs, monkeypatch
                                      max_runs=max_runs)
     assert torch.equal(bits(rk[0, 0, 0]), bits(host_k[0, 0, 0]))  # the sign bit too
     assert torch.equal(bits(rk), bits(sk)) and torch.equal(bits(rv), bits(sv))
+
+
+def _cpu_pages(blocks, H, N, D, dtype, isa, fill=None):
+    """A CPU-layout layer (random, or filled) and its paged (K, V) views."""
+    kv = torch.randn(blocks, H, N, 2 * D).to(dtype) if fill is None \
+        else torch.full((blocks, H, N, 2 * D), fill, dtype=dtype)
+    return kv, paged_kv_views(kv, "cpu", H, D, N, isa)
+
+
+@pytest.mark.parametrize("delta", [0, 77])
+@pytest.mark.parametrize("shift", [0, 1, 2, 15, 16, 45])
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][1] == "amx"])
+def test_packed_pages_move_by_token_groups_and_lanes(case, shift, delta, monkeypatch):
+    """AMX-packed pages interleave 16 tokens (K) or 2 (V) with the head dims: a run
+    whose destination sits `shift` tokens further into its block than its source is cut
+    at the groups' edges (shift a multiple of the group) or moved lane by lane (else),
+    and K is rotated as rows of whole tokens, or moved packed where no row rotates
+    (delta 0): every way writes the per-token path's bytes and nothing else."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layout, isa, dtype, H, D, rot, neox, N = CASES[case]
+    S, B = 4, 6
+    src_kv, (host_k, host_v) = _cpu_pages(S, H, N, D, dtype, isa)
+    n = 2 * N + 7
+    t = torch.arange(n) + 5                     # from offset 5 of slot 0, over 3 slots
+    p = t + shift
+    table = torch.tensor([4, 1, 5, 0, 2])       # destination blocks, out of order
+    dst = table[p // N] * N + p % N
+    inv_freq = llama_inv_freq(rot)
+    plan = plan_slices(t // N, t % N, dst, torch.full((n,), delta), N, inv_freq)
+    assert plan.sliced_tokens == n and plan.rest.dst_slots.numel() == 0
+    outs = []
+    for sliced in (False, True):
+        out_kv, (k, v) = _cpu_pages(B, H, N, D, dtype, isa, fill=float("nan"))
+        if sliced:
+            shifted_slices.move_layer(host_k, host_v, k, v, plan, inv_freq, rot, neox)
+        else:
+            rope_shift_paged_reference(host_k, host_v, t, k, v, dst,
+                                       torch.full((n,), delta), inv_freq, rot, neox)
+        outs.append(out_kv)
+    assert torch.equal(bits(outs[0]), bits(outs[1])), f"{case} shift={shift} delta={delta}"
+    written = ~torch.isnan(outs[1].float()).all(dim=(1, 2, 3))
+    assert written.tolist() == [i in (dst // N).tolist() for i in range(B)]
