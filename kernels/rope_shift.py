@@ -330,10 +330,13 @@ def rope_shift_reference(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.
     if rotary_dim > 0 and bool((d != 0).any()):
         k = _rotated(k, d, inv_freq, rotary_dim, is_neox_style, in_place=in_place)
 
-    for d6, x in ((k6, k), (v6, v)):
+    block_size = k6.shape[1] * k6.shape[2]
+    blk, off = slots // block_size, slots % block_size
+    for dst, d6, x in ((dst_k, k6, k), (dst_v, v6, v)):
+        if dst.dim() == 4:  # two indices, as a plain indexed copy
+            dst[blk, off] = x
+            continue
         tg = d6.shape[2]
-        block_size = d6.shape[1] * tg
-        blk, off = slots // block_size, slots % block_size
         d6[blk, off // tg, off % tg] = x.reshape(x.shape[0], H, d6.shape[4], d6.shape[5])
 
 
