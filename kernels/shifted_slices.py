@@ -56,7 +56,8 @@ MAX_SLICE_RUNS = 16
 # Float32 values of K rotated per pass (4 MiB): the gathered blocks are rotated in
 # chunks of rows, so the rotation's scratch stays bounded whatever the load's length
 # (the gathered rows themselves are a copy of the sliced blocks, as the per-token
-# path's gather is a copy of its tokens).
+# path's gather is a copy of its tokens; on AMX-packed pages K's rows are copied once
+# more, unpacked into whole tokens, before they are rotated).
 SLICE_CHUNK_VALUES = 1 << 20
 
 
@@ -209,24 +210,28 @@ def _physical(view: torch.Tensor) -> tuple[int, ...]:
 
 def _tokens6(view: torch.Tensor) -> torch.Tensor:
     """A paged view as [blocks, token groups, TG, heads, DG, DGs]: 6-D views as they are,
-    a 4-D [blocks, tokens, heads, dims] one as groups of one token, [B, N, 1, H, 1, D]."""
+    a 4-D [blocks, tokens, heads, dims] one as groups of one token, [B, N, 1, H, 1, D]
+    (so any run of its tokens is one slice; `rope_shift._as_paged6`, which indexes
+    single tokens, makes it one group of N instead)."""
     return view if view.dim() == 6 else view.unsqueeze(2).unsqueeze(4)
 
 
 def _words(*views: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The views (one shape, one dtype) with each last axis's elements merged into 8- or
-    4-byte integers, where every one's last axis is contiguous and that long in bytes
-    (a bit copy then moves 2-4x fewer elements: AMX-packed K's pairs of head dims);
-    else as they are."""
-    x = views[0]
-    nbytes = x.shape[-1] * x.element_size()
+    4-byte integers, where in every view that axis is contiguous and whole words long
+    and every other stride and the offset are whole words (a bit copy then moves 2-4x
+    fewer elements: AMX-packed K's pairs of head dims); else as they are.  Checked
+    up front: a failed `Tensor.view(dtype)` costs ~20 us, and most parts of vLLM's CPU
+    layout (K stored dim-major) and of AMX V fail it."""
+    elem = views[0].element_size()
+    if any(v.stride(-1) != 1 for v in views):
+        return views
     for word in (torch.int64, torch.int32):
-        size = word.itemsize
-        if x.element_size() < size and nbytes % size == 0:
-            try:
-                return tuple(v.view(word) for v in views)
-            except RuntimeError:  # a stride or offset not in whole words
-                pass
+        ratio = word.itemsize // elem
+        if ratio > 1 and word.itemsize % elem == 0 and all(
+                v.shape[-1] % ratio == 0 and v.storage_offset() % ratio == 0
+                and all(st % ratio == 0 for st in v.stride()[:-1]) for v in views):
+            return tuple(v.view(word) for v in views)
     return views
 
 
@@ -248,8 +253,11 @@ def _tokens(view6: torch.Tensor, start: int, groups: int, per_group: int) -> tor
     if TG == 1:
         return view6.narrow(1, start, groups * per_group).squeeze(2).unflatten(
             1, (groups, per_group))
-    if groups == 1:
+    if groups == 1 and start % TG + per_group <= TG:
         return view6.select(1, start // TG).narrow(1, start % TG, per_group).unsqueeze(1)
+    if start % TG or per_group != TG:
+        raise ValueError(f"tokens [{start}, +{groups} x {per_group}) are not whole groups "
+                         f"of {TG}")
     return view6.narrow(1, start // TG, groups)
 
 
@@ -308,12 +316,12 @@ def _move_rows(src: torch.Tensor, dst: torch.Tensor, plan: SlicePlan, rotate: bo
     order = _physical(src)
     back = tuple(int(i) for i in np.argsort((0,) + order))
     rows = src.permute(0, *order).index_select(0, plan.row_slots)  # bytes in page order
-    rotate = rotate and rotary_dim > 0 and plan.rotated_rows > 0
+    rotating = rotate and rotary_dim > 0 and plan.rotated_rows > 0
     if src.dim() == 4:
-        if rotate:
+        if rotating:
             _rotate_rows(rows, 1 + order.index(3), plan, rotary_dim, is_neox_style)
         rows6 = _tokens6(rows.permute(*back))
-    elif rotate:  # packed tokens: rotated (and scattered) as rows of whole tokens
+    elif rotating:  # packed tokens: rotated (and scattered) as rows of whole tokens
         rows6 = _unpacked(rows.permute(*back))
         R, T, _, H, DG, DGs = rows6.shape
         _rotate_rows(rows6.view(R, T, H, DG * DGs), 3, plan, rotary_dim, is_neox_style)
@@ -336,6 +344,10 @@ def move_layer(host_k: torch.Tensor, host_v: torch.Tensor, dst_k: torch.Tensor,
                is_neox_style: bool) -> None:
     """One layer of a shifted load: host slots' paged views -> the layer's paged views
     (`paged_kv_views` of both, one layout), on the CPU."""
+    for host, dst in ((host_k, dst_k), (host_v, dst_v)):
+        if host.shape[1:] != dst.shape[1:]:
+            raise ValueError(f"host pages {tuple(host.shape[1:])} and destination pages "
+                             f"{tuple(dst.shape[1:])} differ: one layout is needed")
     if plan.groups:
         _move_rows(host_k, dst_k, plan, True, rotary_dim, is_neox_style)
         _move_rows(host_v, dst_v, plan, False, rotary_dim, is_neox_style)

@@ -254,3 +254,16 @@ def test_packed_pages_move_by_token_groups_and_lanes(case, shift, delta, monkeyp
     assert torch.equal(bits(outs[0]), bits(outs[1])), f"{case} shift={shift} delta={delta}"
     written = ~torch.isnan(outs[1].float()).all(dim=(1, 2, 3))
     assert written.tolist() == [i in (dst // N).tolist() for i in range(B)]
+
+
+def test_host_and_destination_of_two_layouts_are_refused_clearly():
+    """Slices need one page layout on both sides (vLLM never mixes them): a 4-D host and
+    AMX-packed destination pages raise a clear error, not a shape mismatch mid-copy."""
+    N, H, D = 32, 2, 16
+    inv_freq = llama_inv_freq(D)
+    host_k, host_v = torch.randn(2, N, H, D).bfloat16(), torch.randn(2, N, H, D).bfloat16()
+    _, (dst_k, dst_v) = _cpu_pages(2, H, N, D, torch.bfloat16, "amx")
+    t = torch.arange(N)
+    plan = plan_slices(t * 0, t, t + 3, torch.full((N,), 3), N, inv_freq)
+    with pytest.raises(ValueError, match="one layout"):
+        shifted_slices.move_layer(host_k, host_v, dst_k, dst_v, plan, inv_freq, D, True)
