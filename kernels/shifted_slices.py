@@ -274,6 +274,9 @@ def _part_views(src6: torch.Tensor, dst6: torch.Tensor, src_offset: int, dst_off
     [src_offset, +length) of src6's blocks -> [dst_offset, +length) of dst6's.  src6
     has dst6's token groups or one token per group."""
     ts, td = src6.shape[2], dst6.shape[2]
+    if td == 1:  # unpacked tokens (4-D layouts): one slice
+        yield src6.narrow(1, src_offset, length), dst6.narrow(1, dst_offset, length)
+        return
     if ts not in (1, td):
         raise ValueError(f"source token groups of {ts} into destination groups of {td}")
     if ts == td and (src_offset - dst_offset) % td:
