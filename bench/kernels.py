@@ -305,8 +305,8 @@ def host_load_table(rows: list[dict]) -> str:
     return common.markdown_table(
         ["tokens", "CPU ISA", "block copy (ms)", "slices (ms)", "slices / block copy",
          "per token (ms)", "per token / block copy", "plan, once per load (ms)"],
-        [[str(r["tokens"]), r["isa"] + (" (layout only)" if r.get("layout_only") else ""), ms(r["block_copy_s"]), ms(r["slices_s"]),
-          f"{r['slices_over_block_copy']:.2f}x", ms(r["per_token_s"]),
+        [[str(r["tokens"]), r["isa"] + (" (layout only)" if r.get("layout_only") else ""),
+          ms(r["block_copy_s"]), ms(r["slices_s"]), f"{r['slices_over_block_copy']:.2f}x", ms(r["per_token_s"]),
           f"{r['per_token_over_block_copy']:.2f}x", ms(r["plan_s"])] for r in rows])
 
 

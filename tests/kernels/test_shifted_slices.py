@@ -214,10 +214,12 @@ def test_delta_zero_tokens_keep_their_bits_among_many_runs(max_runs, monkeypatch
     assert torch.equal(bits(rk), bits(sk)) and torch.equal(bits(rv), bits(sv))
 
 
-def _cpu_pages(blocks, H, N, D, dtype, isa, fill=None):
-    """A CPU-layout layer (random, or filled) and its paged (K, V) views."""
-    kv = torch.randn(blocks, H, N, 2 * D).to(dtype) if fill is None \
-        else torch.full((blocks, H, N, 2 * D), fill, dtype=dtype)
+def _cpu_pages(blocks, H, N, D, dtype, isa, random=False):
+    """A CPU-layout layer (`make_layer`'s NaN-poisoned one, or random) and its paged
+    (K, V) views."""
+    _, kv, _ = make_layer("cpu", isa, blocks, H, N, D, dtype)
+    if random:
+        kv.copy_(torch.randn(kv.shape))
     return kv, paged_kv_views(kv, "cpu", H, D, N, isa)
 
 
@@ -233,7 +235,7 @@ def test_packed_pages_move_by_token_groups_and_lanes(case, shift, delta, monkeyp
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     layout, isa, dtype, H, D, rot, neox, N = CASES[case]
     S, B = 4, 6
-    src_kv, (host_k, host_v) = _cpu_pages(S, H, N, D, dtype, isa)
+    src_kv, (host_k, host_v) = _cpu_pages(S, H, N, D, dtype, isa, random=True)
     n = 2 * N + 7
     t = torch.arange(n) + 5                     # from offset 5 of slot 0, over 3 slots
     p = t + shift
@@ -244,7 +246,7 @@ def test_packed_pages_move_by_token_groups_and_lanes(case, shift, delta, monkeyp
     assert plan.sliced_tokens == n and plan.rest.dst_slots.numel() == 0
     outs = []
     for sliced in (False, True):
-        out_kv, (k, v) = _cpu_pages(B, H, N, D, dtype, isa, fill=float("nan"))
+        out_kv, (k, v) = _cpu_pages(B, H, N, D, dtype, isa)
         if sliced:
             shifted_slices.move_layer(host_k, host_v, k, v, plan, inv_freq, rot, neox)
         else:
