@@ -68,13 +68,21 @@ def make_llm(model: str, **kwargs):
 LORA = dict(enable_lora=True, max_lora_rank=8, max_loras=2, max_cpu_loras=4)
 
 
+# The references carry a connector that does nothing (tests/noop_connector.py): on AMX
+# CPUs vLLM's own tokens change with any connector configured.
+REFERENCE_CONNECTOR = {"kv_transfer_config": {
+    "kv_connector": "NoopConnector", "kv_role": "kv_both",
+    "kv_connector_module_path": "tests.noop_connector"}}
+
+
 @pytest.fixture(scope="session")
 def reference(tiny_model):
-    """vLLM without the plugin, prefix caching on: the reference the engine test modules
-    compare greedy tokens and logprobs against, started once for the session.  Without
-    the plugin it registers no prompt-cache metrics, so `read_metrics` still reads
-    the newest plugin engine."""
-    llm = make_llm(tiny_model, enable_prefix_caching=True, max_model_len=4096)
+    """vLLM without the plugin (an empty connector, REFERENCE_CONNECTOR), prefix caching
+    on: the reference the engine test modules compare greedy tokens and logprobs
+    against, started once for the session.  Without the plugin it registers no
+    prompt-cache metrics, so `read_metrics` still reads the newest plugin engine."""
+    llm = make_llm(tiny_model, enable_prefix_caching=True, max_model_len=4096,
+                   **REFERENCE_CONNECTOR)
     yield llm
     close_llm(llm)
 
@@ -94,7 +102,8 @@ def lora_adapters(tiny_model, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def lora_reference(tiny_model):
     """`reference` with LoRA on (adapters from `lora_adapters`, ids 1 and 2)."""
-    llm = make_llm(tiny_model, enable_prefix_caching=True, max_model_len=4096, **LORA)
+    llm = make_llm(tiny_model, enable_prefix_caching=True, max_model_len=4096, **LORA,
+                   **REFERENCE_CONNECTOR)
     yield llm
     close_llm(llm)
 

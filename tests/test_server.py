@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests.conftest import REFERENCE_CONNECTOR
 from vllm_promptcache.metrics import parse_prometheus
 
 pytestmark = pytest.mark.server
@@ -81,8 +82,11 @@ def servers(tiny_model, tmp_path_factory):
                      str(port), "--promptcache", "--promptcache-host-gb", "0.05",
                      "--no-enable-prefix-caching", *COMMON], port, logs / "cached.log")
     ref_port = free_port()
+    # vLLM with an empty connector, as the offline references (tests/noop_connector.py).
     reference = Server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                        tiny_model, "--port", str(ref_port), *COMMON], ref_port, logs / "reference.log")
+                        tiny_model, "--port", str(ref_port), "--kv-transfer-config",
+                        json.dumps(REFERENCE_CONNECTOR["kv_transfer_config"]), *COMMON],
+                       ref_port, logs / "reference.log")
     try:
         cached.wait_ready()
         reference.wait_ready()
