@@ -25,12 +25,16 @@ long one): the KV of T tokens saved in host slots (whole blocks, in a shuffled o
 loaded into one layer of the paged cache by
 
 * ``block copy`` -- ``load_slots_into_blocks``, the path of an exact hit (the baseline);
-* ``slices`` -- ``load_tokens_shifted`` with its slice plan (what a module moved to a new
-  position costs: the run lands 45 tokens into a block, K rotated by 40,045 positions);
-  the plan is built once per load (a request's tokens in a step) for every layer and
-  its time is reported apart;
+* ``C loop`` -- ``load_tokens_shifted`` with the C loop's plan (kernels/cpu_native.py:
+  what a module moved to a new position costs on an engine's CPU: the run lands 45
+  tokens into a block, K rotated by 40,045 positions);
+* ``slices`` -- the same through torch slices (shifted_slices.py: the path where the C
+  loop cannot be built);
 * ``per token`` -- the same tokens through ``rope_shift_paged_reference``, the per-token
-  path the slices replaced (still the path of short runs).
+  torch path.
+
+Plans are built once per load (a request's tokens in a step) for every layer; their
+times are reported apart.
 
 The host-load table has rows for this CPU's attention ISA and, on a CPU without AMX
 tiles and a 16-bit dtype, also for vLLM's AMX-packed page layout (the layout an AMX
@@ -227,6 +231,7 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype, isa: str | None = N
     docstring), median seconds of each and the plan's build time; pages packed for `isa`
     (default: this CPU's)."""
     from vllm_promptcache.kernels.block_copy import load_slots_into_blocks, row_runs
+    from vllm_promptcache.kernels.cpu_native import native_move, plan_native
     from vllm_promptcache.kernels.rope_shift import (
         _cpu_isa, paged_kv_views, rope_shift_paged_reference)
     from vllm_promptcache.kernels.shifted_load import host_as_layer, load_tokens_shifted
@@ -251,15 +256,23 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype, isa: str | None = N
     delta = torch.full((T,), SHIFT_DELTA + HOST_LOAD_OFFSET, dtype=torch.int64)
     block_src, block_dst = slots, table[:stored]
     runs = row_runs(block_src.tolist(), block_dst.tolist())
-    plan_times = []
+    plan_times, native_plan_times = [], []
     for _ in range(max(3, reps // 3)):
         t0 = time.perf_counter()
         plan = plan_slices(src_slots, src_offsets, dst, delta, N, inv_freq)
         plan_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        native_plan = plan_native(src_slots, src_offsets, dst, delta, N, inv_freq)
+        native_plan_times.append(time.perf_counter() - t0)
+    if native_move() is None:
+        raise SystemExit("the C loop of shifted loads is not available here (see the warning)")
     host_k, host_v = paged_kv_views(host_as_layer(host, kv), "cpu", H, D, N, isa)
     dst_k, dst_v = paged_kv_views(kv, "cpu", H, D, N, isa)
     calls = {
         "block copy": lambda: load_slots_into_blocks(host, block_src, kv, block_dst, runs),
+        "C loop": lambda: load_tokens_shifted(host, src_slots, src_offsets, kv, "cpu", H, D, N,
+                                              dst, delta, inv_freq, D, True, isa=isa,
+                                              plan=native_plan),
         "slices": lambda: load_tokens_shifted(host, src_slots, src_offsets, kv, "cpu", H, D, N,
                                               dst, delta, inv_freq, D, True, isa=isa,
                                               plan=plan),
@@ -267,14 +280,16 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype, isa: str | None = N
             host_k, host_v, src_slots * N + src_offsets, dst_k, dst_v, dst, delta, inv_freq, D,
             True),
     }
-    # The two shifted paths write the same bytes.
-    calls["slices"]()
-    sliced = kv.clone()
-    kv.zero_()
-    calls["per token"]()
-    same = torch.equal(sliced.view(torch.uint8), kv.view(torch.uint8))
-    if not same:
-        log(f"WARNING: host load T={T} {isa}: slices and per token wrote different bytes")
+    # The three shifted paths write the same bytes.
+    written = {}
+    for key in ("C loop", "slices", "per token"):
+        kv.zero_()
+        calls[key]()
+        written[key] = kv.clone().view(torch.uint8)
+    same = torch.equal(written["slices"], written["per token"])
+    native_same = torch.equal(written["C loop"], written["per token"])
+    if not (same and native_same):
+        log(f"WARNING: host load T={T} {isa}: the shifted paths wrote different bytes")
     for _ in range(warmup):
         for fn in calls.values():
             fn()
@@ -287,13 +302,18 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype, isa: str | None = N
     row = {"tokens": T, "isa": isa, "layout_only": isa != own_isa,
            "offset_in_block": HOST_LOAD_OFFSET,
            "delta": SHIFT_DELTA + HOST_LOAD_OFFSET, "bytes": 4 * T * H * D * kv.element_size(),
-           "block_copy_s": med["block copy"], "slices_s": med["slices"],
+           "block_copy_s": med["block copy"], "native_s": med["C loop"],
+           "slices_s": med["slices"],
            "per_token_s": med["per token"], "plan_s": statistics.median(plan_times),
+           "native_plan_s": statistics.median(native_plan_times),
+           "native_over_block_copy": med["C loop"] / med["block copy"],
            "slices_over_block_copy": med["slices"] / med["block copy"],
            "per_token_over_block_copy": med["per token"] / med["block copy"],
            "slices_bitexact_with_per_token": same,
+           "native_bitexact_with_per_token": native_same,
            "samples_s": times}
-    log(f"[host load T={T} {isa}] block copy {med['block copy'] * 1e3:.3f} ms, slices "
+    log(f"[host load T={T} {isa}] block copy {med['block copy'] * 1e3:.3f} ms, C loop "
+        f"{med['C loop'] * 1e3:.3f} ms ({row['native_over_block_copy']:.2f}x), slices "
         f"{med['slices'] * 1e3:.3f} ms ({row['slices_over_block_copy']:.2f}x), per token "
         f"{med['per token'] * 1e3:.3f} ms ({row['per_token_over_block_copy']:.2f}x), plan "
         f"{row['plan_s'] * 1e3:.3f} ms once per load")
@@ -303,11 +323,14 @@ def measure_host_load(T: int, reps: int, warmup: int, dtype, isa: str | None = N
 def host_load_table(rows: list[dict]) -> str:
     ms = lambda s: f"{s * 1e3:.3f}"  # noqa: E731
     return common.markdown_table(
-        ["tokens", "CPU ISA", "block copy (ms)", "slices (ms)", "slices / block copy",
-         "per token (ms)", "per token / block copy", "plan, once per load (ms)"],
+        ["tokens", "CPU ISA", "block copy (ms)", "C loop (ms)", "C loop / block copy",
+         "slices (ms)", "slices / block copy", "per token (ms)", "per token / block copy",
+         "plan, once per load: C loop / slices (ms)"],
         [[str(r["tokens"]), r["isa"] + (" (layout only)" if r.get("layout_only") else ""),
-          ms(r["block_copy_s"]), ms(r["slices_s"]), f"{r['slices_over_block_copy']:.2f}x", ms(r["per_token_s"]),
-          f"{r['per_token_over_block_copy']:.2f}x", ms(r["plan_s"])] for r in rows])
+          ms(r["block_copy_s"]), ms(r["native_s"]), f"{r['native_over_block_copy']:.2f}x",
+          ms(r["slices_s"]), f"{r['slices_over_block_copy']:.2f}x", ms(r["per_token_s"]),
+          f"{r['per_token_over_block_copy']:.2f}x",
+          f"{ms(r['native_plan_s'])} / {ms(r['plan_s'])}"] for r in rows])
 
 
 def table(rows: list[dict]) -> str:
@@ -325,6 +348,7 @@ def chart(png: Path, rows: list[dict], host_rows: list[dict], footnote: str) -> 
     ratios = {f"{r['device']} {r['layout']} {r['impl'][:3]}\nT={r['tokens']} d={r['delta']}":
               r["shift_over_copy"] for r in rows}
     for r in host_rows:
+        ratios[f"host load {r['isa']} C loop\nT={r['tokens']}"] = r["native_over_block_copy"]
         ratios[f"host load {r['isa']} slices\nT={r['tokens']}"] = r["slices_over_block_copy"]
         ratios[f"host load {r['isa']} per token\nT={r['tokens']}"] = \
             r["per_token_over_block_copy"]
@@ -407,8 +431,9 @@ def main(argv=None) -> int:
         "rows": rows,
         "host_load": {
             "definition": "one layer of vLLM's CPU layout loaded from host slots; block copy "
-                          "= load_slots_into_blocks (exact hit), slices = load_tokens_shifted "
-                          "with its plan, per token = rope_shift_paged_reference",
+                          "= load_slots_into_blocks (exact hit), C loop / slices = "
+                          "load_tokens_shifted with the C loop's / torch slices' plan, per "
+                          "token = rope_shift_paged_reference",
             "rows": host_rows,
         },
     }
@@ -424,16 +449,17 @@ def main(argv=None) -> int:
                f"head_dim {D}, block size {BLOCK_SIZE}): whole blocks as an exact hit loads "
                f"them, against the same tokens moved {HOST_LOAD_OFFSET} tokens into a block "
                f"and rotated by {SHIFT_DELTA + HOST_LOAD_OFFSET:,} positions (a module at a new "
-               f"position), as slices and per token; median of {args.reps} reps, the three "
-               f"interleaved.  Rows marked layout only time vLLM's AMX page layout on this "
+               f"position), by the C loop, as torch slices and per token; median of "
+               f"{args.reps} reps, the four interleaved.  Rows marked layout only time vLLM's AMX page layout on this "
                f"CPU (moving KV uses no AMX instruction).\n\n" + host_load_table(host_rows)
                + "\n")
     common.write_outputs(args.out, result, md, functools.partial(
         chart, rows=rows, host_rows=host_rows, footnote=where))
     print(md)
     print(f"wrote {args.out} and its .md and .png")
-    if not all(r["slices_bitexact_with_per_token"] for r in host_rows):
-        log("WARNING: slices and per token wrote different bytes; see the JSON")
+    if not all(r["slices_bitexact_with_per_token"] and r["native_bitexact_with_per_token"]
+               for r in host_rows):
+        log("WARNING: the shifted paths wrote different bytes; see the JSON")
         return 1
     if not all(r["delta0_bitexact_with_copy"] for r in rows):
         log("WARNING: a delta-0 shift did not write the copy's bytes; see the JSON")

@@ -10,8 +10,9 @@ oracle.
 - `rope_shift`: K/V of a token run into the paged cache, K rotated by a RoPE position
   delta; `rope_shift_paged_` reads the tokens straight from host slots.
 - `shifted_load`: a step's tokens from host slots into the paged cache at new
-  positions; on CPU through `shifted_slices`, which moves runs of tokens as slices of
-  whole blocks (the per-token path keeps short runs and AMX-packed pages).
+  positions; on CPU through `cpu_native` (a C loop, `cpu_shifted.c`, built on first
+  use with the system compiler), or where it cannot be built through `shifted_slices`,
+  which moves runs of tokens as slices of whole blocks (short runs token by token).
 """
 
 from .block_copy import (block_dim, blocks_first, load_slots_into_blocks, row_runs,

@@ -11,15 +11,17 @@ wrote them: the layer's blocks-first view of one block, made contiguous.  Viewin
 num_slots blocks therefore lets `paged_kv_views` read it, packed CPU layouts included,
 and tokens are gathered through the same views vLLM's attention uses.
 
-On the CPU, runs of tokens are moved as slices of blocks (shifted_slices.py) and only
-what is left token by token; on CUDA (and under the Triton interpreter) one Triton
-program moves each token.
+On the CPU, a C loop moves the tokens piece by piece (cpu_native.py, built on first
+use), or, where it cannot be built, torch moves runs of tokens as slices of blocks
+(shifted_slices.py) and what is left token by token; on CUDA (and under the Triton
+interpreter) one Triton program moves each token.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .cpu_native import NativePlan, move_layer_native, native_dtypes, native_move, plan_native
 from .rope_shift import _use_triton, paged_kv_views, rope_shift_paged_
 from .shifted_slices import SlicePlan, move_layer, plan_slices
 
@@ -50,7 +52,8 @@ def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
                         num_kv_heads: int, head_size: int, block_size: int,
                         dst_slot_mapping: torch.Tensor, delta: torch.Tensor,
                         inv_freq: torch.Tensor, rotary_dim: int, is_neox_style: bool,
-                        isa: str | None = None, plan: SlicePlan | None = None) -> None:
+                        isa: str | None = None,
+                        plan: NativePlan | SlicePlan | None = None) -> None:
     """Token t: host slot src_slots[t], offset src_offsets[t] -> paged slot
     dst_slot_mapping[t] of `kv_layer`, K rotated by delta[t] positions.
 
@@ -63,7 +66,7 @@ def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
         isa as for `paged_kv_views`.
     dst_slot_mapping: [T] int64, block_id * block_size + offset, -1 = skip.
     delta, inv_freq, rotary_dim, is_neox_style: as for `rope_shift_`.
-    plan: on the CPU, `plan_slices` of these tokens, built (and their sources checked)
+    plan: on the CPU, `plan_cpu_load` of these tokens, built (and their sources checked)
         once for every layer of a step; else built here.
     Delta-0 tokens and all of V are copied bit-exactly.
     """
@@ -80,14 +83,27 @@ def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
     device = kv_layer.device
     if not _use_triton(kv_layer):
         if plan is None:
-            plan = plan_slices(src_slots, src_offsets, dst_slot_mapping, delta, block_size,
-                               inv_freq)
-        move_layer(host_k, host_v, dst_k, dst_v, plan, inv_freq, rotary_dim, is_neox_style)
+            plan = plan_cpu_load(src_slots, src_offsets, dst_slot_mapping, delta, block_size,
+                                 inv_freq, kv_layer.dtype)
+        if isinstance(plan, NativePlan):
+            move_layer_native(host_k, host_v, dst_k, dst_v, plan, rotary_dim, is_neox_style)
+        else:
+            move_layer(host_k, host_v, dst_k, dst_v, plan, inv_freq, rotary_dim,
+                       is_neox_style)
         return
     rope_shift_paged_(host_k, host_v, src_slots * block_size + src_offsets, dst_k, dst_v,
                       dst_slot_mapping.to(device=device, dtype=torch.int64),
                       delta.to(device=device, dtype=torch.int64), inv_freq, rotary_dim,
                       is_neox_style)
+
+
+def plan_cpu_load(src_slots, src_offsets, dst_slots, deltas, block_size: int,
+                  inv_freq: torch.Tensor, dtype: torch.dtype) -> NativePlan | SlicePlan:
+    """How the CPU moves a load's tokens (arguments as `plan_slices` takes them): the C
+    loop's pieces where it is built and checked on this machine, else torch slices."""
+    if dtype in native_dtypes() and native_move() is not None:
+        return plan_native(src_slots, src_offsets, dst_slots, deltas, block_size, inv_freq)
+    return plan_slices(src_slots, src_offsets, dst_slots, deltas, block_size, inv_freq)
 
 
 def check_token_sources(src_slots, src_offsets, num_slots: int, block_size: int) -> None:

@@ -1,4 +1,6 @@
-"""The CPU path of shifted loads: runs of tokens moved as slices of whole blocks.
+"""The torch path of shifted loads on the CPU: runs of tokens moved as slices of whole
+blocks.  Engines use the C loop (cpu_native.py) where it builds; this is the path where
+it does not (no compiler), and the oracle it is tested beside.
 
 A shifted load's tokens come in runs.  A module or an encoded gap placed at a new
 position moves all its tokens by one delta, and consecutive source tokens go to

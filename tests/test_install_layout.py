@@ -33,6 +33,8 @@ def installed(tmp_path_factory) -> str:
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-2000:]
     assert os.path.isfile(os.path.join(target, "vllm_promptcache", "kernels", "block_copy.py"))
+    # The C loop's source ships beside its loader, which builds it on first use.
+    assert os.path.isfile(os.path.join(target, "vllm_promptcache", "kernels", "cpu_shifted.c"))
     return target
 
 

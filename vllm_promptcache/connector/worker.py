@@ -141,6 +141,14 @@ class PromptCacheWorker:
             except ValueError as e:
                 raise RuntimeError(f"--promptcache-position-independent does not support this "
                                    f"attention backend's KV layout ({name}): {e}") from None
+        if self.device.type == "cpu":
+            # Build (or find) the C loop of shifted loads now, not on the first request's
+            # step; it logs once where it cannot, and loads then go through torch.
+            from ..kernels.cpu_native import native_move
+
+            if native_move() is not None:
+                logger.info("promptcache: shifted loads move through the C loop "
+                            "(kernels/cpu_shifted.c)")
 
     # -- loads -----------------------------------------------------------------
     def start_load_kv(self, meta: PromptCacheMetadata, full_graph: bool = False) -> None:
@@ -181,8 +189,8 @@ class PromptCacheWorker:
     def _load_shifted(self, load: ShiftedLoad) -> None:
         """Tokens from host slots at other positions (CPU backend); synchronous, before
         the forward."""
-        from ..kernels.shifted_load import check_token_sources, load_tokens_shifted
-        from ..kernels.shifted_slices import plan_slices
+        from ..kernels.shifted_load import (check_token_sources, load_tokens_shifted,
+                                            plan_cpu_load)
 
         start = time.perf_counter()
         inv_freq, rotary_dim, is_neox = self.rope
@@ -193,7 +201,8 @@ class PromptCacheWorker:
         # Checked and planned once for every layer of the step.
         check_token_sources(src_slots.numpy(), src_offsets.numpy(), self.buffer.num_slots,
                             self.block_size)
-        plan = plan_slices(src_slots, src_offsets, dst, deltas, self.block_size, inv_freq)
+        plan = plan_cpu_load(src_slots, src_offsets, dst, deltas, self.block_size, inv_freq,
+                             next(iter(self.raw_kv.values())).dtype)
         inv_freq = inv_freq.to(self.device)
         for name in self.kv:
             load_tokens_shifted(self.buffer.layer_view(name), src_slots, src_offsets,

@@ -1,0 +1,284 @@
+/* Shifted token moves on the CPU: the C twin of rope_shift.py's Triton kernel.
+ *
+ * Token t goes from source slot src_slot[t] (block * N + offset) of the source views to
+ * destination slot dst_slot[t] (-1: skipped) of the destination views; its K is rotated
+ * by its run's angles (cos/sin of run[t], -1: not rotated) and V is copied.  A view is
+ * described by its block and head strides and two offset tables, all in elements: the
+ * offset of token o inside a block (tok_off[o]) and of head dim d inside a head
+ * (dim_off[d]).  That covers every paged layout `paged_kv_views` returns (4-D views,
+ * vLLM's CPU `vec` layout with K stored dim-major, AMX-packed pages) without a branch
+ * per layout; cpu_native.py builds the tables from the views' strides.
+ *
+ * Arithmetic: the rotation is the CPU paths' `rotate_pairs_`, done per pair in float32,
+ * a product, then a second product added (y = a*cos; y += b*(-sin)), rounded once into
+ * the cache's dtype (round to nearest even; bf16 NaN as torch's vectorized conversion
+ * writes it).  `fused` picks a fused multiply-add for the second step, which is what
+ * the installed torch was found to do (cpu_native.py checks it against torch once).
+ * Delta-0 tokens and V are copied bit for bit.
+ *
+ * Built by cpu_native.py with -O2 -ffp-contract=off, so the compiler does not fuse
+ * anything on its own.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { PC_F32 = 0, PC_BF16 = 1, PC_F16 = 2 };
+
+/* One view: element base pointer, block stride, head stride, offset tables. */
+typedef struct {
+    char *base;
+    int64_t block_stride;
+    int64_t head_stride;
+    const int64_t *tok_off;
+    const int64_t *dim_off;
+} pc_view;
+
+static inline __attribute__((always_inline)) float pc_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t pc_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0xffff;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float pc_f16_to_f32(uint16_t h) {
+    _Float16 x;
+    memcpy(&x, &h, 2);
+    return (float)x;
+}
+
+static inline uint16_t pc_f32_to_f16(float f) {
+    _Float16 x = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &x, 2);
+    return h;
+}
+
+#define PC_INLINE static inline __attribute__((always_inline))
+
+PC_INLINE float pc_load(const char *p, int dtype) {
+    uint16_t h;
+    float f;
+    if (dtype == PC_F32) {
+        memcpy(&f, p, 4);
+        return f;
+    }
+    memcpy(&h, p, 2);
+    return dtype == PC_BF16 ? pc_bf16_to_f32(h) : pc_f16_to_f32(h);
+}
+
+PC_INLINE void pc_store(char *p, float f, int dtype) {
+    uint16_t h;
+    if (dtype == PC_F32) {
+        memcpy(p, &f, 4);
+        return;
+    }
+    h = dtype == PC_BF16 ? pc_f32_to_bf16(f) : pc_f32_to_f16(f);
+    memcpy(p, &h, 2);
+}
+
+/* Piece p: `length` tokens from source slot src_slot[p] on, to destination slot
+ * dst_slot[p] on, all inside one source and one destination block, K rotated by angle
+ * row run[p] (-1: not rotated). */
+/* What a kind (K or V) of both sides' pages allows a copy to merge, found from the
+ * offset tables (cpu_shifted_flags): head dims consecutive (4-D token-major pages: a
+ * token's head is one memcpy), tokens consecutive (dim-major pages, vLLM's CPU `vec`
+ * K: a dim's run of tokens is one memcpy), pairs of dims adjacent (AMX K: 4-byte
+ * words), pairs of tokens adjacent (AMX V: 4-byte words where a piece starts on a pair
+ * on both sides). */
+typedef struct {
+    int dims, tokens, dim_pairs, token_pairs;
+} pc_merge;
+
+/* Piece p: `length` tokens from source slot src_slot[p] on, to destination slot
+ * dst_slot[p] on, all inside one source and one destination block, K rotated by angle
+ * row run[p] (-1: not rotated). */
+typedef struct {
+    int64_t pieces, H, D, N, rotary_dim;
+    int neox;
+    const int64_t *src_slot, *dst_slot, *length;
+    const int32_t *run;
+    const float *cos_tab, *sin_tab;
+    pc_view v[4];
+    pc_merge merge[2];
+} pc_job;
+
+/* Dims [from, to) of one head of a piece's tokens (offsets so, dst_o in their blocks),
+ * bit for bit, as few and as wide moves as the layout allows; else dim by dim with the
+ * piece's tokens inner (on packed pages a dim's tokens lie close together). */
+PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_view *d,
+                       char *dh, int64_t dst_o, int64_t L, int64_t from, int64_t to,
+                       int esize, const pc_merge *m) {
+    const int64_t *stok = s->tok_off + so, *dtok = d->tok_off + dst_o;
+    int64_t i, t;
+    if (m->dims) {
+        for (t = 0; t < L; t++)
+            memcpy(dh + (dtok[t] + d->dim_off[from]) * esize,
+                   sh + (stok[t] + s->dim_off[from]) * esize, (size_t)((to - from) * esize));
+        return;
+    }
+    if (m->tokens) {
+        for (i = from; i < to; i++)
+            memcpy(dh + (dtok[0] + d->dim_off[i]) * esize, sh + (stok[0] + s->dim_off[i]) * esize,
+                   (size_t)(L * esize));
+        return;
+    }
+    if (esize == 2 && m->dim_pairs && from % 2 == 0 && to % 2 == 0) {
+        for (i = from; i < to; i += 2) {
+            const char *src = sh + s->dim_off[i] * 2;
+            char *dst = dh + d->dim_off[i] * 2;
+            for (t = 0; t < L; t++)
+                memcpy(dst + dtok[t] * 2, src + stok[t] * 2, 4);
+        }
+        return;
+    }
+    if (esize == 2 && m->token_pairs && so % 2 == 0 && dst_o % 2 == 0) {
+        for (i = from; i < to; i++) {
+            const char *src = sh + s->dim_off[i] * 2;
+            char *dst = dh + d->dim_off[i] * 2;
+            for (t = 0; t + 1 < L; t += 2)
+                memcpy(dst + dtok[t] * 2, src + stok[t] * 2, 4);
+            if (L % 2)
+                memcpy(dst + dtok[L - 1] * 2, src + stok[L - 1] * 2, 2);
+        }
+        return;
+    }
+    for (i = from; i < to; i++) {
+        if (esize == 2) {
+            const uint16_t *src = (const uint16_t *)sh + s->dim_off[i];
+            uint16_t *dst = (uint16_t *)dh + d->dim_off[i];
+            for (t = 0; t < L; t++)
+                dst[dtok[t]] = src[stok[t]];
+        } else {
+            const uint32_t *src = (const uint32_t *)sh + s->dim_off[i];
+            uint32_t *dst = (uint32_t *)dh + d->dim_off[i];
+            for (t = 0; t < L; t++)
+                dst[dtok[t]] = src[stok[t]];
+        }
+    }
+}
+
+/* A pair's new values, `rotate_pairs_`'s arithmetic. */
+#define PC_ROT_A(a, b) (fused ? fmaf(b, nsn, (a) * c) : (a) * c + (b) * nsn)
+#define PC_ROT_B(a, b) (fused ? fmaf(a, sn_, (b) * c) : (b) * c + (a) * sn_)
+
+/* One head of a piece's tokens, rotated: each pair of dims in [0, rotary_dim) by its
+ * angle (one per pair for the whole piece), the piece's tokens inner; the other dims
+ * copied. */
+PC_INLINE void pc_rotate(const pc_view *s, const char *sh, int64_t so, const pc_view *d,
+                         char *dh, int64_t dst_o, int64_t L, int64_t D, int esize, int dtype,
+                         int64_t rotary_dim, int neox, int fused, const float *cs,
+                         const float *sn, const pc_merge *m) {
+    const int64_t *stok = s->tok_off + so, *dtok = d->tok_off + dst_o;
+    int64_t half = rotary_dim / 2, i, t;
+    for (i = 0; i < half; i++) {
+        int64_t ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
+        const char *sa = sh + s->dim_off[ia] * esize, *sb = sh + s->dim_off[ib] * esize;
+        char *da = dh + d->dim_off[ia] * esize, *db = dh + d->dim_off[ib] * esize;
+        float c = cs[i], sn_ = sn[i], nsn = -sn[i];
+        if (m->tokens) {  /* a dim's tokens consecutive: a loop the compiler vectorizes */
+            sa += stok[0] * esize; sb += stok[0] * esize;
+            da += dtok[0] * esize; db += dtok[0] * esize;
+            for (t = 0; t < L; t++) {
+                float a = pc_load(sa + t * esize, dtype), b = pc_load(sb + t * esize, dtype);
+                pc_store(da + t * esize, PC_ROT_A(a, b), dtype);
+                pc_store(db + t * esize, PC_ROT_B(a, b), dtype);
+            }
+            continue;
+        }
+        for (t = 0; t < L; t++) {
+            float a = pc_load(sa + stok[t] * esize, dtype);
+            float b = pc_load(sb + stok[t] * esize, dtype);
+            pc_store(da + dtok[t] * esize, PC_ROT_A(a, b), dtype);
+            pc_store(db + dtok[t] * esize, PC_ROT_B(a, b), dtype);
+        }
+    }
+    if (rotary_dim < D)
+        pc_copy(s, sh, so, d, dh, dst_o, L, rotary_dim, D, esize, m);
+}
+
+PC_INLINE int64_t pc_run(const pc_job *job, int dtype, int fused) {
+    int esize = dtype == PC_F32 ? 4 : 2, k;
+    int64_t half = job->rotary_dim / 2, N = job->N, moved = 0, p, h;
+    for (p = 0; p < job->pieces; p++) {
+        int64_t ss = job->src_slot[p], ds = job->dst_slot[p], L = job->length[p];
+        int32_t r = job->run[p];
+        for (k = 0; k < 2; k++) {
+            const pc_view *s = &job->v[k], *d = &job->v[k + 2];
+            const char *sp = s->base + s->block_stride * (ss / N) * esize;
+            char *dp = d->base + d->block_stride * (ds / N) * esize;
+            int rotate = k == 0 && r >= 0 && job->rotary_dim > 0;
+            for (h = 0; h < job->H; h++) {
+                const char *sh = sp + s->head_stride * h * esize;
+                char *dh = dp + d->head_stride * h * esize;
+                if (rotate)
+                    pc_rotate(s, sh, ss % N, d, dh, ds % N, L, job->D, esize, dtype,
+                              job->rotary_dim, job->neox, fused,
+                              job->cos_tab + (int64_t)r * half,
+                              job->sin_tab + (int64_t)r * half, &job->merge[k]);
+                else
+                    pc_copy(s, sh, ss % N, d, dh, ds % N, L, 0, job->D, esize, &job->merge[k]);
+            }
+        }
+        moved += L;
+    }
+    return moved;
+}
+
+/* Whether off[i + 1] == off[i] + 1 for every i in [0, n - 1) (step 1) or every even i
+ * (step 2). */
+static int pc_adjacent(const int64_t *off, int64_t n, int step) {
+    int64_t i;
+    for (i = 0; i + 1 < n; i += step)
+        if (off[i + 1] != off[i] + 1) return 0;
+    return 1;
+}
+
+/* views: src K, src V, dst K, dst V (bases: element pointers; strides: block and head
+ * stride of each; tok_off: 4 x N; dim_off: 4 x D).  cos/sin: [runs][rotary_dim / 2]
+ * float32.  Returns the number of tokens moved. */
+int64_t pc_shifted_move(int dtype, int64_t pieces, int64_t H, int64_t D, int64_t N,
+                        int64_t rotary_dim, int neox, int fused, const int64_t *src_slot,
+                        const int64_t *dst_slot, const int64_t *length, const int32_t *run,
+                        const float *cos_tab,
+                        const float *sin_tab, char *const *bases, const int64_t *strides,
+                        const int64_t *tok_off, const int64_t *dim_off) {
+    pc_job job;
+    int k;
+    job.pieces = pieces; job.H = H; job.D = D; job.N = N; job.rotary_dim = rotary_dim;
+    job.neox = neox; job.src_slot = src_slot; job.dst_slot = dst_slot; job.length = length;
+    job.run = run;
+    job.cos_tab = cos_tab; job.sin_tab = sin_tab;
+    for (k = 0; k < 4; k++) {
+        job.v[k].base = bases[k];
+        job.v[k].block_stride = strides[2 * k];
+        job.v[k].head_stride = strides[2 * k + 1];
+        job.v[k].tok_off = tok_off + k * N;
+        job.v[k].dim_off = dim_off + k * D;
+    }
+    for (k = 0; k < 2; k++) {
+        const pc_view *s = &job.v[k], *d = &job.v[k + 2];
+        job.merge[k].dims = pc_adjacent(s->dim_off, D, 1) && pc_adjacent(d->dim_off, D, 1);
+        job.merge[k].tokens = pc_adjacent(s->tok_off, N, 1) && pc_adjacent(d->tok_off, N, 1);
+        job.merge[k].dim_pairs = D % 2 == 0 && pc_adjacent(s->dim_off, D, 2)
+                                 && pc_adjacent(d->dim_off, D, 2);
+        job.merge[k].token_pairs = N % 2 == 0 && pc_adjacent(s->tok_off, N, 2)
+                                   && pc_adjacent(d->tok_off, N, 2);
+    }
+    switch (dtype * 2 + (fused ? 1 : 0)) {
+    case PC_F32 * 2: return pc_run(&job, PC_F32, 0);
+    case PC_F32 * 2 + 1: return pc_run(&job, PC_F32, 1);
+    case PC_BF16 * 2: return pc_run(&job, PC_BF16, 0);
+    case PC_BF16 * 2 + 1: return pc_run(&job, PC_BF16, 1);
+    case PC_F16 * 2: return pc_run(&job, PC_F16, 0);
+    default: return pc_run(&job, PC_F16, 1);
+    }
+}

@@ -1,0 +1,185 @@
+"""The C loop of shifted loads (kernels/cpu_native.py, cpu_shifted.c): built here, it
+writes the per-token path's bytes on every layout (4-D, vLLM's CPU `vec` and AMX-packed
+pages), dtype and pairing, for loads laid out as the scheduler lays them out; it plans
+pieces with numpy, not a step per token; it refuses blocks outside its views; and where
+it cannot be built, loads still come out right through torch, with a warning."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from tests.kernels.test_rope_shift import RTOL, bits, llama_inv_freq, rope64
+from tests.kernels.test_shifted_load import CASES, make_layer, read_kv
+from tests.kernels.test_shifted_slices import (DST_BLOCKS, _cpu_pages, layout_of_a_load, rng,  # noqa: F401
+                                               setup_layers)
+from vllm_promptcache.kernels import cpu_native
+from vllm_promptcache.kernels.cpu_native import NativePlan, move_layer_native, plan_native
+from vllm_promptcache.kernels.rope_shift import paged_kv_views, rope_shift_paged_reference
+from vllm_promptcache.kernels.shifted_load import (host_as_layer, load_tokens_shifted,
+                                                   plan_cpu_load)
+from vllm_promptcache.kernels.shifted_slices import SlicePlan
+
+
+def test_the_c_loop_builds_and_reproduces_torch_here():
+    """CI and every supported machine have a C compiler: the loop must be there, and it
+    must have matched torch's rotation on its load-time check (one of the two orders of
+    arithmetic)."""
+    got = cpu_native.native_move()
+    assert got is not None, "the C loop did not build or did not match torch (see the log)"
+    assert got[1] in (0, 1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_c_loop_moves_what_the_per_token_path_moves_bit_for_bit(case, rng, monkeypatch):
+    np_rng, seed = rng
+    layout, isa, dtype, H, D, rot, neox, N = CASES[case]
+    msg = f"[{case} seed={seed}]"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU path
+    k, v, block_of_slot, host, name = setup_layers(case, np_rng)
+    src_slots, src_offsets, dst, deltas = layout_of_a_load(np_rng, N)
+    inv_freq = llama_inv_freq(rot)
+    args = [torch.from_numpy(a) for a in (src_slots, src_offsets, dst, deltas)]
+
+    plan = plan_cpu_load(*args, N, inv_freq, dtype)
+    assert isinstance(plan, NativePlan), msg
+    ours_raw, ours_kv, _ = make_layer(layout, isa, DST_BLOCKS, H, N, D, dtype)
+    load_tokens_shifted(host, args[0], args[1], ours_kv, name, H, D, N, args[2], args[3],
+                        inv_freq, rot, neox, isa=isa, plan=plan)
+
+    oracle_raw, oracle_kv, _ = make_layer(layout, isa, DST_BLOCKS, H, N, D, dtype)
+    host_k, host_v = paged_kv_views(host_as_layer(host, oracle_kv), name, H, D, N, isa)
+    dst_k, dst_v = paged_kv_views(oracle_kv, name, H, D, N, isa)
+    rope_shift_paged_reference(host_k, host_v, args[0] * N + args[1], dst_k, dst_v, args[2],
+                               args[3], inv_freq, rot, neox)
+    # NaN-poisoned destinations: equal bits also say nothing was written elsewhere.
+    assert torch.equal(bits(ours_raw), bits(oracle_raw)), msg
+
+    ok = dst >= 0
+    assert plan.tokens == int(ok.sum()), msg
+    got_k, got_v = (x.reshape(DST_BLOCKS * N, H, D)[dst[ok]]
+                    for x in read_kv(layout, isa, ours_raw, H, N, D))
+    blocks = block_of_slot[src_slots[ok]]
+    want_k, want_v = k[blocks, src_offsets[ok]], v[blocks, src_offsets[ok]]
+    assert torch.equal(bits(got_v), bits(want_v)), msg
+    zero = torch.from_numpy(deltas[ok] == 0)
+    assert torch.equal(bits(got_k[zero]), bits(want_k[zero])), msg  # -0.0 kept
+    ref, scale = rope64(want_k, torch.from_numpy(deltas[ok]), inv_freq, rot, neox)
+    err = (got_k.double() - ref).abs() / scale.clamp_min(1e-30)
+    assert float(err.max()) <= RTOL[dtype], f"{msg} max relative error {float(err.max()):.3g}"
+
+
+@pytest.mark.parametrize("delta", [0, 77])
+@pytest.mark.parametrize("shift", [0, 1, 2, 15, 16, 45])
+@pytest.mark.parametrize("case", ["cpu_amx-bf16-h3-d64-rot48", "cpu_vec-fp32-neox"])
+def test_every_shift_against_packed_groups(case, shift, delta):
+    """A run moved `shift` tokens further into its blocks than its source (AMX: inside or
+    across the 16-token K groups and the V pairs; a pair-aligned start copies V as
+    words, an odd one by elements): the per-token path's bytes and nothing else."""
+    _, isa, dtype, H, D, rot, neox, N = CASES[case]
+    S, B = 4, 6
+    _, (host_k, host_v) = _cpu_pages(S, H, N, D, dtype, isa, random=True)
+    n = 2 * N + 7
+    t = torch.arange(n) + 5
+    p = t + shift
+    table = torch.tensor([4, 1, 5, 0, 2])
+    dst = table[p // N] * N + p % N
+    inv_freq = llama_inv_freq(rot)
+    deltas = torch.full((n,), delta)
+    outs = []
+    for native in (False, True):
+        out_kv, (k, v) = _cpu_pages(B, H, N, D, dtype, isa)
+        if native:
+            move_layer_native(host_k, host_v, k, v, plan_native(t // N, t % N, dst, deltas, N,
+                                                                inv_freq), rot, neox)
+        else:
+            rope_shift_paged_reference(host_k, host_v, t, k, v, dst, deltas, inv_freq, rot, neox)
+        outs.append(out_kv)
+    assert torch.equal(bits(outs[0]), bits(outs[1])), f"{case} shift={shift} delta={delta}"
+
+
+def test_a_plan_is_pieces_built_without_a_step_per_token():
+    """100k tokens of one module moved mid-block, behind a 5-token label: pieces cut only
+    at block edges and where the delta changes (the label is one piece), a few numpy
+    calls whatever the length (the plan's arrays are per piece, not per token)."""
+    N, T = 128, 100_000
+    t = np.arange(T)
+    src_slots, src_offsets = t // N, t % N
+    dst = np.concatenate([np.arange(5) + 40, t + 45])
+    deltas = np.concatenate([np.zeros(5, np.int64), np.full(T, 45)])
+    src_slots = np.concatenate([np.full(5, 900), src_slots])
+    src_offsets = np.concatenate([np.arange(5) + 40, src_offsets])
+    plan = plan_native(src_slots, src_offsets, dst, deltas, N, llama_inv_freq(64))
+    # Each source block's tokens straddle two destination blocks (45 tokens in).
+    assert plan.pieces == 1 + 2 * (-(-T // N)) - 1
+    assert plan.tokens == T + 5
+    assert plan.length[0] == 5 and plan.run[0] == -1 and (plan.run[1:] == 0).all()
+    assert plan.cos.shape == (1, 32)
+
+
+def test_blocks_outside_the_views_are_refused():
+    H, D, N = 2, 32, 16
+    _, (host_k, host_v) = _cpu_pages(2, H, N, D, torch.bfloat16, "vec", random=True)
+    _, (k, v) = _cpu_pages(3, H, N, D, torch.bfloat16, "vec")
+    inv_freq = llama_inv_freq(D)
+    far_source = plan_native([2], [0], [0], [5], N, inv_freq)
+    with pytest.raises(IndexError, match="source block 2 of 2"):
+        move_layer_native(host_k, host_v, k, v, far_source, D, True)
+    far_dest = plan_native([1], [0], [3 * N], [5], N, inv_freq)
+    with pytest.raises(IndexError, match="destination 3 of 3"):
+        move_layer_native(host_k, host_v, k, v, far_dest, D, True)
+    with pytest.raises(ValueError, match="one dtype"):
+        move_layer_native(host_k, host_v, k.float(), v.float(),
+                          plan_native([1], [0], [0], [5], N, inv_freq), D, True)
+
+
+def test_without_a_compiler_loads_stay_right_through_torch(tmp_path):
+    """CC names no compiler and nothing is built yet: one warning says why, the plan is
+    torch's slices, and a load still writes the per-token path's bytes."""
+    script = textwrap.dedent("""
+        import logging, torch
+        logging.basicConfig(level=logging.WARNING)
+        from tests.kernels.test_rope_shift import bits, llama_inv_freq
+        from tests.kernels.test_shifted_slices import _cpu_pages
+        from vllm_promptcache.kernels.cpu_native import native_move
+        from vllm_promptcache.kernels.rope_shift import rope_shift_paged_reference
+        from vllm_promptcache.kernels.shifted_load import plan_cpu_load
+        from vllm_promptcache.kernels.shifted_slices import SlicePlan, move_layer
+        assert native_move() is None
+        H, D, N = 2, 32, 16
+        _, (hk, hv) = _cpu_pages(3, H, N, D, torch.bfloat16, "vec", random=True)
+        t = torch.arange(40)
+        dst, deltas, inv_freq = t + 7, torch.full((40,), 9), llama_inv_freq(D)
+        plan = plan_cpu_load(t // N, t % N, dst, deltas, N, inv_freq, torch.bfloat16)
+        assert isinstance(plan, SlicePlan)
+        outs = []
+        for ours in (True, False):
+            kv, (k, v) = _cpu_pages(4, H, N, D, torch.bfloat16, "vec")
+            if ours:
+                move_layer(hk, hv, k, v, plan, inv_freq, D, True)
+            else:
+                rope_shift_paged_reference(hk, hv, t, k, v, dst, deltas, inv_freq, D, True)
+            outs.append(kv)
+        assert torch.equal(bits(outs[0]), bits(outs[1]))
+        print("OK")
+    """)
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"),
+               VLLM_PROMPTCACHE_NATIVE_DIR=str(tmp_path / "native"), TMPDIR=str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    assert "shifted loads stay on the torch paths" in proc.stderr
+    assert "no-such-cc" in proc.stderr
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("VLLM_PROMPTCACHE_NATIVE", "0")
+    monkeypatch.setattr(cpu_native, "_state", {})
+    assert cpu_native.native_move() is None
+    plan = plan_cpu_load([0], [0], [3], [1], 16, llama_inv_freq(32), torch.bfloat16)
+    assert isinstance(plan, SlicePlan)
