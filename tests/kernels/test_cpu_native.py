@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.kernels.test_rope_shift import RTOL, bits, llama_inv_freq, rope64
-from tests.kernels.test_shifted_load import CASES, make_layer, read_kv
-from tests.kernels.test_shifted_slices import (DST_BLOCKS, _cpu_pages, layout_of_a_load, rng,  # noqa: F401
-                                               setup_layers)
+from tests.kernels.test_rope_shift import bits, llama_inv_freq
+from tests.kernels.test_shifted_load import CASES, make_layer
+from tests.kernels.test_shifted_slices import (  # noqa: F401 (rng: a fixture)
+    DST_BLOCKS, _cpu_pages, check_against_sources, layout_of_a_load, per_token_layer, rng,
+    setup_layers)
 from vllm_promptcache.kernels import cpu_native
 from vllm_promptcache.kernels.cpu_native import NativePlan, move_layer_native, plan_native
-from vllm_promptcache.kernels.rope_shift import paged_kv_views, rope_shift_paged_reference
-from vllm_promptcache.kernels.shifted_load import (host_as_layer, load_tokens_shifted,
-                                                   plan_cpu_load)
+from vllm_promptcache.kernels.rope_shift import rope_shift_paged_reference
+from vllm_promptcache.kernels.shifted_load import load_tokens_shifted, plan_cpu_load
 from vllm_promptcache.kernels.shifted_slices import SlicePlan
 
 
@@ -51,26 +51,11 @@ def test_the_c_loop_moves_what_the_per_token_path_moves_bit_for_bit(case, rng, m
     load_tokens_shifted(host, args[0], args[1], ours_kv, name, H, D, N, args[2], args[3],
                         inv_freq, rot, neox, isa=isa, plan=plan)
 
-    oracle_raw, oracle_kv, _ = make_layer(layout, isa, DST_BLOCKS, H, N, D, dtype)
-    host_k, host_v = paged_kv_views(host_as_layer(host, oracle_kv), name, H, D, N, isa)
-    dst_k, dst_v = paged_kv_views(oracle_kv, name, H, D, N, isa)
-    rope_shift_paged_reference(host_k, host_v, args[0] * N + args[1], dst_k, dst_v, args[2],
-                               args[3], inv_freq, rot, neox)
     # NaN-poisoned destinations: equal bits also say nothing was written elsewhere.
-    assert torch.equal(bits(ours_raw), bits(oracle_raw)), msg
-
-    ok = dst >= 0
-    assert plan.tokens == int(ok.sum()), msg
-    got_k, got_v = (x.reshape(DST_BLOCKS * N, H, D)[dst[ok]]
-                    for x in read_kv(layout, isa, ours_raw, H, N, D))
-    blocks = block_of_slot[src_slots[ok]]
-    want_k, want_v = k[blocks, src_offsets[ok]], v[blocks, src_offsets[ok]]
-    assert torch.equal(bits(got_v), bits(want_v)), msg
-    zero = torch.from_numpy(deltas[ok] == 0)
-    assert torch.equal(bits(got_k[zero]), bits(want_k[zero])), msg  # -0.0 kept
-    ref, scale = rope64(want_k, torch.from_numpy(deltas[ok]), inv_freq, rot, neox)
-    err = (got_k.double() - ref).abs() / scale.clamp_min(1e-30)
-    assert float(err.max()) <= RTOL[dtype], f"{msg} max relative error {float(err.max()):.3g}"
+    assert torch.equal(bits(ours_raw), bits(per_token_layer(case, host, name, args, inv_freq))), msg
+    assert plan.tokens == int((dst >= 0).sum()), msg
+    check_against_sources(case, ours_raw, k, v, block_of_slot, src_slots, src_offsets, dst,
+                          deltas, inv_freq, msg)
 
 
 @pytest.mark.parametrize("delta", [0, 77])
