@@ -255,10 +255,13 @@ def _call(fn, fused: int, src_k, src_v, dst_k, dst_v, plan: NativePlan, rotary_d
     tok_off = np.ascontiguousarray(np.concatenate([g[2] for g in geo]), dtype=np.int64)
     dim_off = np.ascontiguousarray(np.concatenate([g[3] for g in geo]), dtype=np.int64)
     bases = (ctypes.c_void_p * 4)(*(v.data_ptr() for v in views))
-    fn(_DTYPES[dtype], plan.pieces, H, D, N, rotary_dim, int(is_neox_style), fused,
-       plan.src_slot.ctypes.data, plan.dst_slot.ctypes.data, plan.length.ctypes.data,
-       plan.run.ctypes.data, plan.cos.ctypes.data, plan.sin.ctypes.data,
-       ctypes.addressof(bases), strides.ctypes.data, tok_off.ctypes.data, dim_off.ctypes.data)
+    moved = fn(_DTYPES[dtype], plan.pieces, H, D, N, rotary_dim, int(is_neox_style), fused,
+               plan.src_slot.ctypes.data, plan.dst_slot.ctypes.data, plan.length.ctypes.data,
+               plan.run.ctypes.data, plan.cos.ctypes.data, plan.sin.ctypes.data,
+               ctypes.addressof(bases), strides.ctypes.data, tok_off.ctypes.data,
+               dim_off.ctypes.data)
+    if moved < 0:
+        raise MemoryError("the C loop could not allocate its offset tables")
 
 
 def move_layer_native(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,

@@ -21,6 +21,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { PC_F32 = 0, PC_BF16 = 1, PC_F16 = 2 };
@@ -32,6 +33,8 @@ typedef struct {
     int64_t head_stride;
     const int64_t *tok_off;
     const int64_t *dim_off;
+    int64_t *run2;  /* run2[o]: tokens from o on whose offsets step by 2 (AMX K's groups) */
+    int64_t *drun2; /* drun2[d]: head dims from d on whose offsets step by 2 (AMX V's) */
 } pc_view;
 
 static inline __attribute__((always_inline)) float pc_bf16_to_f32(uint16_t h) {
@@ -95,7 +98,7 @@ PC_INLINE void pc_store(char *p, float f, int dtype) {
  * words), pairs of tokens adjacent (AMX V: 4-byte words where a piece starts on a pair
  * on both sides). */
 typedef struct {
-    int dims, tokens, dim_pairs, token_pairs;
+    int dims, tokens, dim_pairs, token_pairs, dim_steps2;
 } pc_merge;
 
 /* Piece p: `length` tokens from source slot src_slot[p] on, to destination slot
@@ -110,6 +113,15 @@ typedef struct {
     pc_view v[4];
     pc_merge merge[2];
 } pc_job;
+
+/* Tokens from source offset so and destination offset dst_o on (at most `left`) whose
+ * offsets step by 2 elements on both sides: on AMX-packed K a run inside a 16-token
+ * group, where each token's pairs of dims are 4-byte words side by side. */
+PC_INLINE int64_t pc_run2(const pc_view *s, int64_t so, const pc_view *d, int64_t dst_o,
+                          int64_t left) {
+    int64_t r = s->run2[so] < d->run2[dst_o] ? s->run2[so] : d->run2[dst_o];
+    return r < left ? r : left;
+}
 
 /* Dims [from, to) of one head of a piece's tokens (offsets so, dst_o in their blocks),
  * bit for bit, as few and as wide moves as the layout allows; else dim by dim with the
@@ -132,11 +144,12 @@ PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_vi
         return;
     }
     if (esize == 2 && m->dim_pairs && from % 2 == 0 && to % 2 == 0) {
-        for (i = from; i < to; i += 2) {
-            const char *src = sh + s->dim_off[i] * 2;
-            char *dst = dh + d->dim_off[i] * 2;
-            for (t = 0; t < L; t++)
-                memcpy(dst + dtok[t] * 2, src + stok[t] * 2, 4);
+        int64_t r;
+        for (t = 0; t < L; t += r) {  /* a run's words of one pair of dims: one memcpy */
+            r = pc_run2(s, so + t, d, dst_o + t, L - t);
+            for (i = from; i < to; i += 2)
+                memcpy(dh + (dtok[t] + d->dim_off[i]) * 2, sh + (stok[t] + s->dim_off[i]) * 2,
+                       (size_t)(4 * r));
         }
         return;
     }
@@ -148,6 +161,22 @@ PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_vi
                 memcpy(dst + dtok[t] * 2, src + stok[t] * 2, 4);
             if (L % 2)
                 memcpy(dst + dtok[L - 1] * 2, src + stok[L - 1] * 2, 2);
+        }
+        return;
+    }
+    if (esize == 2 && m->dim_steps2) {
+        /* AMX V off its token pairs: a token's head dims step by 2 elements in runs of
+         * 16 on both sides, copied run by run, token by token. */
+        int64_t r, j;
+        for (t = 0; t < L; t++) {
+            for (i = from; i < to; i += r) {
+                const uint16_t *src = (const uint16_t *)sh + stok[t] + s->dim_off[i];
+                uint16_t *dst = (uint16_t *)dh + dtok[t] + d->dim_off[i];
+                r = s->drun2[i] < d->drun2[i] ? s->drun2[i] : d->drun2[i];
+                r = r < to - i ? r : to - i;
+                for (j = 0; j < r; j++)
+                    dst[2 * j] = src[2 * j];
+            }
         }
         return;
     }
@@ -179,6 +208,35 @@ PC_INLINE void pc_rotate(const pc_view *s, const char *sh, int64_t so, const pc_
                          const float *sn, const pc_merge *m) {
     const int64_t *stok = s->tok_off + so, *dtok = d->tok_off + dst_o;
     int64_t half = rotary_dim / 2, i, t;
+    if (neox && esize == 2 && m->dim_pairs && half % 2 == 0) {
+        /* AMX-packed K: dims (i, i + 1) share a word and a run's words lie side by side,
+         * so pairs (i, i + 1) of r tokens are 2r consecutive elements on each of their
+         * four sides, rotated as such (the compiler vectorizes this loop). */
+        int64_t r, e;
+        for (t = 0; t < L; t += r) {
+            r = pc_run2(s, so + t, d, dst_o + t, L - t);
+            for (i = 0; i < half; i += 2) {
+                const char *sa = sh + (stok[t] + s->dim_off[i]) * 2;
+                const char *sb = sh + (stok[t] + s->dim_off[i + half]) * 2;
+                char *da = dh + (dtok[t] + d->dim_off[i]) * 2;
+                char *db = dh + (dtok[t] + d->dim_off[i + half]) * 2;
+                float c0 = cs[i], c1 = cs[i + 1], s0 = sn[i], s1 = sn[i + 1];
+                for (e = 0; e < 2 * r; e += 2) {
+                    float a0 = pc_load(sa + e * 2, dtype), b0 = pc_load(sb + e * 2, dtype);
+                    float a1 = pc_load(sa + e * 2 + 2, dtype), b1 = pc_load(sb + e * 2 + 2, dtype);
+                    float c = c0, sn_ = s0, nsn = -s0;
+                    pc_store(da + e * 2, PC_ROT_A(a0, b0), dtype);
+                    pc_store(db + e * 2, PC_ROT_B(a0, b0), dtype);
+                    c = c1; sn_ = s1; nsn = -s1;
+                    pc_store(da + e * 2 + 2, PC_ROT_A(a1, b1), dtype);
+                    pc_store(db + e * 2 + 2, PC_ROT_B(a1, b1), dtype);
+                }
+            }
+        }
+        if (rotary_dim < D)
+            pc_copy(s, sh, so, d, dh, dst_o, L, rotary_dim, D, esize, m);
+        return;
+    }
     for (i = 0; i < half; i++) {
         int64_t ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
         const char *sa = sh + s->dim_off[ia] * esize, *sb = sh + s->dim_off[ib] * esize;
@@ -244,7 +302,7 @@ static int pc_adjacent(const int64_t *off, int64_t n, int step) {
 
 /* views: src K, src V, dst K, dst V (bases: element pointers; strides: block and head
  * stride of each; tok_off: 4 x N; dim_off: 4 x D).  cos/sin: [runs][rotary_dim / 2]
- * float32.  Returns the number of tokens moved. */
+ * float32.  Returns the number of tokens moved, -1 where its scratch could not be allocated. */
 int64_t pc_shifted_move(int dtype, int64_t pieces, int64_t H, int64_t D, int64_t N,
                         int64_t rotary_dim, int neox, int fused, const int64_t *src_slot,
                         const int64_t *dst_slot, const int64_t *length, const int32_t *run,
@@ -252,12 +310,24 @@ int64_t pc_shifted_move(int dtype, int64_t pieces, int64_t H, int64_t D, int64_t
                         const float *sin_tab, char *const *bases, const int64_t *strides,
                         const int64_t *tok_off, const int64_t *dim_off) {
     pc_job job;
+    int64_t *run2, moved;
     int k;
     job.pieces = pieces; job.H = H; job.D = D; job.N = N; job.rotary_dim = rotary_dim;
     job.neox = neox; job.src_slot = src_slot; job.dst_slot = dst_slot; job.length = length;
     job.run = run;
     job.cos_tab = cos_tab; job.sin_tab = sin_tab;
+    run2 = (int64_t *)malloc(sizeof(int64_t) * 4 * (size_t)(N + D));
+    if (!run2) return -1;
     for (k = 0; k < 4; k++) {
+        int64_t o;
+        job.v[k].run2 = run2 + k * N;
+        for (o = N - 1; o >= 0; o--)
+            job.v[k].run2[o] = o + 1 < N && tok_off[k * N + o + 1] == tok_off[k * N + o] + 2
+                               ? job.v[k].run2[o + 1] + 1 : 1;
+        job.v[k].drun2 = run2 + 4 * N + k * D;
+        for (o = D - 1; o >= 0; o--)
+            job.v[k].drun2[o] = o + 1 < D && dim_off[k * D + o + 1] == dim_off[k * D + o] + 2
+                                ? job.v[k].drun2[o + 1] + 1 : 1;
         job.v[k].base = bases[k];
         job.v[k].block_stride = strides[2 * k];
         job.v[k].head_stride = strides[2 * k + 1];
@@ -272,13 +342,16 @@ int64_t pc_shifted_move(int dtype, int64_t pieces, int64_t H, int64_t D, int64_t
                                  && pc_adjacent(d->dim_off, D, 2);
         job.merge[k].token_pairs = N % 2 == 0 && pc_adjacent(s->tok_off, N, 2)
                                    && pc_adjacent(d->tok_off, N, 2);
+        job.merge[k].dim_steps2 = s->drun2[0] >= 4 && d->drun2[0] >= 4;
     }
     switch (dtype * 2 + (fused ? 1 : 0)) {
-    case PC_F32 * 2: return pc_run(&job, PC_F32, 0);
-    case PC_F32 * 2 + 1: return pc_run(&job, PC_F32, 1);
-    case PC_BF16 * 2: return pc_run(&job, PC_BF16, 0);
-    case PC_BF16 * 2 + 1: return pc_run(&job, PC_BF16, 1);
-    case PC_F16 * 2: return pc_run(&job, PC_F16, 0);
-    default: return pc_run(&job, PC_F16, 1);
+    case PC_F32 * 2: moved = pc_run(&job, PC_F32, 0); break;
+    case PC_F32 * 2 + 1: moved = pc_run(&job, PC_F32, 1); break;
+    case PC_BF16 * 2: moved = pc_run(&job, PC_BF16, 0); break;
+    case PC_BF16 * 2 + 1: moved = pc_run(&job, PC_BF16, 1); break;
+    case PC_F16 * 2: moved = pc_run(&job, PC_F16, 0); break;
+    default: moved = pc_run(&job, PC_F16, 1); break;
     }
+    free(run2);
+    return moved;
 }

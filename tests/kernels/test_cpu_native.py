@@ -58,14 +58,23 @@ def test_the_c_loop_moves_what_the_per_token_path_moves_bit_for_bit(case, rng, m
                           deltas, inv_freq, msg)
 
 
+# NeoX on AMX pages, where pairs of pairs rotate as runs of words: with a tail of
+# unrotated dims (rotary 40 of 64), and with an odd half (34: element by element).
+SHIFT_CASES = {**{c: CASES[c] for c in ("cpu_amx-bf16-h3-d64-rot48", "cpu_vec-fp32-neox",
+                                        "cpu_amx-bf16-b128-tiny")},
+               "cpu_amx-bf16-d64-rot40-neox": ("cpu", "amx", torch.bfloat16, 2, 64, 40, True, 32),
+               "cpu_amx-fp16-d64-rot34-neox": ("cpu", "amx", torch.float16, 2, 64, 34, True, 32)}
+
+
 @pytest.mark.parametrize("delta", [0, 77])
 @pytest.mark.parametrize("shift", [0, 1, 2, 15, 16, 45])
-@pytest.mark.parametrize("case", ["cpu_amx-bf16-h3-d64-rot48", "cpu_vec-fp32-neox"])
+@pytest.mark.parametrize("case", list(SHIFT_CASES))
 def test_every_shift_against_packed_groups(case, shift, delta):
     """A run moved `shift` tokens further into its blocks than its source (AMX: inside or
-    across the 16-token K groups and the V pairs; a pair-aligned start copies V as
-    words, an odd one by elements): the per-token path's bytes and nothing else."""
-    _, isa, dtype, H, D, rot, neox, N = CASES[case]
+    across the 16-token K groups and the V pairs; group-aligned runs of K rotate as
+    words, a pair-aligned start copies V as words, an odd one by elements): the
+    per-token path's bytes and nothing else."""
+    _, isa, dtype, H, D, rot, neox, N = SHIFT_CASES[case]
     S, B = 4, 6
     _, (host_k, host_v) = _cpu_pages(S, H, N, D, dtype, isa, random=True)
     n = 2 * N + 7
