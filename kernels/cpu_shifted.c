@@ -123,6 +123,43 @@ PC_INLINE int64_t pc_run2(const pc_view *s, int64_t so, const pc_view *d, int64_
     return r < left ? r : left;
 }
 
+/* Dims [from, to) of one head of L tokens, element by element, the tokens inner. */
+static void pc_copy_tokens(const pc_view *s, const char *sh, int64_t so, const pc_view *d,
+                           char *dh, int64_t dst_o, int64_t L, int64_t from, int64_t to,
+                           int esize) {
+    const int64_t *stok = s->tok_off + so, *dtok = d->tok_off + dst_o;
+    int64_t i, t;
+    for (i = from; i < to; i++) {
+        if (esize == 2) {
+            const uint16_t *src = (const uint16_t *)sh + s->dim_off[i];
+            uint16_t *dst = (uint16_t *)dh + d->dim_off[i];
+            for (t = 0; t < L; t++)
+                dst[dtok[t]] = src[stok[t]];
+        } else {
+            const uint32_t *src = (const uint32_t *)sh + s->dim_off[i];
+            uint32_t *dst = (uint32_t *)dh + d->dim_off[i];
+            for (t = 0; t < L; t++)
+                dst[dtok[t]] = src[stok[t]];
+        }
+    }
+}
+
+/* The 4-byte word at o <- high half of the word at a, then low half of the one at b
+ * (little-endian: a pair's odd token, then the next pair's even one). */
+PC_INLINE void pc_join_halves(char *o, const char *a, const char *b) {
+    uint32_t wa, wb, w;
+    memcpy(&wa, a, 4);
+    memcpy(&wb, b, 4);
+    w = (wa >> 16) | (wb << 16);
+    memcpy(o, &w, 4);
+}
+
+/* Head dims from i on (below `to`) whose offsets step by 2 on both sides. */
+PC_INLINE int64_t pc_drun2(const pc_view *s, const pc_view *d, int64_t i, int64_t to) {
+    int64_t r = s->drun2[i] < d->drun2[i] ? s->drun2[i] : d->drun2[i];
+    return r < to - i ? r : to - i;
+}
+
 /* Dims [from, to) of one head of a piece's tokens (offsets so, dst_o in their blocks),
  * bit for bit, as few and as wide moves as the layout allows; else dim by dim with the
  * piece's tokens inner (on packed pages a dim's tokens lie close together). */
@@ -153,6 +190,55 @@ PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_vi
         }
         return;
     }
+    if (esize == 2 && m->token_pairs && m->dim_steps2 && so % 2 == dst_o % 2) {
+        /* AMX V on its token pairs: a pair's run of dims is one run of 4-byte words
+         * (an odd first token and an unpaired last one by elements). */
+        int64_t r;
+        t = 0;
+        if (so % 2) {
+            pc_copy_tokens(s, sh, so, d, dh, dst_o, 1, from, to, esize);
+            t = 1;
+        }
+        for (; t + 1 < L; t += 2)
+            for (i = from; i < to; i += r) {
+                r = pc_drun2(s, d, i, to);
+                memcpy(dh + (dtok[t] + d->dim_off[i]) * 2, sh + (stok[t] + s->dim_off[i]) * 2,
+                       (size_t)(4 * r));
+            }
+        if (t < L)
+            pc_copy_tokens(s, sh, so + t, d, dh, dst_o + t, 1, from, to, esize);
+        return;
+    }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (esize == 2 && m->token_pairs && m->dim_steps2 && so % 2 != dst_o % 2) {
+        /* AMX V off its token pairs: a destination pair (even, odd) takes the high half
+         * of one source word (an odd token) and the low half of the next pair's word, a
+         * run of words at a time (a loop the compiler vectorizes).  The source word read
+         * starts one token before the piece at most, inside the same block's page. */
+        int64_t r, j;
+        t = 0;
+        if (dst_o % 2) {
+            pc_copy_tokens(s, sh, so, d, dh, dst_o, 1, from, to, esize);
+            t = 1;
+        }
+        for (; t + 1 < L; t += 2)
+            for (i = from; i < to; i += r) {
+                const char *wa = sh + (stok[t] - 1 + s->dim_off[i]) * 2;
+                const char *wb = sh + (stok[t + 1] + s->dim_off[i]) * 2;
+                char *wo = dh + (dtok[t] + d->dim_off[i]) * 2;
+                r = pc_drun2(s, d, i, to);
+                if (r == 16)  /* AMX's runs: a trip count the compiler vectorizes whole */
+                    for (j = 0; j < 16; j++)
+                        pc_join_halves(wo + 4 * j, wa + 4 * j, wb + 4 * j);
+                else
+                    for (j = 0; j < r; j++)
+                        pc_join_halves(wo + 4 * j, wa + 4 * j, wb + 4 * j);
+            }
+        if (t < L)
+            pc_copy_tokens(s, sh, so + t, d, dh, dst_o + t, 1, from, to, esize);
+        return;
+    }
+#endif
     if (esize == 2 && m->token_pairs && so % 2 == 0 && dst_o % 2 == 0) {
         for (i = from; i < to; i++) {
             const char *src = sh + s->dim_off[i] * 2;
@@ -172,27 +258,14 @@ PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_vi
             for (i = from; i < to; i += r) {
                 const uint16_t *src = (const uint16_t *)sh + stok[t] + s->dim_off[i];
                 uint16_t *dst = (uint16_t *)dh + dtok[t] + d->dim_off[i];
-                r = s->drun2[i] < d->drun2[i] ? s->drun2[i] : d->drun2[i];
-                r = r < to - i ? r : to - i;
+                r = pc_drun2(s, d, i, to);
                 for (j = 0; j < r; j++)
                     dst[2 * j] = src[2 * j];
             }
         }
         return;
     }
-    for (i = from; i < to; i++) {
-        if (esize == 2) {
-            const uint16_t *src = (const uint16_t *)sh + s->dim_off[i];
-            uint16_t *dst = (uint16_t *)dh + d->dim_off[i];
-            for (t = 0; t < L; t++)
-                dst[dtok[t]] = src[stok[t]];
-        } else {
-            const uint32_t *src = (const uint32_t *)sh + s->dim_off[i];
-            uint32_t *dst = (uint32_t *)dh + d->dim_off[i];
-            for (t = 0; t < L; t++)
-                dst[dtok[t]] = src[stok[t]];
-        }
-    }
+    pc_copy_tokens(s, sh, so, d, dh, dst_o, L, from, to, esize);
 }
 
 /* A pair's new values, `rotate_pairs_`'s arithmetic. */

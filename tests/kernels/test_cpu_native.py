@@ -72,8 +72,9 @@ SHIFT_CASES = {**{c: CASES[c] for c in ("cpu_amx-bf16-h3-d64-rot48", "cpu_vec-fp
 def test_every_shift_against_packed_groups(case, shift, delta):
     """A run moved `shift` tokens further into its blocks than its source (AMX: inside or
     across the 16-token K groups and the V pairs; group-aligned runs of K rotate as
-    words, a pair-aligned start copies V as words, an odd one by elements): the
-    per-token path's bytes and nothing else."""
+    words, V moves as runs of words where both sides' pairs line up and by joining
+    word halves where they are off by one token, odd ends by elements): the per-token
+    path's bytes and nothing else."""
     _, isa, dtype, H, D, rot, neox, N = SHIFT_CASES[case]
     S, B = 4, 6
     _, (host_k, host_v) = _cpu_pages(S, H, N, D, dtype, isa, random=True)
