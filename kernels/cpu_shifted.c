@@ -112,6 +112,7 @@ typedef struct {
     const float *cos_tab, *sin_tab;
     pc_view v[4];
     pc_merge merge[2];
+    char *scratch; /* 8 N bytes: a piece's rotated K words of two pairs of dims */
 } pc_job;
 
 /* Tokens from source offset so and destination offset dst_o on (at most `left`) whose
@@ -272,38 +273,78 @@ PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_vi
 #define PC_ROT_A(a, b) (fused ? fmaf(b, nsn, (a) * c) : (a) * c + (b) * nsn)
 #define PC_ROT_B(a, b) (fused ? fmaf(a, sn_, (b) * c) : (b) * c + (a) * sn_)
 
+/* r tokens' words of dims (i, i + 1) at sa and of (i + half, i + 1 + half) at sb,
+ * rotated into da and db (2r elements each; cs, sn: the angles of pairs i and i + 1). */
+PC_INLINE void pc_rotate_words_n(char *da, char *db, const char *sa, const char *sb,
+                                 int64_t r, int dtype, int fused, const float *cs,
+                                 const float *sn) {
+    float c0 = cs[0], c1 = cs[1], s0 = sn[0], s1 = sn[1];
+    int64_t e;
+    for (e = 0; e < 2 * r; e += 2) {
+        float a0 = pc_load(sa + e * 2, dtype), b0 = pc_load(sb + e * 2, dtype);
+        float a1 = pc_load(sa + e * 2 + 2, dtype), b1 = pc_load(sb + e * 2 + 2, dtype);
+        float c = c0, sn_ = s0, nsn = -s0;
+        pc_store(da + e * 2, PC_ROT_A(a0, b0), dtype);
+        pc_store(db + e * 2, PC_ROT_B(a0, b0), dtype);
+        c = c1; sn_ = s1; nsn = -s1;
+        pc_store(da + e * 2 + 2, PC_ROT_A(a1, b1), dtype);
+        pc_store(db + e * 2 + 2, PC_ROT_B(a1, b1), dtype);
+    }
+}
+
+/* The same, a whole 16-token group's run (AMX's) with a trip count the compiler
+ * vectorizes without a scalar tail. */
+PC_INLINE void pc_rotate_words(char *da, char *db, const char *sa, const char *sb, int64_t r,
+                               int dtype, int fused, const float *cs, const float *sn) {
+    if (r == 16)
+        pc_rotate_words_n(da, db, sa, sb, 16, dtype, fused, cs, sn);
+    else
+        pc_rotate_words_n(da, db, sa, sb, r, dtype, fused, cs, sn);
+}
+
 /* One head of a piece's tokens, rotated: each pair of dims in [0, rotary_dim) by its
  * angle (one per pair for the whole piece), the piece's tokens inner; the other dims
  * copied. */
 PC_INLINE void pc_rotate(const pc_view *s, const char *sh, int64_t so, const pc_view *d,
                          char *dh, int64_t dst_o, int64_t L, int64_t D, int esize, int dtype,
                          int64_t rotary_dim, int neox, int fused, const float *cs,
-                         const float *sn, const pc_merge *m) {
+                         const float *sn, const pc_merge *m, char *scratch) {
     const int64_t *stok = s->tok_off + so, *dtok = d->tok_off + dst_o;
     int64_t half = rotary_dim / 2, i, t;
     if (neox && esize == 2 && m->dim_pairs && half % 2 == 0) {
         /* AMX-packed K: dims (i, i + 1) share a word and a run's words lie side by side,
          * so pairs (i, i + 1) of r tokens are 2r consecutive elements on each of their
-         * four sides, rotated as such (the compiler vectorizes this loop). */
-        int64_t r, e;
-        for (t = 0; t < L; t += r) {
-            r = pc_run2(s, so + t, d, dst_o + t, L - t);
+         * four sides, rotated as such (the compiler vectorizes this loop).  Where the
+         * destination's 16-token groups do not line up with the source's, the runs both
+         * allow are short: the source's runs are rotated into the scratch, which then
+         * moves to the destination a run of words at a time. */
+        int64_t r;
+        if (scratch && pc_run2(s, so, d, dst_o, L) < (s->run2[so] < L ? s->run2[so] : L)) {
+            char *xa = scratch, *xb = scratch + 4 * L;
             for (i = 0; i < half; i += 2) {
-                const char *sa = sh + (stok[t] + s->dim_off[i]) * 2;
-                const char *sb = sh + (stok[t] + s->dim_off[i + half]) * 2;
-                char *da = dh + (dtok[t] + d->dim_off[i]) * 2;
-                char *db = dh + (dtok[t] + d->dim_off[i + half]) * 2;
-                float c0 = cs[i], c1 = cs[i + 1], s0 = sn[i], s1 = sn[i + 1];
-                for (e = 0; e < 2 * r; e += 2) {
-                    float a0 = pc_load(sa + e * 2, dtype), b0 = pc_load(sb + e * 2, dtype);
-                    float a1 = pc_load(sa + e * 2 + 2, dtype), b1 = pc_load(sb + e * 2 + 2, dtype);
-                    float c = c0, sn_ = s0, nsn = -s0;
-                    pc_store(da + e * 2, PC_ROT_A(a0, b0), dtype);
-                    pc_store(db + e * 2, PC_ROT_B(a0, b0), dtype);
-                    c = c1; sn_ = s1; nsn = -s1;
-                    pc_store(da + e * 2 + 2, PC_ROT_A(a1, b1), dtype);
-                    pc_store(db + e * 2 + 2, PC_ROT_B(a1, b1), dtype);
+                for (t = 0; t < L; t += r) {
+                    r = s->run2[so + t] < L - t ? s->run2[so + t] : L - t;
+                    pc_rotate_words(xa + 4 * t, xb + 4 * t,
+                                    sh + (stok[t] + s->dim_off[i]) * 2,
+                                    sh + (stok[t] + s->dim_off[i + half]) * 2, r, dtype, fused,
+                                    cs + i, sn + i);
                 }
+                for (t = 0; t < L; t += r) {
+                    r = d->run2[dst_o + t] < L - t ? d->run2[dst_o + t] : L - t;
+                    memcpy(dh + (dtok[t] + d->dim_off[i]) * 2, xa + 4 * t, (size_t)(4 * r));
+                    memcpy(dh + (dtok[t] + d->dim_off[i + half]) * 2, xb + 4 * t,
+                           (size_t)(4 * r));
+                }
+            }
+        } else {
+            for (t = 0; t < L; t += r) {
+                r = pc_run2(s, so + t, d, dst_o + t, L - t);
+                for (i = 0; i < half; i += 2)
+                    pc_rotate_words(dh + (dtok[t] + d->dim_off[i]) * 2,
+                                    dh + (dtok[t] + d->dim_off[i + half]) * 2,
+                                    sh + (stok[t] + s->dim_off[i]) * 2,
+                                    sh + (stok[t] + s->dim_off[i + half]) * 2, r, dtype, fused,
+                                    cs + i, sn + i);
             }
         }
         if (rotary_dim < D)
@@ -354,7 +395,8 @@ PC_INLINE int64_t pc_run(const pc_job *job, int dtype, int fused) {
                     pc_rotate(s, sh, ss % N, d, dh, ds % N, L, job->D, esize, dtype,
                               job->rotary_dim, job->neox, fused,
                               job->cos_tab + (int64_t)r * half,
-                              job->sin_tab + (int64_t)r * half, &job->merge[k]);
+                              job->sin_tab + (int64_t)r * half, &job->merge[k],
+                              job->scratch);
                 else
                     pc_copy(s, sh, ss % N, d, dh, ds % N, L, 0, job->D, esize, &job->merge[k]);
             }
@@ -389,8 +431,9 @@ int64_t pc_shifted_move(int dtype, int64_t pieces, int64_t H, int64_t D, int64_t
     job.neox = neox; job.src_slot = src_slot; job.dst_slot = dst_slot; job.length = length;
     job.run = run;
     job.cos_tab = cos_tab; job.sin_tab = sin_tab;
-    run2 = (int64_t *)malloc(sizeof(int64_t) * 4 * (size_t)(N + D));
+    run2 = (int64_t *)malloc(sizeof(int64_t) * 4 * (size_t)(N + D) + 8 * (size_t)N);
     if (!run2) return -1;
+    job.scratch = (char *)(run2 + 4 * (N + D));
     for (k = 0; k < 4; k++) {
         int64_t o;
         job.v[k].run2 = run2 + k * N;
