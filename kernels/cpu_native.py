@@ -162,7 +162,7 @@ def _load(cc: str):
     fn = lib.pc_shifted_move
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int,
-                   ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+                   ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr]
     fn.restype = i64
     return fn
 
@@ -191,7 +191,7 @@ def _matching_arithmetic(fn) -> int | None:
                                            rotary_dim, neox)
                 got_k, got_v = (torch.zeros(6, N, H, D, dtype=dtype) for _ in range(2))
                 plan = plan_native(src // N, src % N, dst, deltas, N, freqs)
-                _call(fn, fused, hk, hv, got_k, got_v, plan, rotary_dim, neox)
+                _call(fn, fused, [(hk, hv, got_k, got_v)], plan, rotary_dim, neox)
                 ok &= all(torch.equal(w.view(torch.uint8), g.view(torch.uint8))
                           for w, g in ((want_k, got_k), (want_v, got_v)))
         if ok:
@@ -235,12 +235,19 @@ def _geometry(view: torch.Tensor) -> tuple[int, int, np.ndarray, np.ndarray]:
     return (st[0], st[3], o // TG * st[1] + o % TG * st[2], d // DGs * st[4] + d % DGs * st[5])
 
 
-def _call(fn, fused: int, src_k, src_v, dst_k, dst_v, plan: NativePlan, rotary_dim: int,
+def _layout(view: torch.Tensor) -> tuple:
+    return view.shape, view.stride(), view.dtype
+
+
+def _call(fn, fused: int, layers, plan: NativePlan, rotary_dim: int,
           is_neox_style: bool) -> None:
-    views = (src_k, src_v, dst_k, dst_v)
-    dtype = src_k.dtype
+    """One call of the C loop for `layers`, 4-tuples of views (src K, src V, dst K, dst V)
+    laid out alike (`_layout`): the first layer's geometry serves all."""
+    views = layers[0]
+    dtype = views[0].dtype
     if any(v.dtype != dtype or v.device.type != "cpu" for v in views):
         raise ValueError("C shifted loads move CPU tensors of one dtype")
+    src_k, src_v, dst_k, dst_v = views
     geo = [_geometry(v) for v in views]
     N, D = len(geo[0][2]), len(geo[0][3])
     H = src_k.shape[3] if src_k.dim() == 6 else src_k.shape[2]
@@ -251,13 +258,17 @@ def _call(fn, fused: int, src_k, src_v, dst_k, dst_v, plan: NativePlan, rotary_d
         raise IndexError(f"a token's block is outside the views (source block "
                          f"{plan.max_src_block} of {src_k.shape[0]}, destination "
                          f"{plan.max_dst_block} of {dst_k.shape[0]})")
+    first = [_layout(v) for v in views]
+    if any([_layout(v) for v in layer] != first for layer in layers[1:]):
+        raise ValueError("the layers of one C call must be laid out alike")
     strides = np.array([s for g in geo for s in g[:2]], dtype=np.int64)
     tok_off = np.ascontiguousarray(np.concatenate([g[2] for g in geo]), dtype=np.int64)
     dim_off = np.ascontiguousarray(np.concatenate([g[3] for g in geo]), dtype=np.int64)
-    bases = (ctypes.c_void_p * 4)(*(v.data_ptr() for v in views))
+    bases = (ctypes.c_void_p * (4 * len(layers)))(
+        *(v.data_ptr() for layer in layers for v in layer))
     moved = fn(_DTYPES[dtype], plan.pieces, H, D, N, rotary_dim, int(is_neox_style), fused,
                plan.src_slot.ctypes.data, plan.dst_slot.ctypes.data, plan.length.ctypes.data,
-               plan.run.ctypes.data, plan.cos.ctypes.data, plan.sin.ctypes.data,
+               plan.run.ctypes.data, plan.cos.ctypes.data, plan.sin.ctypes.data, len(layers),
                ctypes.addressof(bases), strides.ctypes.data, tok_off.ctypes.data,
                dim_off.ctypes.data)
     if moved < 0:
@@ -269,5 +280,22 @@ def move_layer_native(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Ten
                       is_neox_style: bool) -> None:
     """One layer of a shifted load through the C loop (`native_move()` must have
     returned it): host slots' paged views -> the layer's paged views."""
+    move_layers_native([(src_k, src_v, dst_k, dst_v)], plan, rotary_dim, is_neox_style)
+
+
+def move_layers_native(layers, plan: NativePlan, rotary_dim: int,
+                       is_neox_style: bool) -> None:
+    """Every layer of a shifted load, `layers` a sequence of view 4-tuples (src K, src V,
+    dst K, dst V), through the C loop (`native_move()` must have returned it): layers
+    laid out like the first (the usual case: vLLM allocates every layer alike) share one
+    call, whose offset tables and checks are built once; any other layer gets its own."""
     fn, fused = native_move()
-    _call(fn, fused, src_k, src_v, dst_k, dst_v, plan, rotary_dim, is_neox_style)
+    layers = list(layers)
+    if not layers:
+        return
+    first = [_layout(v) for v in layers[0]]
+    alike = [layer for layer in layers if [_layout(v) for v in layer] == first]
+    _call(fn, fused, alike, plan, rotary_dim, is_neox_style)
+    for layer in layers:
+        if [_layout(v) for v in layer] != first:
+            _call(fn, fused, [layer], plan, rotary_dim, is_neox_style)

@@ -415,17 +415,20 @@ static int pc_adjacent(const int64_t *off, int64_t n, int step) {
     return 1;
 }
 
-/* views: src K, src V, dst K, dst V (bases: element pointers; strides: block and head
- * stride of each; tok_off: 4 x N; dim_off: 4 x D).  cos/sin: [runs][rotary_dim / 2]
- * float32.  Returns the number of tokens moved, -1 where its scratch could not be allocated. */
+/* views: src K, src V, dst K, dst V of `layers` layers laid out alike (bases: 4 x layers
+ * pointers to their first elements, layer by layer; strides: block and head stride of
+ * each kind; tok_off: 4 x N; dim_off: 4 x D), the plan's pieces moved in every layer.
+ * cos/sin: [runs][rotary_dim / 2] float32.  Returns the number of tokens moved (summed
+ * over layers), -1 where its scratch could not be allocated. */
 int64_t pc_shifted_move(int dtype, int64_t pieces, int64_t H, int64_t D, int64_t N,
                         int64_t rotary_dim, int neox, int fused, const int64_t *src_slot,
                         const int64_t *dst_slot, const int64_t *length, const int32_t *run,
                         const float *cos_tab,
-                        const float *sin_tab, char *const *bases, const int64_t *strides,
-                        const int64_t *tok_off, const int64_t *dim_off) {
+                        const float *sin_tab, int64_t layers, char *const *bases,
+                        const int64_t *strides, const int64_t *tok_off,
+                        const int64_t *dim_off) {
     pc_job job;
-    int64_t *run2, moved;
+    int64_t *run2, moved = 0, layer;
     int k;
     job.pieces = pieces; job.H = H; job.D = D; job.N = N; job.rotary_dim = rotary_dim;
     job.neox = neox; job.src_slot = src_slot; job.dst_slot = dst_slot; job.length = length;
@@ -444,7 +447,6 @@ int64_t pc_shifted_move(int dtype, int64_t pieces, int64_t H, int64_t D, int64_t
         for (o = D - 1; o >= 0; o--)
             job.v[k].drun2[o] = o + 1 < D && dim_off[k * D + o + 1] == dim_off[k * D + o] + 2
                                 ? job.v[k].drun2[o + 1] + 1 : 1;
-        job.v[k].base = bases[k];
         job.v[k].block_stride = strides[2 * k];
         job.v[k].head_stride = strides[2 * k + 1];
         job.v[k].tok_off = tok_off + k * N;
@@ -460,13 +462,17 @@ int64_t pc_shifted_move(int dtype, int64_t pieces, int64_t H, int64_t D, int64_t
                                    && pc_adjacent(d->tok_off, N, 2);
         job.merge[k].dim_steps2 = s->drun2[0] >= 4 && d->drun2[0] >= 4;
     }
-    switch (dtype * 2 + (fused ? 1 : 0)) {
-    case PC_F32 * 2: moved = pc_run(&job, PC_F32, 0); break;
-    case PC_F32 * 2 + 1: moved = pc_run(&job, PC_F32, 1); break;
-    case PC_BF16 * 2: moved = pc_run(&job, PC_BF16, 0); break;
-    case PC_BF16 * 2 + 1: moved = pc_run(&job, PC_BF16, 1); break;
-    case PC_F16 * 2: moved = pc_run(&job, PC_F16, 0); break;
-    default: moved = pc_run(&job, PC_F16, 1); break;
+    for (layer = 0; layer < layers; layer++) {
+        for (k = 0; k < 4; k++)
+            job.v[k].base = bases[4 * layer + k];
+        switch (dtype * 2 + (fused ? 1 : 0)) {
+        case PC_F32 * 2: moved += pc_run(&job, PC_F32, 0); break;
+        case PC_F32 * 2 + 1: moved += pc_run(&job, PC_F32, 1); break;
+        case PC_BF16 * 2: moved += pc_run(&job, PC_BF16, 0); break;
+        case PC_BF16 * 2 + 1: moved += pc_run(&job, PC_BF16, 1); break;
+        case PC_F16 * 2: moved += pc_run(&job, PC_F16, 0); break;
+        default: moved += pc_run(&job, PC_F16, 1); break;
+        }
     }
     free(run2);
     return moved;

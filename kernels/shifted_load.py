@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_native import NativePlan, move_layer_native, native_dtypes, native_move, plan_native
+from .cpu_native import (NativePlan, move_layer_native, move_layers_native, native_dtypes,
+                         native_move, plan_native)
 from .rope_shift import _use_triton, paged_kv_views, rope_shift_paged_
 from .shifted_slices import SlicePlan, move_layer, plan_slices
 
@@ -95,6 +96,36 @@ def load_tokens_shifted(host_layer: torch.Tensor, src_slots: torch.Tensor,
                       dst_slot_mapping.to(device=device, dtype=torch.int64),
                       delta.to(device=device, dtype=torch.int64), inv_freq, rotary_dim,
                       is_neox_style)
+
+
+def load_layers_shifted(host_layers, kv_layers, src_slots: torch.Tensor,
+                        src_offsets: torch.Tensor, layout: str, num_kv_heads: int,
+                        head_size: int, block_size: int, dst_slot_mapping: torch.Tensor,
+                        delta: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int,
+                        is_neox_style: bool, isa: str | None = None,
+                        plan: NativePlan | SlicePlan | None = None) -> None:
+    """`load_tokens_shifted` for every layer of a load, host_layers[i] -> kv_layers[i]
+    (arguments otherwise as there).  With the C loop's plan, every layer laid out alike
+    moves in one call (its offset tables built once, not per layer)."""
+    host_layers, kv_layers = list(host_layers), list(kv_layers)
+    if len(host_layers) != len(kv_layers):
+        raise ValueError(f"{len(host_layers)} host layers for {len(kv_layers)} KV layers")
+    if isinstance(plan, NativePlan) and kv_layers and not _use_triton(kv_layers[0]):
+        if src_slots.numel() == 0:
+            return
+        views = []
+        for host_layer, kv_layer in zip(host_layers, kv_layers):
+            host = host_as_layer(host_layer, kv_layer)
+            views.append((*paged_kv_views(host, layout, num_kv_heads, head_size, block_size,
+                                          isa),
+                          *paged_kv_views(kv_layer, layout, num_kv_heads, head_size,
+                                          block_size, isa)))
+        move_layers_native(views, plan, rotary_dim, is_neox_style)
+        return
+    for host_layer, kv_layer in zip(host_layers, kv_layers):
+        load_tokens_shifted(host_layer, src_slots, src_offsets, kv_layer, layout, num_kv_heads,
+                            head_size, block_size, dst_slot_mapping, delta, inv_freq,
+                            rotary_dim, is_neox_style, isa, plan)
 
 
 def plan_cpu_load(src_slots, src_offsets, dst_slots, deltas, block_size: int,

@@ -21,7 +21,8 @@ from tests.kernels.test_shifted_slices import (  # noqa: F401 (rng: a fixture)
 from vllm_promptcache.kernels import cpu_native
 from vllm_promptcache.kernels.cpu_native import NativePlan, move_layer_native, plan_native
 from vllm_promptcache.kernels.rope_shift import rope_shift_paged_reference
-from vllm_promptcache.kernels.shifted_load import load_tokens_shifted, plan_cpu_load
+from vllm_promptcache.kernels.shifted_load import (load_layers_shifted, load_tokens_shifted,
+                                                   plan_cpu_load)
 from vllm_promptcache.kernels.shifted_slices import SlicePlan
 
 
@@ -56,6 +57,37 @@ def test_the_c_loop_moves_what_the_per_token_path_moves_bit_for_bit(case, rng, m
     assert plan.tokens == int((dst >= 0).sum()), msg
     check_against_sources(case, ours_raw, k, v, block_of_slot, src_slots, src_offsets, dst,
                           deltas, inv_freq, msg)
+
+
+@pytest.mark.parametrize("case", ["cpu_amx-bf16-h3-d64-rot48", "cpu_vec-fp32-neox"])
+def test_every_layer_of_a_load_moves_in_one_call(case, rng, monkeypatch):
+    """A load's layers laid out alike share one C call (its tables built once); a layer
+    laid out otherwise (here: a pool with more blocks) gets its own; each layer still
+    holds the per-token path's bytes of its own host layer."""
+    np_rng, seed = rng
+    layout, isa, dtype, H, D, rot, neox, N = CASES[case]
+    msg = f"[{case} seed={seed}]"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    src_slots, src_offsets, dst, deltas = layout_of_a_load(np_rng, N)
+    args = [torch.from_numpy(a) for a in (src_slots, src_offsets, dst, deltas)]
+    inv_freq = llama_inv_freq(rot)
+    hosts = [setup_layers(case, np_rng)[3] for _ in range(4)]
+    layers = [make_layer(layout, isa, DST_BLOCKS + (2 if i == 2 else 0), H, N, D, dtype)
+              for i in range(4)]
+    plan = plan_cpu_load(*args, N, inv_freq, dtype)  # (builds and checks the loop first)
+    calls = []
+    real_call = cpu_native._call
+    monkeypatch.setattr(cpu_native, "_call",
+                        lambda fn, fused, views, *a: calls.append(len(views))
+                        or real_call(fn, fused, views, *a))
+    load_layers_shifted(hosts, [kv for _, kv, _ in layers], *args[:2], layers[0][2], H, D, N,
+                        *args[2:], inv_freq, rot, neox, isa=isa, plan=plan)
+    assert sorted(calls) == [1, 3], msg
+    for i, ((raw, _, name), host) in enumerate(zip(layers, hosts)):
+        want = per_token_layer(case, host, name, args, inv_freq)
+        assert torch.equal(bits(raw[:DST_BLOCKS]), bits(want)), f"{msg} layer {i}"
+        if i == 2:  # nothing written past the other layers' pool
+            assert torch.isnan(raw[DST_BLOCKS:].float()).all(), msg
 
 
 # NeoX on AMX pages, where pairs of pairs rotate as runs of words: with a tail of

@@ -189,7 +189,7 @@ class PromptCacheWorker:
     def _load_shifted(self, load: ShiftedLoad) -> None:
         """Tokens from host slots at other positions (CPU backend); synchronous, before
         the forward."""
-        from ..kernels.shifted_load import (check_token_sources, load_tokens_shifted,
+        from ..kernels.shifted_load import (check_token_sources, load_layers_shifted,
                                             plan_cpu_load)
 
         start = time.perf_counter()
@@ -204,11 +204,10 @@ class PromptCacheWorker:
         plan = plan_cpu_load(src_slots, src_offsets, dst, deltas, self.block_size, inv_freq,
                              next(iter(self.raw_kv.values())).dtype)
         inv_freq = inv_freq.to(self.device)
-        for name in self.kv:
-            load_tokens_shifted(self.buffer.layer_view(name), src_slots, src_offsets,
-                                self.raw_kv[name], layout, self.num_kv_heads, self.head_size,
-                                self.block_size, dst, deltas, inv_freq, rotary_dim, is_neox,
-                                plan=plan)
+        load_layers_shifted([self.buffer.layer_view(name) for name in self.kv],
+                            [self.raw_kv[name] for name in self.kv], src_slots, src_offsets,
+                            layout, self.num_kv_heads, self.head_size, self.block_size, dst,
+                            deltas, inv_freq, rotary_dim, is_neox, plan=plan)
         with self._stats_lock:
             tokens = len(load.deltas)
             self._stats.inc("loaded_bytes_total", tokens * self.slot_bytes // self.block_size,
