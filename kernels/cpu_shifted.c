@@ -67,6 +67,13 @@ static inline uint16_t pc_f32_to_f16(float f) {
 
 #define PC_INLINE static inline __attribute__((always_inline))
 
+/* Whether 16-bit halves of a 4-byte word sit low half first (pc_join_halves). */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define PC_LE 1
+#else
+#define PC_LE 0
+#endif
+
 PC_INLINE float pc_load(const char *p, int dtype) {
     uint16_t h;
     float f;
@@ -191,31 +198,14 @@ PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_vi
         }
         return;
     }
-    if (esize == 2 && m->token_pairs && m->dim_steps2 && so % 2 == dst_o % 2) {
-        /* AMX V on its token pairs: a pair's run of dims is one run of 4-byte words
-         * (an odd first token and an unpaired last one by elements). */
-        int64_t r;
-        t = 0;
-        if (so % 2) {
-            pc_copy_tokens(s, sh, so, d, dh, dst_o, 1, from, to, esize);
-            t = 1;
-        }
-        for (; t + 1 < L; t += 2)
-            for (i = from; i < to; i += r) {
-                r = pc_drun2(s, d, i, to);
-                memcpy(dh + (dtok[t] + d->dim_off[i]) * 2, sh + (stok[t] + s->dim_off[i]) * 2,
-                       (size_t)(4 * r));
-            }
-        if (t < L)
-            pc_copy_tokens(s, sh, so + t, d, dh, dst_o + t, 1, from, to, esize);
-        return;
-    }
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    if (esize == 2 && m->token_pairs && m->dim_steps2 && so % 2 != dst_o % 2) {
-        /* AMX V off its token pairs: a destination pair (even, odd) takes the high half
-         * of one source word (an odd token) and the low half of the next pair's word, a
-         * run of words at a time (a loop the compiler vectorizes).  The source word read
-         * starts one token before the piece at most, inside the same block's page. */
+    if (esize == 2 && m->token_pairs && m->dim_steps2 && (so % 2 == dst_o % 2 || PC_LE)) {
+        /* AMX V: a destination pair of tokens' run of dims is one run of 4-byte words.
+         * Where the source's pairs line up, it is the source's run of words; where they
+         * are off by one token, each word joins the high half of one source word (an odd
+         * token) and the low half of the next pair's word (a loop the compiler
+         * vectorizes; the source word read starts one token before the piece at most,
+         * inside the same block's page).  An odd first token and an unpaired last one
+         * move by elements. */
         int64_t r, j;
         t = 0;
         if (dst_o % 2) {
@@ -224,10 +214,14 @@ PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_vi
         }
         for (; t + 1 < L; t += 2)
             for (i = from; i < to; i += r) {
-                const char *wa = sh + (stok[t] - 1 + s->dim_off[i]) * 2;
-                const char *wb = sh + (stok[t + 1] + s->dim_off[i]) * 2;
                 char *wo = dh + (dtok[t] + d->dim_off[i]) * 2;
                 r = pc_drun2(s, d, i, to);
+                if (so % 2 == dst_o % 2) {
+                    memcpy(wo, sh + (stok[t] + s->dim_off[i]) * 2, (size_t)(4 * r));
+                    continue;
+                }
+                const char *wa = sh + (stok[t] - 1 + s->dim_off[i]) * 2;
+                const char *wb = sh + (stok[t + 1] + s->dim_off[i]) * 2;
                 if (r == 16)  /* AMX's runs: a trip count the compiler vectorizes whole */
                     for (j = 0; j < 16; j++)
                         pc_join_halves(wo + 4 * j, wa + 4 * j, wb + 4 * j);
@@ -239,7 +233,6 @@ PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_vi
             pc_copy_tokens(s, sh, so + t, d, dh, dst_o + t, 1, from, to, esize);
         return;
     }
-#endif
     if (esize == 2 && m->token_pairs && so % 2 == 0 && dst_o % 2 == 0) {
         for (i = from; i < to; i++) {
             const char *src = sh + s->dim_off[i] * 2;
