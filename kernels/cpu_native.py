@@ -293,9 +293,9 @@ def move_layers_native(layers, plan: NativePlan, rotary_dim: int,
     layers = list(layers)
     if not layers:
         return
-    first = [_layout(v) for v in layers[0]]
-    alike = [layer for layer in layers if [_layout(v) for v in layer] == first]
+    layouts = [[_layout(v) for v in layer] for layer in layers]
+    alike = [layer for layer, lay in zip(layers, layouts) if lay == layouts[0]]
     _call(fn, fused, alike, plan, rotary_dim, is_neox_style)
-    for layer in layers:
-        if [_layout(v) for v in layer] != first:
+    for layer, lay in zip(layers, layouts):
+        if lay != layouts[0]:
             _call(fn, fused, [layer], plan, rotary_dim, is_neox_style)

@@ -210,7 +210,7 @@ PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_vi
         }
         return;
     }
-    if (esize == 2 && m->token_pairs && m->dim_steps2 && (so % 2 == dst_o % 2 || PC_LE)) {
+    if (esize == 2 && m->token_pairs && (so % 2 == dst_o % 2 || PC_LE)) {
         /* AMX V: a destination pair of tokens' run of dims is one run of 4-byte words.
          * Where the source's pairs line up, it is the source's run of words; where they
          * are off by one token, each word joins the high half of one source word (an odd
@@ -242,17 +242,6 @@ PC_INLINE void pc_copy(const pc_view *s, const char *sh, int64_t so, const pc_vi
             }
         if (t < L)
             pc_copy_tokens(s, sh, so + t, d, dh, dst_o + t, 1, from, to, esize);
-        return;
-    }
-    if (esize == 2 && m->token_pairs && so % 2 == 0 && dst_o % 2 == 0) {
-        for (i = from; i < to; i++) {
-            const char *src = sh + s->dim_off[i] * 2;
-            char *dst = dh + d->dim_off[i] * 2;
-            for (t = 0; t + 1 < L; t += 2)
-                memcpy(dst + dtok[t] * 2, src + stok[t] * 2, 4);
-            if (L % 2)
-                memcpy(dst + dtok[L - 1] * 2, src + stok[L - 1] * 2, 2);
-        }
         return;
     }
     if (esize == 2 && m->dim_steps2) {
