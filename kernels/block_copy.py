@@ -159,6 +159,27 @@ def _copy_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor,
     wd.index_copy_(0, dst_idx.to(dst.device), ws.index_select(0, src_idx.to(src.device)))
 
 
+def page_rows_numpy(kv_blocks: torch.Tensor):
+    """A [num_blocks, page_bytes] uint8 numpy view of a CPU blocks-first layer whose
+    blocks are contiguous pages (`_block_bytes`), for `load_rows_numpy`; None otherwise."""
+    pages = _block_bytes(kv_blocks)
+    if pages is None or pages.device.type != "cpu":
+        return None
+    return pages.numpy()
+
+
+def load_rows_numpy(host_rows, slots, dst_rows, block_ids, runs: RowRuns) -> None:
+    """dst_rows[block_ids[i]] <- host_rows[slots[i]] (numpy [n, bytes] uint8 views, index
+    arrays, their `row_runs`): `load_slots_into_blocks` without a torch op, so without
+    an OpenMP team of its own -- what a thread beside the forward may run
+    (connector/cpu_layer_loads.py).  numpy copies release the GIL."""
+    if runs.slices is not None:
+        for i, j, n in runs.slices:
+            dst_rows[j:j + n] = host_rows[i:i + n]
+    elif len(slots):
+        dst_rows[block_ids] = host_rows[slots]
+
+
 # -------------------------------------------------------------------------- layout
 
 @dataclass(frozen=True)

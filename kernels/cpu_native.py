@@ -20,6 +20,7 @@ torch paths and one warning says why.  ``VLLM_PROMPTCACHE_NATIVE=0`` turns it of
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -239,10 +240,11 @@ def _layout(view: torch.Tensor) -> tuple:
     return view.shape, view.stride(), view.dtype
 
 
-def _call(fn, fused: int, layers, plan: NativePlan, rotary_dim: int,
-          is_neox_style: bool) -> None:
-    """One call of the C loop for `layers`, 4-tuples of views (src K, src V, dst K, dst V)
-    laid out alike (`_layout`): the first layer's geometry serves all."""
+def _prepare(fn, fused: int, layers, plan: NativePlan, rotary_dim: int,
+             is_neox_style: bool):
+    """`layers`, 4-tuples of views (src K, src V, dst K, dst V) laid out alike
+    (`_layout`), checked and tabled once: returns run(first, count), which moves layers
+    [first, first + count) through the C loop (the first layer's geometry serves all)."""
     views = layers[0]
     dtype = views[0].dtype
     if any(v.dtype != dtype or v.device.type != "cpu" for v in views):
@@ -266,13 +268,30 @@ def _call(fn, fused: int, layers, plan: NativePlan, rotary_dim: int,
     dim_off = np.ascontiguousarray(np.concatenate([g[3] for g in geo]), dtype=np.int64)
     bases = (ctypes.c_void_p * (4 * len(layers)))(
         *(v.data_ptr() for layer in layers for v in layer))
-    moved = fn(_DTYPES[dtype], plan.pieces, H, D, N, rotary_dim, int(is_neox_style), fused,
-               plan.src_slot.ctypes.data, plan.dst_slot.ctypes.data, plan.length.ctypes.data,
-               plan.run.ctypes.data, plan.cos.ctypes.data, plan.sin.ctypes.data, len(layers),
-               ctypes.addressof(bases), strides.ctypes.data, tok_off.ctypes.data,
-               dim_off.ctypes.data)
-    if moved < 0:
-        raise MemoryError("the C loop could not allocate its offset tables")
+    head = (_DTYPES[dtype], plan.pieces, H, D, N, rotary_dim, int(is_neox_style), fused,
+            plan.src_slot.ctypes.data, plan.dst_slot.ctypes.data, plan.length.ctypes.data,
+            plan.run.ctypes.data, plan.cos.ctypes.data, plan.sin.ctypes.data)
+    tail = (strides.ctypes.data, tok_off.ctypes.data, dim_off.ctypes.data)
+    base_addr, ptr_bytes = ctypes.addressof(bases), ctypes.sizeof(ctypes.c_void_p)
+
+    def run(first_layer: int = 0, count: int | None = None) -> None:
+        # The closure keeps plan, bases and tables alive while a call may run.
+        if count is None:
+            count = len(layers) - first_layer
+        if first_layer < 0 or count < 0 or first_layer + count > len(layers):
+            raise IndexError(f"layers [{first_layer}, {first_layer + count}) of {len(layers)}")
+        keep = (plan, bases, strides, tok_off, dim_off)  # noqa: F841
+        moved = fn(*head, count, base_addr + 4 * first_layer * ptr_bytes, *tail)
+        if moved < 0:
+            raise MemoryError("the C loop could not allocate its offset tables")
+
+    return run
+
+
+def _call(fn, fused: int, layers, plan: NativePlan, rotary_dim: int,
+          is_neox_style: bool) -> None:
+    """One call of the C loop for `layers` laid out alike (see `_prepare`)."""
+    _prepare(fn, fused, layers, plan, rotary_dim, is_neox_style)()
 
 
 def move_layer_native(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Tensor,
@@ -281,6 +300,27 @@ def move_layer_native(src_k: torch.Tensor, src_v: torch.Tensor, dst_k: torch.Ten
     """One layer of a shifted load through the C loop (`native_move()` must have
     returned it): host slots' paged views -> the layer's paged views."""
     move_layers_native([(src_k, src_v, dst_k, dst_v)], plan, rotary_dim, is_neox_style)
+
+
+def prepare_layers_native(layers, plan: NativePlan, rotary_dim: int,
+                          is_neox_style: bool) -> list:
+    """`move_layers_native` one layer at a time: a callable per layer of `layers` (in
+    order) that moves that layer; checks and offset tables are built here, once per
+    group of layers laid out alike, so a call costs only the C loop (the CPU's
+    layer-wise loads call them from their own thread as the forward goes)."""
+    fn, fused = native_move()
+    layers = list(layers)
+    layouts = [tuple(_layout(v) for v in layer) for layer in layers]
+    groups: dict[tuple, list[int]] = {}
+    for i, lay in enumerate(layouts):
+        groups.setdefault(lay, []).append(i)
+    calls: list = [None] * len(layers)
+    for members in groups.values():
+        run = _prepare(fn, fused, [layers[i] for i in members], plan, rotary_dim,
+                       is_neox_style)
+        for k, i in enumerate(members):
+            calls[i] = functools.partial(run, k, 1)
+    return calls
 
 
 def move_layers_native(layers, plan: NativePlan, rotary_dim: int,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .cpu_native import (NativePlan, move_layer_native, move_layers_native, native_dtypes,
-                         native_move, plan_native)
+                         native_move, plan_native, prepare_layers_native)
 from .rope_shift import _use_triton, paged_kv_views, rope_shift_paged_
 from .shifted_slices import SlicePlan, move_layer, plan_slices
 
@@ -126,6 +126,26 @@ def load_layers_shifted(host_layers, kv_layers, src_slots: torch.Tensor,
         load_tokens_shifted(host_layer, src_slots, src_offsets, kv_layer, layout, num_kv_heads,
                             head_size, block_size, dst_slot_mapping, delta, inv_freq,
                             rotary_dim, is_neox_style, isa, plan)
+
+
+def prepare_layers_shifted(host_layers, kv_layers, layout: str, num_kv_heads: int,
+                           head_size: int, block_size: int, plan: NativePlan,
+                           rotary_dim: int, is_neox_style: bool, isa: str | None = None):
+    """`load_layers_shifted` through the C loop, one callable per layer (host_layers[i]
+    -> kv_layers[i], in order), checked and tabled here: a call moves its layer and
+    touches no torch op, so it may run on a thread of its own beside the forward."""
+    host_layers, kv_layers = list(host_layers), list(kv_layers)
+    if len(host_layers) != len(kv_layers):
+        raise ValueError(f"{len(host_layers)} host layers for {len(kv_layers)} KV layers")
+    if not isinstance(plan, NativePlan):
+        raise TypeError("layer by layer, shifted loads go through the C loop's plan only")
+    views = []
+    for host_layer, kv_layer in zip(host_layers, kv_layers):
+        host = host_as_layer(host_layer, kv_layer)
+        views.append((*paged_kv_views(host, layout, num_kv_heads, head_size, block_size, isa),
+                      *paged_kv_views(kv_layer, layout, num_kv_heads, head_size, block_size,
+                                      isa)))
+    return prepare_layers_native(views, plan, rotary_dim, is_neox_style)
 
 
 def plan_cpu_load(src_slots, src_offsets, dst_slots, deltas, block_size: int,

@@ -18,6 +18,16 @@ os.environ.setdefault("VLLM_PROMPTCACHE_DISK_PATH",
 # CUDA graphs stay on there (the connector asks for PIECEWISE), and bf16 is native.
 TEST_DEVICE = os.environ.get("VLLM_PROMPTCACHE_TEST_DEVICE", "cpu")
 
+if TEST_DEVICE == "cpu":
+    # Every test engine's worker bound as the benchmarks bind it (bench/common.py): one
+    # CPU for the engine process, the others for the worker's OpenMP threads.  vLLM's
+    # default binding on a 2-core machine leaves its threads unbound once a connector
+    # reserves a core; bound, the CPU they leave free carries the connector's
+    # layer-wise loads (connector/cpu_layer_loads.py), so every engine test runs them.
+    from bench.common import bind_threads
+
+    bind_threads()
+
 
 def _test_dtype() -> str:
     """bf16 where the hardware has it; on a CPU without bf16 instructions vLLM's

@@ -281,3 +281,33 @@ def cpu_binding_env() -> tuple[str, ...]:
     """The environment variables with which vLLM's CPU backend binds OpenMP threads and
     reserves cores (vllm/envs.py, 0.26-0.33); benchmarks set them alike in every case."""
     return ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+
+
+def step_written_slots(forward_context: Any):
+    """The paged slots (block * block_size + offset) this step's forward writes KV into,
+    any layer's, as a sorted int64 numpy array; None where the context does not say.
+
+    vLLM 0.32+ writes a layer's new KV (`unified_kv_cache_update`) *before* that layer
+    waits for its load, so a load still running may share only blocks none of these
+    slots are in.  `ForwardContext.slot_mapping` is a dict of layer -> tensor, or a list
+    of such dicts with speculative decoding; padding slots are negative."""
+    import numpy as np
+
+    mapping = getattr(forward_context, "slot_mapping", None)
+    if mapping is None:
+        return None
+    dicts = mapping if isinstance(mapping, list) else [mapping]
+    if not all(isinstance(d, dict) for d in dicts):
+        return None
+    seen: dict[int, Any] = {}
+    for d in dicts:
+        for t in d.values():
+            seen.setdefault(id(t), t)
+    if not seen:
+        # No layer writes KV this step (nothing scheduled) -- or a context that keeps
+        # the mapping elsewhere: not knowing which, say nothing.
+        return None
+    parts = [t.detach().reshape(-1).to("cpu", copy=False).numpy().astype(np.int64, copy=False)
+             for t in seen.values()]
+    slots = np.unique(np.concatenate(parts))
+    return slots[slots >= 0]

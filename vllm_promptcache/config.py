@@ -35,6 +35,7 @@ FLAGS = {
     "remote_url": "--promptcache-remote-url",
     "remote_timeout_ms": "--promptcache-remote-timeout-ms",
     "remote_secret": "--promptcache-remote-secret",
+    "load_cpu": "--promptcache-load-cpu",
 }
 # Kept in the API server process only: never put into the engine's config (which
 # vLLM logs), never shown in the summary.
@@ -101,6 +102,12 @@ class PromptCacheConfig:
     # The key of every value's checksum, shared by the instances (>= 16 bytes);
     # kept out of the engine's (logged) config: it travels in the environment.
     remote_secret: str = ""
+    # CPU backend: the CPU a thread of the worker moves a step's loads on, layer by
+    # layer beside the forward (each attention layer waits only for its own layer).
+    # "auto": a CPU the worker's OpenMP threads do not compute on, where there is one
+    # (vLLM reserves one per rank when a KV connector is set); "off": loads run
+    # before the forward; or a CPU number.
+    load_cpu: str = "auto"
 
     def validate(self) -> "PromptCacheConfig":
         def bad(name: str, allowed: str) -> PromptCacheConfigError:
@@ -157,6 +164,12 @@ class PromptCacheConfig:
             raise bad("remote_timeout_ms", "an integer number of milliseconds in [1, 60000]")
         if not isinstance(self.remote_secret, str):
             raise bad("remote_secret", "a string of at least 16 characters")
+        if isinstance(self.load_cpu, int) and not isinstance(self.load_cpu, bool):
+            return dataclasses.replace(self, load_cpu=str(self.load_cpu)).validate()
+        if not isinstance(self.load_cpu, str) or not (
+                self.load_cpu in ("auto", "off")
+                or (self.load_cpu.isdigit() and int(self.load_cpu) < 1 << 16)):
+            raise bad("load_cpu", "auto, off, or a CPU number")
         if (self.truncate or self.modules_file) and not self.position_independent:
             return dataclasses.replace(self, position_independent=True).validate()
         if not isinstance(self.disk_path, str):
@@ -210,7 +223,8 @@ class PromptCacheConfig:
                 f"modules file: {self.modules_file or '-'}, "
                 f"model id: {self.model_id or '(from the weights)'}, "
                 f"module registration over HTTP: {'on' if self.admin_key else 'off'}, "
-                f"remote tier: {_masked(self.remote_url) if self.remote_url else 'off'}")
+                f"remote tier: {_masked(self.remote_url) if self.remote_url else 'off'}, "
+                f"load CPU: {self.load_cpu}")
 
 
 def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:

@@ -31,6 +31,7 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "loaded_bytes_total": (COUNTER, True, "KV bytes loaded from a tier into vLLM's paged cache."),
     "saved_bytes_total": (COUNTER, True, "KV bytes saved from vLLM's paged cache into a tier."),
     "load_seconds_total": (COUNTER, True, "Seconds spent loading KV from a tier."),
+    "layerwise_loaded_bytes_total": (COUNTER, True, "KV bytes loaded layer by layer beside the forward (CPU backend; a subset of loaded_bytes_total)."),
     "save_seconds_total": (COUNTER, True, "Seconds spent saving KV into a tier (off the critical path)."),
     "saved_blocks_total": (COUNTER, True, "KV blocks saved into a tier."),
     "save_failures_total": (COUNTER, True, "Block saves that failed and were dropped (never served)."),

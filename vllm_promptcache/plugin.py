@@ -87,6 +87,11 @@ def add_promptcache_args(parser: Any) -> Any:
                        help="A store shared by several servers, below disk: redis://HOST:PORT/DB, "
                             "rediss:// (TLS), unix:///path.sock, redis+cluster://h:p,h:p. The "
                             "password may also come from VLLM_PROMPTCACHE_REMOTE_PASSWORD.")
+    group.add_argument(FLAGS["load_cpu"], dest="promptcache_load_cpu", default=None,
+                       metavar="CPU",
+                       help="CPU backend: where a step's loads run, layer by layer beside the "
+                            "forward: auto (a CPU the worker's OpenMP threads leave free, if "
+                            "any), off (before the forward), or a CPU number. Default auto.")
     group.add_argument(FLAGS["remote_timeout_ms"], dest="promptcache_remote_timeout_ms",
                        default=None, metavar="MS",
                        help="Remote lookups slower than this are misses. Default 50.")

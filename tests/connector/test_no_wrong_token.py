@@ -18,12 +18,14 @@ import pytest
 
 from tests.adapters import write_lora_adapter
 from tests.connector.engine_session import run_session
-from tests.conftest import LORA, close_llm, make_llm, settled
+from tests.conftest import ENGINE_DEFAULTS, LORA, close_llm, make_llm, settled
 
 pytestmark = pytest.mark.engine
 
 BLOCK = 128
-SLOT_BYTES = 64 * 1024  # the tiny model: 2 layers x K,V x 128 tokens x 2 heads x 32 x bf16
+# The tiny model: 2 layers x K,V x 128 tokens x 2 heads x 32 x the element (float32 on
+# CPUs without bf16 instructions).
+SLOT_BYTES = 2 * 2 * 128 * 2 * 32 * (4 if ENGINE_DEFAULTS["dtype"] == "float32" else 2)
 SLOTS = 12
 
 

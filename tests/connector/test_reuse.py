@@ -17,6 +17,7 @@ path with prefix caching off.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -109,6 +110,27 @@ def test_second_turn_loads_first_turn_bit_exact(baseline, cached):
     loaded_2 = host(after_2, "loaded_bytes_total") - host(after_1, "loaded_bytes_total")
     assert saved_1 > 0 and loaded_2 == saved_1, "the bytes loaded are the bytes saved"
     assert after_2["lookup_hits_total"] - after_1.get("lookup_hits_total", 0) == 1
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a CPU the worker leaves free")
+def test_a_hit_loads_beside_the_forward_bit_exact(baseline, cached):
+    """CPU loads run layer by layer on the CPU the worker's OpenMP threads leave free
+    (conftest binds them), each attention layer waiting for its own: the block the
+    forward also writes into (the stored run's partial last block) loads before the
+    forward, every full block beside it, and the output is vLLM's."""
+    for seed in (3, 4):  # the engine's first step with such loads is a probe (before)
+        p1 = tokens(700, seed=seed)
+        o1 = generate(cached, p1)
+        before = settled(cached)
+        p2 = p1 + o1 + tokens(40, seed=seed + 10)
+        o2 = generate(cached, p2)
+        after = settled(cached)
+        assert o2 == generate(baseline, p2), "a load beside the forward changed the output"
+    full_blocks = (len(p1) + len(o1) - 1) // BLOCK
+    loaded = host(after, "loaded_bytes_total") - host(before, "loaded_bytes_total")
+    beside = (host(after, "layerwise_loaded_bytes_total")
+              - host(before, "layerwise_loaded_bytes_total"))
+    assert loaded > 0 and beside == loaded * full_blocks // (full_blocks + 1)
 
 
 def test_cache_salt_isolates_tenants(cached):

@@ -68,7 +68,7 @@ class PromptCacheConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context, **kwargs) -> None:
         meta = self._connector_metadata
         if isinstance(meta, PromptCacheMetadata):
-            self._worker.start_load_kv(meta, compat.full_cudagraph_step(forward_context))
+            self._worker.start_load_kv(meta, forward_context)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker.wait_for_layer_load(layer_name)

@@ -11,7 +11,9 @@ Ordering and lifetimes, by construction:
 
 * loads run on a side stream that first waits for the compute stream (vLLM may have just
   allocated or zeroed the blocks there); one event per layer, which `wait_layer` makes
-  the compute stream wait for before that layer's attention.  A step whose forward is one
+  the compute stream wait for before that layer's attention -- except whole-block copies
+  into blocks the forward also writes (vLLM writes a layer's new KV before its wait),
+  which go first and are waited for before the forward.  A step whose forward is one
   FULL CUDA graph runs no Python between layers, so there the compute stream waits for
   all of the step's loads before the forward instead (`start_loads(..., wait_all=True)`).
 * every tensor a side stream reads outlives the stream's use of it: the device view, the
@@ -129,11 +131,21 @@ class GpuTransfers:
 
     # -- loads (the step's thread) ---------------------------------------------------
     def start_loads(self, block_ids: list[int], slots: list[int], shifted: list[Any],
-                    wait_all: bool) -> None:
+                    wait_all: bool, first_blocks: np.ndarray | None = None) -> None:
         """Issue this step's loads: whole blocks, then tokens at new positions, one launch
-        of each per layer, an event after each layer.  `shifted`: ShiftedLoad records."""
+        of each per layer, an event after each layer.  `shifted`: ShiftedLoad records.
+
+        first_blocks: the blocks this step's forward writes KV into
+        (`compat.step_written_slots`).  vLLM writes a layer's new KV before that layer
+        waits for its load, so whole-block copies into these blocks (a run's partial
+        last block, whose free slots the forward fills) go first, every layer, and the
+        compute stream waits for them before the forward.  None (not known): with whole
+        blocks to copy, the compute stream waits for every load.  Token loads write only
+        their own slots, so they never need to go first."""
         if not block_ids and not shifted:
             return
+        if first_blocks is None and block_ids:
+            wait_all = True
         src_tokens = dst_tokens = deltas = np.zeros(0, dtype=np.int64)
         if shifted:
             N = self.shift.block_size
@@ -147,14 +159,25 @@ class GpuTransfers:
             deltas = np.concatenate([np.asarray(load.deltas, dtype=np.int64) for load in shifted])
         if slots and (min(slots) < 0 or max(slots) >= self.buffer.num_slots):
             raise IndexError(f"host slots out of range [0, {self.buffer.num_slots})")
+        blocks_np, slots_np = np.asarray(block_ids, np.int64), np.asarray(slots, np.int64)
+        first = (np.isin(blocks_np, first_blocks) if first_blocks is not None and len(blocks_np)
+                 else np.zeros(len(blocks_np), dtype=bool))
         compute = torch.cuda.current_stream(self.device) if self.cuda else None
         with self._on(self.load_stream):
             if self.cuda:
                 self.load_stream.wait_stream(compute)
-            src_slots, dst_blocks, src_tok, dst_tok, delta = self._load_indices.send(
-                slots, block_ids, src_tokens, dst_tokens, deltas)
+            (src_first, dst_first, src_slots, dst_blocks, src_tok, dst_tok,
+             delta) = self._load_indices.send(slots_np[first], blocks_np[first],
+                                              slots_np[~first], blocks_np[~first],
+                                              src_tokens, dst_tokens, deltas)
+            if first.any():
+                for name in self.kv:
+                    host_lay, paged_lay = self.layouts[name][1], self.layouts[name][0]
+                    copy_pages_(host_lay, src_first, paged_lay, dst_first)
+                if self.cuda:
+                    compute.wait_stream(self.load_stream)
             for name in self.kv:
-                if block_ids:
+                if (~first).any():
                     host_lay, paged_lay = self.layouts[name][1], self.layouts[name][0]
                     copy_pages_(host_lay, src_slots, paged_lay, dst_blocks)
                 if len(src_tokens):

@@ -29,12 +29,14 @@ import torch
 from .. import compat
 from ..config import PromptCacheConfig
 from ..kernels import blocks_first, load_slots_into_blocks, row_runs, save_blocks_to_slots
+from ..kernels.block_copy import load_rows_numpy, page_rows_numpy
 from ..metrics import PromptCacheStats, export_store_counts
 from ..store.disk_format import disk_secret
 from ..store.disk_io import DiskIO
 from ..store.remote_io import RemoteIO
 from ..store.secondary_io import SecondaryIO
 from ..store.host_buffer import HostBuffer, StagingPool
+from .cpu_layer_loads import LayerwiseLoads, choose_load_cpu
 from .gpu_transfer import GpuTransfers, ShiftGeometry
 from .metadata import (BlockTransfer, DiskWrite, PromptCacheMetadata, PromptCacheWorkerMeta,
                        ShiftedLoad)
@@ -64,6 +66,10 @@ class PromptCacheWorker:
         self._gpu: GpuTransfers | None = None  # the CUDA path; None on CPU
         self._staging: StagingPool | None = None
         self.raw_kv: dict[str, torch.Tensor] = {}
+        self.block_size = vllm_config.cache_config.block_size
+        # CPU: loads beside the forward (cpu_layer_loads.py), set up with the caches.
+        self._layer_loads: LayerwiseLoads | None = None
+        self._page_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.rope = None
         if config.position_independent:
             from ..kernels.rope_params import rope_params
@@ -72,7 +78,6 @@ class PromptCacheWorker:
             self.rope = rope_params(vllm_config)
             self.num_kv_heads = mc.get_num_kv_heads(pc)
             self.head_size = mc.get_head_size()
-            self.block_size = vllm_config.cache_config.block_size
         # The tiers below host, by name ("disk", "remote"): the bytes of their writes
         # and promotions (store/secondary_io.py).
         self.secondary: dict[str, SecondaryIO] = {}
@@ -115,9 +120,26 @@ class PromptCacheWorker:
             if self._staging is not None:
                 self._staging.buffer.map_to_device(compat.accelerator_view)
             self._gpu = GpuTransfers(self.kv, self.raw_kv, self.buffer, self._shift_geometry())
+        else:
+            self._start_layer_loads()
         logger.info("promptcache: host buffer of %.2f GiB allocated (%d slots, %s)",
                     self.buffer.nbytes / 2**30, self.num_slots,
                     "pinned" if on_cuda else "pageable")
+
+    def _start_layer_loads(self) -> None:
+        """CPU: a thread that loads layer by layer beside the forward, on a CPU the
+        worker's OpenMP threads leave free (or none: loads run before the forward)."""
+        for name, view in self.kv.items():
+            rows = page_rows_numpy(view)
+            if rows is None:
+                self._page_rows.clear()
+                break
+            self._page_rows[name] = (self.buffer.layer_view(name).numpy(), rows)
+        cpu, why = choose_load_cpu(self.config.load_cpu, compat.tp_rank())
+        self._layer_loads = LayerwiseLoads(list(self.kv), cpu)
+        logger.info("promptcache: CPU loads %s (%s)",
+                    "may run beside the forward" if cpu is not None
+                    else "run before the forward", why)
 
     def _shift_geometry(self) -> ShiftGeometry | None:
         if self.rope is None:
@@ -151,33 +173,103 @@ class PromptCacheWorker:
                             "(kernels/cpu_shifted.c)")
 
     # -- loads -----------------------------------------------------------------
-    def start_load_kv(self, meta: PromptCacheMetadata, full_graph: bool = False) -> None:
-        """full_graph: this step's forward is one FULL CUDA graph (no per-layer waits run),
-        so the forward waits for all of the step's loads first."""
+    def start_load_kv(self, meta: PromptCacheMetadata, forward_context: Any = None) -> None:
+        """This step's loads.  On CPU, the blocks the forward also writes into load here;
+        the rest beside the forward where a load thread is verified (cpu_layer_loads.py),
+        else here too."""
         if self._gpu is not None:
-            self._start_load_gpu(meta, full_graph)
+            self._start_load_gpu(meta, forward_context)
             return
-        for load in meta.shifted_loads:
-            self._load_shifted(load)
-        if not meta.loads:
+        if not (meta.loads or meta.shifted_loads):
             return
         start = time.perf_counter()
-        block_ids, slots = _concat(meta.loads)
-        src_slots = torch.tensor(slots, dtype=torch.long)
-        dst_blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        block_ids, slots = (np.asarray(a, dtype=np.int64) for a in _concat(meta.loads))
+        tokens = _join_shifted(meta.shifted_loads)
+        page_beside = np.zeros(len(block_ids), dtype=bool)
+        token_beside = np.zeros(len(tokens[0]), dtype=bool)
+        written = (compat.step_written_slots(forward_context)
+                   if self._layer_loads is not None and self._layer_loads.can_run_beside
+                   else None)
+        if written is not None:
+            written_blocks = np.unique(written // self.block_size)
+            if self._page_rows:
+                page_beside = ~np.isin(block_ids, written_blocks)
+            if len(token_beside) and self._shifted_layerwise():
+                token_beside = ~np.isin(tokens[2] // self.block_size, written_blocks)
+        if (~page_beside).any():
+            self._load_blocks(block_ids[~page_beside], slots[~page_beside])
+        if (~token_beside).any():
+            self._load_shifted(*(a[~token_beside] for a in tokens))
+        per_token = self.slot_bytes // self.block_size
+        nbytes = len(slots) * self.slot_bytes + len(token_beside) * per_token
+        beside = int(page_beside.sum()) * self.slot_bytes + int(token_beside.sum()) * per_token
+        if page_beside.any() or token_beside.any():
+            if not self._layer_loads.layerwise:
+                beside = 0  # a probe step: run() moves them here, before the forward
+            self._layer_loads.run(self._layer_work(block_ids[page_beside], slots[page_beside],
+                                                   *(a[token_beside] for a in tokens)))
+        with self._stats_lock:
+            self._stats.inc("loaded_bytes_total", nbytes, tier="host")
+            if beside:
+                self._stats.inc("layerwise_loaded_bytes_total", beside, tier="host")
+            self._stats.inc("load_seconds_total", time.perf_counter() - start, tier="host")
+
+    def _load_blocks(self, block_ids: np.ndarray, slots: np.ndarray) -> None:
+        """Whole blocks from host slots, every layer, now."""
+        src_slots = torch.from_numpy(slots)
+        dst_blocks = torch.from_numpy(block_ids).to(self.device)
         runs = row_runs(slots, block_ids)
         for name, kv in self.kv.items():
             load_slots_into_blocks(self.buffer.layer_view(name), src_slots, kv, dst_blocks, runs)
-        with self._stats_lock:
-            self._stats.inc("loaded_bytes_total", len(slots) * self.slot_bytes, tier="host")
-            self._stats.inc("load_seconds_total", time.perf_counter() - start, tier="host")
 
-    def _start_load_gpu(self, meta: PromptCacheMetadata, full_graph: bool) -> None:
+    def _shifted_layerwise(self) -> bool:
+        """Whether shifted loads can run beside the forward: through the C loop only
+        (the load thread runs no torch op)."""
+        from ..kernels.cpu_native import native_dtypes, native_move
+
+        return (self.rope is not None and native_move() is not None
+                and next(iter(self.raw_kv.values())).dtype in native_dtypes())
+
+    def _layer_work(self, block_ids: np.ndarray, slots: np.ndarray, src_slots: np.ndarray,
+                    src_offsets: np.ndarray, dst: np.ndarray, deltas: np.ndarray):
+        """work(i): layer i's share of the loads that run beside the forward, prepared
+        here (checks, plans, offset tables) so that the load thread only moves bytes."""
+        runs = row_runs(slots, block_ids) if len(slots) else None
+        calls = None
+        if len(dst):
+            from ..kernels.shifted_load import (check_token_sources, plan_cpu_load,
+                                                prepare_layers_shifted)
+
+            inv_freq, rotary_dim, is_neox = self.rope
+            check_token_sources(src_slots, src_offsets, self.buffer.num_slots, self.block_size)
+            plan = plan_cpu_load(src_slots, src_offsets, dst, deltas, self.block_size,
+                                 inv_freq, next(iter(self.raw_kv.values())).dtype)
+            calls = prepare_layers_shifted(
+                [self.buffer.layer_view(name) for name in self.kv],
+                [self.raw_kv[name] for name in self.kv], "cpu", self.num_kv_heads,
+                self.head_size, self.block_size, plan, rotary_dim, is_neox)
+        if len(slots) and (slots.min() < 0 or slots.max() >= self.buffer.num_slots):
+            raise IndexError(f"host slots out of range [0, {self.buffer.num_slots})")
+        rows = [self._page_rows[name] for name in self.kv] if runs is not None else None
+
+        def work(i: int) -> None:
+            if rows is not None:
+                load_rows_numpy(rows[i][0], slots, rows[i][1], block_ids, runs)
+            if calls is not None:
+                calls[i]()
+
+        return work
+
+    def _start_load_gpu(self, meta: PromptCacheMetadata, forward_context: Any) -> None:
         if not (meta.loads or meta.shifted_loads):
             return
         start = time.perf_counter()  # issue time: the copies themselves are asynchronous
         block_ids, slots = _concat(meta.loads)
-        self._gpu.start_loads(block_ids, slots, meta.shifted_loads, wait_all=full_graph)
+        written = compat.step_written_slots(forward_context) if block_ids else None
+        self._gpu.start_loads(block_ids, slots, meta.shifted_loads,
+                              wait_all=compat.full_cudagraph_step(forward_context),
+                              first_blocks=None if written is None
+                              else np.unique(written // self.block_size))
         tokens = sum(len(load.deltas) for load in meta.shifted_loads)
         with self._stats_lock:
             nbytes = len(slots) * self.slot_bytes
@@ -186,18 +278,16 @@ class PromptCacheWorker:
             self._stats.inc("loaded_bytes_total", nbytes, tier="host")
             self._stats.inc("load_seconds_total", time.perf_counter() - start, tier="host")
 
-    def _load_shifted(self, load: ShiftedLoad) -> None:
-        """Tokens from host slots at other positions (CPU backend); synchronous, before
-        the forward."""
+    def _load_shifted(self, src_slots: np.ndarray, src_offsets: np.ndarray, dst: np.ndarray,
+                      deltas: np.ndarray) -> None:
+        """Tokens from host slots at other positions (CPU backend), every layer, now."""
         from ..kernels.shifted_load import (check_token_sources, load_layers_shifted,
                                             plan_cpu_load)
 
-        start = time.perf_counter()
         inv_freq, rotary_dim, is_neox = self.rope
-        layout = "cpu" if self.device.type == "cpu" else "flash_attn"
         src_slots, src_offsets, dst, deltas = (
-            torch.as_tensor(np.asarray(a, dtype=np.int64))
-            for a in (load.src_slots, load.src_offsets, load.dst_slots, load.deltas))
+            torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+            for a in (src_slots, src_offsets, dst, deltas))
         # Checked and planned once for every layer of the step.
         check_token_sources(src_slots.numpy(), src_offsets.numpy(), self.buffer.num_slots,
                             self.block_size)
@@ -206,17 +296,14 @@ class PromptCacheWorker:
         inv_freq = inv_freq.to(self.device)
         load_layers_shifted([self.buffer.layer_view(name) for name in self.kv],
                             [self.raw_kv[name] for name in self.kv], src_slots, src_offsets,
-                            layout, self.num_kv_heads, self.head_size, self.block_size, dst,
+                            "cpu", self.num_kv_heads, self.head_size, self.block_size, dst,
                             deltas, inv_freq, rotary_dim, is_neox, plan=plan)
-        with self._stats_lock:
-            tokens = len(load.deltas)
-            self._stats.inc("loaded_bytes_total", tokens * self.slot_bytes // self.block_size,
-                            tier="host")
-            self._stats.inc("load_seconds_total", time.perf_counter() - start, tier="host")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._gpu is not None:
             self._gpu.wait_layer(layer_name)
+        elif self._layer_loads is not None:
+            self._layer_loads.wait_layer(layer_name)
 
     # -- saves -----------------------------------------------------------------
     def wait_for_save(self, meta: PromptCacheMetadata) -> None:
@@ -224,6 +311,8 @@ class PromptCacheWorker:
         # of their slots.
         if self._gpu is not None:
             self._gpu.end_step()
+        elif self._layer_loads is not None:
+            self._layer_loads.finish()
         for promo in meta.promotions:
             self.secondary[promo.tier].promote(promo.promo_id, promo.file_id, promo.indices,
                                                promo.slots, self.buffer, promo.keys)
@@ -349,9 +438,20 @@ class PromptCacheWorker:
 
 
     def shutdown(self) -> None:
+        if self._layer_loads is not None:
+            self._layer_loads.shutdown()
         self._saver.shutdown(wait=True)
         for io in self.secondary.values():
             io.shutdown()
+
+
+def _join_shifted(loads: list[ShiftedLoad]) -> tuple[np.ndarray, ...]:
+    """(src_slots, src_offsets, dst_slots, deltas) of every shifted load, joined."""
+    fields = ("src_slots", "src_offsets", "dst_slots", "deltas")
+    if not loads:
+        return tuple(np.zeros(0, dtype=np.int64) for _ in fields)
+    return tuple(np.concatenate([np.asarray(getattr(load, f), dtype=np.int64) for load in loads])
+                 for f in fields)
 
 
 def _concat(transfers: list[BlockTransfer]) -> tuple[list[int], list[int]]:

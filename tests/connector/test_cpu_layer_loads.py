@@ -1,0 +1,146 @@
+"""The CPU's layer-wise loads (connector/cpu_layer_loads.py), with real threads: which CPU
+they run on, the probe step, each layer waiting for its own, errors surfacing in the
+forward's wait.  End to end through vLLM: tests/connector/test_reuse.py."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from vllm_promptcache.connector import cpu_layer_loads as cll
+from vllm_promptcache.connector.cpu_layer_loads import (LayerwiseLoads, choose_load_cpu,
+                                                        omp_cpus)
+
+NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+
+
+def test_the_openmp_cpus_are_read_from_what_vllm_sets():
+    assert omp_cpus({"OMP_PLACES": "{1,2,3}", "OMP_PROC_BIND": "true"}) == {1, 2, 3}
+    assert omp_cpus({"GOMP_CPU_AFFINITY": "4 5 6"}) == {4, 5, 6}
+    assert omp_cpus({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[8,9]"}) == {8, 9}
+    assert omp_cpus({"OMP_PLACES": "cores"}) == set()  # abstract names bind nothing known
+    assert omp_cpus({}) == set()
+
+
+def test_auto_takes_a_cpu_the_openmp_threads_leave_free(monkeypatch):
+    monkeypatch.setattr(cll, "_process_cpus", lambda: {0, 1, 2, 3})
+    assert choose_load_cpu("auto", 0, {"OMP_PLACES": "{1,2}"})[0] == 0
+    assert choose_load_cpu("auto", 1, {"OMP_PLACES": "{1,2}"})[0] == 3  # one per rank
+    cpu, why = choose_load_cpu("auto", 0, {"OMP_PLACES": "{0,1,2,3}"})
+    assert cpu is None and "OpenMP" in why
+    cpu, why = choose_load_cpu("auto", 0, {})
+    assert cpu is None and "not bound" in why
+    assert choose_load_cpu("off", 0, {"OMP_PLACES": "{1}"})[0] is None
+
+
+def test_a_cpu_this_process_may_not_use_is_refused(monkeypatch):
+    monkeypatch.setattr(cll, "_process_cpus", lambda: {0, 1})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert choose_load_cpu("1")[0] == 1
+    with pytest.raises(ValueError, match="may not run there"):
+        choose_load_cpu("7")
+
+
+def test_the_option_is_validated():
+    from vllm_promptcache.config import PromptCacheConfig, PromptCacheConfigError
+
+    assert PromptCacheConfig(load_cpu=3).validate().load_cpu == "3"
+    with pytest.raises(PromptCacheConfigError, match="--promptcache-load-cpu"):
+        PromptCacheConfig(load_cpu="fast").validate()
+
+
+def _cpu():
+    return min(os.sched_getaffinity(0))
+
+
+def test_the_probe_step_runs_before_the_forward_then_layers_run_beside_it():
+    loads = LayerwiseLoads(NAMES, _cpu())
+    try:
+        seen = []
+        loads.run(lambda i: seen.append((i, threading.get_ident())))
+        # The probe: every layer moved here, in the caller, before any wait.
+        assert [i for i, _ in seen] == [0, 1, 2, 3]
+        assert {t for _, t in seen} == {threading.get_ident()}
+        for name in NAMES:
+            loads.wait_layer(name)
+        loads.finish()
+        assert loads.layerwise
+
+        done, affinity = [], []
+        release = threading.Event()
+
+        def work(i):
+            affinity.append(os.sched_getaffinity(0))
+            if i == 2:
+                release.wait(5)
+            done.append(i)
+
+        loads.run(work)
+        loads.wait_layer(NAMES[1])
+        assert done[:2] == [0, 1]
+        assert 2 not in done  # layer 2 still moving: its wait must block
+        waiter = threading.Thread(target=loads.wait_layer, args=(NAMES[2],))
+        waiter.start()
+        time.sleep(0.1)
+        assert waiter.is_alive()
+        release.set()
+        waiter.join(5)
+        assert not waiter.is_alive() and 2 in done
+        loads.finish()
+        assert done == [0, 1, 2, 3]
+        assert all(a == {_cpu()} for a in affinity)  # the load thread's own binding
+    finally:
+        loads.shutdown()
+
+
+def test_a_layer_vllm_does_not_wait_for_keeps_loads_before_the_forward():
+    loads = LayerwiseLoads(NAMES, _cpu())
+    loads.run(lambda i: None)
+    for name in NAMES[:-1]:
+        loads.wait_layer(name)
+    loads.finish()
+    assert not loads.layerwise and not loads.can_run_beside
+    caller = []
+    loads.run(lambda i: caller.append(threading.get_ident()))
+    assert caller == [threading.get_ident()] * 4
+
+
+def test_a_failed_layer_raises_in_its_wait_and_the_next_step_runs():
+    loads = LayerwiseLoads(NAMES, _cpu())
+    try:
+        loads.run(lambda i: None)
+        for name in NAMES:
+            loads.wait_layer(name)
+        loads.finish()
+
+        def work(i):
+            if i == 1:
+                raise OSError("host slot unreadable")
+
+        loads.run(work)
+        loads.wait_layer(NAMES[0])
+        with pytest.raises(RuntimeError, match="host slot unreadable"):
+            loads.wait_layer(NAMES[1])
+        loads.finish()  # already raised in the forward: not again
+
+        loads.run(lambda i: (_ for _ in ()).throw(ValueError("bad")) if i == 3 else None)
+        with pytest.raises(RuntimeError, match="bad"):
+            loads.finish()  # never waited for: finish says it
+        moved = []
+        loads.run(moved.append)
+        loads.finish()
+        assert moved == [0, 1, 2, 3]
+    finally:
+        loads.shutdown()
+
+
+def test_without_a_cpu_every_load_runs_in_the_caller():
+    loads = LayerwiseLoads(NAMES, None)
+    order = []
+    loads.run(order.append)
+    assert order == [0, 1, 2, 3] and not loads.can_run_beside
+    loads.wait_layer(NAMES[0])
+    loads.finish()

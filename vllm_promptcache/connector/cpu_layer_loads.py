@@ -1,0 +1,218 @@
+"""The CPU backend's loads, layer by layer beside the forward (CachedAttention's
+layer-wise pre-loading, on the CPU).
+
+vLLM's CPU worker computes on the OpenMP threads it binds (``VLLM_CPU_OMP_THREADS_BIND``),
+and with a KV connector set it reserves one CPU more per rank for it.  A step's loads
+then run on a thread of ours bound to such a free CPU: layer 0's bytes first, then
+layer 1's, ..., while the forward runs; each attention layer waits only for its own
+layer (`wait_layer`, from the connector's ``wait_for_layer_load``), so the copies of
+later layers overlap the compute of earlier ones.  Without a free CPU, or with
+``--promptcache-load-cpu off``, every load runs in ``start_load_kv`` as before.
+
+What makes it safe:
+
+* **Only bytes no one else writes.**  vLLM writes a layer's new KV before that layer
+  waits for its load (``unified_kv_cache_update``), so the worker keeps for this thread
+  only blocks the step's forward writes no slot of (`compat.step_written_slots`);
+  the shared block, where a prompt's loaded tokens end and its computed ones begin, is
+  loaded before the forward as before.
+* **No torch op on this thread.**  A torch op run here would start an OpenMP team of
+  its own on the forward's CPUs; the thread runs numpy copies and the C loop only
+  (both release the GIL).
+* **vLLM must wait for every layer.**  The first step with loads runs them all before
+  the forward and records which layers vLLM waited for; layer-wise loading starts only
+  if every loaded layer was among them, else a warning says why it stays off.
+* **Errors surface in the forward.**  A failed layer raises in that layer's wait (the
+  step fails, as a failed load did before); `finish` waits for the rest, so a later
+  save or promotion never reuses a slot still being read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from typing import Callable, Sequence
+
+logger = logging.getLogger("vllm.promptcache")
+
+LayerWork = Callable[[int], None]
+
+
+def _cpu_list(text: str) -> set[int]:
+    """'0-3,8 10' / '{0,1,2}' / '[4,5]' -> the CPU numbers (OpenMP places, GOMP and
+    KMP proc lists, vLLM's bind lists)."""
+    cpus: set[int] = set()
+    for part in text.replace("{", " ").replace("}", " ").replace("[", " ") \
+            .replace("]", " ").replace(",", " ").split():
+        lo, _, hi = part.partition("-")
+        hi = hi.partition(":")[0]
+        if lo.isdigit() and (hi.isdigit() or not hi):
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def omp_cpus(environ=os.environ) -> set[int]:
+    """The CPUs this worker's OpenMP threads are bound to, from the variables vLLM's CPU
+    backend sets when it starts the worker (``OMP_PLACES``, ``GOMP_CPU_AFFINITY``,
+    ``KMP_AFFINITY``'s proclist); empty where none is set."""
+    if environ.get("OMP_PLACES", "").strip().startswith("{"):
+        return _cpu_list(environ["OMP_PLACES"])
+    if environ.get("GOMP_CPU_AFFINITY"):
+        return _cpu_list(environ["GOMP_CPU_AFFINITY"])
+    kmp = environ.get("KMP_AFFINITY", "")
+    if "proclist=" in kmp:
+        return _cpu_list(kmp.split("proclist=", 1)[1].split("]", 1)[0])
+    return set()
+
+
+def choose_load_cpu(setting: str, rank: int = 0, environ=os.environ) -> tuple[int | None, str]:
+    """(the CPU the load thread runs on, or None; why), for ``load_cpu`` = `setting`."""
+    if setting == "off":
+        return None, "--promptcache-load-cpu off"
+    if setting != "auto":
+        cpu = int(setting)
+        if cpu not in os.sched_getaffinity(0) | _process_cpus():
+            raise ValueError(f"--promptcache-load-cpu {cpu}: this process may not run there "
+                             f"(allowed: {sorted(_process_cpus())})")
+        return cpu, f"CPU {cpu} (--promptcache-load-cpu)"
+    bound = omp_cpus(environ)
+    if not bound:
+        return None, "the worker's OpenMP threads are not bound, so no CPU is known free"
+    free = sorted(_process_cpus() - bound)
+    if not free:
+        return None, (f"every CPU this worker may use ({sorted(_process_cpus())}) runs its "
+                      f"OpenMP threads")
+    cpu = free[rank % len(free)]
+    return cpu, f"CPU {cpu}, which the worker's OpenMP threads ({sorted(bound)}) leave free"
+
+
+def _process_cpus() -> set[int]:
+    """The CPUs this worker's process may use: its parent's affinity (the engine process,
+    which vLLM does not bind), which the worker's own thread binding has narrowed."""
+    try:
+        return set(os.sched_getaffinity(os.getppid()))
+    except OSError:
+        return set(range(os.cpu_count() or 1))
+
+
+class LayerwiseLoads:
+    """Runs a step's per-layer load work on a thread bound to `cpu` (None: in the
+    caller, before the forward) and lets each layer wait for its own."""
+
+    def __init__(self, layer_names: Sequence[str], cpu: int | None):
+        self.names = list(layer_names)
+        self._index = {name: i for i, name in enumerate(self.names)}
+        self.cpu = cpu
+        self.verified = False          # vLLM waited for every layer in a probe step
+        self._probe: set[str] | None = None
+        self._cond = threading.Condition()
+        self._done = 0                 # layers of the running step moved
+        self._error: BaseException | None = None
+        self._reported = False         # the error was raised in a layer's wait
+        self._running = False
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if cpu is not None:
+            self._thread = threading.Thread(target=self._loop, name="promptcache-load",
+                                            daemon=True)
+            self._thread.start()
+
+    @property
+    def can_run_beside(self) -> bool:
+        """Whether there is a load thread (verified or still to be, by a probe step)."""
+        return self._thread is not None
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether a step's loads may run beside its forward now."""
+        return self._thread is not None and self.verified
+
+    def run(self, work: LayerWork) -> None:
+        """This step's loads: work(i) moves layer i's bytes.  Beside the forward once
+        verified, else here (recording, while not verified, which layers vLLM waits for)."""
+        self.finish()
+        if not self.layerwise:
+            for i in range(len(self.names)):
+                work(i)
+            if self._thread is not None:
+                self._probe = set()
+            return
+        with self._cond:
+            self._done, self._error, self._running, self._reported = 0, None, True, False
+        self._jobs.put(work)
+
+    def wait_layer(self, name: str) -> None:
+        if self._probe is not None:
+            self._probe.add(name)
+            return
+        i = self._index.get(name)
+        if i is None:
+            return
+        with self._cond:
+            if not self._running:
+                return
+            while self._done <= i and self._error is None:
+                self._cond.wait()
+            if self._done <= i:  # this layer's load failed
+                self._reported = True
+                raise RuntimeError(f"promptcache: loading layer {name} failed: "
+                                   f"{self._error}") from self._error
+
+    def finish(self) -> None:
+        """After the forward: every layer moved (a later save or promotion may reuse the
+        loads' slots); ends a probe step."""
+        if self._probe is not None:
+            missing = [n for n in self.names if n not in self._probe]
+            self._probe = None
+            if missing:
+                logger.warning("promptcache: vLLM did not wait for the loads of %d layers "
+                               "(%s...), so CPU loads stay before the forward",
+                               len(missing), ", ".join(missing[:3]))
+                self._stop()
+            else:
+                self.verified = True
+                logger.info("promptcache: CPU loads now run layer by layer on CPU %d beside "
+                            "the forward", self.cpu)
+            return
+        with self._cond:
+            while self._running and self._done < len(self.names) and self._error is None:
+                self._cond.wait()
+            error, self._running = self._error, False
+            reported, self._error, self._reported = self._reported, None, False
+        if error is not None and not reported:
+            raise RuntimeError(f"promptcache: a layer-wise load failed: {error}") from error
+
+    def _loop(self) -> None:
+        try:
+            os.sched_setaffinity(0, {self.cpu})  # this thread only
+        except OSError as e:
+            logger.warning("promptcache: the load thread could not bind to CPU %s: %s",
+                           self.cpu, e)
+        while True:
+            work = self._jobs.get()
+            if work is None:
+                return
+            for i in range(len(self.names)):
+                try:
+                    work(i)
+                except BaseException as e:  # noqa: BLE001 - raised in the forward's wait
+                    with self._cond:
+                        self._error = e
+                        self._cond.notify_all()
+                    break
+                with self._cond:
+                    self._done = i + 1
+                    self._cond.notify_all()
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def shutdown(self) -> None:
+        try:
+            self.finish()
+        finally:
+            self._stop()
