@@ -25,14 +25,36 @@ def test_the_openmp_cpus_are_read_from_what_vllm_sets():
     assert omp_cpus({}) == set()
 
 
+def test_threads_pinned_one_cpu_each_are_found():
+    cpu = min(os.sched_getaffinity(0))
+    seen, go = [], threading.Event()
+
+    def pinned():
+        os.sched_setaffinity(0, {cpu})
+        seen.append(cll.pinned_thread_cpus())
+        go.wait(5)
+
+    t = threading.Thread(target=pinned)
+    t.start()
+    while not seen:
+        time.sleep(0.01)
+    go.set()
+    t.join()
+    assert cpu in seen[0]
+
+
 def test_auto_takes_a_cpu_the_openmp_threads_leave_free(monkeypatch):
     monkeypatch.setattr(cll, "_process_cpus", lambda: {0, 1, 2, 3})
     assert choose_load_cpu("auto", 0, {"OMP_PLACES": "{1,2}"})[0] == 0
     assert choose_load_cpu("auto", 1, {"OMP_PLACES": "{1,2}"})[0] == 3  # one per rank
     cpu, why = choose_load_cpu("auto", 0, {"OMP_PLACES": "{0,1,2,3}"})
     assert cpu is None and "OpenMP" in why
+    monkeypatch.setattr(cll, "pinned_thread_cpus", lambda: set())
     cpu, why = choose_load_cpu("auto", 0, {})
     assert cpu is None and "not bound" in why
+    # Bound by vLLM itself, thread by thread (no OpenMP variables): read off the threads.
+    monkeypatch.setattr(cll, "pinned_thread_cpus", lambda: {0, 1})
+    assert choose_load_cpu("auto", 0, {})[0] == 2
     assert choose_load_cpu("off", 0, {"OMP_PLACES": "{1}"})[0] is None
 
 

@@ -67,6 +67,25 @@ def omp_cpus(environ=os.environ) -> set[int]:
     return set()
 
 
+def pinned_thread_cpus() -> set[int]:
+    """The CPUs this process's threads are pinned to one by one: where vLLM binds the
+    OpenMP threads itself (``init_cpu_threads_env``: in-process engines, older vLLM)
+    rather than through the environment, each of them holds a single CPU."""
+    cpus: set[int] = set()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return cpus
+    for tid in tids:
+        try:
+            affinity = os.sched_getaffinity(int(tid))
+        except (OSError, ValueError):
+            continue
+        if len(affinity) == 1:
+            cpus |= affinity
+    return cpus
+
+
 def choose_load_cpu(setting: str, rank: int = 0, environ=os.environ) -> tuple[int | None, str]:
     """(the CPU the load thread runs on, or None; why), for ``load_cpu`` = `setting`."""
     if setting == "off":
@@ -77,7 +96,7 @@ def choose_load_cpu(setting: str, rank: int = 0, environ=os.environ) -> tuple[in
             raise ValueError(f"--promptcache-load-cpu {cpu}: this process may not run there "
                              f"(allowed: {sorted(_process_cpus())})")
         return cpu, f"CPU {cpu} (--promptcache-load-cpu)"
-    bound = omp_cpus(environ)
+    bound = omp_cpus(environ) or pinned_thread_cpus()
     if not bound:
         return None, "the worker's OpenMP threads are not bound, so no CPU is known free"
     free = sorted(_process_cpus() - bound)
