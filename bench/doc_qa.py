@@ -232,6 +232,9 @@ def main() -> None:
         rows.append(row)
         log(f"  query {i}: " + ", ".join(f"{m} {row[m]:.3f} s" for m in MODES)
             + f", loaded {row['loaded_tokens']:.0f} of {row['prompt_tokens']} tokens")
+    counters = read_metrics(llm)
+    host = {k: counters.get(k, {}).get("host", 0.0)
+            for k in ("loaded_bytes_total", "layerwise_loaded_bytes_total")}
     shutdown_llm(llm)
 
     median = {m: statistics.median(r[m] for r in rows) for m in MODES}
@@ -244,7 +247,7 @@ def main() -> None:
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "ttft_median_s": median, "ttft_ratio_to_exact_hit": ratio,
            "ttft_ratio_to_exact_hit_documents": like,
-           "speedup_vs_no_cache": speedup, "rows": rows}
+           "speedup_vs_no_cache": speedup, "host_load_counters": host, "rows": rows}
     lines = ["| mode | TTFT median | / exact hit | / exact hit, documents | speedup vs no cache |",
              "|---|---|---|---|---|"]
     lines += [f"| {m} | {median[m]:.3f} s | {ratio[m]:.2f}x | {like[m]:.2f}x | {speedup[m]:.2f}x |"
@@ -257,6 +260,7 @@ def main() -> None:
     compose_s = statistics.median(r["labels_compose_s"] for r in rows)
     tokens = statistics.median(r["prompt_tokens"] for r in rows)
     where = common.provenance_line(env)
+    beside = host["layerwise_loaded_bytes_total"] / max(host["loaded_bytes_total"], 1)
     md = (f"# Doc-QA with prompt modules ({env['date']})\n\n{args.queries} queries, 3 documents "
           f"of ~{args.doc_tokens} tokens in shuffled order + a question ({tokens:.0f} prompt "
           f"tokens), bench shape with dummy weights, on {where}; all modes on one engine. "
@@ -264,8 +268,10 @@ def main() -> None:
           f"the last {args.fix_ratio:.0%} of the found run.  With labels ({labels_tokens:.0f} "
           f"prompt tokens) {labels_loaded:.0f} tokens were loaded (median); compose() took "
           f"{compose_s:.3f} s (median, its labels encoded before); on first use the gap "
-          f"encoding adds {gap_s:.3f} s (median) to the prompt's TTFT.  Ratios are medians of "
-          f"per-query ratios.\n\n" + table + "\n")
+          f"encoding adds {gap_s:.3f} s (median) to the prompt's TTFT.  Of the host tier's "
+          f"bytes loaded, {beside:.0%} moved layer by layer beside the forward "
+          f"(`--promptcache-load-cpu`).  Ratios are medians of per-query ratios.\n\n"
+          + table + "\n")
     common.write_outputs(args.out, doc, md, functools.partial(
         common.bar_chart, title=f"Doc-QA TTFT per mode ({tokens:.0f}-token prompts, median)",
         values=median, ylabel="TTFT (s)", footnote=where))
