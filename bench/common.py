@@ -106,6 +106,16 @@ def bind_threads(reserved: int = 1) -> dict[str, str]:
     return {k: os.environ[k] for k in BINDING_VARS}
 
 
+def cpu_set(text: str) -> set[int]:
+    """'1-3,5' -> {1, 2, 3, 5} (the form of VLLM_CPU_OMP_THREADS_BIND)."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
 def add_dtype_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", choices=DTYPES, default=None,
                     help="model dtype (default: bfloat16 where the CPU has bf16 "

@@ -17,8 +17,10 @@ reset and on a warm engine (the same shapes were run once before):
 Each request's wall time is split into the cumulative time of the functions that own
 the phases (`PHASES`, matched by file and name); ``other`` is the rest (engine step
 loop, output processing).  A function that runs inside another phase's function is
-counted in that one only where noted (`NESTED`); the model forward includes our
-per-layer waits, which are near zero on CPU (loads complete before the forward).
+counted in that one only where noted (`NESTED`): the forward's per-layer waits for
+loads still running beside it (layer-wise loads, ``--promptcache-load-cpu``) are
+their own phase.  ``our loads (worker)`` is what runs before the forward (planning,
+and the blocks the forward also writes into).
 
     python bench/profile_query.py [--doc-tokens 2000]
 
@@ -42,6 +44,16 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process: one profile
 
 import common  # noqa: E402
+
+# The worker runs in this process, where vLLM's binding (set by the process that
+# starts a worker) does not apply: OpenMP is bound here as doc_qa's worker is (one
+# thread per CPU of VLLM_CPU_OMP_THREADS_BIND), before torch loads it, so the CPU
+# it leaves free carries the layer-wise loads there too.
+_omp = sorted(common.cpu_set(common.bind_threads()["VLLM_CPU_OMP_THREADS_BIND"]))
+os.environ.setdefault("OMP_NUM_THREADS", str(len(_omp)))
+os.environ.setdefault("OMP_PLACES", "{" + ",".join(map(str, _omp)) + "}")
+os.environ.setdefault("OMP_PROC_BIND", "true")
+
 import doc_qa  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "profile-query-cpu.json"
@@ -52,8 +64,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "profile-query-cpu.j
 PHASES = {
     "model forward": ("vllm/v1/worker/gpu_model_runner.py", {"_model_forward"}),
     "logits + sampling": ("vllm/v1/worker/gpu_model_runner.py", {"sample_tokens"}),
-    "our loads (worker)": ("vllm_promptcache/connector/worker.py",
-                           {"start_load_kv", "wait_for_layer_load"}),
+    "our loads (worker)": ("vllm_promptcache/connector/worker.py", {"start_load_kv"}),
+    "forward waits for our loads": ("vllm_promptcache/connector/worker.py",
+                                    {"wait_for_layer_load"}),
     "our saves (worker)": ("vllm_promptcache/connector/worker.py",
                            {"wait_for_save", "build_worker_meta"}),
     "our scheduler side": ("vllm_promptcache/connector/__init__.py",
@@ -63,7 +76,8 @@ PHASES = {
     "vLLM scheduler": ("vllm/v1/core/sched/scheduler.py", {"schedule", "update_from_output"}),
 }
 # Phases that run inside another one: subtracted from it.
-NESTED = {"our scheduler side": "vLLM scheduler"}
+NESTED = {"our scheduler side": "vLLM scheduler",
+          "forward waits for our loads": "model forward"}
 
 
 def log(*a):
