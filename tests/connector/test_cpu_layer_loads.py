@@ -166,3 +166,52 @@ def test_without_a_cpu_every_load_runs_in_the_caller():
     assert order == [0, 1, 2, 3] and not loads.can_run_beside
     loads.wait_layer(NAMES[0])
     loads.finish()
+
+
+def test_what_runs_beside_the_forward():
+    import numpy as np
+
+    from vllm_promptcache.connector.cpu_layer_loads import split_beside
+
+    # Blocks 0-2 copied whole (2: a stored run's partial last block), tokens after it
+    # into blocks 2 and 3; the forward writes into block 4 only.
+    pages, tokens, written = [0, 1, 2], [2, 2, 3, 3], np.array([4])
+    page, tok = split_beside(pages, tokens, written)
+    assert page.tolist() == [True, True, True] and tok.all()
+    # The forward writes block 3 too: its tokens go before; the rest stays beside.
+    page, tok = split_beside(pages, tokens, np.array([3, 4]))
+    assert page.tolist() == [True, True, True] and tok.tolist() == [True, True, False, False]
+    # Token loads the thread cannot move (no C loop) go before the forward, and so
+    # does the page copy of block 2, which must come before its tokens.
+    page, tok = split_beside(pages, tokens, written, tokens=False)
+    assert page.tolist() == [True, True, False] and not tok.any()
+    # A block the forward writes: its page copy before the forward.
+    page, tok = split_beside(pages, tokens, np.array([2]))
+    assert page.tolist() == [True, True, False] and tok.tolist() == [False, False, True, True]
+
+
+def test_other_ranks_and_smt_siblings_are_not_free(monkeypatch):
+    monkeypatch.setattr(cll, "_process_cpus", lambda: set(range(8)))
+    monkeypatch.setattr(cll, "_siblings", lambda c: {c})
+    monkeypatch.setattr(cll, "_node", lambda c: 0)
+    env = {"OMP_PLACES": "{0,1}", "VLLM_CPU_OMP_THREADS_BIND": "0-1|2-3"}
+    assert choose_load_cpu("auto", 0, env, ranks=2)[0] == 4  # not rank 1's CPUs 2, 3
+    cpu, why = choose_load_cpu("auto", 0, {"OMP_PLACES": "{0,1}"}, ranks=2)
+    assert cpu is None and "not listed" in why
+    # SMT: CPU c and c + 4 share a core; CPUs 0-3 compute, so no core is free.
+    monkeypatch.setattr(cll, "_siblings", lambda c: {c % 4, c % 4 + 4})
+    cpu, why = choose_load_cpu("auto", 0, {"OMP_PLACES": "{0,1,2,3}"})
+    assert cpu is None and "core" in why
+    assert choose_load_cpu("auto", 0, {"OMP_PLACES": "{0,1,2}"})[0] == 3
+    # The bound threads' NUMA node first.
+    monkeypatch.setattr(cll, "_siblings", lambda c: {c})
+    monkeypatch.setattr(cll, "_node", lambda c: c // 4)
+    assert choose_load_cpu("auto", 0, {"OMP_PLACES": "{4,5}"})[0] == 6
+
+
+def test_a_load_thread_that_cannot_bind_is_not_used():
+    loads = LayerwiseLoads(NAMES, 1 << 15)  # no such CPU
+    assert loads.cpu is None and not loads.can_run_beside
+    order = []
+    loads.run(order.append)
+    assert order == [0, 1, 2, 3]

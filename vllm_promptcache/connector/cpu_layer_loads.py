@@ -35,6 +35,8 @@ import queue
 import threading
 from typing import Callable, Sequence
 
+import numpy as np
+
 logger = logging.getLogger("vllm.promptcache")
 
 LayerWork = Callable[[int], None]
@@ -86,8 +88,10 @@ def pinned_thread_cpus() -> set[int]:
     return cpus
 
 
-def choose_load_cpu(setting: str, rank: int = 0, environ=os.environ) -> tuple[int | None, str]:
-    """(the CPU the load thread runs on, or None; why), for ``load_cpu`` = `setting`."""
+def choose_load_cpu(setting: str, rank: int = 0, environ=os.environ,
+                    ranks: int = 1) -> tuple[int | None, str]:
+    """(the CPU the load thread runs on, or None; why), for ``load_cpu`` = `setting`.
+    `ranks`: the workers on this machine, each with its own OpenMP threads."""
     if setting == "off":
         return None, "--promptcache-load-cpu off"
     if setting != "auto":
@@ -99,12 +103,43 @@ def choose_load_cpu(setting: str, rank: int = 0, environ=os.environ) -> tuple[in
     bound = omp_cpus(environ) or pinned_thread_cpus()
     if not bound:
         return None, "the worker's OpenMP threads are not bound, so no CPU is known free"
-    free = sorted(_process_cpus() - bound)
+    # Every rank's threads: vLLM's bind list names them all ("0-13|16-29"); where it
+    # does not (auto binding), another rank's CPUs are not known here.
+    lists = environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    if ranks > 1:
+        if "|" not in lists:
+            return None, (f"{ranks} workers on this machine and their CPUs are not listed "
+                          f"(VLLM_CPU_OMP_THREADS_BIND={lists})")
+        for part in lists.split("|"):
+            bound |= _cpu_list(part)
+    # Not a CPU sharing a core with one of them (SMT siblings): a free core, on their
+    # NUMA node where there is one.
+    busy = set().union(*(_siblings(c) for c in bound))
+    free = sorted(_process_cpus() - busy)
     if not free:
-        return None, (f"every CPU this worker may use ({sorted(_process_cpus())}) runs its "
-                      f"OpenMP threads")
+        return None, (f"every core this worker may use ({sorted(_process_cpus())}) runs "
+                      f"OpenMP threads ({sorted(bound)})")
+    nodes = {_node(c) for c in bound}
+    free.sort(key=lambda c: (_node(c) not in nodes, c))
     cpu = free[rank % len(free)]
-    return cpu, f"CPU {cpu}, which the worker's OpenMP threads ({sorted(bound)}) leave free"
+    return cpu, f"CPU {cpu}, on a core the worker's OpenMP threads ({sorted(bound)}) leave free"
+
+
+def _siblings(cpu: int) -> set[int]:
+    """`cpu` and the logical CPUs that share its core."""
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+            return _cpu_list(f.read()) | {cpu}
+    except OSError:
+        return {cpu}
+
+
+def _node(cpu: int) -> int:
+    try:
+        names = os.listdir(f"/sys/devices/system/cpu/cpu{cpu}")
+    except OSError:
+        return 0
+    return next((int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit()), 0)
 
 
 def _process_cpus() -> set[int]:
@@ -114,6 +149,24 @@ def _process_cpus() -> set[int]:
         return set(os.sched_getaffinity(os.getppid()))
     except OSError:
         return set(range(os.cpu_count() or 1))
+
+
+def split_beside(page_blocks, token_blocks, written_blocks, pages: bool = True,
+                 tokens: bool = True):
+    """(page_beside, token_beside): which whole-block copies (into `page_blocks`) and
+    which token loads (into `token_blocks`, one entry a token) may run beside the
+    forward, the rest before it.  Before: anything into a block the forward writes
+    (`written_blocks`), everything of a kind the load thread cannot move (`pages`,
+    `tokens` False), and a page copy into a block some token load before the forward
+    also fills -- a block's page copy must precede its tokens (a stored run's partial
+    last block, then the tokens found after it)."""
+    page_blocks, token_blocks = np.asarray(page_blocks), np.asarray(token_blocks)
+    page_beside = (~np.isin(page_blocks, written_blocks) if pages
+                   else np.zeros(len(page_blocks), dtype=bool))
+    token_beside = (~np.isin(token_blocks, written_blocks) if tokens
+                    else np.zeros(len(token_blocks), dtype=bool))
+    page_beside &= ~np.isin(page_blocks, token_blocks[~token_beside])
+    return page_beside, token_beside
 
 
 class LayerwiseLoads:
@@ -133,10 +186,18 @@ class LayerwiseLoads:
         self._running = False
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._bind_error: OSError | None = None
         if cpu is not None:
-            self._thread = threading.Thread(target=self._loop, name="promptcache-load",
-                                            daemon=True)
+            bound = threading.Event()
+            self._thread = threading.Thread(target=self._loop, args=(bound,),
+                                            name="promptcache-load", daemon=True)
             self._thread.start()
+            bound.wait()
+            if not self._thread.is_alive() or self._bind_error is not None:
+                # Unbound, it would compete with the forward on its own CPU.
+                logger.warning("promptcache: the load thread could not bind to CPU %s (%s); "
+                               "CPU loads run before the forward", cpu, self._bind_error)
+                self._thread, self.cpu = None, None
 
     @property
     def can_run_beside(self) -> bool:
@@ -203,12 +264,14 @@ class LayerwiseLoads:
         if error is not None and not reported:
             raise RuntimeError(f"promptcache: a layer-wise load failed: {error}") from error
 
-    def _loop(self) -> None:
+    def _loop(self, bound: threading.Event) -> None:
         try:
             os.sched_setaffinity(0, {self.cpu})  # this thread only
         except OSError as e:
-            logger.warning("promptcache: the load thread could not bind to CPU %s: %s",
-                           self.cpu, e)
+            self._bind_error = e
+            return
+        finally:
+            bound.set()
         while True:
             work = self._jobs.get()
             if work is None:

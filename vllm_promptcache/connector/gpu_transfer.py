@@ -135,8 +135,9 @@ class GpuTransfers:
         """Issue this step's loads: whole blocks, then tokens at new positions, one launch
         of each per layer, an event after each layer.  `shifted`: ShiftedLoad records.
 
-        first_blocks: the blocks this step's forward writes KV into
-        (`compat.step_written_slots`).  vLLM writes a layer's new KV before that layer
+        first_blocks: the copied blocks this step's forward also writes KV into (the
+        scheduler names them: `PromptCacheMetadata.shared_blocks`).  vLLM writes a
+        layer's new KV before that layer
         waits for its load, so whole-block copies into these blocks (a run's partial
         last block, whose free slots the forward fills) go first, every layer, and the
         compute stream waits for them before the forward.  None (not known): with whole

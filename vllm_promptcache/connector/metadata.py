@@ -69,6 +69,10 @@ class PromptCacheMetadata(KVConnectorMetadata):
     loads: list[BlockTransfer] = field(default_factory=list)
     # host -> GPU at new positions (position-independent reuse), also this step
     shifted_loads: list[ShiftedLoad] = field(default_factory=list)
+    # Blocks of `loads` that this step's forward also writes KV into (a stored run's
+    # partial last block, a block vLLM took part of): copied before the forward, since
+    # vLLM writes a layer's new KV before that layer waits for its load
+    shared_blocks: list[int] = field(default_factory=list)
     # GPU -> host, of finished requests whose blocks vLLM keeps until we report them
     saves: list[BlockTransfer] = field(default_factory=list)
     # GPU -> disk and remote (write-through), of the same finished requests

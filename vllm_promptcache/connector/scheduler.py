@@ -142,6 +142,7 @@ class PromptCacheScheduler:
         self._looked_up: set[str] = set()
         self._queued_keys: dict[str, list[BlockKey]] = {}
         self._loads: list[BlockTransfer] = []
+        self._shared_blocks: list[int] = []  # of _loads: the forward writes into them too
         self._shifted_loads: list[ShiftedLoad] = []
         self._saves: list[BlockTransfer] = []
         self._inflight_saves: dict[str, list[int]] = {}
@@ -361,11 +362,15 @@ class PromptCacheScheduler:
         all_block_ids = compat.request_block_ids(blocks)
         block_ids = all_block_ids[first:first + n]
         slots = lookup.slots[:n]
+        if untaken:
+            self._shared_blocks.append(block_ids[-1])  # the forward computes its rest
         self.host.ready_prefix(lookup.keys[:n], touch=True)
         tail = lookup.tail
         if tail is not None and n_shifted:
-            # The partial last block of a stored run: one more whole-block copy.
+            # The partial last block of a stored run: one more whole-block copy, into a
+            # block the forward (or a shifted load after it) fills the rest of.
             block_ids, slots = block_ids + [all_block_ids[first + n]], slots + [tail.slot]
+            self._shared_blocks.append(all_block_ids[first + n])
             self.host.ready_prefix([tail.key], touch=True)
             taken = min(tail.length, n_shifted)
             self.stats.inc("hit_tokens_total", taken, tier="host")
@@ -530,8 +535,10 @@ class PromptCacheScheduler:
             self.shared.sync()
         writes, promotions = self.secondary.take_metadata()
         meta = PromptCacheMetadata(loads=self._loads, shifted_loads=self._shifted_loads,
-                                   saves=self._saves, disk_writes=writes, promotions=promotions)
+                                   shared_blocks=self._shared_blocks, saves=self._saves,
+                                   disk_writes=writes, promotions=promotions)
         self._loads, self._shifted_loads, self._saves = [], [], []
+        self._shared_blocks = []
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:

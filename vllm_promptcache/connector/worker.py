@@ -36,7 +36,7 @@ from ..store.disk_io import DiskIO
 from ..store.remote_io import RemoteIO
 from ..store.secondary_io import SecondaryIO
 from ..store.host_buffer import HostBuffer, StagingPool
-from .cpu_layer_loads import LayerwiseLoads, choose_load_cpu
+from .cpu_layer_loads import LayerwiseLoads, choose_load_cpu, split_beside
 from .gpu_transfer import GpuTransfers, ShiftGeometry
 from .metadata import (BlockTransfer, DiskWrite, PromptCacheMetadata, PromptCacheWorkerMeta,
                        ShiftedLoad)
@@ -67,6 +67,7 @@ class PromptCacheWorker:
         self._staging: StagingPool | None = None
         self.raw_kv: dict[str, torch.Tensor] = {}
         self.block_size = vllm_config.cache_config.block_size
+        self.world_size = vllm_config.parallel_config.world_size
         # CPU: loads beside the forward (cpu_layer_loads.py), set up with the caches.
         self._layer_loads: LayerwiseLoads | None = None
         self._page_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -135,7 +136,8 @@ class PromptCacheWorker:
                 self._page_rows.clear()
                 break
             self._page_rows[name] = (self.buffer.layer_view(name).numpy(), rows)
-        cpu, why = choose_load_cpu(self.config.load_cpu, compat.tp_rank())
+        cpu, why = choose_load_cpu(self.config.load_cpu, compat.tp_rank(),
+                                   ranks=self.world_size)
         self._layer_loads = LayerwiseLoads(list(self.kv), cpu)
         logger.info("promptcache: CPU loads %s (%s)",
                     "may run beside the forward" if cpu is not None
@@ -191,11 +193,12 @@ class PromptCacheWorker:
                    if self._layer_loads is not None and self._layer_loads.can_run_beside
                    else None)
         if written is not None:
-            written_blocks = np.unique(written // self.block_size)
-            if self._page_rows:
-                page_beside = ~np.isin(block_ids, written_blocks)
-            if len(token_beside) and self._shifted_layerwise():
-                token_beside = ~np.isin(tokens[2] // self.block_size, written_blocks)
+            written_blocks = np.union1d(written // self.block_size,
+                                        np.asarray(meta.shared_blocks, dtype=np.int64))
+            page_beside, token_beside = split_beside(
+                block_ids, tokens[2] // self.block_size, written_blocks,
+                pages=bool(self._page_rows),
+                tokens=len(tokens[0]) > 0 and self._shifted_layerwise())
         if (~page_beside).any():
             self._load_blocks(block_ids[~page_beside], slots[~page_beside])
         if (~token_beside).any():
@@ -265,11 +268,11 @@ class PromptCacheWorker:
             return
         start = time.perf_counter()  # issue time: the copies themselves are asynchronous
         block_ids, slots = _concat(meta.loads)
-        written = compat.step_written_slots(forward_context) if block_ids else None
+        # The scheduler names the copied blocks the forward also writes into (on CUDA
+        # the step's slot mapping lives on the device: reading it would block).
         self._gpu.start_loads(block_ids, slots, meta.shifted_loads,
                               wait_all=compat.full_cudagraph_step(forward_context),
-                              first_blocks=None if written is None
-                              else np.unique(written // self.block_size))
+                              first_blocks=np.asarray(meta.shared_blocks, dtype=np.int64))
         tokens = sum(len(load.deltas) for load in meta.shifted_loads)
         with self._stats_lock:
             nbytes = len(slots) * self.slot_bytes
@@ -439,7 +442,10 @@ class PromptCacheWorker:
 
     def shutdown(self) -> None:
         if self._layer_loads is not None:
-            self._layer_loads.shutdown()
+            try:
+                self._layer_loads.shutdown()
+            except RuntimeError:  # a failed load, already logged by the step it failed
+                logger.exception("promptcache: a layer-wise load failed before shutdown")
         self._saver.shutdown(wait=True)
         for io in self.secondary.values():
             io.shutdown()
