@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import close_llm, make_llm, settled
+from tests.conftest import KV_SCALE, close_llm, make_llm, settled
 from tests.modules.test_prompt_modules import generate, text
 
 pytestmark = pytest.mark.engine
@@ -23,7 +23,7 @@ def llm(tiny_model):
     from vllm_promptcache import engine_kwargs
 
     engine = make_llm(tiny_model, enable_prefix_caching=False, max_model_len=2048,
-                      **engine_kwargs(host_gb=0.008, disk_gb=0, position_independent=True))
+                      **engine_kwargs(host_gb=0.008 * KV_SCALE, disk_gb=0, position_independent=True))
     yield engine
     close_llm(engine)
 

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from tests.conftest import close_llm, make_llm, settled
+from tests.conftest import KV_SCALE, close_llm, make_llm, settled
 
 pytestmark = pytest.mark.engine
 BLOCK = 128
@@ -33,7 +33,7 @@ def llm(tiny_model):
     from vllm_promptcache import engine_kwargs
 
     engine = make_llm(tiny_model, enable_prefix_caching=False, max_model_len=2048,
-                      **engine_kwargs(host_gb=0.002, disk_gb=0, position_independent=True))
+                      **engine_kwargs(host_gb=0.002 * KV_SCALE, disk_gb=0, position_independent=True))
     yield engine
     close_llm(engine)
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.conftest import settled
+from tests.conftest import KV_SCALE, settled
 from tests.modules.test_prompt_modules import text
 from tests.test_server import COMMON, Server, free_port
 from vllm_promptcache.metrics import parse_prometheus
@@ -37,7 +37,7 @@ def server(tiny_model, tmp_path_factory):
     port = free_port()
     srv = Server([sys.executable, "-m", "vllm_promptcache", "serve", tiny_model, "--port", str(port),
                   "--promptcache", "--promptcache-modules", str(modules_file),
-                  "--promptcache-host-gb", "0.002", "--promptcache-disk-gb", "0",
+                  "--promptcache-host-gb", str(0.002 * KV_SCALE), "--promptcache-disk-gb", "0",
                   "--promptcache-admin-key", ADMIN_KEY, "--api-key", API_KEY,
                   "--promptcache-max-request-bytes", str(MAX_BODY),
                   "--promptcache-max-module-tokens", "1600",
