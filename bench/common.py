@@ -107,7 +107,9 @@ def bind_threads(reserved: int = 1) -> dict[str, str]:
 
 
 def cpu_set(text: str) -> set[int]:
-    """'1-3,5' -> {1, 2, 3, 5} (the form of VLLM_CPU_OMP_THREADS_BIND)."""
+    """'1-3,5' -> {1, 2, 3, 5} (the form of VLLM_CPU_OMP_THREADS_BIND and of
+    Cpus_allowed_list).  The package's parser (connector/cpu_layer_loads.py) is not
+    imported here: profile_query.py calls this before torch may load."""
     cpus: set[int] = set()
     for part in text.replace(" ", "").split(","):
         lo, _, hi = part.partition("-")

@@ -188,14 +188,6 @@ class Server:
                 "threads_per_cpu_list": dict(sorted(counts.items()))}
 
 
-def _cpu_list(spec: str) -> list[int]:
-    cpus = []
-    for part in filter(None, spec.split(",")):
-        lo, _, hi = part.partition("-")
-        cpus += range(int(lo), int(hi or lo) + 1)
-    return cpus
-
-
 def server_argv(case: str, model: str, port: int, args, disk_dir: str,
                 remote_url: str | None) -> list[str]:
     argv = [sys.executable, "-m", "vllm_promptcache", "serve", model, "--port", str(port),

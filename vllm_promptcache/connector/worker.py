@@ -240,17 +240,14 @@ class PromptCacheWorker:
         runs = row_runs(slots, block_ids) if len(slots) else None
         calls = None
         if len(dst):
-            from ..kernels.shifted_load import (check_token_sources, plan_cpu_load,
-                                                prepare_layers_shifted)
+            from ..kernels.shifted_load import prepare_layers_shifted
 
-            inv_freq, rotary_dim, is_neox = self.rope
-            check_token_sources(src_slots, src_offsets, self.buffer.num_slots, self.block_size)
-            plan = plan_cpu_load(src_slots, src_offsets, dst, deltas, self.block_size,
-                                 inv_freq, next(iter(self.raw_kv.values())).dtype)
+            _, rotary_dim, is_neox = self.rope
             calls = prepare_layers_shifted(
                 [self.buffer.layer_view(name) for name in self.kv],
                 [self.raw_kv[name] for name in self.kv], "cpu", self.num_kv_heads,
-                self.head_size, self.block_size, plan, rotary_dim, is_neox)
+                self.head_size, self.block_size,
+                self._plan_shifted(src_slots, src_offsets, dst, deltas), rotary_dim, is_neox)
         if len(slots) and (slots.min() < 0 or slots.max() >= self.buffer.num_slots):
             raise IndexError(f"host slots out of range [0, {self.buffer.num_slots})")
         rows = [self._page_rows[name] for name in self.kv] if runs is not None else None
@@ -284,23 +281,28 @@ class PromptCacheWorker:
     def _load_shifted(self, src_slots: np.ndarray, src_offsets: np.ndarray, dst: np.ndarray,
                       deltas: np.ndarray) -> None:
         """Tokens from host slots at other positions (CPU backend), every layer, now."""
-        from ..kernels.shifted_load import (check_token_sources, load_layers_shifted,
-                                            plan_cpu_load)
+        from ..kernels.shifted_load import load_layers_shifted
 
         inv_freq, rotary_dim, is_neox = self.rope
         src_slots, src_offsets, dst, deltas = (
             torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
             for a in (src_slots, src_offsets, dst, deltas))
-        # Checked and planned once for every layer of the step.
-        check_token_sources(src_slots.numpy(), src_offsets.numpy(), self.buffer.num_slots,
-                            self.block_size)
-        plan = plan_cpu_load(src_slots, src_offsets, dst, deltas, self.block_size, inv_freq,
-                             next(iter(self.raw_kv.values())).dtype)
+        plan = self._plan_shifted(src_slots, src_offsets, dst, deltas)
         inv_freq = inv_freq.to(self.device)
         load_layers_shifted([self.buffer.layer_view(name) for name in self.kv],
                             [self.raw_kv[name] for name in self.kv], src_slots, src_offsets,
                             "cpu", self.num_kv_heads, self.head_size, self.block_size, dst,
                             deltas, inv_freq, rotary_dim, is_neox, plan=plan)
+
+    def _plan_shifted(self, src_slots, src_offsets, dst, deltas):
+        """A shifted load's sources checked and its plan built, once for every layer of
+        the step (numpy arrays or CPU tensors)."""
+        from ..kernels.shifted_load import check_token_sources, plan_cpu_load
+
+        check_token_sources(np.asarray(src_slots), np.asarray(src_offsets),
+                            self.buffer.num_slots, self.block_size)
+        return plan_cpu_load(src_slots, src_offsets, dst, deltas, self.block_size, self.rope[0],
+                             next(iter(self.raw_kv.values())).dtype)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._gpu is not None:
