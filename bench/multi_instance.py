@@ -182,9 +182,10 @@ class Server:
                 except (OSError, AttributeError):
                     continue
                 counts[cpus] = counts.get(cpus, 0) + 1
-        narrow = min(counts, key=lambda c: (len(_cpu_list(c)), c)) if counts else ""
+        narrow = min(counts, key=lambda c: (len(common.cpu_set(c)), c)) if counts else ""
+        affinity = sorted(common.cpu_set(narrow))
         # vLLM's CPU worker runs one OpenMP thread per CPU of its binding.
-        return {"affinity": _cpu_list(narrow), "torch_threads": len(_cpu_list(narrow)),
+        return {"affinity": affinity, "torch_threads": len(affinity),
                 "threads_per_cpu_list": dict(sorted(counts.items()))}
 
 
