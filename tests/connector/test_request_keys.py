@@ -8,7 +8,6 @@ import json
 import os
 import time
 
-import pytest
 import torch
 
 from vllm_promptcache.connector.request_keys import RequestKeys

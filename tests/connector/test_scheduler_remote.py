@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.connector.test_scheduler import (BS, PAGE, Blocks, events_output, kv_cache_config,
+from tests.connector.test_scheduler import (PAGE, Blocks, events_output, kv_cache_config,
                                             request, vllm_config)
 from tests.redis_server import redis_server, redis_servers  # noqa: F401
 from vllm_promptcache.config import PromptCacheConfig

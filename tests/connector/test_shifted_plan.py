@@ -90,7 +90,6 @@ def test_kv_from_a_shifted_load_is_never_saved_under_exact_keys(monkeypatch):
     monkeypatch.setattr(rope_params, "rope_params", lambda vc: (torch.ones(16), 32, True))
     cfg = PromptCacheConfig(host_gb=256 * 2 * 1024 / 2**30, disk_gb=0, position_independent=True)
     sched = PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg.validate())
-    bs = sched.block_size
     system, turn1, turn2 = list(range(100, 140)), list(range(200, 240)), list(range(300, 340))
     first = request("a", system + turn1 + turn2 + [1])
     sched.request_finished(first, list(range(30)))

@@ -9,7 +9,6 @@ import stat
 import time
 
 import pytest
-import torch
 
 from vllm_promptcache.store import disk_format as fmt
 from vllm_promptcache.store.disk_io import PROMOTE, DiskIO
