@@ -76,9 +76,13 @@ def test_finished_request_saves_full_blocks_and_its_tail_then_hits(sched):
     # vLLM's prefix cache already holds one block: only the rest is loaded.
     assert sched.get_num_new_matched_tokens(nxt, BS) == (2 * BS + 1, False)
     sched.update_state_after_alloc(nxt, Blocks([20, 21, 22, 23, 24]), 2 * BS + 1)
-    load = sched.build_connector_meta(None).loads
+    step = sched.build_connector_meta(None)
+    load = step.loads
     assert [(t.block_ids, len(t.slots)) for t in load] == [([21, 22, 23], 3)]
     assert load[0].slots == meta.saves[0].slots[1:4]
+    # The tail's block is one the forward writes the rest of: named, so the worker
+    # copies it before the forward writes there (vLLM writes before a layer's wait).
+    assert step.shared_blocks == [23]
     # A prompt that goes on differently after the full blocks gets no tail.
     other = request("c", toks[:12] + [7, 7, 7, 7])
     assert sched.get_num_new_matched_tokens(other, 0) == (3 * BS, False)
@@ -358,6 +362,7 @@ def test_a_load_vllm_trims_mid_block_copies_whole_blocks_and_never_plans_past_th
     sched.update_state_after_alloc(nxt, Blocks([20, 21, 22, 23, 24]), 2 * BS + 2)
     meta = sched.build_connector_meta(None)
     assert [t.block_ids for t in meta.loads] == [[20, 21, 22]] and not meta.shifted_loads
+    assert meta.shared_blocks == [22]  # the forward computes the rest of block 22
     # Counted as what vLLM took, not as the three blocks copied.
     counters = sched.get_kv_connector_stats().data["counter"]
     assert counters["hit_tokens_total|host"] == 2 * BS + 2

@@ -96,6 +96,31 @@ def test_block_loads_and_saves_match_the_torch_path():
                            ref_raw[name].contiguous().view(torch.int16))
 
 
+@pytest.mark.parametrize("first_blocks", [None, [], [5], [2, 3], [3, 7, 2, 5], [8]])
+def test_blocks_the_forward_shares_go_first_and_every_block_still_lands(first_blocks):
+    """The scheduler names the copied blocks the forward also writes into
+    (`PromptCacheMetadata.shared_blocks`); those copies are issued first, the rest after.
+    Whichever blocks are named (none, some, all, one not loaded at all), every block gets
+    its own slot's bytes, as one torch-path copy of them all leaves it."""
+    import numpy as np
+
+    raw = _layers(3)
+    buf = _mapped(7, _pages(raw))
+    gpu, _ = _transfers(raw, buf)
+    ref_raw = {n: t.clone() for n, t in raw.items()}
+    load_blocks, load_slots = [2, 5, 7, 3], [3, 6, 0, 1]
+    gpu.start_loads(load_blocks, load_slots, [], wait_all=False,
+                    first_blocks=None if first_blocks is None
+                    else np.asarray(first_blocks, dtype=np.int64))
+    gpu.end_step()
+    for name, t in ref_raw.items():
+        load_slots_into_blocks(buf.layer_view(name), torch.tensor(load_slots),
+                               blocks_first(t, NUM_BLOCKS), torch.tensor(load_blocks))
+    for name in raw:
+        assert torch.equal(raw[name].contiguous().view(torch.int16),
+                           ref_raw[name].contiguous().view(torch.int16))
+
+
 def test_shifted_loads_match_the_reference():
     raw = _layers(2, any_bits=False)
     buf = _mapped(5, _pages(raw))
