@@ -195,6 +195,27 @@ def layer_page_bytes(kv_cache_config: Any) -> list[tuple[str, int]]:
     return out
 
 
+def forward_order(layers: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """`layer_page_bytes`' pairs in the order the forward runs the layers.  A hybrid
+    model's KV cache groups list sliding-window and full-attention layers apart; a load
+    that goes layer by layer must go in forward order, or the first layers wait for the
+    last.  The index is vLLM's own reading of a layer name; names it cannot read keep
+    their order, after the others."""
+    try:
+        from vllm.model_executor.models.utils import extract_layer_index
+    except ImportError:
+        return list(layers)
+
+    def key(item: tuple[int, tuple[str, int]]) -> tuple[int, int, int]:
+        pos, (name, _) = item
+        try:
+            return (0, extract_layer_index(name), pos)
+        except (AssertionError, ValueError):
+            return (1, 0, pos)
+
+    return [pair for _, pair in sorted(enumerate(layers), key=key)]
+
+
 def shutdown_llm(llm: Any) -> None:
     """Stop an offline `LLM`'s engine-core and worker processes now, not at garbage
     collection (vLLM 0.32: `llm.llm_engine.engine_core.shutdown()`)."""

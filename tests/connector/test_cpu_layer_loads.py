@@ -215,3 +215,17 @@ def test_a_load_thread_that_cannot_bind_is_not_used():
     order = []
     loads.run(order.append)
     assert order == [0, 1, 2, 3]
+
+
+def test_layers_load_in_forward_order_whatever_the_kv_cache_groups():
+    """A hybrid model's groups list its sliding-window layers apart from its full ones;
+    layer-wise loads follow the forward (vLLM's index of each name), not the groups."""
+    from vllm_promptcache import compat
+
+    groups = [("model.layers.1.self_attn.attn", 10), ("model.layers.3.self_attn.attn", 10),
+              ("model.layers.0.self_attn.attn", 20), ("model.layers.2.self_attn.attn", 20),
+              ("lm_head.attn", 30), ("model.layers.4.self_attn.attn", 20)]
+    assert [name.split(".")[2] if name.startswith("model") else name
+            for name, _ in compat.forward_order(groups)] == ["0", "1", "2", "3", "4",
+                                                            "lm_head.attn"]
+    assert dict(compat.forward_order(groups)) == dict(groups)  # pages stay with their layer

@@ -98,7 +98,8 @@ class PromptCacheWorker:
 
     # -- set-up ----------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        for name, page_bytes in self.layer_pages:
+        # Forward order: loads go layer by layer (the host buffer keeps layer_pages' order).
+        for name, page_bytes in compat.forward_order(self.layer_pages):
             view = blocks_first(kv_caches[name], self.num_blocks)
             block_bytes = view[0].numel() * view.element_size()
             if block_bytes != page_bytes:
