@@ -42,10 +42,12 @@ the same engine, so on the same threads; the binding
 (``bench/common.py``), the worker's thread count and the dtype (picked from the CPU,
 ``--dtype`` overrides) are recorded.
 
-    python bench/doc_qa.py            # 6 queries
-    python bench/doc_qa.py --quick    # 2 queries
+    python bench/doc_qa.py                  # 6 queries
+    python bench/doc_qa.py --quick          # 2 queries
+    python bench/doc_qa.py --device cuda    # on a GPU (bench/gpu_suite.py --only doc_qa)
 
-Results: ``bench/results/doc-qa-cpu.json``, ``.md`` and ``.png`` (TTFT per mode).
+Results: ``bench/results/doc-qa-cpu.json`` (``doc-qa-cuda.json`` on a GPU), ``.md`` and
+``.png`` (TTFT per mode).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import common  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "doc-qa-cpu.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+GPU_MEMORY_UTILIZATION = 0.3  # CUDA: the bench shape and its KV need far less
 MODES = ("no cache", "prefix cache", "exact hit", "exact hit, documents", "modules",
          "modules + fix", "labels", "labels, first use", "labels, plain client",
          "labels, plain client, new labels")
@@ -92,19 +95,31 @@ def documents(tokenizer, n: int, doc_tokens: int) -> list[str]:
     raise RuntimeError("not enough text in pydoc_data.topics")
 
 
-def engine(args):
-    """(LLM, PromptModules with doc0..doc2 registered, names, texts, worker threads): the
-    bench shape, vLLM's prefix cache on, position-independent reuse (also
-    bench/profile_query.py's)."""
-    from vllm import LLM
+def engine_kwargs_for(args) -> dict:
+    """The engine's arguments (also checked by bench/gpu_suite.py --dry-run): the bench
+    shape's, vLLM's prefix cache on, position-independent reuse.  On CPU an explicit KV
+    pool, eager; on CUDA a share of the GPU's memory, CUDA graphs on."""
+    from vllm_promptcache import engine_kwargs
 
-    from vllm_promptcache import PromptModules, engine_kwargs
-    from vllm_promptcache.tiny_model import build_model
-
-    llm = LLM(build_model("bench"), load_format="dummy", enforce_eager=True,
-              kv_cache_memory_bytes=common.kv_pool_bytes(), dtype=args.dtype, max_model_len=8192,
+    kw = dict(load_format="dummy", dtype=args.dtype, max_model_len=8192,
               max_num_batched_tokens=8192, enable_prefix_caching=True, seed=0,
               **engine_kwargs(host_gb=args.host_gb, disk_gb=0, position_independent=True))
+    if getattr(args, "device", "cpu") == "cuda":
+        kw["gpu_memory_utilization"] = GPU_MEMORY_UTILIZATION
+    else:
+        kw.update(enforce_eager=True, kv_cache_memory_bytes=common.kv_pool_bytes())
+    return kw
+
+
+def engine(args):
+    """(LLM, PromptModules with doc0..doc2 registered, names, texts, worker threads) on
+    the bench shape (also bench/profile_query.py's)."""
+    from vllm import LLM
+
+    from vllm_promptcache import PromptModules
+    from vllm_promptcache.tiny_model import build_model
+
+    llm = LLM(build_model("bench"), **engine_kwargs_for(args))
     threads = common.engine_threads(llm)
     names = ["doc0", "doc1", "doc2"]
     texts = documents(llm.get_tokenizer(), 3, args.doc_tokens)
@@ -121,12 +136,17 @@ def main() -> None:
     ap.add_argument("--host-gb", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: bench/results/doc-qa-cpu.json (doc-qa-cuda.json on CUDA)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: on a GPU, CUDA graphs on (bench/gpu_suite.py --only doc_qa)")
     common.add_dtype_arg(ap)
     args = ap.parse_args()
     if args.quick:
         args.queries = 2
-    args.dtype = common.setup(args.dtype)
+    if args.out is None:
+        args.out = RESULTS / f"doc-qa-{args.device}.json"
+    args.dtype = common.setup(args.dtype, args.device)
     load = common.MachineLoad()
 
     from vllm import SamplingParams
@@ -169,8 +189,9 @@ def main() -> None:
         return read_metrics(llm).get("hit_tokens_total", {}).get("host", 0)
 
     def question(i):
+        words = rng.choice(texts).split()  # short documents (--doc-tokens) have few
         return Text(f"Question {i}: which of the documents above describes "
-                    f"{rng.choice(texts).split()[rng.randrange(200)]} and why?\nAnswer:")
+                    f"{words[rng.randrange(min(200, len(words)))]} and why?\nAnswer:")
 
     def labelled(order, q, tag=""):
         items = []
@@ -242,7 +263,8 @@ def main() -> None:
     # Against the like-for-like bar: the documents exact, the question computed.
     like = {m: statistics.median(r[m] / r["exact hit, documents"] for r in rows) for m in MODES}
     speedup = {m: statistics.median(r["no cache"] / r[m] for r in rows) for m in MODES}
-    env = common.run_environment(args.dtype, load, {"all modes (one engine)": threads})
+    env = common.run_environment(args.dtype, load, {"all modes (one engine)": threads},
+                                 args.device)
     doc = {"benchmark": "doc_qa", "environment": env,
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "ttft_median_s": median, "ttft_ratio_to_exact_hit": ratio,

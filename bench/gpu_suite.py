@@ -18,6 +18,10 @@ Groups:
   engine restart) / vLLM ``kv_offloading_size`` at the same host GB.
 * ``multi_turn``: ``bench/multi_turn.py``'s workload at GPU scale (8B shape), its cases
   plus vLLM's own offloading at the same host GB.
+* ``doc_qa``: ``bench/doc_qa.py --device cuda --quick`` (bench shape, CUDA graphs on):
+  modules, labelled modules and a plain client against the exact hit of the same prompt,
+  where the question's compute costs about one decode step (on a 2-core CPU it alone is
+  several times the exact hit).  Writes ``doc-qa-cuda.{json,md,png}`` beside the suite's.
 
 ``--dry-run`` builds each case (model directory, engine arguments through vLLM's
 ``EngineArgs``, kernel layouts on CPU tensors, pytest files) and writes what it would run
@@ -66,7 +70,7 @@ TEST_FILES = ("tests/connector/test_reuse.py", "tests/test_server.py")
 KERNEL_BLOCKS = 512          # blocks moved per measurement
 KERNEL_TOKENS = 8192         # tokens shifted per rope_shift measurement
 SAVE_WAIT_S = 1.0
-GROUPS = ("tests", "kernels", "ttft", "multi_turn")
+GROUPS = ("tests", "kernels", "ttft", "multi_turn", "doc_qa")
 
 
 @dataclasses.dataclass
@@ -296,6 +300,32 @@ def multi_turn_cases(args, model: str) -> list[Case]:
     return cases
 
 
+# ----------------------------------------------------------------------------- doc-QA
+
+def doc_qa_cases(args) -> list[Case]:
+    import doc_qa
+
+    from vllm_promptcache.tiny_model import build_model
+
+    out = args.out / "doc-qa-cuda.json"
+    argv = [sys.executable, str(HERE / "doc_qa.py"), "--device", "cuda", "--quick",
+            "--dtype", args.dtype, "--out", str(out)]
+    ns = argparse.Namespace(device="cuda", dtype=args.dtype, host_gb=2.0)
+    kw = doc_qa.engine_kwargs_for(ns)
+
+    def run():
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"doc_qa.py exited {proc.returncode}: {proc.stderr[-2000:]}")
+        doc = json.loads(out.read_text())
+        return {k: doc[k] for k in ("ttft_median_s", "ttft_ratio_to_exact_hit",
+                                    "ttft_ratio_to_exact_hit_documents")}
+
+    return [Case("doc_qa", "modules_labels_plain_client", {"argv": argv[1:],
+                                                          "engine": _jsonable(kw)},
+                 lambda: check_engine_kwargs(build_model("bench"), kw), run)]
+
+
 # ------------------------------------------------------------------------------ main
 
 def _jsonable(kw: dict) -> dict:
@@ -316,6 +346,8 @@ def build_cases(args, model: str) -> list[Case]:
         cases += ttft_cases(args, model)
     if "multi_turn" in groups:
         cases += multi_turn_cases(args, model)
+    if "doc_qa" in groups:
+        cases += doc_qa_cases(args)
     return cases
 
 

@@ -21,6 +21,11 @@ def test_dry_run_builds_every_case(tmp_path):
                                             "disk_sched") in names
     assert ("tests", "cuda_reuse_and_server") in names
     assert ("kernels", "copy_and_shift_throughput") in names
+    doc_qa = next(c["spec"] for c in report["cases"] if c["group"] == "doc_qa")
+    assert doc_qa["argv"][1:3] == ["--device", "cuda"]
+    # On CUDA the doc-QA engine keeps CUDA graphs and sizes its pool from GPU memory.
+    assert "enforce_eager" not in doc_qa["engine"] and "kv_cache_memory_bytes" not in \
+        doc_qa["engine"]
     ttft = {c["name"]: c["spec"] for c in report["cases"] if c["group"] == "ttft"}
     assert ttft["vllm_offload"]["engine"]["kv_offloading_size"] == ttft["host"]["engine"][
         "kv_transfer_config"]["kv_connector_extra_config"]["promptcache"]["host_gb"]
