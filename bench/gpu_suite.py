@@ -70,6 +70,7 @@ TEST_FILES = ("tests/connector/test_reuse.py", "tests/test_server.py")
 KERNEL_BLOCKS = 512          # blocks moved per measurement
 KERNEL_TOKENS = 8192         # tokens shifted per rope_shift measurement
 SAVE_WAIT_S = 1.0
+DOC_QA_HOST_GB = 2.0          # doc_qa's host tier: its three documents and their shifts
 GROUPS = ("tests", "kernels", "ttft", "multi_turn", "doc_qa")
 
 
@@ -308,9 +309,10 @@ def doc_qa_cases(args) -> list[Case]:
     from vllm_promptcache.tiny_model import build_model
 
     out = args.out / "doc-qa-cuda.json"
-    argv = [sys.executable, str(HERE / "doc_qa.py"), "--device", "cuda", "--quick",
-            "--dtype", args.dtype, "--out", str(out)]
-    ns = argparse.Namespace(device="cuda", dtype=args.dtype, host_gb=2.0)
+    # The arguments the dry run checks are the ones the run passes.
+    ns = argparse.Namespace(device="cuda", dtype=args.dtype, host_gb=DOC_QA_HOST_GB)
+    argv = [sys.executable, str(HERE / "doc_qa.py"), "--device", ns.device, "--quick",
+            "--dtype", ns.dtype, "--host-gb", str(ns.host_gb), "--out", str(out)]
     kw = doc_qa.engine_kwargs_for(ns)
 
     def run():

@@ -41,11 +41,12 @@ def main() -> None:
     from vllm_promptcache.tiny_model import build_model
 
     model = build_model("tiny")
-    print(f"model: {model} ({cpu_dtype()})")
+    dtype = cpu_dtype()
+    print(f"model: {model} ({dtype})")
     # An explicit KV pool (256 MiB): on CPU a share of memory (gpu_memory_utilization)
     # is a share of the NUMA node minus the worker's RSS, which differs between machines.
     llm = LLM(model, enforce_eager=True, kv_cache_memory_bytes=256 << 20, max_model_len=4096,
-              dtype=cpu_dtype(), enable_prefix_caching=False, max_num_batched_tokens=4096,
+              dtype=dtype, enable_prefix_caching=False, max_num_batched_tokens=4096,
               **engine_kwargs(host_gb=0.25, disk_gb=0))
     greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     rng = random.Random(0)

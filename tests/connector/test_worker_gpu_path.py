@@ -88,9 +88,15 @@ def test_block_loads_and_saves_match_the_torch_path():
     load_blocks, load_slots = [2, 5, 7, 3], [3, 6, 0, 1]
     gpu.start_loads(load_blocks, load_slots, [], wait_all=False)
     gpu.end_step()
+    _assert_loaded_as_the_torch_path(raw, ref_raw, ref_buf, load_slots, load_blocks)
+
+
+def _assert_loaded_as_the_torch_path(raw, ref_raw, buf, slots, blocks) -> None:
+    """`raw` (loaded by GpuTransfers) holds bit for bit what the torch path leaves in
+    `ref_raw` (a copy taken before the load) copying `buf`'s slots into those blocks."""
     for name, t in ref_raw.items():
-        load_slots_into_blocks(ref_buf.layer_view(name), torch.tensor(load_slots),
-                               blocks_first(t, NUM_BLOCKS), torch.tensor(load_blocks))
+        load_slots_into_blocks(buf.layer_view(name), torch.tensor(slots),
+                               blocks_first(t, NUM_BLOCKS), torch.tensor(blocks))
     for name in raw:
         assert torch.equal(raw[name].contiguous().view(torch.int16),
                            ref_raw[name].contiguous().view(torch.int16))
@@ -113,12 +119,7 @@ def test_blocks_the_forward_shares_go_first_and_every_block_still_lands(first_bl
                     first_blocks=None if first_blocks is None
                     else np.asarray(first_blocks, dtype=np.int64))
     gpu.end_step()
-    for name, t in ref_raw.items():
-        load_slots_into_blocks(buf.layer_view(name), torch.tensor(load_slots),
-                               blocks_first(t, NUM_BLOCKS), torch.tensor(load_blocks))
-    for name in raw:
-        assert torch.equal(raw[name].contiguous().view(torch.int16),
-                           ref_raw[name].contiguous().view(torch.int16))
+    _assert_loaded_as_the_torch_path(raw, ref_raw, buf, load_slots, load_blocks)
 
 
 def test_shifted_loads_match_the_reference():
