@@ -7,7 +7,7 @@
 Groups:
 
 * ``tests``: the bit-exact reuse tests and the server chat tests on CUDA -- the same
-  pytest files, with ``VLLM_PROMPTCACHE_TEST_DEVICE=cuda`` (read by the tests' engine
+  pytest files, with ``PROMPTCACHE_TEST_DEVICE=cuda`` (read by the tests' engine
   helpers).  Records pass/fail and pytest's summary line.
 * ``kernels``: Triton ``copy_pages_`` loads (host slots -> paged blocks, through the
   device view of pinned memory) and saves, and ``rope_shift_paged_``, against a plain
@@ -116,13 +116,13 @@ def test_cases(args) -> list[Case]:
                 raise FileNotFoundError(f)
 
     def run():
-        env = {**os.environ, "VLLM_PROMPTCACHE_TEST_DEVICE": "cuda"}
+        env = {**os.environ, "PROMPTCACHE_TEST_DEVICE": "cuda"}
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", *TEST_FILES], cwd=REPO,
                              env=env, capture_output=True, text=True)
         tail = (out.stdout + out.stderr).strip().splitlines()
         return {"returncode": out.returncode, "summary": tail[-1] if tail else ""}
 
-    spec = {"files": list(TEST_FILES), "env": {"VLLM_PROMPTCACHE_TEST_DEVICE": "cuda"}}
+    spec = {"files": list(TEST_FILES), "env": {"PROMPTCACHE_TEST_DEVICE": "cuda"}}
     return [Case("tests", "cuda_reuse_and_server", spec, check, run)]
 
 

@@ -15,7 +15,7 @@ the benchmark shape with dummy weights, vLLM's KV pool limited to ``--gpu-blocks
 * ``remote``  the same plus the shared remote tier: a real ``redis-server`` started
               here on a free port (no persistence), both servers on
               ``--promptcache-remote-url redis://127.0.0.1:PORT/0`` with the same
-              secret (``VLLM_PROMPTCACHE_REMOTE_SECRET``).
+              secret (``PROMPTCACHE_REMOTE_SECRET``).
 
 Requests are token-id completions, streamed; the answer's token ids come back
 (``return_token_ids``) and are part of the next turn's prompt, as a chat client's
@@ -74,7 +74,7 @@ TOKEN_LO = 10  # token ids are drawn from [TOKEN_LO, the model's vocabulary size
 CASES = ("prefix", "local", "remote")
 BASELINE = "prefix"
 SERVERS = 2
-SECRET_ENV = "VLLM_PROMPTCACHE_REMOTE_SECRET"
+SECRET_ENV = "PROMPTCACHE_REMOTE_SECRET"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "multi-instance-cpu.json"
 # vLLM's own counters read from /metrics (Prometheus adds _total to counters).
 VLLM_COUNTERS = ("vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total",

@@ -10,11 +10,11 @@ done the way torch does it, so its bytes are the torch paths' bytes
 (tests/kernels/test_cpu_native.py).
 
 Built on first use with the system C compiler (``$CC``, else ``cc``; no torch headers)
-into ``$VLLM_PROMPTCACHE_NATIVE_DIR`` (default ``~/.cache/vllm-promptcache/native``),
+into ``$PROMPTCACHE_NATIVE_DIR`` (default ``~/.cache/vllm-promptcache/native``),
 under a name that hashes the source, the flags and this CPU's flags, so a shared home
 on other CPUs builds its own.  Where there is no compiler, the build fails, or the
 built code does not reproduce torch's bytes on a check run at load, loads stay on the
-torch paths and one warning says why.  ``VLLM_PROMPTCACHE_NATIVE=0`` turns it off.
+torch paths and one warning says why.  ``PROMPTCACHE_NATIVE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get("VLLM_PROMPTCACHE_NATIVE_DIR")
+    env = os.environ.get("PROMPTCACHE_NATIVE_DIR")
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
@@ -206,8 +206,8 @@ def native_move():
     with _lock:
         if "fn" not in _state:
             _state["fn"] = None
-            if os.environ.get("VLLM_PROMPTCACHE_NATIVE", "1") == "0":
-                logger.info("promptcache: C shifted loads off (VLLM_PROMPTCACHE_NATIVE=0)")
+            if os.environ.get("PROMPTCACHE_NATIVE", "1") == "0":
+                logger.info("promptcache: C shifted loads off (PROMPTCACHE_NATIVE=0)")
             else:
                 cc = os.environ.get("CC", "cc")
                 try:

@@ -11,12 +11,12 @@ import pytest
 # of ours being set by a test and from binding all cores to one process.
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # The disk tier is on by default; tests never write into the user's cache directory.
-os.environ.setdefault("VLLM_PROMPTCACHE_DISK_PATH",
+os.environ.setdefault("PROMPTCACHE_DISK_PATH",
                       tempfile.mkdtemp(prefix="vllm-promptcache-test-kv-"))
 
-# VLLM_PROMPTCACHE_TEST_DEVICE=cuda runs the engine tests on a GPU (bench/gpu_suite.py):
+# PROMPTCACHE_TEST_DEVICE=cuda runs the engine tests on a GPU (bench/gpu_suite.py):
 # CUDA graphs stay on there (the connector asks for PIECEWISE), and bf16 is native.
-TEST_DEVICE = os.environ.get("VLLM_PROMPTCACHE_TEST_DEVICE", "cpu")
+TEST_DEVICE = os.environ.get("PROMPTCACHE_TEST_DEVICE", "cpu")
 
 if TEST_DEVICE == "cpu":
     # Every test engine's worker bound as the benchmarks bind it (bench/common.py): one
@@ -34,7 +34,7 @@ def _test_dtype() -> str:
     bf16 matmuls run ~5x slower than fp32 (bench/common.pick_dtype)."""
     from bench.common import pick_dtype
 
-    return pick_dtype(os.environ.get("VLLM_PROMPTCACHE_TEST_DTYPE"), TEST_DEVICE)
+    return pick_dtype(os.environ.get("PROMPTCACHE_TEST_DTYPE"), TEST_DEVICE)
 
 
 # Every engine's KV pool, explicit: 256 MiB holds 512k tokens of the tiny model.  A

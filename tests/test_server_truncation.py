@@ -25,7 +25,7 @@ def server(tiny_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("trunc")
     port = free_port()
     srv = Server([sys.executable, "-m", "vllm_promptcache", "serve", tiny_model, "--port",
-                  str(port), "--promptcache", "--promptcache-truncate", "true", *COMMON,
+                  str(port), "--promptcache", "--promptcache-truncate", *COMMON,
                   "--max-model-len", "1024"], port, logs / "server.log")
     try:
         srv.wait_ready()

@@ -2,7 +2,7 @@
 name` in the package resolves to a module and a name defined there, and the connector
 hooks we override exist in 0.33's KVConnectorBase_V1 with the same parameters.  0.33's
 wheel needs CUDA to import, so this reads its source (ast) instead; .ci/run unpacks it
-(pip download --no-deps vllm==0.33.0) and points VLLM_PROMPTCACHE_VLLM033_SRC at it.
+(pip download --no-deps vllm==0.33.0) and points PROMPTCACHE_VLLM033_SRC at it.
 Skipped when that source is not on the machine."""
 
 import ast
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SRC = Path(os.environ.get("VLLM_PROMPTCACHE_VLLM033_SRC", "/tmp/vllm033/src"))
+SRC = Path(os.environ.get("PROMPTCACHE_VLLM033_SRC", "/tmp/vllm033/src"))
 BASE = "vllm/distributed/kv_transfer/kv_connector/v1/base.py"
 
 pytestmark = pytest.mark.skipif(not (SRC / BASE).is_file(),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .config import PromptCacheConfig, build_config
+from .config import (REMOTE_PASSWORD_ENV, REMOTE_SECRET_ENV, PromptCacheConfig, build_config,
+                     read_secret_file)
 
 CONNECTOR_CLASS = "PromptCacheConnector"
 CONNECTOR_MODULE = "vllm_promptcache.connector"
@@ -18,13 +19,15 @@ def export_secrets(config: PromptCacheConfig) -> PromptCacheConfig:
     import dataclasses
 
     if config.remote_secret:
-        os.environ["VLLM_PROMPTCACHE_REMOTE_SECRET"] = config.remote_secret
+        os.environ[REMOTE_SECRET_ENV] = config.remote_secret
     if config.remote_url:
         from .store.remote_url import parse_remote_url
 
         url = parse_remote_url(config.remote_url, environ={})
-        if url.password:
-            os.environ["VLLM_PROMPTCACHE_REMOTE_PASSWORD"] = url.password
+        password = url.password or (config.remote_password_file and read_secret_file(
+            "remote_password_file", config.remote_password_file))
+        if password:
+            os.environ[REMOTE_PASSWORD_ENV] = password
             config = dataclasses.replace(config, remote_url=dataclasses.replace(
                 url, password=None).masked())
     return dataclasses.replace(config, remote_secret="")
@@ -48,7 +51,7 @@ def engine_kwargs(host_gb: float | None = None, *, config_file: str | os.PathLik
         llm = LLM(model, **engine_kwargs(host_gb=4))
 
     Options are the fields of `PromptCacheConfig`; unset ones come from the YAML
-    file and the VLLM_PROMPTCACHE_* environment, as for the CLI.  Stat logging is
+    file and the PROMPTCACHE_* environment, as for the CLI.  Stat logging is
     kept on so `read_metrics(llm)` works.
     """
     config = build_config(config_file, {"host_gb": host_gb, **options})

@@ -11,99 +11,83 @@ once per process; without `--promptcache` vLLM behaves exactly as before.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Any
 
-from .config import DEFAULT_DISK_DIR, EVICTION_POLICIES, FLAGS, PromptCacheConfigError, build_config
+from .config import (CONFIG_FLAG, CONFIG_HELP, FLAGS, SECRET_FIELDS, SWITCH_FLAG, SWITCH_HELP,
+                     PromptCacheConfig, PromptCacheConfigError, _kind, build_config, cli_help,
+                     migrate_legacy_env)
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 _installed = False
+
+
+class Redacted:
+    """A secret in vLLM's parsed arguments: vLLM logs its non-default arguments at
+    start-up (repr of each value) and redacts only its own secrets, so ours are
+    never a plain string there.  `value` is the secret."""
+
+    __slots__ = ("value", "shown")
+
+    def __init__(self, value: str, shown: str = "***"):
+        self.value, self.shown = value, shown
+
+    def __repr__(self) -> str:
+        return repr(self.shown)
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return (Redacted, (self.value, self.shown))
+
+
+class _StoreSecret(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, Redacted(values))
+
+
+class _StoreURL(argparse.Action):
+    """The remote URL, whose password (if any) is shown as ***."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .config import _masked
+
+        setattr(namespace, self.dest, Redacted(values, _masked(values)))
+
+
+def _dest(name: str) -> str:
+    return f"promptcache_{name}"
 
 
 def add_promptcache_args(parser: Any) -> Any:
     if any(a.dest == "promptcache" for a in getattr(parser, "_actions", [])):
         return parser
     group = parser.add_argument_group(
-        "vllm-promptcache", "Reuse KV of earlier prompts and conversations from host RAM and disk.")
-    group.add_argument("--promptcache", action="store_true", default=False,
-                       help="Turn the prompt cache on (a KV connector; needs no other flag).")
-    group.add_argument("--promptcache-config", default=None, metavar="FILE",
-                       help="YAML file of prompt-cache options (see README).")
-    group.add_argument(FLAGS["host_gb"], dest="promptcache_host_gb", type=str, default=None,
-                       metavar="GIB", help="Host-RAM tier size in GiB, (0, 4096]. Default 4.")
-    group.add_argument(FLAGS["eviction_policy"], dest="promptcache_eviction_policy", default=None,
-                       metavar="NAME", help=f"Eviction policy: {', '.join(EVICTION_POLICIES)}.")
-    group.add_argument(FLAGS["save_decode_tokens"], dest="promptcache_save_decode_tokens",
-                       default=None, metavar="BOOL",
-                       help="Also save KV of generated tokens (true/false). Default true.")
-    group.add_argument(FLAGS["min_load_blocks"], dest="promptcache_min_load_blocks", default=None,
-                       metavar="N", help="Shortest hit, in blocks, worth loading. Default 1.")
-    group.add_argument(FLAGS["disk_path"], dest="promptcache_disk_path", default=None,
-                       metavar="DIR", help=f"Disk tier directory. Default {DEFAULT_DISK_DIR}.")
-    group.add_argument(FLAGS["disk_gb"], dest="promptcache_disk_gb", default=None, metavar="GIB",
-                       help="Disk tier cap in GiB; 0 turns the disk tier off. Default 32.")
-    group.add_argument(FLAGS["position_independent"], dest="promptcache_position_independent",
-                       default=None, metavar="BOOL",
-                       help="Reuse stored KV wherever its tokens reappear (RoPE-shifted), e.g. "
-                            "after a client dropped a conversation's oldest turns. Default false.")
-    group.add_argument(FLAGS["truncate"], dest="promptcache_truncate", default=None,
-                       metavar="BOOL",
-                       help="Chat over max_model_len: drop the oldest turns (keep the system "
-                            "prompt and the newest turns) instead of failing, and reuse the kept "
-                            "turns' KV at its new position. Default false.")
-    group.add_argument(FLAGS["recompute_ratio"], dest="promptcache_recompute_ratio", default=None,
-                       metavar="FRACTION",
-                       help="Of the tokens found at other positions (prompt modules, truncated "
-                            "chats), prefill this last fraction instead of loading it, so the "
-                            "prompt's end attends to the modules actually before it (a boundary "
-                            "fix, as CacheBlend). [0, 1). Default 0.")
-    group.add_argument(FLAGS["modules_file"], dest="promptcache_modules_file", default=None,
-                       metavar="FILE",
-                       help="Prompt modules to encode at start-up: a PML schema (.xml/.pml) or a "
-                            "YAML/JSON mapping of name: text. Requests name them in "
-                            "kv_transfer_params {\"promptcache_modules\": [...]}; more can be "
-                            "registered with POST /v1/promptcache/modules.")
-    group.add_argument(FLAGS["model_id"], dest="promptcache_model_id", default=None,
-                       metavar="ID",
-                       help="Name the weights' identity for the disk tier (default: derived from "
-                            "the model's files, or its hub commit). KV saved under one id is "
-                            "never served under another.")
-    group.add_argument(FLAGS["admin_key"], dest="promptcache_admin_key", default=None,
-                       metavar="KEY",
-                       help="Key that POST /v1/promptcache/modules needs in its "
-                            "X-PromptCache-Admin-Key header (separate from --api-key; both are "
-                            "checked). Unset: modules are registered only from "
-                            "--promptcache-modules. Env: VLLM_PROMPTCACHE_ADMIN_KEY.")
-    group.add_argument(FLAGS["max_module_tokens"], dest="promptcache_max_module_tokens",
-                       default=None, metavar="N",
-                       help="Longest prompt module the server registers, in tokens (HTTP 413 "
-                            "beyond). Default 32768.")
-    group.add_argument(FLAGS["max_request_bytes"], dest="promptcache_max_request_bytes",
-                       default=None, metavar="BYTES",
-                       help="Largest body the module route reads (HTTP 413 beyond). "
-                            "Default 8388608.")
-    group.add_argument(FLAGS["remote_url"], dest="promptcache_remote_url", default=None,
-                       metavar="URL",
-                       help="A store shared by several servers, below disk: redis://HOST:PORT/DB, "
-                            "rediss:// (TLS), unix:///path.sock, redis+cluster://h:p,h:p. The "
-                            "password may also come from VLLM_PROMPTCACHE_REMOTE_PASSWORD.")
-    group.add_argument(FLAGS["load_cpu"], dest="promptcache_load_cpu", default=None,
-                       metavar="CPU",
-                       help="CPU backend: where a step's loads run, layer by layer beside the "
-                            "forward: auto (a CPU the worker's OpenMP threads leave free, if "
-                            "any), off (before the forward), or a CPU number. Default auto.")
-    group.add_argument(FLAGS["remote_timeout_ms"], dest="promptcache_remote_timeout_ms",
-                       default=None, metavar="MS",
-                       help="Remote lookups slower than this are misses. Default 50.")
-    group.add_argument(FLAGS["remote_secret"], dest="promptcache_remote_secret", default=None,
-                       metavar="SECRET",
-                       help="Key of every remote value's checksum, shared by the instances (at "
-                            "least 16 characters); better from VLLM_PROMPTCACHE_REMOTE_SECRET.")
+        "vllm-promptcache", "Reuse KV of earlier prompts and conversations from host RAM, disk "
+        "and a shared store. Every option is also a YAML key and a PROMPTCACHE_* variable.")
+    group.add_argument(SWITCH_FLAG, action="store_true", default=False, help=SWITCH_HELP)
+    group.add_argument(CONFIG_FLAG, default=None, metavar="FILE", help=CONFIG_HELP)
+    for f in dataclasses.fields(PromptCacheConfig):
+        kw: dict[str, Any] = dict(dest=_dest(f.name), default=None, help=cli_help(f))
+        if _kind(f) is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["metavar"] = f.metadata["metavar"]
+            if f.name in SECRET_FIELDS:
+                kw["action"] = _StoreSecret
+            elif f.name == "remote_url":
+                kw["action"] = _StoreURL
+        group.add_argument(f.metadata["flag"], **kw)
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, f"promptcache_{name}", None) for name in FLAGS}
+    out = {}
+    for f in dataclasses.fields(PromptCacheConfig):
+        value = getattr(args, _dest(f.name), None)
+        out[f.name] = value.value if isinstance(value, Redacted) else value
+    return out
 
 
 def apply_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
@@ -113,7 +97,7 @@ def apply_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
     enabled = bool(getattr(args, "promptcache", False))
     given = [FLAGS[n] for n, v in _overrides(args).items() if v is not None]
     if getattr(args, "promptcache_config", None):
-        given.append("--promptcache-config")
+        given.append(CONFIG_FLAG)
     if not enabled:
         if given:
             raise SystemExit(f"error: {', '.join(given)} need(s) --promptcache")
@@ -171,4 +155,5 @@ def register() -> None:
     from .compat import check_vllm_version
 
     check_vllm_version()
+    migrate_legacy_env()
     install_cli_hooks()

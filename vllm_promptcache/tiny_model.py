@@ -56,7 +56,7 @@ SHAPES = {
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("VLLM_PROMPTCACHE_MODEL_DIR")
+    root = os.environ.get("PROMPTCACHE_MODEL_DIR")
     if root:
         return Path(root)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-promptcache" / "models"

@@ -41,13 +41,13 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shared_secret():
-    old = os.environ.get("VLLM_PROMPTCACHE_REMOTE_SECRET")
-    os.environ["VLLM_PROMPTCACHE_REMOTE_SECRET"] = SECRET  # engine processes inherit it
+    old = os.environ.get("PROMPTCACHE_REMOTE_SECRET")
+    os.environ["PROMPTCACHE_REMOTE_SECRET"] = SECRET  # engine processes inherit it
     yield SECRET
     if old is None:
-        del os.environ["VLLM_PROMPTCACHE_REMOTE_SECRET"]
+        del os.environ["PROMPTCACHE_REMOTE_SECRET"]
     else:
-        os.environ["VLLM_PROMPTCACHE_REMOTE_SECRET"] = old
+        os.environ["PROMPTCACHE_REMOTE_SECRET"] = old
 
 
 def remote_engine(tiny_model, url, **options):

@@ -21,7 +21,7 @@ BLOCK_BYTES = 2 * PAGE  # two layers of one page: one slot per worker
 
 @pytest.fixture
 def setup(redis_server, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("VLLM_PROMPTCACHE_REMOTE_SECRET", SECRET)
+    monkeypatch.setenv("PROMPTCACHE_REMOTE_SECRET", SECRET)
     cfg = PromptCacheConfig(host_gb=64 * BLOCK_BYTES / 2**30, disk_gb=0, model_id="m-test",
                             remote_url=redis_server.url, remote_timeout_ms=500).validate()
     sched = PromptCacheScheduler(vllm_config(), kv_cache_config(), cfg)

@@ -195,7 +195,7 @@ def test_without_a_compiler_loads_stay_right_through_torch(tmp_path):
         print("OK")
     """)
     env = dict(os.environ, CC=str(tmp_path / "no-such-cc"),
-               VLLM_PROMPTCACHE_NATIVE_DIR=str(tmp_path / "native"), TMPDIR=str(tmp_path))
+               PROMPTCACHE_NATIVE_DIR=str(tmp_path / "native"), TMPDIR=str(tmp_path))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -205,7 +205,7 @@ def test_without_a_compiler_loads_stay_right_through_torch(tmp_path):
 
 
 def test_turned_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("VLLM_PROMPTCACHE_NATIVE", "0")
+    monkeypatch.setenv("PROMPTCACHE_NATIVE", "0")
     monkeypatch.setattr(cpu_native, "_state", {})
     assert cpu_native.native_move() is None
     plan = plan_cpu_load([0], [0], [3], [1], 16, llama_inv_freq(32), torch.bfloat16)

@@ -62,7 +62,7 @@ from .remote_url import RemoteURL, parse_remote_url
 
 logger = logging.getLogger("vllm.promptcache")
 
-SECRET_ENV = "VLLM_PROMPTCACHE_REMOTE_SECRET"
+SECRET_ENV = "PROMPTCACHE_REMOTE_SECRET"
 MIN_SECRET_BYTES = 16
 _KEY_CONTEXT = "vllm-promptcache remote tier v1 value MAC"
 MAGIC = b"VPCREMKV"
@@ -129,7 +129,7 @@ def chunk_id(keys: Sequence[bytes]) -> str:
 
 
 def remote_secret(secret: bytes | str | None, environ: Mapping[str, str] | None = None) -> bytes:
-    """The MAC key, derived from the configured secret (or `VLLM_PROMPTCACHE_REMOTE_SECRET`);
+    """The MAC key, derived from the configured secret (or `PROMPTCACHE_REMOTE_SECRET`);
     RemoteSecretError when there is none or it is shorter than MIN_SECRET_BYTES."""
     if secret is None or secret == "" or secret == b"":
         secret = (os.environ if environ is None else environ).get(SECRET_ENV) or None
@@ -277,7 +277,7 @@ class RemoteStore:
             self._check(self._clients[0])
         except redis.AuthenticationError as e:
             self._warn_down("promptcache: the remote store at %s refused our credentials (%s): "
-                            "set the password in the URL or VLLM_PROMPTCACHE_REMOTE_PASSWORD; "
+                            "set the password in the URL or PROMPTCACHE_REMOTE_PASSWORD; "
                             "the remote tier stays off", self.url.masked(), e)
             return False
         except (redis.RedisError, OSError, redis_errors().RedisClusterException) as e:

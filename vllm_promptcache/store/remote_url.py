@@ -12,7 +12,7 @@ Forms (Redis >= 6 or Valkey; served by redis-py):
                                                       its nodes; the client finds the rest
 
 User and password are percent-decoded.  A URL without a password takes it from
-the environment (`VLLM_PROMPTCACHE_REMOTE_PASSWORD`), so it need not appear on a
+the environment (`PROMPTCACHE_REMOTE_PASSWORD`), so it need not appear on a
 command line.  `masked()` is the form that goes into logs: the password is `***`.
 """
 
@@ -24,7 +24,7 @@ from typing import Mapping
 from urllib.parse import parse_qsl, quote, unquote
 
 OPTION = "--promptcache-remote-url"
-PASSWORD_ENV = "VLLM_PROMPTCACHE_REMOTE_PASSWORD"
+PASSWORD_ENV = "PROMPTCACHE_REMOTE_PASSWORD"
 DEFAULT_PORT = 6379
 _SCHEMES = {"redis": (False, False), "rediss": (True, False), "unix": (False, False),
             "redis+cluster": (False, True), "rediss+cluster": (True, True)}
@@ -126,7 +126,7 @@ def _parse_hosts(text: str, url: str, several: bool) -> tuple[tuple[str, int], .
 
 def parse_remote_url(url: str, environ: Mapping[str, str] | None = None) -> RemoteURL:
     """Parse and check a remote-tier URL; the password falls back to
-    `VLLM_PROMPTCACHE_REMOTE_PASSWORD` from `environ` (default os.environ)."""
+    `PROMPTCACHE_REMOTE_PASSWORD` from `environ` (default os.environ)."""
     if not isinstance(url, str) or "://" not in url:
         raise _fail(str(url), "not a URL")
     scheme, rest = url.split("://", 1)

@@ -1,4 +1,8 @@
-"""Eviction policies for the tiers, chosen by name."""
+"""Eviction policies for the tiers, chosen by name.
+
+`POLICIES` is the registry: the configuration's allowed names come from it, and a
+new policy is a new file plus one line here.
+"""
 
 from .base import EvictionPolicy
 from .lru import LruPolicy
@@ -10,11 +14,16 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
 }
 
 
-def make_policy(name: str) -> EvictionPolicy:
+def policy_class(name: str) -> type[EvictionPolicy]:
     try:
-        return POLICIES[name]()
+        return POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(POLICIES)}") from None
 
 
-__all__ = ["EvictionPolicy", "LruPolicy", "SchedulerAwarePolicy", "POLICIES", "make_policy"]
+def make_policy(name: str) -> EvictionPolicy:
+    return policy_class(name)()
+
+
+__all__ = ["EvictionPolicy", "LruPolicy", "SchedulerAwarePolicy", "POLICIES", "make_policy",
+           "policy_class"]

@@ -20,6 +20,10 @@ class EvictionPolicy(ABC):
     that look at the scheduler.
     """
 
+    # True when `victim` reads `queued`: the scheduler side then tells the tier
+    # which entries its waiting requests will read (otherwise it need not ask).
+    queue_aware: bool = False
+
     @abstractmethod
     def inserted(self, entry: Hashable) -> None: ...
 

@@ -14,6 +14,8 @@ from .lru import LruPolicy
 
 
 class SchedulerAwarePolicy(LruPolicy):
+    queue_aware = True
+
     def victim(self, evictable: Callable[[Hashable], bool],
                queued: Callable[[Hashable], bool] = _nothing_queued) -> Hashable | None:
         entry = self.oldest(lambda e: evictable(e) and not queued(e))
