@@ -195,6 +195,32 @@ def layer_page_bytes(kv_cache_config: Any) -> list[tuple[str, int]]:
     return out
 
 
+def kv_block_layout(vllm_config: Any) -> str:
+    """What orders a KV block's bytes besides its shape: the device, the attention
+    backend asked for, and the physical KV layout (vLLM 0.32+: the layout the engine
+    core resolves before the scheduler and the worker connector are built; older
+    vLLM: the global NHD/HND layout).  Engines that differ here never share blocks."""
+    parts = []
+    try:
+        from vllm.platforms import current_platform
+
+        parts.append(f"device={current_platform.device_type}")
+    except Exception:  # noqa: BLE001 - no platform: name none
+        parts.append("device=?")
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    parts.append(f"backend={getattr(backend, 'name', backend) or 'auto'}")
+    layout = getattr(getattr(vllm_config, "cache_config", None), "kv_cache_layout", None)
+    if layout is None:
+        try:  # vLLM < 0.32
+            from vllm.v1.attention.backends.utils import get_kv_cache_layout
+
+            layout = get_kv_cache_layout()
+        except Exception:  # noqa: BLE001
+            layout = None
+    parts.append(f"layout={getattr(layout, 'name', layout) or '?'}")
+    return ",".join(parts)
+
+
 def forward_order(layers: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """`layer_page_bytes`' pairs in the order the forward runs the layers.  A hybrid
     model's KV cache groups list sliding-window and full-attention layers apart; a load

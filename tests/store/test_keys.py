@@ -32,7 +32,8 @@ def test_every_fingerprint_field_changes_every_key():
                    num_layers=3, num_kv_heads=4, head_size=64, tp_size=2, tp_rank=1,
                    weights="dir:def", config="c2", hf_overrides='{"x":1}',
                    rope='{"rope_scaling":{"factor":2}}', quantization='{"method":"fp8"}',
-                   kv_scales='{"calculate":true}', format_version=99)
+                   kv_scales='{"calculate":true}', kv_layout="device=cuda,backend=auto,layout=LBNHC",
+                   format_version=99)
     for field, value in changes.items():
         other = BlockKeyer(replace(FP, **{field: value})).block_keys(tokens)
         assert not set(other) & set(base), f"changing {field} must change the keys"
@@ -50,3 +51,16 @@ def test_cache_salt_separates_keys():
 def test_max_blocks_truncates():
     keyer = BlockKeyer(FP)
     assert keyer.block_keys(list(range(40)), max_blocks=3) == keyer.block_keys(list(range(12)))
+
+
+def test_the_kv_layout_is_in_the_fingerprint():
+    """A CPU engine's block ([h, bs, 2d]) and a CUDA engine's of the same shape order
+    their bytes differently: the engines' fingerprints differ (issue 29, point 4)."""
+    from types import SimpleNamespace as NS
+
+    from vllm_promptcache import compat
+
+    cpu = compat.kv_block_layout(NS(cache_config=NS(kv_cache_layout="LBHNC")))
+    other = compat.kv_block_layout(NS(cache_config=NS(kv_cache_layout="LBNHC")))
+    assert "layout=LBHNC" in cpu and "device=" in cpu and cpu != other
+    assert replace(FP, kv_layout=cpu).digest() != replace(FP, kv_layout=other).digest()

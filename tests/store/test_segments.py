@@ -208,7 +208,9 @@ def test_fuzz_against_brute_force():
         anchor = rng.randint(1, 4)
         min_piece = 2 * anchor - 1 + rng.randint(0, 3)
         vocab = rng.randint(2, 6)                     # few symbols: many repeats and ties
-        idx = SegmentIndex(anchor, min_piece)
+        # Uncapped anchors: the oracle finds every match (few symbols make every
+        # anchor hot; the cap is tested on its own below).
+        idx = SegmentIndex(anchor, min_piece, max_refs=1 << 30)
         segments, salts = {}, {}
         for sid in rng.sample(range(100), rng.randint(1, 6)):
             seg = [rng.randrange(vocab) for _ in range(rng.randint(0, 60))]
@@ -260,11 +262,20 @@ def test_32k_prompt_over_thousands_of_segments_takes_a_search_per_piece():
     idx._longest_match = lambda *a: searches.append(a[2]) or longest_match(*a)
     pieces = idx.cover(prompt)
 
+    # The system prompt's anchors are hot (in all 2000 segments): they refer to the
+    # first max_refs segments only, so unless order[0] is one of them the system
+    # prompt comes from segment 0 (the same tokens at the same positions) and
+    # order[0]'s body follows as a piece of its own.
     s, b = len(system), 500
-    want = [Piece(0, s + b, order[0], 0)] + [
+    if order[0] < idx.max_refs:
+        head = [Piece(0, s + b, order[0], 0)]
+    else:
+        head = [Piece(0, s, 0, 0), Piece(s, s + b, order[0], s)]
+    want = head + [
         Piece(s + k * b, s + (k + 1) * b, sid, s) for k, sid in enumerate(order) if k]
     assert pieces == want
     assert len(searches) <= len(pieces) + 1 + idx.min_piece, searches
+    assert idx.steps <= len(searches) * idx.anchor_len * idx.max_refs
 
 
 def test_a_piece_is_cut_back_so_the_next_module_can_follow():
@@ -286,3 +297,42 @@ def test_a_piece_is_cut_back_so_the_next_module_can_follow():
     assert pieces[-1].end == len(prompt)
     assert [pc.seg_id for pc in pieces] == [4, 1, 2, 3]
     assert pieces[1].end == 80 + 40 - 8  # cut so that C's module gives min_piece tokens
+
+
+def _hot_index(runs: int, tokens: int = 4096) -> SegmentIndex:
+    idx = SegmentIndex()
+    for sid in range(runs):
+        idx.add(sid, [7] * tokens)
+    return idx
+
+
+def test_a_hot_anchor_does_not_make_a_lookup_grow_with_the_stored_runs():
+    """Issue 29: 10, 20 and 40 stored 4k-token runs of one repeated token took 117,
+    308 and 998 ms per look-up, every run's every anchor being visited.  Counted
+    here in anchor references visited: the same for 10, 20 and 40 runs."""
+    steps = []
+    for runs in (10, 20, 40):
+        idx = _hot_index(runs)
+        idx.steps = 0
+        pieces = idx.cover([7] * 4096)
+        assert pieces and pieces[0].start == 0 and pieces[-1].end == 4096
+        steps.append(idx.steps)
+    assert steps[0] == steps[1] == steps[2], steps
+    assert steps[0] <= idx.anchor_len * idx.max_refs * 4, steps
+
+
+def test_removing_a_segment_costs_its_own_anchors_only():
+    """Eviction touches one dictionary entry per anchor of the segment removed, not
+    every reference of its hot anchors; the removed segment is never found again."""
+    costs = []
+    for runs in (10, 40):
+        idx = _hot_index(runs, 1024)
+        idx.steps = 0
+        idx.remove(0)
+        costs.append(idx.steps)
+        assert all(p.seg_id != 0 for p in idx.cover([7] * 1024))
+    assert costs[0] == costs[1] == 1024 // idx.anchor_len, costs
+    idx = _hot_index(3, 256)
+    for sid in range(3):
+        idx.remove(sid)
+    assert not idx._anchors and not idx.cover([7] * 256)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import compat
-from ..store.keys import BlockKey, BlockKeyer, UnknownWeightsError, directory_identity
+from ..store.keys import (BlockKey, BlockKeyer, UnknownWeightsError, directory_identity,
+                          namespace_of)
 
 logger = logging.getLogger("vllm.promptcache")
 
@@ -98,7 +99,7 @@ class RequestKeys:
             raise Unkeyable("no_extra_keys_api", "this vLLM has no block extra-key function")
         # Tokens alone do not say what a multimodal placeholder or an embedding
         # holds: such requests are never matched at other positions.
-        return _Entry("\0".join(parts) or None, shiftable=not (mm or embeds),
+        return _Entry(namespace_of(*parts), shiftable=not (mm or embeds),
                       needs_extra=needs_extra)
 
     def skip_reason(self, request: Any) -> str | None:
@@ -148,6 +149,10 @@ class RequestKeys:
         self._entries.pop(req_id, None)
         self._skipped[req_id] = reason
         logger.debug("promptcache: request %s is served uncached: %s", req_id, error)
+
+    def clear(self) -> None:
+        """Every request's keys are computed again (the keyer's epoch changed)."""
+        self._entries.clear()
 
     def forget(self, req_id: str) -> None:
         self._entries.pop(req_id, None)

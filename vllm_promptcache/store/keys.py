@@ -11,8 +11,16 @@ hit on block i implies the KV of blocks 0..i-1 is the right context.
 
 The fingerprint is what makes the persistent tiers honest across restarts: a
 model re-saved in place (same path, other weights), another quantization,
-`hf_overrides`, RoPE scaling or KV-cache dtype gives another fingerprint, so old
-files are misses (and age out under the disk cap).
+`hf_overrides`, RoPE scaling, KV-cache dtype or KV layout (how the attention
+backend orders a block's bytes: a CPU engine's block is not a CUDA engine's)
+gives another fingerprint, so old files are misses (and live in another
+directory).
+
+A namespace (what separates requests whose equal tokens differ: cache salt,
+LoRA adapter) is built from its parts by `namespace_of`, which length-prefixes
+each part, so no choice of salt can spell another request's parts; anything
+derived from a request's namespace (approximate KV, gap encodings) is named by
+`derived_namespace`, which can equal no request's namespace.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ logger = logging.getLogger("vllm.promptcache")
 BlockKey = bytes  # 16-byte digest
 KEY_BYTES = 16
 # The plugin's own KV format: bump when the bytes saved for a block change meaning.
-KV_FORMAT_VERSION = 2
+# 3: namespaces are length-prefixed (namespace_of), the KV layout is fingerprinted.
+KV_FORMAT_VERSION = 3
 
 # Files of a model directory whose content is hashed (small: configs, custom code),
 # and weight files, of which size, mtime and (safetensors) header are hashed.
@@ -127,6 +136,23 @@ def weights_identity(model: str, revision: str | None, model_id: str = "") -> st
         f"local directory and not in the hub cache")
 
 
+def namespace_of(*parts: str) -> str | None:
+    """The namespace of a request whose keys depend on `parts` besides its tokens
+    (e.g. "salt:...", "lora:..."), None for no parts.  Each part is length-prefixed,
+    so the encoding is injective: salt "t\\0lora:x" alone never equals salt "t" under
+    LoRA "x", whatever bytes a client puts in its salt."""
+    if not parts:
+        return None
+    return "".join(f"{len(p)}:{p}" for p in parts)
+
+
+def derived_namespace(namespace: str | None, *parts: str) -> str:
+    """The namespace of KV derived from a request's (approximate KV, a gap encoding):
+    its own namespace plus `parts`, tagged so that it equals no request's namespace
+    and no other derivation's, e.g. derived_namespace(ns, "approximate", req_id)."""
+    return "derived|" + namespace_of(namespace or "", *parts)
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=repr, separators=(",", ":"))
 
@@ -157,6 +183,7 @@ class ModelFingerprint:
     rope: str = ""         # RoPE scaling / parameters
     quantization: str = ""  # method and its config
     kv_scales: str = ""    # how KV-cache scales are chosen
+    kv_layout: str = ""    # the device and the attention backend's block layout
     format_version: int = KV_FORMAT_VERSION
 
     def digest(self) -> bytes:
@@ -174,6 +201,8 @@ class ModelFingerprint:
     @classmethod
     def from_vllm_config(cls, vllm_config: Any, tp_rank: int = 0,
                          model_id: str = "") -> "ModelFingerprint":
+        from ..compat import kv_block_layout  # the one place that knows vLLM's versions
+
         mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
         try:
             weights = weights_identity(str(mc.model), mc.revision, model_id)
@@ -210,16 +239,29 @@ class ModelFingerprint:
             head_size=int(mc.get_head_size()),
             tp_size=int(pc.tensor_parallel_size),
             tp_rank=int(tp_rank),
+            kv_layout=kv_block_layout(vllm_config),
         )
 
 
 class BlockKeyer:
     """Computes the keys of a token sequence's full blocks."""
 
-    def __init__(self, fingerprint: ModelFingerprint):
+    def __init__(self, fingerprint: ModelFingerprint | None, *, seed: bytes | None = None,
+                 block_size: int | None = None):
         self.fingerprint = fingerprint
-        self.block_size = fingerprint.block_size
-        self._seed = fingerprint.digest()
+        self.block_size = fingerprint.block_size if fingerprint is not None else int(block_size)
+        self._seed = fingerprint.digest() if fingerprint is not None else bytes(seed)
+
+    @classmethod
+    def from_digest(cls, digest: bytes, block_size: int) -> "BlockKeyer":
+        """The keyer of the fingerprint whose digest is `digest` (what a store knows
+        of it): recomputes the keys a shared entry claims for its tokens."""
+        return cls(None, seed=digest, block_size=block_size)
+
+    def new_epoch(self) -> None:
+        """A cache reset (after a weight update, say): from now on no key equals one
+        computed before, so nothing stored before is found again."""
+        self._seed = _blake(self._seed, b"epoch:", os.urandom(16))
 
     def seed(self, namespace: str | None) -> bytes:
         """The chain's seed: the fingerprint, and the request's namespace (cache

@@ -21,6 +21,14 @@ independent of the prompt's and the index's size.
 
 Tokens are kept as packed int32 bytes (4 bytes a token) and anchors as one int per
 anchor, so the index costs about the tokens' own size plus ~5 bytes a token.
+
+Hot anchors (a system prompt in every stored run, a run of one repeated token that
+any client can send) are bounded: an anchor refers to at most `max_refs` places
+(the first ones stored keep it; a later one is still found through its other
+anchors, and only a match made of hot anchors alone can be missed, never a wrong
+one taken).  So a look-up visits at most `anchor_len * max_refs` references per
+position, whatever the number of stored runs, and removing a segment costs one
+dictionary operation per anchor.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Sequence
 
 _ITEM = array("i").itemsize  # bytes per packed token id
 _POS_BITS = 32               # an anchor reference is (segment slot << 32) | position
+MAX_REFS_PER_ANCHOR = 16     # segments an anchor refers to at most (see the docstring)
 
 
 @dataclass(frozen=True)
@@ -93,19 +102,26 @@ class SegmentIndex:
         that every such match is found (see the module docstring).
     """
 
-    def __init__(self, anchor_len: int = 16, min_piece: int = 32):
+    def __init__(self, anchor_len: int = 16, min_piece: int = 32,
+                 max_refs: int = MAX_REFS_PER_ANCHOR):
         if anchor_len < 1:
             raise ValueError(f"anchor_len must be >= 1, got {anchor_len}")
         if min_piece < 2 * anchor_len - 1:
             raise ValueError(f"min_piece ({min_piece}) must be >= 2 * anchor_len - 1 "
                              f"({2 * anchor_len - 1}): shorter matches need not contain "
                              "a whole anchor and could be missed")
+        if max_refs < 1:
+            raise ValueError(f"max_refs must be >= 1, got {max_refs}")
         self.anchor_len = anchor_len
         self.min_piece = min_piece
+        self.max_refs = max_refs
         self._segments: dict[int, int] = {}            # seg_id -> slot
         self._slots: dict[int, _Segment] = {}          # slot -> segment
-        self._anchors: dict[int, int | list[int]] = {}  # anchor hash -> reference(s)
+        # anchor hash -> its one reference, or {reference: None} (at most max_refs)
+        self._anchors: dict[int, int | dict[int, None]] = {}
         self._next_slot = 0
+        # Anchor references visited by look-ups and removals: a test's step counter.
+        self.steps = 0
 
     def __contains__(self, seg_id) -> bool:
         return seg_id in self._segments
@@ -133,25 +149,25 @@ class SegmentIndex:
         for j, key in self._anchor_keys(seg.data, salt):
             ref = (slot << _POS_BITS) | j
             old = self._anchors.get(key)
-            if old is None:  # most anchors are unique: a bare int, no list
+            if old is None:  # most anchors are unique: a bare int, no dict
                 self._anchors[key] = ref
             elif isinstance(old, int):
-                self._anchors[key] = [old, ref]
-            else:
-                old.append(ref)
+                if self.max_refs > 1:
+                    self._anchors[key] = {old: None, ref: None}
+            elif len(old) < self.max_refs:
+                old[ref] = None
 
     def remove(self, seg_id: int) -> None:
         slot = self._segments.pop(seg_id)
         seg = self._slots.pop(slot)
         for j, key in self._anchor_keys(seg.data, seg.salt):
+            self.steps += 1
             ref = (slot << _POS_BITS) | j
-            old = self._anchors[key]
-            if isinstance(old, int):
+            old = self._anchors.get(key)
+            if old == ref:
                 del self._anchors[key]
-            else:
-                old.remove(ref)
-                if len(old) == 1:
-                    self._anchors[key] = old[0]
+            elif isinstance(old, dict) and old.pop(ref, 0) is None and len(old) == 1:
+                self._anchors[key] = next(iter(old))
 
     def cover(self, tokens: Sequence[int], salt: str | None = None, start: int = 0,
               end: int | None = None) -> list[Piece]:
@@ -214,6 +230,7 @@ class SegmentIndex:
             if refs is None:
                 continue
             for ref in (refs,) if isinstance(refs, int) else refs:
+                self.steps += 1
                 slot = ref >> _POS_BITS
                 src = (ref & ((1 << _POS_BITS) - 1)) - (i - p)
                 seg = self._slots[slot]
