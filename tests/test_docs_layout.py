@@ -4,7 +4,8 @@
   and bench/, and every path it names exists;
 - every relative link in README.md and docs/*.md points at a file that exists, and an
   anchor (`page.md#section`) at a heading that page has;
-- the tables docs/benchmarks.md copies from bench/results/*.md are those files' tables;
+- docs/benchmarks.md gives every bench its command, and the tables it copies from
+  bench/results/*.md are those files' tables;
 - docs/metrics.md lists exactly the metrics vllm_promptcache/metrics.py declares;
 - the README stays a landing page.
 
@@ -126,6 +127,13 @@ def test_benchmark_tables_match_their_result_files():
         assert _table_lines(block) == expected, (
             f"docs/benchmarks.md's copy of {source} differs from the file: copy the file's "
             "tables between its markers again (and check the figures the text quotes)")
+
+
+def test_benchmarks_page_gives_every_bench_its_command():
+    text = (DOCS / "benchmarks.md").read_text()
+    benches = sorted(p.name for p in (ROOT / "bench").glob("*.py") if p.name != "common.py")
+    missing = [b for b in benches if f"python bench/{b}" not in text]
+    assert not missing, f"benches without their command (`python bench/NAME.py`) in docs/benchmarks.md: {missing}"
 
 
 def _declared_metrics() -> set[str]:
