@@ -10,6 +10,8 @@ them on the OpenAI server's `/metrics` as `vllm:promptcache_*`.  Offline,
 from __future__ import annotations
 
 import re
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +20,16 @@ from .compat import stats_bases
 KVConnectorStats, KVConnectorPromMetrics = stats_bases()
 
 PREFIX = "vllm:promptcache_"
-COUNTER, GAUGE = "counter", "gauge"
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+# A histogram's observations kept per interval (a payload vLLM never collects stays bounded).
+HISTOGRAM_CAP = 4096
+SCHEDULER_SECONDS_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
 # Not a metric: keys of layout templates whose gap encoding the scheduler side could
 # not find (modules/encoded_gaps.py); the front end's logger passes them on.
 GAPS_MISSING = "gaps_missing"
 
-# name -> (type, label: True for "tier", a name for another label, False for none, help)
+# name -> (type, label: True for "tier", a name for another label, a tuple of names
+# (the value passed as a tuple too), False for none, help)
 METRICS: dict[str, tuple[str, bool, str]] = {
     "lookups_total": (COUNTER, False, "Requests looked up in the prompt cache."),
     "lookup_hits_total": (COUNTER, False, "Requests that loaded at least one block from the prompt cache."),
@@ -49,9 +55,15 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "remote_failures_total": (COUNTER, True, "Remote store calls that failed or timed out (misses or dropped saves; serving goes on)."),
     "remote_reconnects_total": (COUNTER, True, "Times the remote store came back after being unreachable."),
     "remote_seconds_total": (COUNTER, True, "Seconds spent in remote store calls (off the step)."),
+    "resets_total": (COUNTER, False, "Connector cache resets carried out (each drops every stored block from being served again)."),
+    "preemptions_seen_total": (COUNTER, False, "Preempted requests the connector tracked (their blocks stay marked where approximate)."),
     "pinned_modules": (GAUGE, False, "Prompt modules whose KV is pinned in the host tier."),
     "tier_bytes_in_use": (GAUGE, True, "Bytes of a tier holding KV blocks."),
     "tier_capacity_bytes": (GAUGE, True, "The byte bound of a tier."),
+    "tier_load_bytes_per_second": (GAUGE, True, "A tier's measured load rate per worker (load_cost.py), what load-or-recompute decisions are priced with."),
+    "prefill_tokens_per_second": (GAUGE, False, "vLLM's measured prefill rate (load_cost.py), what recomputing a stored run is priced with."),
+    "load_decisions_total": (COUNTER, ("tier", "decision"), "Found runs loaded, recomputed or split (head loaded, rest recomputed), by tier, from their measured cost."),
+    "scheduler_seconds": (HISTOGRAM, "hook", "Seconds spent in the connector's scheduler-side hooks, per call."),
 }
 
 
@@ -70,16 +82,21 @@ def export_store_counts(stats: "PromptCacheStats", counts: dict, tier: str = "re
             stats.inc(metric, counts[key], tier=tier)
 
 
-def _label_name(label: bool | str) -> str:
-    return label if isinstance(label, str) else "tier"
+def _label_names(label: bool | str | tuple) -> list[str]:
+    if isinstance(label, tuple):
+        return list(label)
+    return [label if isinstance(label, str) else "tier"] if label else []
+
+
+_LABELS = ("tier", "reason", "decision", "hook")
 
 
 def _label_of(labels: dict) -> str | None:
-    return labels.get("tier") or labels.get("reason")
+    return ",".join(labels[k] for k in _LABELS if labels.get(k)) or None
 
 
-def _key(name: str, tier: str | None) -> str:
-    return f"{name}|{tier or ''}"
+def _key(name: str, tier: str | tuple | None) -> str:
+    return f"{name}|{','.join(tier) if isinstance(tier, tuple) else tier or ''}"
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -97,7 +114,7 @@ class PromptCacheStats(KVConnectorStats):
             self.reset()
 
     def reset(self):
-        self.data = {COUNTER: {}, GAUGE: {}, GAPS_MISSING: []}
+        self.data = {COUNTER: {}, GAUGE: {}, HISTOGRAM: {}, GAPS_MISSING: []}
 
     def gaps_missing(self, template_key: bytes) -> None:
         if template_key.hex() not in self.data.setdefault(GAPS_MISSING, []):
@@ -112,12 +129,30 @@ class PromptCacheStats(KVConnectorStats):
         assert METRICS[name][0] == GAUGE, name
         self.data[GAUGE][_key(name, tier)] = value
 
+    def observe(self, name: str, value: float, tier: str | None = None) -> None:
+        assert METRICS[name][0] == HISTOGRAM, name
+        values = self.data.setdefault(HISTOGRAM, {}).setdefault(_key(name, tier), [])
+        if len(values) < HISTOGRAM_CAP:
+            values.append(value)
+
+    @contextmanager
+    def timed(self, hook: str):
+        """`with stats.timed("build_connector_meta"):` -> promptcache_scheduler_seconds{hook}."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe("scheduler_seconds", time.perf_counter() - start, tier=hook)
+
     def aggregate(self, other: "KVConnectorStats") -> "KVConnectorStats":
         if other is None or other.is_empty():
             return self
         for k, v in other.data.get(COUNTER, {}).items():
             self.data[COUNTER][k] = self.data[COUNTER].get(k, 0) + v
         self.data[GAUGE].update(other.data.get(GAUGE, {}))
+        for k, values in other.data.get(HISTOGRAM, {}).items():
+            mine = self.data.setdefault(HISTOGRAM, {}).setdefault(k, [])
+            mine += values[:HISTOGRAM_CAP - len(mine)]
         missing = self.data.setdefault(GAPS_MISSING, [])
         missing += [k for k in other.data.get(GAPS_MISSING, ()) if k not in missing]
         return self
@@ -128,11 +163,14 @@ class PromptCacheStats(KVConnectorStats):
             for k, v in self.data[kind].items():
                 name, tier = _split(k)
                 out[f"promptcache_{name}" + (f"[{tier}]" if tier else "")] = round(v, 6)
+        for k, values in self.data.get(HISTOGRAM, {}).items():
+            name, tier = _split(k)
+            out[f"promptcache_{name}_count" + (f"[{tier}]" if tier else "")] = len(values)
         return out
 
     def is_empty(self) -> bool:
         return not (self.data.get(COUNTER) or self.data.get(GAUGE)
-                    or self.data.get(GAPS_MISSING))
+                    or self.data.get(HISTOGRAM) or self.data.get(GAPS_MISSING))
 
     def take(self) -> "PromptCacheStats | None":
         """This interval's payload, leaving self empty for the next one."""
@@ -143,32 +181,81 @@ class PromptCacheStats(KVConnectorStats):
         return out
 
 
+# Why a request is served uncached (connector/request_keys.py's `Unkeyable`): the
+# `reason` series of skipped_requests_total that exist from start-up.
+SKIP_REASONS = ("lora_unresolved", "mm_no_identifier", "no_extra_keys_api", "extra_keys_error")
+
+
+def configured(kv_transfer_config: Any) -> Any:
+    """The PromptCacheConfig the engine runs with, as the front end sees it (not
+    validated again: the engine's copy lacks the server's secrets)."""
+    from .config import FLAGS, PromptCacheConfig
+
+    extra = (getattr(kv_transfer_config, "kv_connector_extra_config", None) or {}).get(
+        "promptcache", {})
+    return PromptCacheConfig(**{k: v for k, v in extra.items() if k in FLAGS})
+
+
+def zero_series(config: Any) -> list[tuple[str, tuple[str, ...], float]]:
+    """(metric, label values, value) of each series that exists from start-up: every
+    unlabelled metric, every tier-labelled one for each configured tier, and every
+    skip reason; 0, except the host and disk tiers' capacities.  Metrics with other
+    labels (hooks, decisions) appear with their first value."""
+    capacity = {"host": config.host_bytes, "disk": config.disk_bytes}
+    out = []
+    for name, (kind, label, _) in METRICS.items():
+        if label is False:
+            out.append((name, (), 0.0))
+        elif label is True:
+            out += [(name, (tier,), float(capacity.get(tier, 0))
+                     if name == "tier_capacity_bytes" else 0.0) for tier in config.tiers]
+        elif label == "reason":
+            out += [(name, (reason,), 0.0) for reason in SKIP_REASONS]
+    return out
+
+
 class PromptCachePromMetrics(KVConnectorPromMetrics):
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._families = {}
         for name, (kind, label, doc) in METRICS.items():
-            labels = list(labelnames) + ([_label_name(label)] if label else [])
+            labels = list(labelnames) + _label_names(label)
             if kind == COUNTER:
                 fam = self._counter_cls(name=PREFIX + name, documentation=doc, labelnames=labels)
+            elif kind == HISTOGRAM:
+                fam = self._histogram_cls(name=PREFIX + name, documentation=doc,
+                                          labelnames=labels, buckets=SCHEDULER_SECONDS_BUCKETS)
             else:
                 fam = self._gauge_cls(name=PREFIX + name, documentation=doc, labelnames=labels,
                                       multiprocess_mode="mostrecent")
             self._families[name] = fam
+        # Every series a dashboard reads exists from start-up (at 0, capacities at
+        # their bound), not only once something first increments it.
+        config = configured(vllm_config.kv_transfer_config)
+        for base in self.per_engine_labelvalues.values():
+            for name, values, value in zero_series(config):
+                child = self._families[name].labels(*base, *values)
+                if value:
+                    child.set(value)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
         from .modules.encoded_gaps import engine_reported
 
         engine_reported(transfer_stats_data.get(GAPS_MISSING) or ())
         base = list(self.per_engine_labelvalues[engine_idx])
-        for kind in (COUNTER, GAUGE):
+        for kind in (COUNTER, GAUGE, HISTOGRAM):
             for k, v in transfer_stats_data.get(kind, {}).items():
                 name, tier = _split(k)
                 if name not in self._families:
                     continue
-                child = self._families[name].labels(*(base + ([tier] if METRICS[name][1] else [])))
+                label = METRICS[name][1]
+                values = tier.split(",") if isinstance(label, tuple) else [tier] if label else []
+                child = self._families[name].labels(*(base + values))
                 if kind == COUNTER:
                     child.inc(v)
+                elif kind == HISTOGRAM:
+                    for x in v:
+                        child.observe(x)
                 else:
                     child.set(v)
 
@@ -207,7 +294,7 @@ def read_metrics(llm: Any = None) -> Snapshot:
         if not family.name.startswith(PREFIX):
             continue
         for sample in family.samples:
-            if sample.name.endswith("_created"):
+            if sample.name.endswith(("_created", "_bucket")):
                 continue
             _put(snap, sample.name[len(PREFIX):], _label_of(sample.labels), float(sample.value))
     return snap
@@ -221,7 +308,8 @@ def parse_prometheus(text: str) -> Snapshot:
     snap: Snapshot = {}
     for line in text.splitlines():
         m = _LINE.match(line)
-        if not m or not m.group("name").startswith(PREFIX) or m.group("name").endswith("_created"):
+        if not m or not m.group("name").startswith(PREFIX) \
+                or m.group("name").endswith(("_created", "_bucket")):
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels") or ""))
         _put(snap, m.group("name")[len(PREFIX):], _label_of(labels), float(m.group("value")))
