@@ -3,7 +3,10 @@
 This object lives on the scheduler side and never touches bytes; the bytes are in
 `HostBuffer` in each worker, addressed by the same slot numbers.  A slot is FREE,
 PENDING (a save into it is in flight: not servable, not evictable) or READY.
-Pinned READY slots are not evicted either.  `queued` counts the keys that
+Pinned READY slots are not evicted either, and are not in the policy's order at
+all (a pin takes a slot out, the last unpin puts it back as the most recent), so
+finding a victim never walks over them: reserving N slots in a full tier costs
+O(N) however many cold pinned slots it holds.  `queued` counts the keys that
 requests waiting in vLLM's queue will read; scheduler-aware policies evict those
 last.  The number of slots is fixed at
 start (`slots_for`), so the tier can never hold more than its byte bound.
@@ -141,7 +144,8 @@ class HostTier:
             for slot in reversed(slots):
                 if self._state[slot] is SlotState.PENDING:
                     self._state[slot] = SlotState.READY
-                    self._policy.inserted(slot)
+                    if not self._pins.get(slot):
+                        self._policy.inserted(slot)
 
     def abort(self, slots: Sequence[int]) -> list[int]:
         """Saves into these slots failed: forget them; returns the slots released."""
@@ -156,14 +160,21 @@ class HostTier:
     def pin(self, slots: Sequence[int]) -> None:
         """Never evict these slots (prompt modules) until unpinned; pins count."""
         with self._lock:
-            self._pins.update(slots)
+            for s in slots:
+                if not self._pins.get(s) and self._state[s] is SlotState.READY:
+                    self._policy.removed(s)  # out of the order while pinned
+                self._pins[s] += 1
 
     def unpin(self, slots: Sequence[int]) -> None:
         with self._lock:
-            self._pins.subtract(slots)
             for s in slots:
+                if s not in self._pins:
+                    continue
+                self._pins[s] -= 1
                 if self._pins[s] <= 0:
                     del self._pins[s]
+                    if self._state[s] is SlotState.READY:
+                        self._policy.inserted(s)
 
     def clear(self) -> int:
         """Drop every READY, unpinned entry; returns how many were dropped."""
@@ -212,5 +223,6 @@ class HostTier:
         self._key_of_slot[slot] = None
         if self._state[slot] is SlotState.READY:
             self._policy.removed(slot)
+        self._pins.pop(slot, None)
         self._state[slot] = SlotState.FREE
         self._free.append(slot)
