@@ -1,6 +1,7 @@
 """The disk tier is private and verified: modes, a keyed checksum only holders of the
 directory's secret can make, headers checked for key and fingerprint, files of
-another user refused, and other fingerprints' files aged out under the cap."""
+another user refused, and other fingerprints' files left alone unless an operator
+asks to reclaim them."""
 
 from __future__ import annotations
 
@@ -121,7 +122,37 @@ def test_a_file_written_by_another_user_is_never_served(tmp_path):
         io.shutdown()
 
 
-def test_other_fingerprints_files_count_against_the_cap_and_go_first(tmp_path):
+def test_two_fingerprints_under_one_root_each_keep_their_files(tmp_path):
+    """Issue 29: two servers of different models on one host (one default root) wiped
+    each other's cache, other fingerprints' files being "stale".  Each engine now
+    evicts only its own files, even when its cap is full."""
+    root = str(tmp_path / "kv")
+    secret = fmt.disk_secret(root)
+    other_fp = "ee" * 16
+    theirs = prepare_directory(os.path.join(root, other_fp))
+    their_files = sorted(os.path.basename(fmt.file_name(write(theirs, secret, [os.urandom(16)],
+                                                               fingerprint=other_fp), 0))
+                         for _ in range(3))
+    mine = prepare_directory(os.path.join(root, FP))
+    own_key = os.urandom(16)
+    write(mine, secret, [own_key])
+    one = os.path.getsize(os.path.join(mine, os.listdir(mine)[0]))
+    tier = DiskTier(mine, 2 * one, 1, make_policy("lru"), secret=secret)
+    assert tier.scan(accept) == (1, 1)
+    assert tier.stale_bytes == 0 and tier.bytes_in_use == one, "theirs is not counted"
+    assert tier.reserve("new", [os.urandom(16)], 2 * one)  # full: evicts its own file
+    assert tier.locate(own_key) is None
+    assert sorted(os.listdir(theirs)) == their_files, "the other engine's files are kept"
+    # The other engine, on the same root, keeps ours too.
+    write(mine, secret, [own_key])
+    kept = sorted(os.listdir(mine))
+    other = DiskTier(theirs, 1 * one, 1, make_policy("lru"), secret=secret)
+    other.scan(lambda header: None if header.fingerprint == other_fp else "another")
+    assert other.reserve("x", [os.urandom(16)], one)
+    assert sorted(os.listdir(mine)) == kept
+
+
+def test_other_fingerprints_files_count_against_the_cap_and_go_first_when_asked(tmp_path):
     root = str(tmp_path / "kv")
     secret = fmt.disk_secret(root)
     old = prepare_directory(os.path.join(root, "ee" * 16))
@@ -131,7 +162,7 @@ def test_other_fingerprints_files_count_against_the_cap_and_go_first(tmp_path):
     own_key = os.urandom(16)
     write(mine, secret, [own_key])
     one = os.path.getsize(os.path.join(mine, os.listdir(mine)[0]))
-    tier = DiskTier(mine, 5 * one, 1, make_policy("lru"), secret=secret)
+    tier = DiskTier(mine, 5 * one, 1, make_policy("lru"), secret=secret, reclaim_others=True)
     assert tier.scan(accept) == (1, 1)
     assert tier.stale_bytes == 3 * one and tier.bytes_in_use == 4 * one
     assert tier.reserve("new", [os.urandom(16)], 2 * one)  # needs one stale file's room

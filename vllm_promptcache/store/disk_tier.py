@@ -6,6 +6,12 @@ servable, not evictable) and READY once every rank reported it durable.  Pinned
 files (being read into host) are not evicted.  Eviction deletes whole files, in
 the order the policy gives.  `scan` rebuilds the index after a restart from the
 files' headers alone.
+
+An engine evicts only what it owns: its own fingerprint's directory.  Other
+fingerprints' directories under the same root (another model served from the same
+host, the same model on another backend, an older KV format) are neither counted
+nor deleted, unless the operator asks for it (`reclaim_others=True`): then their
+files count against this tier's cap and are evicted first, so they age out.
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ class _DiskFile:
     keys: tuple[BlockKey, ...]
     nbytes: int  # all ranks together
     state: FileState
-    # Files of another model fingerprint (or format) under the same root: never
-    # served, counted against the cap and evicted first, so they age out.
+    # Files of another model fingerprint (or format) under the same root, where the
+    # operator asked to reclaim them: never served, counted against the cap and
+    # evicted first, so they age out.
     stale_paths: tuple[str, ...] = ()
 
 
@@ -73,8 +80,12 @@ class DiskTier:
 
     def __init__(self, directory: str, capacity_bytes: int, world: int, policy: EvictionPolicy,
                  queued: Counter[BlockKey] | None = None, secret: bytes = b"",
-                 block_bytes: int = 0, layout: tuple[tuple[str, int], ...] = ()):
+                 block_bytes: int = 0, layout: tuple[tuple[str, int], ...] = (),
+                 reclaim_others: bool = False):
         self.directory = directory
+        # Other fingerprints' files under this root are another engine's: only an
+        # operator's explicit request lets this tier evict them.
+        self.reclaim_others = reclaim_others
         self.secret = secret
         self.block_bytes = block_bytes  # per rank, for planning writes
         self.layout = tuple(layout)
@@ -264,7 +275,7 @@ class DiskTier:
         found.sort(key=lambda x: x[0])
         with self._lock:
             # Other fingerprints' files first: the policy then evicts them first.
-            for mtime, paths, nbytes in self._stale_files():
+            for mtime, paths, nbytes in (self._stale_files() if self.reclaim_others else ()):
                 file_id = f"stale:{paths[0]}"
                 self._files[file_id] = _DiskFile((), nbytes, FileState.PENDING, tuple(paths))
                 self._bytes += nbytes
@@ -281,7 +292,8 @@ class DiskTier:
 
     @property
     def stale_bytes(self) -> int:
-        """Bytes of other fingerprints' files still counted against the cap."""
+        """Bytes of other fingerprints' files still counted against the cap (0 unless
+        `reclaim_others`)."""
         with self._lock:
             return sum(f.nbytes for f in self._files.values() if f.stale_paths)
 
