@@ -153,6 +153,26 @@ def running_block_ids(kv_cache_manager: Any, req_id: str) -> list[int] | None:
         return None
 
 
+def preempted_req_ids(scheduler_output: Any) -> set[str]:
+    """Requests vLLM preempted in this step (SchedulerOutput.preempted_req_ids, 0.30+);
+    empty where this vLLM does not say (a preempted request is then noticed when it is
+    looked up again)."""
+    return getattr(scheduler_output, "preempted_req_ids", None) or set()
+
+
+def prefix_cache_in_use(kv_cache_manager: Any) -> bool:
+    """True where vLLM's block pool still has blocks in use, so its prefix-cache reset
+    (which needs every block free) failed; False where all are free or it cannot tell."""
+    pool = getattr(kv_cache_manager, "block_pool", None)
+    if pool is None:
+        return False
+    try:
+        # The null block is always in use.
+        return pool.num_gpu_blocks - pool.get_num_free_blocks() > 1
+    except Exception:  # noqa: BLE001 - another pool API: trust vLLM's own reset
+        return False
+
+
 def request_block_ids(blocks: Any) -> list[int]:
     """Block ids of the first (and, for the dense models we serve, only) KV cache group."""
     return list(blocks.get_block_ids()[0])

@@ -9,20 +9,24 @@ tokens; that request must treat them -- and all it computes after them -- as
 approximate too, or it would store them under the exact chained keys, where an
 exact-only engine (after a restart, say) would serve them as exact.
 
-Two sources tell which blocks are approximate:
-- requests still running with a shifted load: their blocks from the first
-  shifted block on (read from vLLM's KV cache manager, `bind`);
-- finished ones: their approximate blocks are marked, block id -> vLLM's block
-  hash at the time, so a block id that vLLM reused for other tokens is not
-  mistaken for the old one.
-A block id marked and later recomputed for the very same tokens still reads as
-approximate: that costs a save, never a wrong token.
+Blocks are marked when vLLM allocates them, not when the request finishes: a
+preempted request's blocks are freed (vLLM keeps them in its prefix cache) and its
+block list is empty from then on, so a request aborted while it waits would mark
+nothing at its finish.  Every block a request with approximate KV holds from its
+first approximate block on is marked at allocation (`allocated`) and, for blocks
+vLLM adds while it runs (decode, chunked prefill), once per step (`step`).
+
+A mark is (owner's state, index in the owner's blocks).  A block handed to a later
+request at index i is approximate when the owner's vLLM block hash at its index
+equals the later request's hash at i: the block still holds the owner's tokens (a
+block id that vLLM reused for other tokens has another hash).  Where a hash is not
+known, the block counts as approximate: that costs a save, never a wrong token.
 
 Only blocks vLLM's prefix cache handed over can be such blocks: a request's blocks
 up to its local prefix-cache hit (and the block after it, which vLLM may also take
 from its cache as a partial tail).  Blocks past that were computed or loaded by the
 request itself, whatever their ids held before; with vLLM's prefix cache off no
-block is ever handed over.
+block is ever handed over, and nothing is marked.
 """
 
 from __future__ import annotations
@@ -30,75 +34,75 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .. import compat
+from .request_state import RequestState
 
 
 class ApproximateBlocks:
     def __init__(self, prefix_caching: bool = True, block_size: int = 1) -> None:
         self.prefix_caching = prefix_caching
         self.block_size = block_size
-        self._marks: dict[int, Any] = {}    # block id -> vLLM block hash (None: unknown)
-        self._running: dict[str, int] = {}  # request id -> its first approximate block
-        self._local: dict[str, int] = {}    # request id -> its local prefix-cache hit, tokens
-        self._kv_cache_manager: Any = None
-
-    def looked_up(self, req_id: str, local_tokens: int) -> None:
-        """vLLM's prefix cache gave the request `local_tokens` (the largest over its
-        lookups: a preempted request is looked up again)."""
-        self._local[req_id] = max(local_tokens, self._local.get(req_id, 0))
+        # block id -> (the state of the request that held approximate KV in it, index)
+        self._marks: dict[int, tuple[RequestState, int]] = {}
+        self.kv_cache_manager: Any = None
 
     def bind(self, kv_cache_manager: Any) -> None:
-        self._kv_cache_manager = kv_cache_manager
+        self.kv_cache_manager = kv_cache_manager
 
-    def started(self, req_id: str, first_block: int) -> None:
-        """Request `req_id` holds approximate KV from block `first_block` on."""
-        self._running[req_id] = min(first_block, self._running.get(req_id, first_block))
+    def __len__(self) -> int:
+        return len(self._marks)
 
-    def own_start(self, req_id: str) -> int | None:
-        return self._running.get(req_id)
+    # -- marking ----------------------------------------------------------------------
+    def allocated(self, state: RequestState, block_ids: Sequence[int]) -> None:
+        """The request holds these blocks (its whole allocation, in order): mark the
+        ones from its first approximate block on not marked yet."""
+        first = state.approximate_from
+        if first is None or not self.prefix_caching:
+            return
+        for i in range(max(first, state.marked_blocks), len(block_ids)):
+            self._marks[block_ids[i]] = (state, i)
+        state.marked_blocks = max(state.marked_blocks, len(block_ids))
 
-    def _running_blocks(self, skip: str) -> set[int]:
-        out: set[int] = set()
-        for req_id, first in self._running.items():
-            if req_id == skip:
+    def step(self, running: Sequence[RequestState]) -> None:
+        """Blocks vLLM gave running approximate requests since their allocation."""
+        if not self.prefix_caching:
+            return
+        for state in running:
+            if state.approximate_from is None:
                 continue
-            ids = compat.running_block_ids(self._kv_cache_manager, req_id)
-            if ids:
-                out.update(ids[first:])
-        return out
+            ids = compat.running_block_ids(self.kv_cache_manager, state.req_id)
+            if ids and len(ids) > state.marked_blocks:
+                self.allocated(state, ids)
 
-    def exact_prefix(self, request: Any, block_ids: Sequence[int], n_blocks: int) -> int:
+    # -- checking ---------------------------------------------------------------------
+    def _holds_owner_kv(self, block_id: int, hashes: Sequence[Any] | None, i: int) -> bool:
+        mark = self._marks.get(block_id)
+        if mark is None:
+            return False
+        owner, index = mark
+        owner_hashes = getattr(owner.request, "block_hashes", None)
+        if hashes is None or owner_hashes is None or i >= len(hashes):
+            return True
+        if index >= len(owner_hashes):
+            # The owner never filled that block: vLLM cannot have cached it as the
+            # owner's, so a later request was not handed it with the owner's KV.
+            return False
+        return owner_hashes[index] == hashes[i]
+
+    def exact_prefix(self, state: RequestState, block_ids: Sequence[int], n_blocks: int) -> int:
         """How many of the request's first `n_blocks` blocks hold exact KV."""
-        req_id = request.request_id
-        exact = min(n_blocks, self._running.get(req_id, n_blocks))
-        if not self.prefix_caching or not (
-                self._marks or len(self._running) > (req_id in self._running)):
+        first = state.approximate_from
+        exact = n_blocks if first is None else min(n_blocks, first)
+        if not self.prefix_caching or not self._marks:
             return exact
-        handed = exact
-        if req_id in self._local:  # blocks vLLM's prefix cache may have handed over
-            handed = min(exact, -(-self._local[req_id] // self.block_size) + 1)
-        hashes = getattr(request, "block_hashes", None)
-        running = self._running_blocks(skip=req_id)
+        # Blocks vLLM's prefix cache may have handed over: up to its largest local hit
+        # over the request's lookups (a preempted request is looked up again), and the
+        # block after it.
+        handed = min(exact, -(-state.local_tokens // self.block_size) + 1)
+        hashes = getattr(state.request, "block_hashes", None)
         for i in range(handed):
-            block_id = block_ids[i]
-            if block_id in running:
+            if self._holds_owner_kv(block_ids[i], hashes, i):
                 return i
-            if block_id in self._marks:
-                mark = self._marks[block_id]
-                if mark is None or hashes is None or i >= len(hashes) or mark == hashes[i]:
-                    return i
         return exact
-
-    def finished(self, request: Any, block_ids: Sequence[int], exact: int) -> None:
-        """The request ended with KV exact up to block `exact`: mark the rest (the
-        blocks vLLM's prefix cache may hand to later requests)."""
-        self._running.pop(request.request_id, None)
-        self._local.pop(request.request_id, None)
-        hashes = getattr(request, "block_hashes", None)
-        for i in range(exact, len(block_ids)):
-            if hashes is None:
-                self._marks[block_ids[i]] = None
-            elif i < len(hashes):  # only full, hashed blocks can be cached by vLLM
-                self._marks[block_ids[i]] = hashes[i]
 
     def reset(self) -> None:
         """vLLM's prefix cache was reset: no cached block survives."""

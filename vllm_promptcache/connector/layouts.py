@@ -166,6 +166,18 @@ class Layouts:
             self._head_lengths = +self._head_lengths  # drop lengths no template has
             self._missing.add(old)  # the front ends must announce it again
 
+    def clear(self) -> None:
+        """Forget every layout and template (a reset: their gaps' KV is gone); the
+        templates are reported missing, so the front ends encode them again."""
+        self._missing.update(self._templates)
+        self._entries.clear()
+        self._ends.clear()
+        self._found.clear()
+        self._templates.clear()
+        self._by_head.clear()
+        self._head_lengths.clear()
+        self._module_heads = {}
+
     def take_missing(self) -> list[bytes]:
         """Templates whose gaps were not found, or that were forgotten, since the last
         call: the front ends encode them again (modules/encoded_gaps.py)."""

@@ -117,6 +117,13 @@ class PinnedModules:
         if old.seg_id is not None and self.shifted is not None:
             self.shifted.unpin(old.seg_id)
 
+    def drop_all(self) -> list[str]:
+        """Unpin every module (a reset: their KV was made by the old weights); their names."""
+        names = list(self._modules)
+        for name in names:
+            self.drop(name)
+        return names
+
     def slots_lost(self, released: set[int]) -> None:
         """Writes into these host slots failed: drop every module pinned on one of them
         (its own save, or another request's save or promotion of the same blocks)."""

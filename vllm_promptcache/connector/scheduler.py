@@ -36,9 +36,10 @@ from ..metrics import PromptCacheStats, export_store_counts
 from ..store import disk_format as fmt
 from ..store.disk_tier import DiskTier, prepare_directory
 from ..store.host_tier import HostTier, slots_for
-from ..store.keys import BlockKey, BlockKeyer, ModelFingerprint
+from ..store.keys import BlockKey, BlockKeyer, ModelFingerprint, derived_namespace
 from ..store.policies import make_policy
 from .approximate import ApproximateBlocks
+from .request_state import Lookup, RequestState, RequestStates
 from .layouts import Layouts
 from .markers import FrontEndMarkers
 from .metadata import BlockTransfer, PromptCacheMetadata, ShiftedLoad
@@ -74,15 +75,6 @@ def disk_directory(fingerprint: ModelFingerprint,
     return os.path.join(config.disk_dir, fingerprint.digest().hex()), fingerprint.digest().hex()
 
 
-@dataclass
-class _Lookup:
-    local_tokens: int   # tokens vLLM's own prefix cache already holds
-    keys: list[BlockKey]  # keys of the blocks to load, from local_tokens on
-    slots: list[int]    # their host slots
-    tail: Tail | None = None  # then the partial last block of a stored run
-    shifted: ShiftedPlan | None = None  # then tokens found at other positions
-
-
 class PromptCacheScheduler:
     def __init__(self, vllm_config: Any, kv_cache_config: Any, config: PromptCacheConfig):
         self.config = config
@@ -90,6 +82,8 @@ class PromptCacheScheduler:
         self.fingerprint = model_fingerprint(vllm_config, config)
         self.keyer = BlockKeyer(self.fingerprint)
         self.request_keys = RequestKeys(self.keyer)
+        self.requests = RequestStates()
+        self.requests.on_release.append(self.request_keys.forget)
         self.approximate = ApproximateBlocks(
             bool(getattr(vllm_config.cache_config, "enable_prefix_caching", True)),
             self.block_size)
@@ -136,19 +130,19 @@ class PromptCacheScheduler:
         self.stats = PromptCacheStats()
         self.markers = FrontEndMarkers(request_params.module_token(create=False), self.stats,
                                        self._request_params)
-        self._skip_counted: set[str] = set()
-        self._lookups: dict[str, _Lookup] = {}
-        self._params: dict[str, Any] = {}  # per-request kv_transfer_params, parsed
-        self._looked_up: set[str] = set()
-        self._queued_keys: dict[str, list[BlockKey]] = {}
+        self.requests.on_release.append(self.markers.forget)
+        if self.layouts is not None:
+            self.requests.on_release.append(self.layouts.forget)
         self._loads: list[BlockTransfer] = []
         self._shared_blocks: list[int] = []  # of _loads: the forward writes into them too
         self._shifted_loads: list[ShiftedLoad] = []
         self._saves: list[BlockTransfer] = []
-        self._inflight_saves: dict[str, list[int]] = {}
-        self._failed_saves: set[str] = set()
         self._reported = {"host": 0}
+        self.resets = 0
+        self._reported_preemptions = 0
         self.remote = remote_tier(config, self.fingerprint, self.world_size, slot_bytes)
+        if self.remote is not None:
+            self.requests.on_release.append(self.remote.forget_request)
         self.secondary = SecondaryTiers([t for t in (self.disk, self.remote) if t is not None],
                                         self.host, self.world_size, self.stats, self._abort_slots)
         self.shared = None  # modules shared with other instances through the store
@@ -183,7 +177,9 @@ class PromptCacheScheduler:
         keys = self._keys(request)
         if not keys or self._encodes_module(request):
             return
-        self._queued_keys[request.request_id] = keys
+        state = self.requests.of(request)
+        self._unqueue(state)
+        state.queued_keys = keys
         self.queued.update(keys)
         if not self.secondary:
             return
@@ -217,17 +213,19 @@ class PromptCacheScheduler:
     def _prefetch_answered(self) -> None:
         """Queued requests whose remote lookup answered since the last step: prefetch."""
         for req_id in self.remote.take_answered():
-            keys = self._queued_keys.get(req_id)
-            if keys:
-                self._prefetch(keys)
+            state = self.requests.get(req_id)
+            if state is not None and state.queued_keys:
+                self._prefetch(state.queued_keys)
 
     def get_num_new_matched_tokens(self, request: Any,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         req_id = request.request_id
-        if req_id not in self._looked_up:
-            self._looked_up.add(req_id)
+        state = self.requests.of(request)
+        if not state.lookup_counted:
+            state.lookup_counted = True
             self.stats.inc("lookups_total")
-        self.approximate.looked_up(req_id, num_computed_tokens)
+        self.requests.looked_up(state, num_computed_tokens)
+        state.lookup = None
         params = self._request_params(request)
         if params.get(request_params.LOAD) is False or self._encodes_module(request):
             # A module's encoding is served to every later prompt: always computed.
@@ -269,10 +267,8 @@ class PromptCacheScheduler:
                 return None, False
         total = len(slots) * self.block_size + tail_len + (shifted.num_tokens if shifted else 0)
         if total < self.config.min_load_blocks * self.block_size or not total:
-            self._lookups.pop(req_id, None)
             return 0, False
-        self._lookups[req_id] = _Lookup(num_computed_tokens, keys[start:end], slots, tail,
-                                        shifted)
+        state.lookup = Lookup(num_computed_tokens, keys[start:end], slots, tail, shifted)
         # Not always whole blocks: a run found at other positions may end inside one,
         # and vLLM computes the rest of that block.
         return start * self.block_size + total - num_computed_tokens, False
@@ -304,17 +300,17 @@ class PromptCacheScheduler:
         which is always computed: its logits are the next token's); None, counted
         once, where the request cannot be keyed safely."""
         keys = self.request_keys.keys(request, max_blocks)
-        if keys is None and request.request_id not in self._skip_counted:
-            self._skip_counted.add(request.request_id)
+        if keys is None and not (state := self.requests.of(request)).skip_counted:
+            state.skip_counted = True
             self.stats.inc("skipped_requests_total",
                            tier=self.request_keys.skip_reason(request) or "unknown")
         return keys
 
     def _request_params(self, request: Any) -> dict[str, Any]:
-        params = self._params.get(request.request_id)
-        if params is None:  # parsed (and warned about) once per request
-            params = self._params[request.request_id] = request_params.of(request)
-        return params
+        state = self.requests.of(request)
+        if state.params is None:  # parsed (and warned about) once per request
+            state.params = request_params.of(request)
+        return state.params
 
     def _encodes_module(self, request: Any) -> str | None:
         return self.markers.module(request)
@@ -346,8 +342,21 @@ class PromptCacheScheduler:
         return self.secondary.promote(keys, start, spare, prefetch)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        self._unqueue(request.request_id)
-        lookup = self._lookups.pop(request.request_id, None)
+        state = self.requests.of(request)
+        self._unqueue(state)
+        lookup = state.lookup
+        self.requests.allocated(state)
+        all_block_ids = compat.request_block_ids(blocks)
+        try:
+            self._allocated(state, lookup, all_block_ids, num_external_tokens)
+        finally:
+            # Marked whatever the plan: a preempted request's blocks stay in vLLM's
+            # prefix cache after it lost them (approximate.py).
+            self.approximate.allocated(state, all_block_ids)
+
+    def _allocated(self, state: RequestState, lookup: Lookup | None, all_block_ids: list[int],
+                   num_external_tokens: int) -> None:
+        request = state.request
         if num_external_tokens == 0 or lookup is None:
             return
         bs = self.block_size
@@ -359,7 +368,6 @@ class PromptCacheScheduler:
             # vLLM took part of one more exact block (it may trim what we offered):
             # copy that block whole, vLLM computes the rest of it.
             n, n_shifted, untaken = n + 1, 0, bs - n_shifted
-        all_block_ids = compat.request_block_ids(blocks)
         block_ids = all_block_ids[first:first + n]
         slots = lookup.slots[:n]
         if untaken:
@@ -380,7 +388,7 @@ class PromptCacheScheduler:
             self._loads.append(BlockTransfer(request.request_id, block_ids, slots))
         if n_shifted and lookup.shifted is not None:
             self._plan_shifted_load(request.request_id, lookup.shifted, n_shifted, all_block_ids)
-            self.approximate.started(request.request_id, lookup.shifted.start // self.block_size)
+            self.requests.approximate(state, lookup.shifted.start // self.block_size)
         from_tier, prefetched = self.secondary.loaded(lookup.keys[:n])
         from_below = sum(from_tier.values())
         self.stats.inc("lookup_hits_total")
@@ -417,8 +425,8 @@ class PromptCacheScheduler:
         logger.debug("promptcache: request %s loads %d tokens found at other positions "
                      "(%d of them shifted)", req_id, n_tokens, plan.shifted_tokens)
 
-    def _unqueue(self, req_id: str) -> None:
-        keys = self._queued_keys.pop(req_id, None)
+    def _unqueue(self, state: RequestState) -> None:
+        keys, state.queued_keys = state.queued_keys, []
         if keys:
             self.queued.subtract(keys)
             for key in keys:
@@ -427,28 +435,22 @@ class PromptCacheScheduler:
 
     # -- saves -----------------------------------------------------------------
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
-        req_id = request.request_id
-        self._lookups.pop(req_id, None)
-        self._looked_up.discard(req_id)
-        self._unqueue(req_id)
+        state = self.requests.of(request)
+        self._unqueue(state)
+        save_slots = None
         try:
-            return self._finish(request, block_ids)
+            delay, result, save_slots = self._finish(state, block_ids)
+            return delay, result
         finally:
-            self._params.pop(req_id, None)
-            self.request_keys.forget(req_id)
-            if self.remote is not None:
-                self.remote.forget_request(req_id)
-            self._skip_counted.discard(req_id)
-            self.markers.forget(req_id)
-            if self.layouts is not None:
-                self.layouts.forget(req_id)
+            self.requests.finished(state, save_slots)
 
-    def _finish(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+    def _finish(self, state: RequestState, block_ids: list[int]
+                ) -> tuple[bool, dict | None, list[int] | None]:
+        request = state.request
         req_id = request.request_id
         # Blocks from a shifted load, everything computed after them, and blocks
         # vLLM's prefix cache handed over from such a request are approximate.
-        exact = self.approximate.exact_prefix(request, block_ids, len(block_ids))
-        self.approximate.finished(request, block_ids, exact)
+        exact = self.approximate.exact_prefix(state, block_ids, len(block_ids))
         tokens = request.all_token_ids
         # KV exists for the tokens fed to the model: never the last sampled one.
         n_tokens = min(request.num_computed_tokens, len(tokens) - 1)
@@ -466,25 +468,25 @@ class PromptCacheScheduler:
             and (n_blocks or self.markers.is_gap_encoding(req_id))) else 0
         if module is None and (n_blocks + tail == 0
                                or params.get(request_params.SAVE) is False):
-            return False, None
+            return False, None, None
         keys = self._keys(request, n_blocks)
         if keys is None or len(keys) < n_blocks:
             return False, None if module is None else module_failed(
-                module, "its request could not be keyed")
+                module, "its request could not be keyed"), None
         if module is not None:
             refusal = self.modules.refusal(module, n_blocks, request.num_prompt_tokens)
             if refusal is None and exact < n_blocks:
                 refusal = (f"module {module!r}: its encoding reused approximate KV from vLLM's "
                            f"prefix cache; register it again")
             if refusal:
-                return False, module_failed(module, refusal)
+                return False, module_failed(module, refusal), None
         exact = min(exact, n_blocks)
         namespace = self.request_keys.namespace(request)
         if exact < n_blocks:
             # Approximate KV: keep it off the exact keys, under keys only this run
             # has, where position-independent lookups still find it (host only:
             # nothing could find them after a restart).
-            own = self.keyer.block_keys(tokens, f"{namespace or ''}\0approximate:{req_id}",
+            own = self.keyer.block_keys(tokens, derived_namespace(namespace, "approximate", req_id),
                                         n_blocks)
             keys = keys[:exact] + own[exact:]
         if tail:
@@ -512,12 +514,11 @@ class PromptCacheScheduler:
             if self.shared is not None and result[request_params.RESULT]["ok"]:
                 self.shared.publish(module, tokens, keys, namespace)
         if not claimed and not writes:
-            return False, result
-        self._inflight_saves[req_id] = slots
+            return False, result, None
         logger.debug("promptcache: request %s finished; saving %d of its %d full blocks to "
                      "host (%d exact), %d below host", req_id, len(slots), n_blocks, exact, writes)
         # Keep the blocks until the worker reports the save done (get_finished).
-        return True, result
+        return True, result, slots
 
     def _abort_slots(self, slots: list[int]) -> None:
         """Writes into these host slots failed: release them, and drop every module
@@ -529,6 +530,11 @@ class PromptCacheScheduler:
 
     # -- per step --------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: Any) -> PromptCacheMetadata:
+        for req_id in compat.preempted_req_ids(scheduler_output):
+            state = self.requests.get(req_id)
+            if state is not None:
+                self.requests.preempted(state)
+        self.approximate.step(self.requests.running())
         if self.remote is not None:
             self._prefetch_answered()
         if self.shared is not None:
@@ -546,14 +552,16 @@ class PromptCacheScheduler:
         if worker_meta is not None:
             # One rank may fail steps before the last rank finishes (vLLM reports
             # finished_sending once every rank is done): remember failures until then.
-            self._failed_saves |= worker_meta.failed_saves & self._inflight_saves.keys()
+            for req_id in worker_meta.failed_saves:
+                state = self.requests.get(req_id)
+                if state is not None and state.save_slots is not None:
+                    state.save_failed = True
         for req_id in connector_output.finished_sending or ():
-            slots = self._inflight_saves.pop(req_id, None)
-            failed = req_id in self._failed_saves
-            self._failed_saves.discard(req_id)
-            if slots is None:
+            state = self.requests.save_reported(req_id)
+            if state is None:
                 continue
-            if failed:
+            slots = state.save_slots
+            if state.save_failed:
                 self._abort_slots(slots)
                 self.stats.inc("save_failures_total", len(slots), tier="host")
             else:
@@ -562,13 +570,17 @@ class PromptCacheScheduler:
             self.secondary.on_worker_meta(worker_meta)
 
     def has_pending_work(self) -> bool:
-        return bool(self._saves or self._inflight_saves or self.secondary.has_pending_work())
+        return bool(self._saves or self.requests.saving() or self.secondary.has_pending_work())
 
     def get_kv_connector_stats(self) -> PromptCacheStats | None:
         self._report_delta("host", self.host.evictions, "evictions_total")
         self.stats.set("tier_bytes_in_use", self.host.bytes_in_use * self.world_size, tier="host")
         self.stats.set("tier_capacity_bytes", self.host.capacity_bytes * self.world_size, tier="host")
         self.stats.set("pinned_modules", len(self.modules))
+        if self.requests.preemptions > self._reported_preemptions:
+            self.stats.inc("preemptions_seen_total",
+                           self.requests.preemptions - self._reported_preemptions)
+            self._reported_preemptions = self.requests.preemptions
         if self.layouts is not None:
             for template in self.layouts.take_missing():
                 self.stats.gaps_missing(template)
@@ -587,8 +599,41 @@ class PromptCacheScheduler:
         self.approximate.bind(kv_cache_manager)
 
     def reset_cache(self) -> bool:
+        """vLLM reset its prefix cache and asks the connector to reset too (RLHF weight
+        updates go through here).  Either nothing stored so far is ever served again,
+        or the reset is refused, and the log says why."""
+        if compat.prefix_cache_in_use(self.approximate.kv_cache_manager):
+            # vLLM 0.32 asks even when its own reset failed (running requests hold
+            # blocks): its prefix cache still hands out blocks, approximate ones among
+            # them, so the marks must stay.
+            logger.warning("promptcache: cache reset refused: vLLM's prefix cache still "
+                           "holds blocks of running requests (its own reset failed); retry "
+                           "when they finish, or reset with reset_running_requests=True")
+            return False
         self.approximate.reset()
+        modules = self.modules.drop_all()
+        if self.shifted is not None:
+            self.shifted.clear()
+        if self.layouts is not None:
+            self.layouts.clear()
         dropped = self.host.clear()
-        logger.info("promptcache: host tier reset, %d blocks dropped (the disk tier is kept)",
-                    dropped)
+        # KV on disk and in the remote store was made by the weights before the reset:
+        # a new key epoch makes all of it unreachable for this engine at once (it ages
+        # out under the caps; other engines sharing the store keep theirs).  Keys of
+        # requests already known are computed again; their queued marks go.
+        self.keyer.new_epoch()
+        if self.shared is not None:
+            # Other engines' shared modules were made by the weights before the reset.
+            self.shared = None
+            logger.warning("promptcache: modules shared through the remote store are off "
+                           "until this engine restarts (the reset changed its weights' KV)")
+        self.request_keys.clear()
+        self.queued.clear()
+        self.requests.reset()
+        self.resets += 1
+        self.stats.inc("resets_total")
+        logger.info("promptcache: cache reset: %d host blocks dropped, %d prompt module(s) "
+                    "dropped%s; disk and remote KV of before the reset is never served again "
+                    "by this engine", dropped, len(modules),
+                    f" ({', '.join(map(repr, modules))}: register them again)" if modules else "")
         return True

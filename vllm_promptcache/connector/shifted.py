@@ -152,6 +152,12 @@ class ShiftedReuse:
             if self._by_last_key.get(key) == seg_id:
                 del self._by_last_key[key]
 
+    def clear(self) -> None:
+        """Forget every run, pinned ones too (a reset: no stored KV is valid now)."""
+        self._pinned.clear()
+        for seg_id in list(self._keys):
+            self._forget(seg_id)
+
     def plan(self, tokens: Sequence[int], salt: str | None, start: int, limit: int) -> ShiftedPlan:
         """Sources for tokens [start, x), x <= limit, from READY host slots, and
         contiguous from `start`; the caller rounds x down to a block boundary."""
