@@ -169,11 +169,16 @@ def _write_weights(shape: ModelShape, out: Path) -> None:
 
 
 def build_model(name: str = "tiny", cache_dir: str | os.PathLike | None = None) -> str:
-    """Return the path of the named model, building it first if needed."""
-    if name not in SHAPES:
-        raise ValueError(f"unknown model shape {name!r}; choose one of {sorted(SHAPES)}")
-    shape = SHAPES[name]
+    """Return the path of the named model, building it first if needed.  "smollm2" is
+    the real SmolLM2-135M-Instruct, converted from an installed package (real_model.py)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
+    if name == "smollm2":
+        from .real_model import build_smollm2
+
+        return build_smollm2(root)
+    if name not in SHAPES:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted([*SHAPES, 'smollm2'])}")
+    shape = SHAPES[name]
     final = root / f"{name}-llama-v{RECIPE_VERSION}"
     if (final / "config.json").exists():
         return str(final)
