@@ -6,9 +6,10 @@ Layout (all offsets 4 KiB-aligned, so reads and writes are large and aligned):
     [block 0][pad to 4 KiB][block 1][pad] ...
 
 - prefix: magic, format version, JSON length (struct `_PREFIX`);
-- the JSON names the model fingerprint, the worker's rank and world size, the
-  per-layer layout, the block size in bytes, every block's key and every block's
-  blake3 checksum;
+- the JSON names the model fingerprint, the KV layout it implies (device,
+  backend, block layout: `ModelFingerprint.kv_layout`), the worker's rank and
+  world size, the per-layer layout, the block size in bytes, every block's key
+  and every block's blake3 checksum;
 - the header checksum is blake3 over prefix + JSON.  It covers the block
   checksums, so header and payload are both checked, and one block can be read
   and verified without reading the rest of the file.
@@ -19,6 +20,11 @@ that someone without the secret wrote -- even a well-formed one, with the right
 model fingerprint and keys -- fails its header checksum and is never served.
 Files are created 0600 in 0700 directories, and a file owned by another user is
 refused before its header is read (`ForeignFile`).
+
+A file is untrusted input even when its checksum holds (another version, a bug, a
+holder of the secret): every header field is checked in type and range before a
+`FileHeader` exists, and anything wrong is a `RejectedHeader` (a `CorruptFile`),
+never another exception.
 
 A file is written under a temporary name, fsynced, then renamed into place, so a
 crash leaves either a whole file or a `*.tmp` that is never indexed.  Names are
@@ -34,14 +40,15 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from blake3 import blake3
 
 MAGIC = b"VPCKVBLK"
-# 2: checksums keyed with the directory secret.  Part of the model fingerprint
-# (store/keys.py), so files of another format are never even looked at.
-FORMAT_VERSION = 2
+# 2: checksums keyed with the directory secret.  3: the header names the KV layout.
+# Part of the model fingerprint (store/keys.py), so files of another format sit in
+# another directory and are never even looked at; one found here is rejected.
+FORMAT_VERSION = 3
 SECRET_NAME = ".promptcache-secret"
 SECRET_BYTES = 32
 ALIGN = 4096
@@ -50,10 +57,24 @@ TMP_SUFFIX = ".tmp"
 CHECKSUM_BYTES = 32
 _PREFIX = struct.Struct("<8sII")  # magic, version, JSON length
 _MAX_HEADER_BYTES = 64 << 20
+KEY_BYTES = 16
+_MAX_WORLD = 1 << 16
+_MAX_BLOCK_BYTES = 1 << 40
+_FINGERPRINT_CHARS = frozenset("0123456789abcdef")
 
 
 class CorruptFile(Exception):
     """A file whose header or a block does not match its checksum or format."""
+
+
+class RejectedHeader(CorruptFile):
+    """A header whose checksum holds but whose format version or a field is wrong
+    (type or range): skipped and counted as a rejected store entry."""
+
+
+class OldFormat(RejectedHeader):
+    """A file of another format version: skipped and counted, not deleted (it may be
+    another version's engine's)."""
 
 
 class ForeignFile(Exception):
@@ -142,6 +163,7 @@ class FileHeader:
     keys: tuple[bytes, ...]
     block_checksums: tuple[bytes, ...]
     header_bytes: int = 0              # set when decoded / encoded
+    kv_layout: str = ""                # ModelFingerprint.kv_layout; "" where not given
 
     @property
     def num_blocks(self) -> int:
@@ -164,6 +186,7 @@ class FileHeader:
             "layout": [list(x) for x in self.layout], "block_bytes": self.block_bytes,
             "keys": [k.hex() for k in self.keys],
             "checksums": [c.hex() for c in self.block_checksums],
+            "kv_layout": self.kv_layout,
         }, separators=(",", ":")).encode()
         head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + body
         head += checksum(head, secret)
@@ -177,7 +200,7 @@ class FileHeader:
         if magic != MAGIC:
             raise CorruptFile(f"{where}: bad magic {magic!r}")
         if version != FORMAT_VERSION:
-            raise CorruptFile(f"{where}: format version {version}, expected {FORMAT_VERSION}")
+            raise OldFormat(f"{where}: format version {version}, expected {FORMAT_VERSION}")
         end = _PREFIX.size + body_len
         if body_len > _MAX_HEADER_BYTES or len(data) < end + CHECKSUM_BYTES:
             raise CorruptFile(f"{where}: truncated header")
@@ -186,20 +209,83 @@ class FileHeader:
                               f"without this directory's secret)")
         try:
             body = json.loads(data[_PREFIX.size:end])
-            header = cls(
-                fingerprint=str(body["fingerprint"]), rank=int(body["rank"]),
-                world=int(body["world"]),
-                layout=tuple((str(n), int(b)) for n, b in body["layout"]),
-                block_bytes=int(body["block_bytes"]),
-                keys=tuple(bytes.fromhex(k) for k in body["keys"]),
-                block_checksums=tuple(bytes.fromhex(c) for c in body["checksums"]),
-                header_bytes=align_up(end + CHECKSUM_BYTES))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptFile(f"{where}: malformed header ({e})") from None
-        if len(header.keys) != len(header.block_checksums) or not header.keys:
-            raise CorruptFile(f"{where}: header lists {len(header.keys)} keys and "
-                              f"{len(header.block_checksums)} checksums")
+        except (ValueError, RecursionError) as e:
+            raise RejectedHeader(f"{where}: malformed header ({type(e).__name__})") from None
+        try:
+            header = cls._checked(body, align_up(end + CHECKSUM_BYTES))
+        except _BadField as e:
+            raise RejectedHeader(f"{where}: malformed header: {e}") from None
         return header
+
+    @classmethod
+    def _checked(cls, body: Any, header_bytes: int) -> "FileHeader":
+        """The header `body` (decoded JSON) describes, every field checked in type and
+        range; _BadField names the first wrong one."""
+        if not isinstance(body, dict):
+            raise _BadField(f"the header is a {type(body).__name__}, not an object")
+        fingerprint = _field(body, "fingerprint", str)
+        if len(fingerprint) != 32 or not set(fingerprint) <= _FINGERPRINT_CHARS:
+            raise _BadField("fingerprint is not 32 lowercase hex characters")
+        world = _int(body, "world", 1, _MAX_WORLD)
+        rank = _int(body, "rank", 0, world - 1)
+        block_bytes = _int(body, "block_bytes", 1, _MAX_BLOCK_BYTES)
+        layout = []
+        for item in _field(body, "layout", list):
+            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                    or not _is_int(item[1]) or not 0 < item[1] <= block_bytes):
+                raise _BadField("layout is not a list of [layer name, page bytes <= "
+                                "block_bytes]")
+            layout.append((item[0], item[1]))
+        if sum(page for _, page in layout) != block_bytes:
+            raise _BadField(f"layout pages sum to {sum(page for _, page in layout)} bytes, "
+                            f"block_bytes is {block_bytes}")
+        keys = _hex_list(body, "keys", KEY_BYTES)
+        checksums = _hex_list(body, "checksums", CHECKSUM_BYTES)
+        if not keys or len(keys) != len(checksums):
+            raise _BadField(f"{len(keys)} keys and {len(checksums)} checksums")
+        kv_layout = _field(body, "kv_layout", str)
+        return cls(fingerprint=fingerprint, rank=rank, world=world, layout=tuple(layout),
+                   block_bytes=block_bytes, keys=keys, block_checksums=checksums,
+                   header_bytes=header_bytes, kv_layout=kv_layout)
+
+
+class _BadField(Exception):
+    pass
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field(body: dict, name: str, kind: type) -> Any:
+    if name not in body:
+        raise _BadField(f"{name} is missing")
+    value = body[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _BadField(f"{name} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _int(body: dict, name: str, low: int, high: int) -> int:
+    value = _field(body, name, int)
+    if not low <= value <= high:
+        raise _BadField(f"{name} {value} outside [{low}, {high}]")
+    return value
+
+
+def _hex_list(body: dict, name: str, nbytes: int) -> tuple[bytes, ...]:
+    out = []
+    for item in _field(body, name, list):
+        if not isinstance(item, str) or len(item) != 2 * nbytes:
+            raise _BadField(f"{name} holds something other than {nbytes}-byte hex strings")
+        try:
+            value = bytes.fromhex(item)
+        except ValueError:
+            value = b""
+        if len(value) != nbytes:  # fromhex also skips spaces
+            raise _BadField(f"{name} holds a string that is not {nbytes} bytes of hex")
+        out.append(value)
+    return tuple(out)
 
 
 def new_file_id() -> str:

@@ -43,7 +43,9 @@ class DiskIO(SecondaryIO):
     name = "disk"
 
     def __init__(self, directory: str, fingerprint: str, rank: int, world: int,
-                 layout: Sequence[tuple[str, int]], max_staged_bytes: int, secret: bytes):
+                 layout: Sequence[tuple[str, int]], max_staged_bytes: int, secret: bytes,
+                 kv_layout: str = ""):
+        self.kv_layout = kv_layout  # ModelFingerprint.kv_layout, written in every header
         self.layout = tuple((str(n), int(b)) for n, b in layout)
         super().__init__(sum(b for _, b in self.layout), max_staged_bytes)
         self.directory = directory
@@ -54,6 +56,7 @@ class DiskIO(SecondaryIO):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="promptcache-disk-write")
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="promptcache-disk-read")
         self._warn_full = RateLimitedWarning(WARN_EVERY_SECONDS)
+        self._rejected = 0  # files whose header passed its checksum but not its checks
 
     def path(self, file_id: str) -> str:
         return os.path.join(self.directory, fmt.file_name(file_id, self.rank))
@@ -69,7 +72,8 @@ class DiskIO(SecondaryIO):
             rows = [staging.data[i].numpy() for i in range(len(keys))]
             header = fmt.FileHeader(self.fingerprint, self.rank, self.world, self.layout,
                                     self.block_bytes, keys,
-                                    tuple(fmt.checksum(r, self.secret) for r in rows))
+                                    tuple(fmt.checksum(r, self.secret) for r in rows),
+                                    kv_layout=self.kv_layout)
             self._count("written", fmt.write_file(self.path(file_id), header, rows, self.secret))
             ok = True
         except OSError as e:
@@ -114,6 +118,9 @@ class DiskIO(SecondaryIO):
                 ok = True
         except fmt.CorruptFile as e:
             corrupt = True
+            if isinstance(e, fmt.RejectedHeader):
+                with self._moved_lock:
+                    self._rejected += 1
             logger.warning("promptcache: corrupt disk block, deleting the file: %s", e)
         except fmt.ForeignFile as e:
             gone = True  # unindexed, never served, and not ours to delete
@@ -146,11 +153,18 @@ class DiskIO(SecondaryIO):
         if (header.rank, header.world) != (self.rank, self.world):
             raise fmt.CorruptFile(f"{path}: rank {header.rank}/{header.world}, expected "
                                   f"{self.rank}/{self.world}")
-        if header.layout != self.layout or header.block_bytes != self.block_bytes:
-            raise fmt.CorruptFile(f"{path}: another KV layout")
+        if header.layout != self.layout or header.block_bytes != self.block_bytes or (
+                self.kv_layout and header.kv_layout != self.kv_layout):
+            raise fmt.RejectedHeader(f"{path}: another KV layout")
         if index >= header.num_blocks or header.keys[index] != key:
             raise fmt.CorruptFile(f"{path}: block {index} does not hold the key the index "
                                   f"names")
+
+    def take_counts(self) -> dict[str, float]:
+        """rejected: files whose header passed its checksum but not its checks."""
+        with self._moved_lock:
+            rejected, self._rejected = self._rejected, 0
+        return {"rejected": rejected} if rejected else {}
 
     def _read_header_fd(self, fd: int, path: str) -> fmt.FileHeader:
         data = os.pread(fd, fmt.ALIGN, 0)

@@ -81,8 +81,9 @@ class DiskTier:
     def __init__(self, directory: str, capacity_bytes: int, world: int, policy: EvictionPolicy,
                  queued: Counter[BlockKey] | None = None, secret: bytes = b"",
                  block_bytes: int = 0, layout: tuple[tuple[str, int], ...] = (),
-                 reclaim_others: bool = False):
+                 reclaim_others: bool = False, kv_layout: str = ""):
         self.directory = directory
+        self.kv_layout = kv_layout  # ModelFingerprint.kv_layout, as the workers write it
         # Other fingerprints' files under this root are another engine's: only an
         # operator's explicit request lets this tier evict them.
         self.reclaim_others = reclaim_others
@@ -101,6 +102,9 @@ class DiskTier:
         self._bytes = 0
         self.evictions = 0        # blocks
         self.corrupt_blocks = 0   # blocks dropped for a bad header or checksum
+        # Files whose header passed its checksum but not its checks (another format
+        # version, a field wrong in type or range): skipped, logged, counted here.
+        self.rejected_files = 0
 
     # -- queries ---------------------------------------------------------------
     def locate(self, key: BlockKey) -> tuple[str, int] | None:
@@ -167,7 +171,8 @@ class DiskTier:
         """Bytes of one file of `num_blocks` blocks on every rank, for the cap."""
         header = fmt.FileHeader("0" * 32, self.world - 1, self.world, self.layout,
                                 self.block_bytes, (b"\0" * 16,) * num_blocks,
-                                (b"\0" * fmt.CHECKSUM_BYTES,) * num_blocks)
+                                (b"\0" * fmt.CHECKSUM_BYTES,) * num_blocks,
+                                kv_layout=self.kv_layout)
         one = len(header.encode(b"\0" * fmt.SECRET_BYTES)) + num_blocks * fmt.align_up(self.block_bytes)
         return one * self.world
 
@@ -341,11 +346,20 @@ class DiskTier:
             except fmt.ForeignFile as e:
                 logger.warning("promptcache: ignoring a disk file: %s", e)
                 return None
+            except fmt.RejectedHeader as e:
+                logger.warning("promptcache: skipping a disk file: %s", e)
+                with self._lock:
+                    self.rejected_files += 1
+                if not isinstance(e, fmt.OldFormat):
+                    self._drop_files(file_id, max(len(keys or ()), 1))
+                return None
             except (fmt.CorruptFile, OSError) as e:
                 logger.warning("promptcache: dropping corrupt disk file: %s", e)
                 self._drop_files(file_id, max(len(keys or ()), 1))
                 return None
             why = accept(header)
+            if why is None and self.kv_layout and header.kv_layout != self.kv_layout:
+                why = f"KV layout {header.kv_layout!r}, this engine's is {self.kv_layout!r}"
             if why is None and (header.rank != rank or header.world != self.world):
                 why = f"rank {header.rank}/{header.world} in a file named for {rank}/{self.world}"
             if why is None and keys is not None and header.keys != keys:
