@@ -423,3 +423,28 @@ def test_templates_past_the_bound_are_forgotten_and_reported(monkeypatch):
     assert sorted(table._head_lengths.elements()) == [2, 4]
     # A prompt one token off in the text after the module matches nothing.
     assert table._from_template([1, 80] + doc + [90, 7]) is None
+
+
+def test_a_module_registered_again_with_other_text_is_not_loaded_for_the_old_text(monkeypatch):
+    """Issue 29, point 3: a layout remembers the version (token digest) of each module
+    it was built with.  After `doc` is registered again as other text of the same
+    length, a prompt still holding the old text loads only its gap, never the new
+    module's KV at the old text's positions; a prompt with the new text loads it."""
+    from tests.connector.test_scheduler import Blocks, module_request, output
+
+    old, new = list(range(500, 510)), list(range(700, 710))
+    sched, label = _layout_scheduler(monkeypatch, {"doc": old})
+    question = [80, 81, 82, 83, 84]
+    prompt = [1] + label + old + question
+    assert sched.get_num_new_matched_tokens(_req("p1", prompt), 0) == (4 + len(old), False)
+    bs = sched.block_size
+    seq = [1] + new + [2] * (-(len(new) + 1) % bs)
+    sched.request_finished(module_request("doc", seq, "doc"), list(range(50, 50 + len(seq) // bs)))
+    sched.update_connector_output(output({"doc"}))
+    assert sched.get_num_new_matched_tokens(_req("p2", prompt), 0) == (4, False)
+    fresh = _req("p3", [1] + label + new + question)
+    assert sched.get_num_new_matched_tokens(fresh, 0) == (4 + len(new), False)
+    sched.update_state_after_alloc(fresh, Blocks(list(range(30, 40))), 4 + len(new))
+    load = sched.build_connector_meta(None).shifted_loads[0]
+    new_slots = set(sched.host.slots_of(sched.modules.run("doc")[1]))
+    assert set(load.src_slots.tolist()) <= new_slots

@@ -32,7 +32,7 @@ import hashlib
 import logging
 from array import array
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from ..modules.layout import Layout, LayoutError, Span, Template, template_of
@@ -61,6 +61,9 @@ class _Entry:
     gap_keys: list[BlockKey]  # the gap encoding's exact block keys
     gap_offsets: list[int]    # where each gap span starts in the gap encoding
     template: bytes | None = None  # its template's key
+    # The version of each module the layout was built with: a module registered again
+    # under its name with other text is not the one the prompt holds.
+    versions: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,7 +77,8 @@ class Layouts:
 
     def __init__(self, keyer: BlockKeyer, shifted: ShiftedReuse,
                  module_run: Callable[[str], tuple[Sequence[int], list[BlockKey]] | None],
-                 tails: RunTails, module_names: Callable[[], Iterable[str]] = tuple):
+                 tails: RunTails, module_names: Callable[[], Iterable[str]] = tuple,
+                 module_version: Callable[[str], bytes | None] = lambda name: None):
         self.keyer = keyer
         self.tails = tails
         self.block_size = keyer.block_size
@@ -85,6 +89,7 @@ class Layouts:
         self._ends: Counter[int] = Counter()  # layout end -> entries with that end
         self._found: dict[str, _Entry | None] = {}  # per request, looked up once
         self.module_names = module_names
+        self.module_version = module_version
         self._templates: OrderedDict[bytes, _Template] = OrderedDict()
         self._by_head: dict[tuple[int, ...], list[bytes]] = {}  # first gap -> templates
         self._head_lengths: Counter[int] = Counter()  # len(first gap) -> templates
@@ -109,6 +114,7 @@ class Layouts:
         if layout.gap_tokens > len(gap_seq) or not layout.gap_spans:
             return "the layout's gaps are not this request's tokens"
         prefix: list[int] = []
+        versions: dict[str, bytes] = {}
         gap_index = 0
         for span in layout.spans:
             if span.module is None:
@@ -122,6 +128,7 @@ class Layouts:
             tokens, _ = run
             if span.offset + span.length > len(tokens):
                 return f"a span is longer than module {span.module!r}"
+            versions[span.module] = self.module_version(span.module)
             prefix.extend(tokens[span.offset:span.offset + span.length])
         key = digest(prefix)
         old = self._entries.pop(key, None)
@@ -135,7 +142,7 @@ class Layouts:
                                            len(gap_seq) % self.block_size))
         template = template_of(layout, prefix)
         self._add_template(template, gap_keys)
-        self._remember(key, _Entry(layout, gap_keys, offsets, template.key))
+        self._remember(key, _Entry(layout, gap_keys, offsets, template.key, versions))
         logger.debug("promptcache: request %s encodes %d gap tokens of a %d-span layout "
                      "(%d tokens)", request.request_id, layout.gap_tokens, len(layout.spans),
                      layout.end)
@@ -225,6 +232,7 @@ class Layouts:
     def _match(self, tpl: _Template, tokens: Sequence[int]) -> _Entry | None:
         spans: list[Span] = []
         offsets: list[int] = []
+        versions: dict[str, bytes] = {}
         pos = at = 0
         for item in tpl.template.items:
             if isinstance(item, int):  # a module slot
@@ -232,6 +240,7 @@ class Layouts:
                 if found is None:
                     return None
                 name, length = found
+                versions[name] = self.module_version(name)
                 spans.append(Span(pos, pos + length, name, item))
                 pos += length
             else:
@@ -241,7 +250,7 @@ class Layouts:
                 offsets.append(at)
                 at += len(item)
                 pos += len(item)
-        return _Entry(Layout(tuple(spans)), tpl.gap_keys, offsets, tpl.template.key)
+        return _Entry(Layout(tuple(spans)), tpl.gap_keys, offsets, tpl.template.key, versions)
 
     def _module_at(self, tokens: Sequence[int], pos: int, offset: int) -> tuple[str, int] | None:
         """The longest registered module whose tokens (from `offset` of its encoding)
@@ -302,7 +311,10 @@ class Layouts:
                 keys, offset = entry.gap_keys, entry.gap_offsets[gap_index]
             else:
                 run = self.module_run(span.module)
-                if run is None:  # dropped since the announcement
+                if run is None or self.module_version(span.module) != entry.versions.get(
+                        span.module):
+                    # Dropped, or registered again with other text, since the layout was
+                    # built: the prompt holds the old text, which nothing stores now.
                     break
                 keys, offset = run[1], span.offset
             first = max(span.start, start)

@@ -10,7 +10,9 @@ registered again under its name replaces the old one, whose pins are released.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from array import array
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,6 +35,11 @@ class PinnedModule:
     seg_id: int | None
     tokens: tuple[int, ...] = ()  # its encoding sequence
     keys: tuple[BlockKey, ...] = ()  # the blocks that sequence is stored under
+    version: bytes = b""  # the digest of its tokens: what a layout planned with
+
+
+def module_version(tokens: tuple[int, ...]) -> bytes:
+    return hashlib.blake2b(array("q", tokens).tobytes(), digest_size=16).digest()
 
 
 def module_failed(module: str, error: str) -> dict:
@@ -68,6 +75,12 @@ class PinnedModules:
         module = self._modules.get(name)
         return None if module is None or not module.keys else (module.tokens, module.keys)
 
+    def version(self, name: str) -> bytes | None:
+        """The registered module's version (the digest of its encoding's tokens): a
+        name registered again with other text has another."""
+        module = self._modules.get(name)
+        return None if module is None else module.version
+
     def refusal(self, name: str, n_blocks: int, prompt_tokens: int) -> str | None:
         """Why module `name` of n_blocks cannot be pinned, or None if it can."""
         if n_blocks * self.block_size < prompt_tokens:
@@ -100,7 +113,8 @@ class PinnedModules:
         self.host.pin(slots)
         if seg_id is not None:
             self.shifted.pin(seg_id)
-        self._modules[name] = PinnedModule(slots, seg_id, tokens, tuple(keys))
+        self._modules[name] = PinnedModule(slots, seg_id, tokens, tuple(keys),
+                                           module_version(tokens))
         self.on_change()
         logger.info("promptcache: module %r registered: %d tokens in %d pinned blocks (%d of %d "
                     "module blocks in use)", name, len(keys) * self.block_size, len(slots),

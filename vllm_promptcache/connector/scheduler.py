@@ -125,7 +125,8 @@ class PromptCacheScheduler:
                                      self.world_size)
         if self.shifted is not None:
             self.layouts = Layouts(self.keyer, self.shifted, self.modules.run, self.tails,
-                                   module_names=self.modules.names)
+                                   module_names=self.modules.names,
+                                   module_version=self.modules.version)
             self.modules.on_change = self.layouts.modules_changed
         self.stats = PromptCacheStats()
         self.markers = FrontEndMarkers(request_params.module_token(create=False), self.stats,
