@@ -175,6 +175,13 @@ def test_secrets_come_from_files_and_errors_never_echo_them(tmp_path):
     assert build_config(environ={"PROMPTCACHE_ADMIN_KEY_FILE": str(key_file)}).admin_key == KEY
     with pytest.raises(PromptCacheConfigError, match="not both"):
         build_config(overrides={"admin_key_file": str(key_file), "admin_key": KEY}, environ={})
+    # A secret and its file are one option: the higher source's form wins.
+    yaml.write_text("admin_key: yaml-0123456789abcdef\n")
+    assert build_config(yaml, environ={"PROMPTCACHE_ADMIN_KEY_FILE": str(key_file)}
+                        ).admin_key == KEY
+    assert build_config(yaml, {"admin_key": "flag-0123456789abcdef"},
+                        environ={"PROMPTCACHE_ADMIN_KEY_FILE": str(key_file)}
+                        ).admin_key == "flag-0123456789abcdef"
     with pytest.raises(PromptCacheConfigError, match="--promptcache-admin-key-file.*cannot read"):
         build_config(overrides={"admin_key_file": str(tmp_path / "none")}, environ={})
     (tmp_path / "empty").write_text("\n")

@@ -437,15 +437,23 @@ def read_secret_file(name: str, path: str) -> str:
     return text
 
 
-def _resolve_secret_files(merged: dict[str, Any]) -> None:
+def _merge(merged: dict[str, Any], source: Mapping[str, Any], where: str) -> None:
+    """Lay one source over the lower ones.  A secret and its file are one option: a
+    source that gives either replaces both below it, and may not give both."""
     for secret, file_field in SECRET_FILES.items():
-        path = merged.get(file_field)
-        if not path:
-            continue
-        if merged.get(secret):
-            raise _error(file_field, path, f"give {FLAGS[secret]} or {FLAGS[file_field]}, "
-                                           "not both")
-        merged[secret] = read_secret_file(file_field, path)
+        if source.get(secret) and source.get(file_field):
+            raise _error(file_field, source[file_field], f"give {FLAGS[secret]} or "
+                         f"{FLAGS[file_field]}, not both ({where})")
+        if source.get(secret) or source.get(file_field):
+            merged.pop(secret, None)
+            merged.pop(file_field, None)
+    merged.update(source)
+
+
+def _read_secret_files(merged: dict[str, Any]) -> None:
+    for secret, file_field in SECRET_FILES.items():
+        if merged.get(file_field):
+            merged[secret] = read_secret_file(file_field, merged[file_field])
     if merged.get("remote_password_file"):
         read_secret_file("remote_password_file", merged["remote_password_file"])
 
@@ -454,23 +462,22 @@ def build_config(config_file: str | os.PathLike | None = None,
                  overrides: Mapping[str, Any] | None = None,
                  environ: Mapping[str, str] | None = None) -> PromptCacheConfig:
     """Merge defaults < YAML < environment < explicit overrides, read the secret
-    files, then validate."""
+    files, then validate (fields one by one, then their combinations)."""
     environ = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
     config_file = config_file or environ.get(CONFIG_ENV) or environ.get(
         LEGACY_ENV_PREFIX + "CONFIG")
     if config_file:
-        # Each source is checked field by field; combinations only once merged.
         from_file = {k.replace("-", "_"): v for k, v in load_yaml(config_file).items()}
         _refuse_unknown(from_file, str(config_file))
-        merged.update({k: _coerce(_field(k), v, str(config_file)) for k, v in from_file.items()})
-    for name, raw in env_values(environ).items():
-        merged[name] = _coerce(_field(name), raw, f"environment variable {env_name(name)}")
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            merged[name] = value
-    _refuse_unknown(merged, "promptcache options")
-    _resolve_secret_files(merged)
+        _merge(merged, {k: _coerce(_field(k), v, str(config_file))
+                        for k, v in from_file.items()}, str(config_file))
+    _merge(merged, {name: _coerce(_field(name), raw, f"environment variable {env_name(name)}")
+                    for name, raw in env_values(environ).items()}, "environment")
+    explicit = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _refuse_unknown(explicit, "promptcache options")
+    _merge(merged, explicit, "flags")
+    _read_secret_files(merged)
     config = PromptCacheConfig.from_dict(merged, "promptcache options", environ)
     if config.disk_enabled:
         # Fail at start-up, before any engine exists, not at the first save.
