@@ -225,3 +225,20 @@ def test_the_engine_reads_the_variable_the_server_exports():
     from vllm_promptcache.store import remote_store
 
     assert remote_store.SECRET_ENV == REMOTE_SECRET_ENV
+
+
+def test_combinations_that_cannot_work_are_refused_naming_the_field():
+    import os
+
+    with pytest.raises(PromptCacheConfigError,
+                       match="--promptcache-recompute-ratio.*needs --promptcache-position-independent"):
+        build_config(overrides={"recompute_ratio": 0.15}, environ={})
+    assert build_config(overrides={"recompute_ratio": 0.15, "truncate": True},
+                        environ={}).position_independent
+    with pytest.raises(PromptCacheConfigError, match="truncate is done by the OpenAI server"):
+        engine_kwargs(host_gb=1, truncate=True)
+    missing = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(PromptCacheConfigError, match=f"--promptcache-load-cpu.*'{missing}'"):
+        build_config(overrides={"load_cpu": str(missing)}, environ={})
+    cpu = str(min(os.sched_getaffinity(0)))
+    assert build_config(overrides={"load_cpu": cpu}, environ={}).load_cpu == cpu

@@ -118,8 +118,9 @@ class PromptCacheConfig:
         default_text="derived from the weights")
     calibration: str = option(
         "enforce", "--promptcache-calibration", "What a position-independent engine does when "
-        "the model's calibration is missing or failed: enforce (refuse), warn (log and go "
-        "on), off (do not check).", f"one of {', '.join(CALIBRATION_MODES)}", metavar="MODE")
+        "the model's calibration (`vllm-promptcache calibrate`) found no recompute ratio "
+        "within its bound: enforce (refuse to start), warn (log and start); off ignores the "
+        "calibration. A calibrated ratio replaces a configured 0.", f"one of {', '.join(CALIBRATION_MODES)}", metavar="MODE")
     admin_key: str = option(
         "", "--promptcache-admin-key", "OpenAI server: the key that POST "
         "/v1/promptcache/modules needs in its X-PromptCache-Admin-Key header (beside "
@@ -172,6 +173,10 @@ class PromptCacheConfig:
             return dataclasses.replace(self, load_cpu=str(self.load_cpu)).validate(environ)
         if (self.truncate or self.modules_file) and not self.position_independent:
             return dataclasses.replace(self, position_independent=True).validate(environ)
+        if self.recompute_ratio and not self.position_independent:
+            raise _error("recompute_ratio", self.recompute_ratio, "it applies to KV found at "
+                         "other positions: needs --promptcache-position-independent (or "
+                         "--promptcache-truncate, --promptcache-modules)")
         if self.remote_url:
             self._check_remote(os.environ if environ is None else environ)
         return self
@@ -487,6 +492,10 @@ def build_config(config_file: str | os.PathLike | None = None,
             prepare_directory(config.disk_dir)
         except DiskTierError as e:
             raise PromptCacheConfigError(f"invalid promptcache option {FLAGS['disk_path']}: {e}") from None
+    if config.load_cpu.isdigit() and hasattr(os, "sched_getaffinity") \
+            and int(config.load_cpu) not in os.sched_getaffinity(0):
+        raise _error("load_cpu", config.load_cpu, "this machine lets the server run on CPUs "
+                     f"{sorted(os.sched_getaffinity(0))} only")
     return config
 
 

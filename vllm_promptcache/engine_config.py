@@ -59,10 +59,13 @@ def engine_kwargs(host_gb: float | None = None, *, config_file: str | os.PathLik
     from .request_params import module_token
 
     module_token(create=True)
-    if config.modules_file:
+    if config.modules_file or config.truncate:
         from .config import PromptCacheConfigError
 
         raise PromptCacheConfigError(
             "modules_file is read by the OpenAI server; offline, register modules with "
-            "PromptModules(llm).register_modules({name: text}) or .register_schema(xml)")
+            "PromptModules(llm).register_modules({name: text}) or .register_schema(xml)"
+            if config.modules_file else "truncate is done by the OpenAI server's chat route; "
+            "offline, drop the oldest turns yourself with position_independent=True, which "
+            "reuses the kept turns' KV at their new positions")
     return {"kv_transfer_config": kv_transfer_config_dict(config), "disable_log_stats": False}
