@@ -261,3 +261,35 @@ def test_without_an_admin_key_http_registration_is_off_with_403(monkeypatch):
     monkeypatch.setattr(server_module, "_config", PromptCacheConfig(admin_key=ADMIN_KEY).validate())
     assert server_module._admin_refusal(ADMIN_KEY) is None
     assert server_module._admin_refusal("x" * 30)[0] == HTTPStatus.UNAUTHORIZED
+
+
+def test_a_salted_or_opted_out_chat_runs_no_gap_encoding_of_its_text(server, tiny_model):
+    """Issue 29, point 5: the gap encoding is a request of its own, stored under no
+    salt, which every prompt of its template then loads.  A chat with a cache salt or
+    `promptcache_save: false` must not make one: the engine sees exactly its own
+    request, and a plain chat of the same template later runs its own encoding."""
+    import requests
+
+    def finished():
+        text_ = requests.get(server.base + "/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text_.splitlines()
+                   if line.startswith("vllm:request_success_total"))
+
+    for i, extra in enumerate(({"cache_salt": "tenant-a"},
+                               {"kv_transfer_params": {"promptcache_modules": ["docA"],
+                                                       "promptcache_save": False}})):
+        label = f"Private note {i} for one tenant only:\n"
+        body = {"model": tiny_model, "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": label + text(170, 2) + "Summary?"}],
+                "kv_transfer_params": {"promptcache_modules": ["docA"]}, **extra}
+        before = settled(finished, tries=20, pause=0.3)
+        r = requests.post(server.base + "/v1/chat/completions", json=body, headers=AUTH,
+                          timeout=120)
+        assert r.status_code == 200, r.text
+        assert settled(finished, tries=20, pause=0.3) - before == 1, extra
+    # The same shape without a salt does encode its text between modules (2 requests).
+    body["kv_transfer_params"] = {"promptcache_modules": ["docA"]}
+    before = settled(finished, tries=20, pause=0.3)
+    assert requests.post(server.base + "/v1/chat/completions", json=body, headers=AUTH,
+                         timeout=120).status_code == 200
+    assert settled(finished, tries=20, pause=0.3) - before == 2

@@ -22,57 +22,32 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import compat
 from .. import request_params
+from ..calibration import startup_check
 from ..config import PromptCacheConfig
 from ..metrics import PromptCacheStats, export_store_counts
-from ..store import disk_format as fmt
-from ..store.disk_tier import DiskTier, prepare_directory
-from ..store.host_tier import HostTier, slots_for
-from ..store.keys import BlockKey, BlockKeyer, ModelFingerprint, derived_namespace
+from ..store.host_tier import HostTier
+from ..store.keys import BlockKey, BlockKeyer, derived_namespace
 from ..store.policies import make_policy
 from .approximate import ApproximateBlocks
-from .request_state import Lookup, RequestState, RequestStates
 from .layouts import Layouts
 from .markers import FrontEndMarkers
 from .metadata import BlockTransfer, PromptCacheMetadata, ShiftedLoad
 from .pinned_modules import PinnedModules, module_failed
-from .remote import remote_tier
 from .request_keys import RequestKeys
+from .request_state import Lookup, RequestState, RequestStates
 from .secondary import SecondaryTiers
 from .shifted import ShiftedPlan, ShiftedReuse
-from .tails import RunTails, Tail
+from .tails import RunTails
+from .tiers import disk_directory, host_tier_geometry, model_fingerprint, scheduler_tiers  # noqa: F401 (worker.py imports the first three from here until it imports tiers.py)
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
-
-
-def host_tier_geometry(vllm_config: Any, kv_cache_config: Any, config: PromptCacheConfig) -> tuple[int, int]:
-    """(slots, bytes per slot per worker): the same numbers on both connector sides."""
-    slot_bytes = sum(nbytes for _, nbytes in compat.layer_page_bytes(kv_cache_config))
-    world = vllm_config.parallel_config.world_size
-    return slots_for(config.host_bytes // world, slot_bytes), slot_bytes
-
-
-def model_fingerprint(vllm_config: Any, config: PromptCacheConfig) -> ModelFingerprint:
-    # tp_rank 0 stands for the whole TP group: ranks save and load in lockstep.
-    return ModelFingerprint.from_vllm_config(vllm_config, tp_rank=0, model_id=config.model_id)
-
-
-def disk_directory(fingerprint: ModelFingerprint,
-                   config: PromptCacheConfig) -> tuple[str, str] | None:
-    """(directory, fingerprint hex): one sub-directory per model fingerprint, so
-    different models, weights, dtypes or layouts never share files.  None where
-    the weights cannot be named: nothing is kept across restarts then."""
-    if not fingerprint.persistent:
-        return None
-    return os.path.join(config.disk_dir, fingerprint.digest().hex()), fingerprint.digest().hex()
 
 
 class PromptCacheScheduler:
@@ -99,18 +74,9 @@ class PromptCacheScheduler:
         self._queue_aware = config.eviction_policy == "scheduler-aware"
         self.host = HostTier(num_slots, slot_bytes, make_policy(config.eviction_policy), self.queued)
         self.tails = RunTails(self.keyer, self.host, num_slots)
-        self.disk: DiskTier | None = None
-        disk_place = disk_directory(self.fingerprint, config) if config.disk_enabled else None
-        if disk_place is not None and compat.worker_meta_supported():
-            directory, fp_hex = disk_place
-            secret = fmt.disk_secret(config.disk_dir)
-            self.disk = DiskTier(prepare_directory(directory), config.disk_bytes, self.world_size,
-                                 make_policy(config.eviction_policy), self.queued, secret,
-                                 slot_bytes, self.layout)
-            files, blocks = self.disk.scan(self._accept_file(fp_hex))
-        elif config.disk_enabled and disk_place is not None:
-            logger.warning("promptcache: this vLLM has no connector worker metadata; "
-                           "the disk tier is off")
+        tiers = scheduler_tiers(config, self.fingerprint, self.world_size, slot_bytes,
+                                self.layout, self.queued)
+        self.disk, self.remote = tiers.disk, tiers.remote
         self.shifted: ShiftedReuse | None = None
         self.layouts: Layouts | None = None
         if config.position_independent:
@@ -121,6 +87,7 @@ class PromptCacheScheduler:
             except UnsupportedRopeError as e:
                 raise RuntimeError(f"--promptcache-position-independent: {e}") from None
             self.shifted = ShiftedReuse(self.block_size, self.host, below=self._fetch_below)
+            self.config = startup_check(self.fingerprint, self.config)  # calibration.py
         self.modules = PinnedModules(self.host, self.shifted, self.block_size, slot_bytes,
                                      self.world_size)
         if self.shifted is not None:
@@ -141,36 +108,21 @@ class PromptCacheScheduler:
         self._reported = {"host": 0}
         self.resets = 0
         self._reported_preemptions = 0
-        self.remote = remote_tier(config, self.fingerprint, self.world_size, slot_bytes)
-        if self.remote is not None:
-            self.requests.on_release.append(self.remote.forget_request)
-        self.secondary = SecondaryTiers([t for t in (self.disk, self.remote) if t is not None],
-                                        self.host, self.world_size, self.stats, self._abort_slots)
+        self.secondary = SecondaryTiers(tiers.below_host(), self.host, self.world_size,
+                                        self.stats, self._abort_slots)
+        self.requests.on_release.append(self.secondary.forget)
         self.shared = None  # modules shared with other instances through the store
         if self.remote is not None and self.shifted is not None:
             from .shared_segments import SharedSegments
 
             self.shared = SharedSegments(self.remote, self.shifted, self.block_size)
-        disk_line = (f"disk tier {config.disk_gb:g} GiB at {self.disk.directory}, "
-                     f"{files} files / {blocks} blocks found, "
-                     f"{self.disk.stale_bytes / 2**20:.1f} MiB of other fingerprints to age out"
-                     if self.disk else "disk tier off")
         logger.info(
             "vllm-promptcache: host tier %.2f GiB = %d slots of one %d-token block "
             "(%.2f MiB per slot per worker, %d worker(s)); %s; remote tier %s; eviction %s; "
             "model fingerprint %s", config.host_gb, num_slots, self.block_size,
-            slot_bytes / 2**20, self.world_size, disk_line,
+            slot_bytes / 2**20, self.world_size, tiers.disk_line,
             self.remote.store.url.masked() if self.remote else "off", config.eviction_policy,
             self.fingerprint.describe())
-
-    def _accept_file(self, fp_hex: str):
-        def accept(header: fmt.FileHeader) -> str | None:
-            if header.fingerprint != fp_hex:
-                return "another model fingerprint"
-            if header.layout != self.layout or header.block_bytes != self.slot_bytes:
-                return "another KV layout"
-            return None
-        return accept
 
     # -- loads -----------------------------------------------------------------
     def on_new_request(self, request: Any) -> None:
@@ -185,9 +137,9 @@ class PromptCacheScheduler:
         if not self.secondary:
             return
         start = len(self.host.ready_prefix(keys, touch=True))
-        if self.remote is not None and start < len(keys):
+        if start < len(keys):
             # Answered in a later step: _prefetch_answered() promotes what it found.
-            self.remote.start_lookup(request.request_id, keys[start:])
+            self.secondary.ask(request.request_id, keys[start:])
         self._prefetch(keys)
 
     def _prefetch(self, keys: list[BlockKey]) -> None:
@@ -203,17 +155,12 @@ class PromptCacheScheduler:
         host; True while that is under way (the request asks again)."""
         if not self.secondary:
             return False
-        if self._promote(keys, j, prefetch=False):
-            return True
-        if self.remote is None:
-            return False
-        lookup = "segment:" + keys[j].hex()
-        self.remote.start_lookup(lookup, keys[j:], retry_after_s=2.0)
-        return self.remote.lookup_pending(lookup) or self._promote(keys, j, prefetch=False) > 0
+        return self.secondary.fetch("segment:" + keys[j].hex(), keys, j, set(keys).__contains__,
+                                    retry_after_s=2.0)
 
     def _prefetch_answered(self) -> None:
-        """Queued requests whose remote lookup answered since the last step: prefetch."""
-        for req_id in self.remote.take_answered():
+        """Queued requests whose lookup below host answered since the last step: prefetch."""
+        for req_id in self.secondary.answered():
             state = self.requests.get(req_id)
             if state is not None and state.queued_keys:
                 self._prefetch(state.queued_keys)
@@ -242,17 +189,9 @@ class PromptCacheScheduler:
                 # The next block is on its way into host (a save of a conversation's
                 # previous turn, or a promotion from disk): ask again next step.
                 return None, False
-            if self.secondary and self._promote(keys, end, prefetch=False):
+            if self.secondary and self.secondary.fetch(req_id, keys, end,
+                                                       set(keys).__contains__):
                 return None, False
-            if self.remote is not None:
-                # One round trip, in the background: ask again until it answers.
-                # Only once nothing nearer is being fetched: an answer arriving after
-                # a failed promotion must not bring back the chunk it dropped.
-                self.remote.start_lookup(req_id, keys[end:])
-                if self.remote.lookup_pending(req_id):
-                    return None, False
-                if self._promote(keys, end, prefetch=False):
-                    return None, False
         tail = None
         if self.request_keys.shiftable(request):  # no images or embeddings
             tail = self.tails.find(keys, end, self.request_keys.namespace(request),
@@ -536,7 +475,7 @@ class PromptCacheScheduler:
             if state is not None:
                 self.requests.preempted(state)
         self.approximate.step(self.requests.running())
-        if self.remote is not None:
+        if self.secondary:
             self._prefetch_answered()
         if self.shared is not None:
             self.shared.sync()

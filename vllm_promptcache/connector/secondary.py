@@ -49,6 +49,7 @@ class SecondaryTiers:
     def __init__(self, tiers: Sequence[Any], host: HostTier, world_size: int, stats: Any,
                  abort_slots: Callable[[list[int]], None]):
         self.tiers = list(tiers)
+        self._asking = [t for t in self.tiers if hasattr(t, "start_lookup")]
         self.host = host
         self.world_size = world_size
         self.stats = stats
@@ -63,6 +64,46 @@ class SecondaryTiers:
 
     def __bool__(self) -> bool:
         return bool(self.tiers)
+
+    # -- lookups ---------------------------------------------------------------------
+    # A tier whose index is complete (disk: this engine wrote or scanned every file)
+    # answers `locate` at once.  A shared one (remote) knows only what it was told:
+    # `start_lookup` asks the store in the background, `lookup_pending` says whether
+    # the answer is still out, `take_answered` lists the askers answered since.
+    def ask(self, asker: str, keys: Sequence[BlockKey], retry_after_s: float | None = None) -> bool:
+        """Ask the tiers that must be asked about `keys` (once per asker, again after
+        `retry_after_s`); True while an answer is out."""
+        pending = False
+        for tier in self._asking:
+            tier.start_lookup(asker, keys, retry_after_s=retry_after_s)
+            pending = tier.lookup_pending(asker) or pending
+        return pending
+
+    def answered(self) -> list[str]:
+        """Askers whose lookups answered since the last call."""
+        out: list[str] = []
+        for tier in self._asking:
+            out.extend(tier.take_answered())
+        return out
+
+    def forget(self, asker: str) -> None:
+        for tier in self._asking:
+            tier.forget_request(asker)
+
+    def fetch(self, asker: str, keys: list[BlockKey], start: int,
+              spare: Callable[[BlockKey], bool], retry_after_s: float | None = None) -> bool:
+        """Bring keys[start:] into host from below it: True while that is under way
+        (the asker asks again next step), False where no tier below has keys[start]."""
+        if self.promote(keys, start, spare, prefetch=False):
+            return True
+        if not self._asking:
+            return False
+        # One round trip, in the background: asked again until it answers.  Only once
+        # nothing nearer is being fetched: an answer arriving after a failed promotion
+        # must not bring back the chunk it dropped.
+        if self.ask(asker, keys[start:], retry_after_s):
+            return True
+        return self.promote(keys, start, spare, prefetch=False) > 0
 
     def tier(self, name: str) -> Any:
         return next((t for t in self.tiers if t.name == name), None)

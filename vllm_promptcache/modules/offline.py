@@ -86,12 +86,15 @@ class PromptModules:
         self._schemas[schema.name] = (schema, role_wrappers)
         return self.register_modules(self.table.cacheable(schema.module_pieces(role_wrappers)))
 
-    def compose(self, items: Sequence[Item]) -> ComposedPrompt:
+    def compose(self, items: Sequence[Item], *, isolated: bool = False) -> ComposedPrompt:
         """The prompt of the items in order (a str names a module, `Text` is free text).
         Where text lies between modules (or a module is short), the text is encoded
         here, in one prefill of only its tokens, and the connector learns the layout,
         so that the prompt loads every module and vLLM computes only what follows
-        the last one (modules/layout.py)."""
+        the last one (modules/layout.py).  The encoding is stored under the base
+        model and no cache salt: pass `isolated=True` for a prompt you will send with
+        a `cache_salt`, a LoRA adapter or `promptcache_save: false`, and no encoding
+        runs (its modules are still found by the token-level search)."""
         if self.shared is not None:  # names another instance registered
             for item in items:
                 if isinstance(item, str) and item not in self.table:
@@ -99,7 +102,8 @@ class PromptModules:
                     if module is not None:
                         self.table.add(module)
         prompt = self.table.compose(items)
-        self.encode_gaps(prompt)
+        if not isolated:
+            self.encode_gaps(prompt)
         return prompt
 
     def encode_gaps(self, prompt: ComposedPrompt) -> None:

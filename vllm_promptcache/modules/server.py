@@ -283,9 +283,27 @@ async def apply_request_params(serving: Any, request: Any, engine_inputs: list) 
                 _active.table.place, names, engine_input["prompt_token_ids"],
                 _prompt_text(_active.table.tokenizer, engine_input))
             engine_input["prompt_token_ids"] = composed.token_ids
-            await _active.encode_gaps(composed)
+            if derived_requests_refused(serving, request, params) is None:
+                await _active.encode_gaps(composed)
     except ValueError as e:
         return serving.create_error_response(str(e))
+    return None
+
+
+def derived_requests_refused(serving: Any, request: Any, params: dict) -> str | None:
+    """Why the prompt's gap encoding must not run, or None.  The encoding is a request
+    of its own, stored under the base model and no salt, whose KV any prompt of its
+    template loads: for a request with a cache salt, a LoRA adapter or
+    `promptcache_save: false` it would store the client's text outside its isolation
+    or against its opt-out.  (Layouts serve only such requests' plain peers anyway:
+    a salted or LoRA prompt is never planned from a layout.)"""
+    if getattr(request, "cache_salt", None):
+        return "cache_salt"
+    if params.get(request_params.SAVE) is False:
+        return request_params.SAVE
+    loras = getattr(getattr(serving, "models", None), "lora_requests", None) or {}
+    if getattr(request, "model", None) in loras:
+        return "lora"
     return None
 
 
