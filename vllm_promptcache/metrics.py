@@ -45,6 +45,7 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "shifted_hit_tokens_total": (COUNTER, True, "Prompt tokens loaded at a new position (RoPE-shifted), a subset of hit_tokens_total."),
     "gap_tokens_total": (COUNTER, True, "Prompt tokens between modules (labels, separators, arguments) loaded from their encoding, a subset of hit_tokens_total."),
     "corrupt_blocks_total": (COUNTER, True, "Blocks found corrupt (header or checksum), deleted and treated as a miss."),
+    "rejected_store_entries_total": (COUNTER, True, "Entries read from a tier (disk headers, shared segments and modules, remote values) whose checksum held but whose fields did not: skipped, never served."),
     "promoted_blocks_total": (COUNTER, True, "Blocks read from a tier into the host tier (disk to host)."),
     "prefetch_blocks_total": (COUNTER, False, "Blocks a queued request needs that were read into host before its turn."),
     "prefetch_hit_blocks_total": (COUNTER, False, "Loaded blocks that a prefetch had brought into host."),
@@ -73,6 +74,7 @@ REMOTE_STORE_COUNTERS = (("remote_round_trips_total", "round_trips"),
                          ("remote_reconnects_total", "reconnects"),
                          ("remote_seconds_total", "seconds"),
                          ("corrupt_blocks_total", "corrupt_blocks"),
+                         ("rejected_store_entries_total", "rejected"),
                          ("dropped_saves_total", "dropped_puts"))
 
 

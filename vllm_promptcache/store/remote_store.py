@@ -21,11 +21,12 @@ A chunk value is
 
     [magic, version, JSON length][JSON header][block 0]...[block n-1][MAC]
 
-The header names the fingerprint, rank, world size, block_bytes and every block
-key; the MAC is blake3 keyed with a key derived from the instances' shared secret,
-over the Redis key name and everything before it.  Index entries and metadata
-values carry a MAC over their name and content too.  Whoever lacks the secret
-cannot make a value this store serves; a value moved to another name fails.
+The header names the fingerprint, the KV layout (`ModelFingerprint.kv_layout`),
+rank, world size, block_bytes and every block key; the MAC is blake3 keyed with a
+key derived from the instances' shared secret, over the Redis key name and
+everything before it.  Index entries and metadata values carry a MAC over their
+name and content too.  Whoever lacks the secret cannot make a value this store
+serves; a value moved to another name fails.
 
 Lookups cost one round trip (on a cluster, one per node, sent together):
 `locate` pipelines a GET of every block's index entry (an index entry says
@@ -34,6 +35,9 @@ is a hint: a chunk may vanish under it at any time (the store's own
 `allkeys-lru` eviction), which `get_*` answers as a plain miss, deleting the
 stale index entries.  A value that fails its MAC, its header
 checks or the keys the caller expects is a miss too, deleted and counted corrupt.
+A value is untrusted even when its MAC holds (a holder of the secret, another
+version): every header field is checked in type and range, and a wrong one is a
+miss, deleted and counted as rejected; nothing read from the store raises.
 
 Connection state: a call that meets a refused or broken connection (or
 `DOWN_AFTER_TIMEOUTS` timeouts in a row) takes the tier down; while down, calls
@@ -66,7 +70,7 @@ SECRET_ENV = "PROMPTCACHE_REMOTE_SECRET"
 MIN_SECRET_BYTES = 16
 _KEY_CONTEXT = "vllm-promptcache remote tier v1 value MAC"
 MAGIC = b"VPCREMKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header names the KV layout
 _PREFIX = struct.Struct("<8sII")  # magic, version, JSON length
 _INDEX = struct.Struct("<I")      # a block's position in its chunk
 MAC_BYTES = 32
@@ -83,7 +87,8 @@ _FINGERPRINT = re.compile(r"^[0-9a-f]{32}$")
 
 COUNTERS = ("hits", "misses", "lookups", "found", "bytes_written", "bytes_read", "seconds",
             "round_trips", "failures", "corrupt", "corrupt_blocks", "reconnects", "puts",
-            "dropped_puts")
+            "dropped_puts", "rejected")
+_MAX_WORLD = 1 << 16
 
 
 class RemoteSecretError(ValueError):
@@ -92,6 +97,10 @@ class RemoteSecretError(ValueError):
 
 class _Corrupt(Exception):
     pass
+
+
+class _Rejected(_Corrupt):
+    """A value whose MAC holds but whose header is wrong (type, range, version)."""
 
 
 class _Failed(Exception):
@@ -157,7 +166,8 @@ class RemoteStore:
                  *, rank: int = 0, world: int = 1, block_bytes: int | None = None,
                  timeout_ms: int = DEFAULT_TIMEOUT_MS, transfer_timeout_ms: int | None = None,
                  max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, retry_initial_s: float = 0.5,
-                 retry_max_s: float = 30.0, environ: Mapping[str, str] | None = None):
+                 retry_max_s: float = 30.0, environ: Mapping[str, str] | None = None,
+                 kv_layout: str = ""):
         self.url = url if isinstance(url, RemoteURL) else parse_remote_url(url, environ)
         try:
             import redis  # noqa: F401
@@ -173,6 +183,7 @@ class RemoteStore:
             raise ValueError(f"remote tier: rank {rank} outside world {world}")
         self._key = remote_secret(secret, environ)
         self.fingerprint = fingerprint
+        self.kv_layout = kv_layout  # ModelFingerprint.kv_layout, in every chunk's header
         self.rank, self.world = int(rank), int(world)
         self.block_bytes = block_bytes
         self.timeout_s = timeout_ms / 1000
@@ -226,13 +237,20 @@ class RemoteStore:
             for k, v in deltas.items():
                 self._counts[k] += v
 
+    def count_rejected(self, n: int = 1) -> None:
+        """Entries read from the store that passed their MAC but not their checks
+        (here, or in what a caller made of them: a shared segment whose keys are
+        not its tokens'); exported as rejected_store_entries_total."""
+        self._count(rejected=n)
+
     def take_counts(self) -> dict[str, float]:
         """Counters since the last call (then reset): hits / misses (blocks served or
         not by get_*), lookups / found (blocks asked and located by locate),
         bytes_written / bytes_read, seconds (in store calls), round_trips, failures
         (calls that failed on the network or were refused by the store), corrupt
         (values deleted for failing their checks) and corrupt_blocks (blocks asked
-        for in them), reconnects, puts / dropped_puts (chunks)."""
+        for in them), reconnects, puts / dropped_puts (chunks), rejected (values
+        whose MAC held but whose fields did not)."""
         with self._lock:
             out, self._counts = self._counts, dict.fromkeys(COUNTERS, 0)
         return out
@@ -396,6 +414,7 @@ class RemoteStore:
         header = json.dumps({
             "fingerprint": self.fingerprint, "rank": self.rank, "world": self.world,
             "block_bytes": block_bytes, "keys": [k.hex() for k in keys],
+            "kv_layout": self.kv_layout,
         }, separators=(",", ":")).encode()
         parts = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header,
                  *(memoryview(b).cast("B") for b in blocks)]
@@ -488,28 +507,6 @@ class RemoteStore:
         (index,) = _INDEX.unpack_from(body, 4 * KEY_BYTES)
         return ChunkRef(cid, index)
 
-    def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
-        """Whether each block is (as far as the index knows) in the store; one round trip."""
-        return [r is not None for r in self.locate(keys)]
-
-    def longest_prefix(self, keys: Sequence[bytes]) -> int:
-        """How many leading blocks of `keys` the store holds (one round trip)."""
-        n = 0
-        for found in self.exists_many(keys):
-            if not found:
-                break
-            n += 1
-        return n
-
-    def get_chunk(self, cid: str, expected: Mapping[int, bytes] | None = None
-                  ) -> RemoteChunk | None:
-        """This rank's chunk `cid`, verified (None on a miss).  `expected` maps
-        positions to the keys the caller looked up there; the chunk must hold them.
-        A vanished chunk is a plain miss; a corrupt or mismatched one is deleted
-        and counted."""
-        want = dict(expected or {})
-        return self._get([(cid, want)])[0]
-
     def get_blocks(self, keys: Sequence[bytes], refs: Sequence[ChunkRef]
                    ) -> list[memoryview | None]:
         """The blocks `keys` (located at `refs` by `locate`), fetching every chunk they
@@ -544,18 +541,28 @@ class RemoteStore:
                 continue
             self._count(bytes_read=len(value))
             try:
-                chunk = self._decode_chunk(name, cid, value, want)
+                chunk = self._checked_decode(name, cid, value, want)
             except _Corrupt as e:
                 logger.warning("promptcache: corrupt remote value %s, deleting it: %s",
                                name, e)
                 out.append(None)
-                self._count(misses=n, corrupt=1, corrupt_blocks=n)
+                self._count(misses=n, corrupt=1, corrupt_blocks=n,
+                            rejected=int(isinstance(e, _Rejected)))
                 stale += [name, *(self.index_name(k) for k in want.values())]
                 continue
             out.append(chunk)
             self._count(hits=n)
         self._forget(stale)
         return out
+
+    def _checked_decode(self, name: str, cid: str, value: bytes,
+                        want: Mapping[int, bytes]) -> RemoteChunk:
+        try:
+            return self._decode_chunk(name, cid, value, want)
+        except _Corrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a value must never raise into the engine
+            raise _Rejected(f"{type(e).__name__}: {e}") from None
 
     def _decode_chunk(self, name: str, cid: str, value: bytes,
                       want: Mapping[int, bytes]) -> RemoteChunk:
@@ -568,29 +575,29 @@ class RemoteStore:
                            "tier's secret)")
         magic, version, json_len = _PREFIX.unpack_from(body)
         if magic != MAGIC or version != FORMAT_VERSION:
-            raise _Corrupt(f"magic {magic!r} version {version}, expected {MAGIC!r} "
-                           f"{FORMAT_VERSION}")
-        try:
-            header = json.loads(bytes(body[_PREFIX.size:_PREFIX.size + json_len]))
-            fingerprint, rank = str(header["fingerprint"]), int(header["rank"])
-            world, block_bytes = int(header["world"]), int(header["block_bytes"])
-            keys = tuple(bytes.fromhex(k) for k in header["keys"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise _Corrupt(f"malformed header ({e})") from None
+            raise _Rejected(f"magic {magic!r} version {version}, expected {MAGIC!r} "
+                            f"{FORMAT_VERSION}")
+        if _PREFIX.size + json_len > len(body):
+            raise _Rejected(f"a {json_len}-byte header in a {len(body)}-byte value")
+        header = _checked_header(bytes(body[_PREFIX.size:_PREFIX.size + json_len]))
+        fingerprint, rank, world = header["fingerprint"], header["rank"], header["world"]
+        block_bytes, keys = header["block_bytes"], header["keys"]
         payload = body[_PREFIX.size + json_len:]
         if not keys or len(payload) != len(keys) * block_bytes:
-            raise _Corrupt(f"{len(payload)} payload bytes for {len(keys)} blocks of "
+            raise _Rejected(f"{len(payload)} payload bytes for {len(keys)} blocks of "
                            f"{block_bytes}")
+        if self.kv_layout and header["kv_layout"] != self.kv_layout:
+            raise _Rejected(f"KV layout {header['kv_layout']!r}, expected {self.kv_layout!r}")
         if fingerprint != self.fingerprint or (rank, world) != (self.rank, self.world):
-            raise _Corrupt(f"fingerprint {fingerprint} rank {rank}/{world}, expected "
+            raise _Rejected(f"fingerprint {fingerprint} rank {rank}/{world}, expected "
                            f"{self.fingerprint} rank {self.rank}/{self.world}")
         if self.block_bytes is not None and block_bytes != self.block_bytes:
-            raise _Corrupt(f"blocks of {block_bytes} bytes, expected {self.block_bytes}")
+            raise _Rejected(f"blocks of {block_bytes} bytes, expected {self.block_bytes}")
         if chunk_id(keys) != cid:
-            raise _Corrupt("its keys do not match its name")
+            raise _Rejected("its keys do not match its name")
         for index, key in want.items():
             if not 0 <= index < len(keys) or keys[index] != key:
-                raise _Corrupt(f"block {index} does not hold the key looked up")
+                raise _Rejected(f"block {index} does not hold the key looked up")
         return RemoteChunk(keys, block_bytes, payload)
 
     # -- shared metadata -------------------------------------------------------
@@ -628,17 +635,6 @@ class RemoteStore:
             return {}
         return self._check_meta(table, {k.decode(errors="replace"): v for k, v in raw.items()})
 
-    def list_meta(self, kind: str) -> list[str]:
-        """The names in table `kind` (verified entries only), sorted."""
-        return sorted(self.items_meta(kind))
-
-    def delete_meta(self, kind: str, name: str) -> bool:
-        table = self.meta_name(kind)
-        try:
-            return bool(self._call(lambda c: c.hdel(table, name)))
-        except _Failed:
-            return False
-
     def _check_meta(self, table: str, raw: Mapping[str, bytes]) -> dict[str, bytes]:
         good, bad = {}, []
         for name, value in raw.items():
@@ -667,6 +663,38 @@ class RemoteStore:
         with self._lock:
             self._up = False
         self._drop_clients()
+
+
+def _checked_header(raw: bytes) -> dict:
+    """A chunk's JSON header, every field checked in type and range; _Rejected names
+    the first wrong one (never another exception: the value is untrusted)."""
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise _Rejected(f"malformed header ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise _Rejected(f"the header is a {type(header).__name__}, not an object")
+    want = {"fingerprint": str, "rank": int, "world": int, "block_bytes": int, "keys": list,
+            "kv_layout": str}
+    for name, kind in want.items():
+        value = header.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _Rejected(f"{name} is a {type(value).__name__}, not a {kind.__name__}")
+    if not 1 <= header["world"] <= _MAX_WORLD or not 0 <= header["rank"] < header["world"]:
+        raise _Rejected(f"rank {header['rank']} of world {header['world']}")
+    if not 0 < header["block_bytes"] <= 1 << 40:
+        raise _Rejected(f"block_bytes {header['block_bytes']}")
+    keys = []
+    for k in header["keys"]:
+        try:
+            key = bytes.fromhex(k) if isinstance(k, str) and len(k) == 2 * KEY_BYTES else b""
+        except ValueError:
+            key = b""
+        if len(key) != KEY_BYTES:
+            raise _Rejected(f"keys hold something other than {KEY_BYTES}-byte hex strings")
+        keys.append(key)
+    header["keys"] = tuple(keys)
+    return header
 
 
 def redis_errors():
