@@ -132,6 +132,7 @@ def test_tie_recomputes_and_partial_tails_only_whole():
     # A shifted run priced at exactly its recompute time is recomputed.
     tie = LoadCost(clock=Clock(), priors={SHIFTED: TierPrior(KV_PER_TOKEN * 40_000, 0.0)},
                    prefill_prior_tokens_per_s=40_000)
+    assert tie.decide([Segment(SHIFTED, 4096)], 0, KV_PER_TOKEN, BS).basis == "probe"
     assert tie.decide([Segment(SHIFTED, 4096)], 0, KV_PER_TOKEN, BS).load_tokens == 0
 
 
@@ -142,14 +143,18 @@ def test_cold_start_loads_everything_then_trusts_priors():
     assert d.load_tokens == 4096 and d.basis == "cold"
     for n in (512, 2048, 4096):
         lc.observe_prefill(n, 0, n / 40_000)
-    # The prefill is measured, the disk is not: its prior (one NVMe stream) prices it.
+    # The prefill is measured, the disk is not: its prior (one NVMe stream) prices it,
+    # after one probe (the prior may be wrong, and only a load measures the tier).
     assert lc.basis()[DISK] == "prior" and lc.basis()[HOST] == "always"
-    d = lc.decide([Segment(HOST, 1024), Segment(DISK, 4096)], 0, KV_PER_TOKEN, BS)
+    run = [Segment(HOST, 1024), Segment(DISK, 4096)]
+    assert lc.decide(run, 0, KV_PER_TOKEN, BS).basis == "probe"
+    d = lc.decide(run, 0, KV_PER_TOKEN, BS)
     assert (d.load_tokens, d.basis) == (1024, "prior")
     # An operator's prior for a fast disk array wins over the default.
     fast = LoadCost(clock=Clock(), priors={DISK: TierPrior(20e9, 1e-4)},
                     prefill_prior_tokens_per_s=40_000)
-    assert fast.decide([Segment(DISK, 4096)], 0, KV_PER_TOKEN, BS).load_tokens == 4096
+    d = fast.decide([Segment(DISK, 4096)], 0, KV_PER_TOKEN, BS)
+    assert (d.load_tokens, d.basis) == (4096, "prior")
 
 
 def test_always_load_mode_is_pinned():
@@ -166,6 +171,9 @@ def test_a_priced_out_tier_is_probed_once_per_interval():
     lc = trained(clock=clock)
     run = [Segment(DISK, 4096)]
     assert lc.decide(run, 0, KV_PER_TOKEN, BS).load_tokens == 0
+    # A fast host run is never a probe: only tiers the decision would recompute are.
+    clock.t += 61
+    assert lc.decide([Segment(HOST, 4096)], 0, KV_PER_TOKEN, BS).basis == "measured"
     clock.t += 61  # no disk transfer for a minute: its estimate may be stale
     probe = lc.decide(run, 0, KV_PER_TOKEN, BS)
     assert (probe.load_tokens, probe.basis) == (4096, "probe")

@@ -26,8 +26,10 @@ of a found run to load; vLLM computes the rest.
   priced at one NVMe stream / a 25 Gb/s link); while the prefill rate is unmeasured
   and has no prior, everything loads (the behaviour before this module).
   `LoadDecision.basis` and `LoadCost.basis()` say which numbers a decision used.
-- A tier whose estimate says "recompute" would never be measured again; one load of
-  it is let through every `probe_interval_s` (decision basis "probe").
+- A tier whose estimate (or prior) says "recompute" would never be measured again; one
+  run that would recompute it is loaded whole every `probe_interval_s` per tier
+  (decision basis "probe").  Transfers off the critical path (a queued request's
+  prefetch) measure a tier too, at no request's cost: feed them to observe_transfer.
 - `mode=ALWAYS_LOAD` pins every decision to loading (benchmarks, tiers an operator
   knows are fast); the estimates are still kept and exported.
 - `lookup_budget_s`: how long a remote lookup (or a promotion) may be waited for
@@ -333,31 +335,36 @@ class LoadCost:
         if self.mode == ALWAYS_LOAD or not self.prefill.known or not segs:
             basis = ALWAYS_LOAD if self.mode == ALWAYS_LOAD else "cold"
             return self._decision(segs, total, start, bytes_per_token, recompute_all, basis)
-        probe = self._probe(segs)
-        if probe is not None:
-            return self._decision(segs, total, start, bytes_per_token, recompute_all, "probe")
         best_k, best_cost = 0, recompute_all
         for k in self._candidates(segs, start, total, block_size):
             cost = (self._load_seconds(segs, k, bytes_per_token)
                     + self.recompute_seconds(start + k, total - k))
             if cost < best_cost:
                 best_k, best_cost = k, cost
+        if best_k < total and self._probe(segs, best_k):
+            return self._decision(segs, total, start, bytes_per_token, recompute_all, "probe")
         basis = "measured" if self.prefill.measured and all(
             self.tier_basis(s.tier) == "measured" for s in segs) else "prior"
         return self._decision(segs, best_k, start, bytes_per_token, recompute_all, basis,
                               total=total)
 
-    def _probe(self, segs: list[Segment]) -> str | None:
-        """A tier not measured for probe_interval_s gets one load (else a tier priced
-        out would never be measured again)."""
+    def _probe(self, segs: list[Segment], k: int) -> bool:
+        """Whether to load the whole run once, to measure a tier it would recompute:
+        one never measured (priced by its prior, which may be wrong) or not measured
+        for probe_interval_s (it may have become faster).  At most once per interval
+        per tier, or a tier priced out would never be measured again."""
         now = self.clock()
+        pos = 0
         for s in segs:
+            pos += s.tokens
+            if pos <= k:
+                continue
             t = self._tier(s.tier)
-            if (t.estimate.n >= self.min_samples and now - t.last_observed > self.probe_interval_s
+            if ((t.estimate.n < self.min_samples or now - t.last_observed > self.probe_interval_s)
                     and now - t.last_probe > self.probe_interval_s):
                 t.last_probe = now
-                return s.tier
-        return None
+                return True
+        return False
 
     def _candidates(self, segs: list[Segment], start: int, total: int,
                     block_size: int) -> Iterable[int]:
