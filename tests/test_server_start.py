@@ -35,7 +35,7 @@ def secret(name: str) -> str:
 SECRETS = {n: secret(n) for n in (
     "key-flag", "key-env", "key-yaml", "key-file",
     "remote-env", "remote-yaml", "remote-flag", "remote-file",
-    "pw-flag", "pw-env-url", "pw-yaml-url", "pw-file")}
+    "pw-flag", "pw-env-url", "pw-yaml-url", "pw-env", "pw-file")}
 
 
 def launch(model, argv, env, log):
@@ -86,13 +86,15 @@ def started(tiny_model, tmp_path_factory):
         finally:
             a.stop()
         # 2: the files (the admin key's from a flag, the remote secret's from the
-        # environment, the password's from YAML) and the remote secret as a flag.
+        # environment, the password's from YAML, over PROMPTCACHE_REMOTE_PASSWORD) and
+        # the remote secret as a flag.
         redis.client().config_set("requirepass", SECRETS["pw-file"])
         yaml_b = d / "b.yaml"
         yaml_b.write_text(json.dumps({"admin_key": SECRETS["key-yaml"], "remote_url": url,
                                       "remote_password_file": str(files["pw-file"])}))
         env_b = {"PROMPTCACHE_CONFIG": str(yaml_b), "PROMPTCACHE_ADMIN_KEY": SECRETS["key-env"],
-                 "PROMPTCACHE_REMOTE_SECRET_FILE": str(files["remote-file"])}
+                 "PROMPTCACHE_REMOTE_SECRET_FILE": str(files["remote-file"]),
+                 "PROMPTCACHE_REMOTE_PASSWORD": SECRETS["pw-env"]}
         b = launch(tiny_model, ["--promptcache-admin-key-file", str(files["key-file"]),
                                 "--promptcache-remote-secret", SECRETS["remote-flag"]],
                    env_b, d / "b.log")
