@@ -261,7 +261,7 @@ class PromptCacheConfig:
                 f"model id: {self.model_id or '(from the weights)'}, "
                 f"calibration: {self.calibration}, "
                 f"module registration over HTTP: {'on' if self.admin_key else 'off'}, "
-                f"remote tier: {_masked(self.remote_url) if self.remote_url else 'off'}, "
+                f"remote tier: {masked_url(self.remote_url) if self.remote_url else 'off'}, "
                 f"load CPU: {self.load_cpu}")
 
 
@@ -282,7 +282,7 @@ SECRET_FIELDS = tuple(f.name for f in fields(PromptCacheConfig) if f.metadata["s
 SECRET_FILES = {"admin_key": "admin_key_file", "remote_secret": "remote_secret_file"}
 
 
-def _kind(f: dataclasses.Field) -> type:
+def option_kind(f: dataclasses.Field) -> type:
     return f.type if isinstance(f.type, type) else {"float": float, "int": int, "bool": bool,
                                                     "str": str}.get(str(f.type), str)
 
@@ -298,7 +298,7 @@ def _error(name: str, value: Any, why: str) -> PromptCacheConfigError:
 
 
 def _check_field(config: PromptCacheConfig, f: dataclasses.Field) -> None:
-    value, kind, meta = getattr(config, f.name), _kind(f), f.metadata
+    value, kind, meta = getattr(config, f.name), option_kind(f), f.metadata
     allowed = "allowed: " + meta["allowed"]
     if kind is bool:
         ok = isinstance(value, bool)
@@ -329,7 +329,7 @@ def _check_field(config: PromptCacheConfig, f: dataclasses.Field) -> None:
 
 def _coerce(f: dataclasses.Field, raw: Any, source: str) -> Any:
     """Turn strings from the environment or CLI into the field's type."""
-    target = _kind(f)
+    target = option_kind(f)
     if not isinstance(raw, str):
         if target is float and isinstance(raw, int) and not isinstance(raw, bool):
             return float(raw)
@@ -507,7 +507,7 @@ def _refuse_unknown(values: Mapping[str, Any], source: str) -> None:
             f"known options: {', '.join(sorted(FLAGS))}")
 
 
-def _masked(url: str) -> str:
+def masked_url(url: str) -> str:
     from .store.remote_url import parse_remote_url
 
     try:
@@ -532,7 +532,7 @@ def _default_text(f: dataclasses.Field) -> str:
 
 def flag_text(f: dataclasses.Field) -> str:
     flag = f.metadata["flag"]
-    if _kind(f) is bool:
+    if option_kind(f) is bool:
         return f"`--[no-]{flag[2:]}`"
     return f"`{flag} {f.metadata['metavar']}`"
 

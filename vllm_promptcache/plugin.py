@@ -16,8 +16,8 @@ import logging
 from typing import Any
 
 from .config import (CONFIG_FLAG, CONFIG_HELP, FLAGS, SECRET_FIELDS, SWITCH_FLAG, SWITCH_HELP,
-                     PromptCacheConfig, PromptCacheConfigError, _kind, build_config, cli_help,
-                     migrate_legacy_env)
+                     PromptCacheConfig, PromptCacheConfigError, build_config, cli_help, masked_url,
+                     migrate_legacy_env, option_kind)
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 _installed = False
@@ -51,9 +51,7 @@ class _StoreURL(argparse.Action):
     """The remote URL, whose password (if any) is shown as ***."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .config import _masked
-
-        setattr(namespace, self.dest, Redacted(values, _masked(values)))
+        setattr(namespace, self.dest, Redacted(values, masked_url(values)))
 
 
 def _dest(name: str) -> str:
@@ -70,7 +68,7 @@ def add_promptcache_args(parser: Any) -> Any:
     group.add_argument(CONFIG_FLAG, default=None, metavar="FILE", help=CONFIG_HELP)
     for f in dataclasses.fields(PromptCacheConfig):
         kw: dict[str, Any] = dict(dest=_dest(f.name), default=None, help=cli_help(f))
-        if _kind(f) is bool:
+        if option_kind(f) is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["metavar"] = f.metadata["metavar"]
