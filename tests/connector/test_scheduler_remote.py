@@ -142,3 +142,54 @@ def test_answered_lookups_are_not_kept_forever(setup, monkeypatch):
     time.sleep(0.01)
     tier.take_answered()
     assert tier.held_lookups() == 0
+
+
+def measured(sched, remote_s_per_block=None, prefill_tokens_per_s=1e6):
+    """Price the tiers as if measured: vLLM's prefill at `prefill_tokens_per_s`, and
+    (if given) the remote tier at `remote_s_per_block` per block."""
+    for n in (64, 128, 256, 512):
+        sched.cost.observe_prefill(n, n, n / prefill_tokens_per_s)
+    if remote_s_per_block is not None:
+        for blocks in (1, 2, 4, 8):
+            sched.cost.observe_transfer("remote", blocks * BLOCK_BYTES, blocks * remote_s_per_block)
+
+
+def test_a_tier_slower_than_recomputing_is_not_loaded(setup):
+    """Issue 31: with the remote tier measured far slower than vLLM's prefill, the
+    blocks it holds are recomputed (no promotion), and the decision is counted."""
+    sched, store = setup
+    toks = list(range(700, 713))  # 3 full blocks
+    write_through(sched, store, request("a", toks), [1, 2, 3])
+    sched.host.clear()
+    measured(sched, remote_s_per_block=0.5)
+    nxt = request("b", toks + [1], computed=0)
+    assert until(lambda: sched.get_num_new_matched_tokens(nxt, 0) == (0, False))
+    assert not sched.build_connector_meta(None).promotions
+    stats = sched.get_kv_connector_stats().data["counter"]
+    assert stats["load_decisions_total|remote,recompute"] >= 1
+    # (Priced at its priors, the same tier is promoted and loaded: the tests above.)
+
+
+def test_a_request_waits_for_a_slow_store_no_longer_than_recomputing_takes(setup, redis_server):  # noqa: F811
+    """Issue 31: a lookup the store does not answer in time (here the store sleeps
+    0.5 s) holds the request back only for the expected recompute time of what it
+    would bring; then the request goes on, computing those tokens."""
+    import threading
+
+    sched, store = setup
+    toks = list(range(900, 913))
+    write_through(sched, store, request("a", toks), [1, 2, 3])
+    sched.host.clear()
+    sched.remote._where.clear()
+    measured(sched, prefill_tokens_per_s=200.0)  # 12 tokens: 0.06 s to recompute
+    sleeper = threading.Thread(target=lambda: redis_server.client().execute_command(
+        "DEBUG", "SLEEP", "0.5"))
+    sleeper.start()
+    time.sleep(0.05)
+    nxt = request("b", toks + [1], computed=0)
+    start = time.monotonic()
+    assert sched.get_num_new_matched_tokens(nxt, 0) == (None, False)  # asked, waiting
+    answer = until(lambda: sched.get_num_new_matched_tokens(nxt, 0) == (0, False), timeout=2.0)
+    waited = time.monotonic() - start
+    sleeper.join()
+    assert answer and waited < 0.4, waited

@@ -37,6 +37,7 @@ from ..store.keys import BlockKey, BlockKeyer, derived_namespace
 from ..store.policies import make_policy
 from .approximate import ApproximateBlocks
 from .layouts import Layouts
+from .load_cost import MEASURED, LoadCost
 from .markers import FrontEndMarkers
 from .metadata import BlockTransfer, PromptCacheMetadata, ShiftedLoad
 from .pinned_modules import PinnedModules, module_failed
@@ -44,6 +45,7 @@ from .request_keys import RequestKeys
 from .request_state import Lookup, RequestState, RequestStates
 from .secondary import SecondaryTiers
 from .shifted import ShiftedPlan, ShiftedReuse
+from .step_timing import StepTimings
 from .tails import RunTails
 from .tiers import disk_directory, host_tier_geometry, model_fingerprint, scheduler_tiers  # noqa: F401 (worker.py imports the first three from here until it imports tiers.py)
 
@@ -108,9 +110,15 @@ class PromptCacheScheduler:
         self._reported = {"host": 0}
         self.resets = 0
         self._reported_preemptions = 0
+        # Load or recompute by measured cost (load_cost.py): priced from the tiers' own
+        # promotions and vLLM's step timings.
+        self.cost = LoadCost(mode=getattr(config, "load_decisions", MEASURED))
+        self.step_timings = StepTimings(self.cost.observe_prefill)
         self.secondary = SecondaryTiers(tiers.below_host(), self.host, self.world_size,
-                                        self.stats, self._abort_slots)
+                                        self.stats, self._abort_slots, self.cost,
+                                        self.block_size)
         self.requests.on_release.append(self.secondary.forget)
+        self.requests.on_release.append(self.secondary.done_waiting)
         self.shared = None  # modules shared with other instances through the store
         if self.remote is not None and self.shifted is not None:
             from .shared_segments import SharedSegments
@@ -185,12 +193,13 @@ class PromptCacheScheduler:
         slots = self.host.ready_prefix(keys[start:], touch=False)
         end = start + len(slots)
         if end < len(keys):
-            if self.host.is_pending(keys[end]):
+            if self.host.is_pending(keys[end]) and not self.secondary.waiting_too_long(req_id):
                 # The next block is on its way into host (a save of a conversation's
-                # previous turn, or a promotion from disk): ask again next step.
+                # previous turn, or a promotion from disk): ask again next step, until
+                # waiting costs more than recomputing it would.
                 return None, False
             if self.secondary and self.secondary.fetch(req_id, keys, end,
-                                                       set(keys).__contains__):
+                                                       set(keys).__contains__, budgeted=True):
                 return None, False
         tail = None
         if self.request_keys.shiftable(request):  # no images or embeddings
@@ -286,6 +295,7 @@ class PromptCacheScheduler:
         self._unqueue(state)
         lookup = state.lookup
         self.requests.allocated(state)
+        self.secondary.done_waiting(state.req_id)
         all_block_ids = compat.request_block_ids(blocks)
         try:
             self._allocated(state, lookup, all_block_ids, num_external_tokens)
@@ -475,6 +485,7 @@ class PromptCacheScheduler:
             if state is not None:
                 self.requests.preempted(state)
         self.approximate.step(self.requests.running())
+        self.step_timings.scheduled(scheduler_output)
         if self.secondary:
             self._prefetch_answered()
         if self.shared is not None:
@@ -525,6 +536,7 @@ class PromptCacheScheduler:
             for template in self.layouts.take_missing():
                 self.stats.gaps_missing(template)
         self.secondary.report_stats()
+        self.cost.export(self.stats)
         if self.remote is not None:  # the lookups' side of the store (the worker reports its own)
             export_store_counts(self.stats, self.remote.store.take_counts())
         return self.stats.take()

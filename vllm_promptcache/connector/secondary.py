@@ -18,6 +18,7 @@ Adding a tier (S3, Mooncake) is one new index module and one worker-side IO modu
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import count
@@ -26,6 +27,7 @@ from typing import Any, Callable, Sequence
 from ..store.host_tier import HostTier
 from ..store.keys import BlockKey
 from ..store.secondary_io import PROMOTE, WRITE
+from .load_cost import LoadCost, Segment, WaitBudgets
 from .metadata import DiskWrite, Promotion
 
 logger = logging.getLogger("vllm.promptcache")
@@ -43,12 +45,20 @@ class _Job:
     keys: list[BlockKey] = field(default_factory=list)  # promotion: their keys
     object_id: str = ""
     prefetch: bool = False
+    issued: float = 0.0  # promotion: when it was planned (its wall time is what a load waits)
 
 
 class SecondaryTiers:
     def __init__(self, tiers: Sequence[Any], host: HostTier, world_size: int, stats: Any,
-                 abort_slots: Callable[[list[int]], None]):
+                 abort_slots: Callable[[list[int]], None], cost: LoadCost | None = None,
+                 block_size: int = 1):
         self.tiers = list(tiers)
+        # Load or recompute (load_cost.py): promotions are priced and timed; None
+        # promotes every run found, as before.
+        self.cost = cost
+        self.waits = WaitBudgets()
+        self.block_size = block_size
+        self.bytes_per_token = host.slot_bytes / block_size
         self._asking = [t for t in self.tiers if hasattr(t, "start_lookup")]
         self.host = host
         self.world_size = world_size
@@ -91,10 +101,22 @@ class SecondaryTiers:
             tier.forget_request(asker)
 
     def fetch(self, asker: str, keys: list[BlockKey], start: int,
-              spare: Callable[[BlockKey], bool], retry_after_s: float | None = None) -> bool:
+              spare: Callable[[BlockKey], bool], retry_after_s: float | None = None,
+              budgeted: bool = False) -> bool:
         """Bring keys[start:] into host from below it: True while that is under way
-        (the asker asks again next step), False where no tier below has keys[start]."""
-        if self.promote(keys, start, spare, prefetch=False):
+        (the asker asks again next step), False where no tier below has keys[start]
+        or recomputing it is faster.
+
+        With `budgeted` (a request's own lookup), what is promoted is decided by cost
+        (load_cost.py): only the leading blocks whose load beats recomputing them, and
+        the asker is held back for at most the expected time to recompute what it
+        waits for; then it goes on without (what arrives later serves the next one)."""
+        if budgeted and self.cost is not None:
+            self.waits.start(asker, self.cost.lookup_budget_s(
+                start * self.block_size, (len(keys) - start) * self.block_size))
+            if self.waits.expired(asker):
+                return False
+        if self._promote_by_cost(asker, keys, start, spare, budgeted):
             return True
         if not self._asking:
             return False
@@ -103,18 +125,48 @@ class SecondaryTiers:
         # must not bring back the chunk it dropped.
         if self.ask(asker, keys[start:], retry_after_s):
             return True
-        return self.promote(keys, start, spare, prefetch=False) > 0
+        return self._promote_by_cost(asker, keys, start, spare, budgeted)
+
+    def waiting_too_long(self, asker: str) -> bool:
+        """The asker has waited on a fetch past its budget (it should go on without)."""
+        return self.waits.expired(asker)
+
+    def done_waiting(self, asker: str) -> None:
+        self.waits.forget(asker)
+
+    def _promote_by_cost(self, asker: str, keys: list[BlockKey], start: int,
+                         spare: Callable[[BlockKey], bool], budgeted: bool) -> bool:
+        max_blocks = None
+        if budgeted and self.cost is not None:
+            run = self._run_below(keys, start)
+            if not run:
+                return False
+            segments: list[Segment] = []
+            for _, tier, _, _ in run:
+                if segments and segments[-1].tier == tier.name:
+                    segments[-1] = Segment(tier.name, segments[-1].tokens + self.block_size)
+                else:
+                    segments.append(Segment(tier.name, self.block_size))
+            decision = self.cost.decide(segments, start * self.block_size,
+                                        self.bytes_per_token, self.block_size)
+            self.cost.count(decision)
+            max_blocks = decision.load_tokens // self.block_size
+            if not max_blocks:
+                logger.debug("promptcache: %s recomputes %d tokens found below host (load "
+                             "%.3f s > recompute %.3f s, %s)", asker, decision.total_tokens,
+                             decision.load_s, decision.recompute_s, decision.basis)
+                return False
+        return self.promote(keys, start, spare, prefetch=False, max_blocks=max_blocks) > 0
 
     def tier(self, name: str) -> Any:
         return next((t for t in self.tiers if t.name == name), None)
 
     # -- promotions ----------------------------------------------------------------
-    def promote(self, keys: list[BlockKey], start: int, spare: Callable[[BlockKey], bool],
-                prefetch: bool) -> int:
-        """Read the run keys[start:] found below host into host slots; returns blocks
-        issued.  `spare(key)` protects resident blocks from eviction for it."""
-        run = []  # (key, tier, object id, index)
-        for key in keys[start:]:
+    def _run_below(self, keys: list[BlockKey], start: int,
+                   max_blocks: int | None = None) -> list[tuple[BlockKey, Any, str, int]]:
+        """The run keys[start:] found below host, as (key, tier, object id, index)."""
+        run = []
+        for key in keys[start:] if max_blocks is None else keys[start:start + max_blocks]:
             # Stop at a key already in host too: reserve() skips those, and the
             # claims must pair with the run one to one.
             if key in self.host:
@@ -126,6 +178,14 @@ class SecondaryTiers:
                     break
             else:
                 break
+        return run
+
+    def promote(self, keys: list[BlockKey], start: int, spare: Callable[[BlockKey], bool],
+                prefetch: bool, max_blocks: int | None = None) -> int:
+        """Read the run keys[start:] (at most max_blocks of it) found below host into
+        host slots; returns blocks issued.  `spare(key)` protects resident blocks from
+        eviction for it."""
+        run = self._run_below(keys, start, max_blocks)
         if not run:
             return 0
         claimed = self.host.reserve([key for key, _, _, _ in run], spare=spare)
@@ -143,7 +203,7 @@ class SecondaryTiers:
                                              slots, block_keys, tier=name))
             self._jobs[(PROMOTE, promo_id)] = _Job(PROMOTE, tiers[name], slots=slots,
                                                    keys=block_keys, object_id=object_id,
-                                                   prefetch=prefetch)
+                                                   prefetch=prefetch, issued=time.monotonic())
             tiers[name].pin([object_id])
         for name, tier in tiers.items():
             tier.touch([o for (n, o) in reversed(list(by_object)) if n == name])
@@ -219,6 +279,9 @@ class SecondaryTiers:
             return
         tier.unpin([job.object_id])
         if job.ok:
+            if self.cost is not None and job.issued:
+                self.cost.observe_transfer(tier.name, len(job.slots) * self.host.slot_bytes,
+                                           time.monotonic() - job.issued)
             self.host.commit(job.slots)
             self.stats.inc("promoted_blocks_total", len(job.slots), tier=tier.name)
             for key in job.keys:
