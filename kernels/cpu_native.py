@@ -12,7 +12,9 @@ done the way torch does it, so its bytes are the torch paths' bytes
 Built on first use with the system C compiler (``$CC``, else ``cc``; no torch headers)
 into ``$PROMPTCACHE_NATIVE_DIR`` (default ``~/.cache/vllm-promptcache/native``),
 under a name that hashes the source, the flags and this CPU's flags, so a shared home
-on other CPUs builds its own.  Where there is no compiler, the build fails, or the
+on other CPUs builds its own.  The folder is private (0700, this user's: a folder
+another user owns is refused, never a predictable shared ``/tmp`` name), and the
+library's owner and mode are checked again right before ``CDLL`` loads it.  Where there is no compiler, the build fails, or the
 built code does not reproduce torch's bytes on a check run at load, loads stay on the
 torch paths and one warning says why.  ``PROMPTCACHE_NATIVE=0`` turns it off.
 """
@@ -25,6 +27,7 @@ import hashlib
 import logging
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 import threading
@@ -128,38 +131,83 @@ def _cache_dir() -> Path:
         / "vllm-promptcache" / "native"
 
 
+class NotPrivate(RuntimeError):
+    """A folder or library another user could have written: never loaded."""
+
+
+def _private_folder(folder: Path) -> Path:
+    """`folder`, created 0700 if missing; one of ours is tightened to 0700, one that is
+    a symlink or another user's is refused (whoever can write it picks our code)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise NotPrivate(f"{folder} is not a directory of this user (uid {st.st_uid})")
+    if st.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def _check_private(lib: Path) -> None:
+    """Raise NotPrivate unless `lib` is a regular file of this user that nobody else
+    can write, in a 0700 folder of this user: checked right before CDLL runs it."""
+    folder = os.lstat(lib.parent)
+    if not stat.S_ISDIR(folder.st_mode) or folder.st_uid != os.getuid() \
+            or folder.st_mode & 0o077:
+        raise NotPrivate(f"{lib.parent} is not a 0700 directory of this user")
+    st = os.lstat(lib)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise NotPrivate(f"{lib} is not a file of this user that only it can write "
+                         f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _folders() -> list[Path]:
+    """Where the library may be built: the per-user cache, else a per-user folder in
+    the temporary directory (never a name another user could create first and own)."""
+    return [_cache_dir(), Path(tempfile.gettempdir()) / f"vllm-promptcache-native-{os.getuid()}"]
+
+
 def _build(cc: str) -> Path:
     """The shared library's path, compiled there first if needed (atomically: another
-    process may be building the same name)."""
+    process may be building the same name), in a private folder and checked."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join([cc] + CFLAGS).encode(),
                                      _cpu_flags().encode(), platform.machine().encode()]))
     name = f"cpu_shifted-{key.hexdigest()[:16]}.so"
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "vllm-promptcache-native"):
+    why = []
+    for folder in _folders():
         lib = folder / name
-        if lib.exists():
-            return lib
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            _private_folder(folder)
+            if os.path.lexists(lib):
+                try:
+                    _check_private(lib)
+                    return lib
+                except NotPrivate as e:  # ours to replace: the folder is ours and private
+                    logger.warning("promptcache: rebuilding the C loop: %s", e)
+                    os.unlink(lib)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
-        except OSError:
+        except (OSError, NotPrivate) as e:
+            why.append(str(e))
             continue
         try:
             proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"],
                                   capture_output=True, text=True, timeout=120)
             if proc.returncode:
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+            os.chmod(tmp, 0o700)
             os.replace(tmp, lib)
             return lib
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise RuntimeError(f"no writable folder for the built library ({_cache_dir()})")
+    raise RuntimeError(f"no private writable folder for the built library: {'; '.join(why)}")
 
 
 def _load(cc: str):
-    lib = ctypes.CDLL(str(_build(cc)))
+    lib_path = _build(cc)
+    _check_private(lib_path)
+    lib = ctypes.CDLL(str(lib_path))
     fn = lib.pc_shifted_move
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int,
