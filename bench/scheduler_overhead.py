@@ -45,6 +45,7 @@ import common  # noqa: E402
 HOOKS = ("get_num_new_matched_tokens", "update_state_after_alloc", "request_finished",
          "build_connector_meta", "update_connector_output")
 PER_REQUEST = HOOKS[:3]
+SHORT = dict(zip(HOOKS, ("lookup", "alloc", "finished", "meta", "output")))
 PAGE_BYTES = 1024  # per layer per block: the index's cost does not depend on it
 LAYERS = 2
 VOCAB = 32_000
@@ -267,6 +268,21 @@ def percentiles(xs: list[float]) -> dict:
             "max_ms": round(1e3 * xs[-1], 4)}
 
 
+def code_version() -> dict:
+    """The commit measured, and whether the package had uncommitted changes (the hooks
+    timed are the working tree's)."""
+    import subprocess
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+        except OSError:
+            return ""
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted_package_changes": bool(git("status", "--porcelain", "vllm_promptcache"))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--blocks", type=int, default=100_000, help="blocks stored in host and disk")
@@ -290,7 +306,7 @@ def main() -> None:
     env = common.environment("n/a")
     env["machine_load"] = load.record()
     payload = {"bench": "scheduler_overhead", "environment": env, "args": vars(args),
-               "cases": results}
+               "code": code_version(), "cases": results}
     headers = ["case", "hook", "per", "calls", "p50 ms", "p99 ms", "max ms", "CPU p50 ms",
                "CPU p99 ms", "calls with a GC pass", "p99 ms without them"]
     rows = [[case, hook, h["per"], str(h["calls"]), f"{h['p50_ms']:.3f}", f"{h['p99_ms']:.3f}",
@@ -308,7 +324,7 @@ def main() -> None:
     chart = functools.partial(
         common.bar_chart,
         title=f"Scheduler hooks, p99 CPU time per call, {args.blocks // 1000}k blocks stored",
-        values={f"{case}\n{hook.replace('get_num_new_matched_tokens', 'lookup').replace('update_', 'upd_')}":
+        values={f"{case}\n{SHORT[hook]}":
                 h["cpu"]["p99_ms"] for case, r in results.items() for hook, h in r["hooks"].items()
                 if h["calls"]},
         ylabel="ms", footnote=loadline)
