@@ -50,7 +50,7 @@ class PromptModules:
 
         # With a shared remote tier: modules other instances registered, by name.
         self.shared = shared_module_table(PromptCacheConfig.from_dict(options),
-                                          llm.llm_engine.vllm_config)
+                                          llm.llm_engine.vllm_config, self.table.tokenize)
 
     def register_module(self, name: str, text: str) -> Module:
         return self.register_modules({name: text})[0]

@@ -72,7 +72,9 @@ class ServerModules:
         self.table = ModuleTable(tokenizer, engine_client.vllm_config.cache_config.block_size,
                                  max_tokens)
         # With a shared remote tier: modules registered on other instances, by name.
-        self.shared = shared_module_table(_config, engine_client.vllm_config)
+        # Entries are adopted only where this tokenizer gives their token ids.
+        self.shared = shared_module_table(_config, engine_client.vllm_config,
+                                          self.table.tokenize)
 
     async def follow_shared(self) -> None:
         """Keep the table in step with the shared one (modules other instances registered)."""
