@@ -5,6 +5,8 @@ On the CPU build the `vllm` command fails before parsing: its CLI asks
 This launcher answers that lookup with the installed version and runs vLLM's CLI
 unchanged, so `vllm-promptcache serve MODEL --promptcache` is `vllm serve MODEL
 --promptcache` on any build.  vLLM's installed files are not modified.
+
+`vllm-promptcache calibrate MODEL` is this project's own command (calibration.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["calibrate"]:  # ours, not vLLM's (calibration.py)
+        from .calibration import main as calibrate
+
+        sys.exit(calibrate(args[1:]))
     from .compat import check_vllm_version, cli_main, distribution_version
 
     check_vllm_version()

@@ -30,6 +30,7 @@ import numpy as np
 from .. import compat
 from .. import request_params
 from ..calibration import startup_check
+from ..calibration import startup_check
 from ..config import PromptCacheConfig
 from ..metrics import PromptCacheStats, export_store_counts
 from ..store.host_tier import HostTier
@@ -89,6 +90,7 @@ class PromptCacheScheduler:
             except UnsupportedRopeError as e:
                 raise RuntimeError(f"--promptcache-position-independent: {e}") from None
             self.shifted = ShiftedReuse(self.block_size, self.host, below=self._fetch_below)
+            self.config = startup_check(self.fingerprint, self.config)  # calibration.py
             self.config = startup_check(self.fingerprint, self.config)  # calibration.py
         self.modules = PinnedModules(self.host, self.shifted, self.block_size, slot_bytes,
                                      self.world_size)
