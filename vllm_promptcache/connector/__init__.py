@@ -100,20 +100,25 @@ class PromptCacheConnector(KVConnectorBase_V1):
     def on_new_request(self, request) -> None:
         self._scheduler.on_new_request(request)
 
+    # The hooks on vLLM's scheduler thread are timed: promptcache_scheduler_seconds{hook}.
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        with self._scheduler.stats.timed("get_num_new_matched_tokens"):
+            return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
-        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        with self._scheduler.stats.timed("update_state_after_alloc"):
+            self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output):
-        return self._scheduler.build_connector_meta(scheduler_output)
+        with self._scheduler.stats.timed("build_connector_meta"):
+            return self._scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output):
         self._scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request, block_ids):
-        return self._scheduler.request_finished(request, block_ids)
+        with self._scheduler.stats.timed("request_finished"):
+            return self._scheduler.request_finished(request, block_ids)
 
     def bind_kv_cache_manager(self, kv_cache_manager) -> None:
         # vLLM >= 0.32: lets the scheduler side see which GPU blocks running
