@@ -42,6 +42,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from scheduler_overhead import fake_kv_cache_config, fake_request, fake_vllm_config  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE_BYTES = 32, 8, 128, 2
 KV_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * DTYPE_BYTES  # 128 KiB
@@ -109,35 +110,11 @@ def fake_scheduler(block_size: int, host_blocks: int, disk_dir: str):
     from vllm_promptcache.connector.scheduler import PromptCacheScheduler
 
     page = block_size * KV_PER_TOKEN // LAYERS  # one layer's share of a block
-    mc = SimpleNamespace(model="llama-3.1-8b-shape", revision=None, dtype="bf16",
-                         get_num_layers=lambda pc: LAYERS, get_num_kv_heads=lambda pc: KV_HEADS,
-                         get_head_size=lambda: HEAD_DIM)
-    vc = SimpleNamespace(model_config=mc,
-                         cache_config=SimpleNamespace(block_size=block_size, cache_dtype="auto",
-                                                      enable_prefix_caching=True),
-                         parallel_config=SimpleNamespace(tensor_parallel_size=1, world_size=1,
-                                                         pipeline_parallel_size=1))
-    group = SimpleNamespace(kv_cache_spec=SimpleNamespace(page_size_bytes=page),
-                            layer_names=[f"l{i}" for i in range(LAYERS)])
-    kc = SimpleNamespace(kv_cache_groups=[group], num_blocks=1 << 20)
+    vc = fake_vllm_config(block_size, "llama-3.1-8b-shape", LAYERS, KV_HEADS, HEAD_DIM)
+    kc = fake_kv_cache_config(page, LAYERS)
     cfg = PromptCacheConfig(host_gb=host_blocks * page * LAYERS / 2**30, disk_gb=4096,
                             disk_path=disk_dir, model_id="cost-model-8b")
     return PromptCacheScheduler(vc, kc, cfg.validate())
-
-
-def request(req_id, tokens, prompt_len):
-    return SimpleNamespace(request_id=req_id, all_token_ids=tokens, cache_salt=None,
-                           lora_request=None, mm_features=[], prompt_embeds=None,
-                           num_computed_tokens=len(tokens) - 1, num_prompt_tokens=prompt_len,
-                           kv_transfer_params=None, sampling_params=None, session_id=None)
-
-
-class Blocks:
-    def __init__(self, ids):
-        self.ids = ids
-
-    def get_block_ids(self):
-        return (self.ids,)
 
 
 def run_case(below: str, args) -> dict:
@@ -215,7 +192,7 @@ def run_case(below: str, args) -> dict:
             n_blocks = -(-len(full) // bs)
             ids = list(range(next_block, next_block + n_blocks))
             next_block += n_blocks
-            req = request(f"c{c}t{t}", full, len(prompt))
+            req = fake_request(f"c{c}t{t}", full, len(full) - 1, len(prompt))
             sched.request_finished(req, ids)
             meta = sched.build_connector_meta(None)
             sched.update_connector_output(SimpleNamespace(
@@ -248,7 +225,8 @@ def run_case(below: str, args) -> dict:
     for r in rows:
         basis[r["basis"]] = basis.get(r["basis"], 0) + 1
     return {"below_host": below, "host_blocks": host_blocks, "rows": rows, "summary": summary,
-            "decisions": decisions, "basis": basis, "turns_slower_than_the_better_fixed_policy": worse,
+            "decisions": decisions, "basis": basis,
+            "turns_slower_than_the_better_fixed_policy": worse,
             "estimates_at_end": {"basis": lc.basis(),
                                  **{f"{t}_bytes_per_s": lc.bytes_per_second(t)
                                     for t in ("host", below)},

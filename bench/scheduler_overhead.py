@@ -55,10 +55,13 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def fake_vllm_config(block_size: int):
-    mc = SimpleNamespace(model="bench-overhead", revision=None, dtype="bf16",
-                         get_num_layers=lambda pc: LAYERS, get_num_kv_heads=lambda pc: 2,
-                         get_head_size=lambda: 32)
+def fake_vllm_config(block_size: int, model: str = "bench-overhead", layers: int = LAYERS,
+                     kv_heads: int = 2, head_dim: int = 32):
+    """What the scheduler side reads of vLLM's config (as tests/connector/test_scheduler.py
+    builds it); also bench/cost_model.py's 8B shape."""
+    mc = SimpleNamespace(model=model, revision=None, dtype="bf16",
+                         get_num_layers=lambda pc: layers, get_num_kv_heads=lambda pc: kv_heads,
+                         get_head_size=lambda: head_dim)
     return SimpleNamespace(model_config=mc,
                            cache_config=SimpleNamespace(block_size=block_size, cache_dtype="auto",
                                                         enable_prefix_caching=True),
@@ -66,9 +69,9 @@ def fake_vllm_config(block_size: int):
                                                            pipeline_parallel_size=1))
 
 
-def fake_kv_cache_config():
-    group = SimpleNamespace(kv_cache_spec=SimpleNamespace(page_size_bytes=PAGE_BYTES),
-                            layer_names=[f"l{i}" for i in range(LAYERS)])
+def fake_kv_cache_config(page_bytes: int = PAGE_BYTES, layers: int = LAYERS):
+    group = SimpleNamespace(kv_cache_spec=SimpleNamespace(page_size_bytes=page_bytes),
+                            layer_names=[f"l{i}" for i in range(layers)])
     return SimpleNamespace(kv_cache_groups=[group], num_blocks=1 << 20)
 
 
@@ -169,7 +172,8 @@ class Driver:
         self._timed("update_connector_output", self.sched.update_connector_output, out,
                     record=record)
 
-    def run_batch(self, prompts: list[tuple[str, list[int]]], record: bool = True) -> list[list[int]]:
+    def run_batch(self, prompts: list[tuple[str, list[int]]],
+                  record: bool = True) -> list[list[int]]:
         """Look up, allocate, (compute), finish and save a batch of prompts; returns each
         request's full token list (prompt and answer)."""
         s = self.sched

@@ -252,7 +252,8 @@ class LoadCost:
         if self.mode not in MODES:
             raise ValueError(f"load-cost mode must be one of {MODES}, got {self.mode!r}")
         self._tiers: dict[str, _Tier] = {}
-        self.prefill = PrefillRate(self.min_samples, prior_tokens_per_s=self.prefill_prior_tokens_per_s)
+        self.prefill = PrefillRate(self.min_samples,
+                                   prior_tokens_per_s=self.prefill_prior_tokens_per_s)
         self._decisions: dict[tuple[str, str], int] = {}
 
     # -- observations ------------------------------------------------------------
@@ -271,6 +272,9 @@ class LoadCost:
         t.last_observed = self.clock()
 
     def observe_prefill(self, num_new_tokens: int, context_len: int, seconds: float) -> None:
+        """A step computed `num_new_tokens` tokens that follow `context_len` tokens
+        already in context (the position of the first new one, not of the last) in
+        `seconds`.  Filed under the context of their middle token."""
         self.prefill.observe(num_new_tokens, context_len, seconds)
 
     # -- estimates -----------------------------------------------------------------
