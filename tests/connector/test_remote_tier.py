@@ -50,12 +50,13 @@ def shared_secret():
         os.environ["PROMPTCACHE_REMOTE_SECRET"] = old
 
 
-def remote_engine(tiny_model, url, **options):
-    """An engine on the shared store, prefix cache off, a small host tier, no disk."""
+def remote_engine(tiny_model, url, disk_gb=0, **options):
+    """An engine on the shared store, prefix cache off, a small host tier, no disk
+    unless asked."""
     from vllm_promptcache import engine_kwargs
 
     llm = make_llm(tiny_model, enable_prefix_caching=False,
-                   **engine_kwargs(host_gb=0.004, disk_gb=0, remote_url=url,
+                   **engine_kwargs(host_gb=0.004, disk_gb=disk_gb, remote_url=url,
                                    remote_timeout_ms=200, **options))
     yield llm
     close_llm(llm)
@@ -219,3 +220,30 @@ def test_a_module_registered_on_one_instance_is_used_shifted_on_another(
         generate(engine_d, prompt.token_ids, max_tokens=2)
         time.sleep(0.5)
     assert metric(engine_d, "hit_tokens_total", tier="remote") > 0
+
+
+@pytest.fixture(scope="module")
+def engine_e(tiny_model, store, shared_secret, reference, tmp_path_factory):
+    """The remote tier in its default company: the disk tier on beside it (a disk
+    directory of its own); built after engine_d."""
+    yield from remote_engine(tiny_model, store.url, disk_gb=1,
+                             disk_path=str(tmp_path_factory.mktemp("disk-e")))
+
+
+def test_the_remote_tier_beside_the_disk_tier_hits_and_writes_through_to_both(
+        tiny_model, store, engine_e, reference, tmp_path):
+    # Starting at all is the first check: the worker once died here building the remote
+    # store from the disk tier's fingerprint hex instead of the fingerprint.
+    prompt = tokens(4 * BLOCK + 30, 31)
+    answer = engine_a_turn(tiny_model, store, tmp_path, "e1", prompt)
+    before = metric(engine_e, "hit_tokens_total")
+    nxt = prompt + answer + tokens(BLOCK + 30, 32)
+    assert generate(engine_e, nxt) == generate(reference, nxt)
+    assert metric(engine_e, "hit_tokens_total") - before == 4 * BLOCK
+    # This engine's own turn goes down both tiers: the disk lacks all of its blocks,
+    # the store its fifth.
+    deadline = time.time() + 30
+    while not (metric(engine_e, "saved_bytes_total", tier="disk") > 0
+               and metric(engine_e, "saved_bytes_total", tier="remote") > 0):
+        assert time.time() < deadline, "the turn was not written through to disk and remote"
+        time.sleep(0.5)

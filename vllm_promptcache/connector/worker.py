@@ -87,8 +87,8 @@ class PromptCacheWorker:
             fingerprint = model_fingerprint(vllm_config, config)  # reads the weights' headers
             disk_place = disk_directory(fingerprint, config) if config.disk_enabled else None
             if disk_place is not None:
-                directory, fingerprint = disk_place
-                self.secondary["disk"] = DiskIO(directory, fingerprint, compat.tp_rank(), world,
+                directory, digest = disk_place
+                self.secondary["disk"] = DiskIO(directory, digest, compat.tp_rank(), world,
                                                 self.layer_pages, MAX_STAGED_BYTES,
                                                 disk_secret(config.disk_dir))
             store = remote_store(config, fingerprint,
