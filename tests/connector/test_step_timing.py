@@ -24,12 +24,12 @@ def test_a_step_is_timed_by_the_next_one_only_while_the_engine_ran_without_a_pau
     timings.scheduled(step({"a": 512}, new=("a",), computed={"a": 100}))
     now[0] = 0.25
     timings.scheduled(step({"a": 1}, computed={"a": 612}))  # a still runs: no pause
-    assert seen == [(512, 612, 0.25)]
+    assert seen == [(512, 100, 0.25)]  # the new tokens start at position 100
     now[0] = 0.3
     timings.scheduled(step({"a": 1}, computed={"a": 613}))
     now[0] = 9.0  # a finished, the engine idled, b arrived: the gap is not a step
     timings.scheduled(step({"b": 64}, new=("b",)))
-    assert [(t, c) for t, c, _ in seen] == [(512, 612), (1, 613)]
+    assert [(t, c) for t, c, _ in seen] == [(512, 100), (1, 612)]
     assert abs(seen[1][2] - 0.05) < 1e-9
     timings.scheduled(SimpleNamespace(num_scheduled_tokens={}, total_num_scheduled_tokens=0))
     now[0] = 20.0

@@ -60,6 +60,8 @@ class RequestState:
     approximate_from: int | None = None  # first block holding approximate KV
     marked_blocks: int = 0            # of the current allocation, marked approximate
     preemptions: int = 0
+    session: str | None = None        # its conversation id (sessions.py), if it sent one
+    saved_keys: list[BlockKey] = field(default_factory=list)  # what its finish saved
     save_slots: list[int] | None = None  # host slots of the save in flight
     save_failed: bool = False         # some worker failed the save
 

@@ -30,12 +30,11 @@ import numpy as np
 from .. import compat
 from .. import request_params
 from ..calibration import startup_check
-from ..calibration import startup_check
 from ..config import PromptCacheConfig
 from ..metrics import PromptCacheStats, export_store_counts
 from ..store.host_tier import HostTier
 from ..store.keys import BlockKey, BlockKeyer, derived_namespace
-from ..store.policies import make_policy
+from ..store.policies import make_policy, policy_class
 from .approximate import ApproximateBlocks
 from .layouts import Layouts
 from .load_cost import MEASURED, LoadCost
@@ -45,6 +44,7 @@ from .pinned_modules import PinnedModules, module_failed
 from .request_keys import RequestKeys
 from .request_state import Lookup, RequestState, RequestStates
 from .secondary import SecondaryTiers
+from .sessions import EvictLast, Sessions, session_id_of
 from .shifted import ShiftedPlan, ShiftedReuse
 from .step_timing import StepTimings
 from .tails import RunTails
@@ -72,13 +72,17 @@ class PromptCacheScheduler:
             raise RuntimeError("vllm-promptcache supports tensor parallelism, not pipeline "
                                "parallelism (pipeline_parallel_size > 1)")
         self.layout = tuple(compat.layer_page_bytes(kv_cache_config))
-        # Keys that requests waiting in vLLM's queue will read (scheduler-aware eviction).
+        # Keys that requests waiting in vLLM's queue will read, and the heads of live
+        # conversations (sessions.py): a scheduler-aware policy evicts them last.
         self.queued: Counter[BlockKey] = Counter()
-        self._queue_aware = config.eviction_policy == "scheduler-aware"
-        self.host = HostTier(num_slots, slot_bytes, make_policy(config.eviction_policy), self.queued)
+        self.sessions = Sessions(max_keys=max(1, num_slots // 2))
+        self.evict_last = EvictLast(self.queued, self.sessions)
+        self._queue_aware = policy_class(config.eviction_policy).queue_aware
+        self.host = HostTier(num_slots, slot_bytes, make_policy(config.eviction_policy),
+                             self.evict_last)
         self.tails = RunTails(self.keyer, self.host, num_slots)
         tiers = scheduler_tiers(config, self.fingerprint, self.world_size, slot_bytes,
-                                self.layout, self.queued)
+                                self.layout, self.evict_last)
         self.disk, self.remote = tiers.disk, tiers.remote
         self.shifted: ShiftedReuse | None = None
         self.layouts: Layouts | None = None
@@ -90,7 +94,6 @@ class PromptCacheScheduler:
             except UnsupportedRopeError as e:
                 raise RuntimeError(f"--promptcache-position-independent: {e}") from None
             self.shifted = ShiftedReuse(self.block_size, self.host, below=self._fetch_below)
-            self.config = startup_check(self.fingerprint, self.config)  # calibration.py
             self.config = startup_check(self.fingerprint, self.config)  # calibration.py
         self.modules = PinnedModules(self.host, self.shifted, self.block_size, slot_bytes,
                                      self.world_size)
@@ -137,10 +140,13 @@ class PromptCacheScheduler:
     # -- loads -----------------------------------------------------------------
     def on_new_request(self, request: Any) -> None:
         """A request joined vLLM's queue: mark its blocks queued and prefetch them from disk."""
+        state = self.requests.of(request)
+        state.session = session_id_of(request)
+        if state.session is not None:
+            self.sessions.turn_started(state.session)
         keys = self._keys(request)
         if not keys or self._encodes_module(request):
             return
-        state = self.requests.of(request)
         self._unqueue(state)
         state.queued_keys = keys
         self.queued.update(keys)
@@ -167,6 +173,22 @@ class PromptCacheScheduler:
             return False
         return self.secondary.fetch("segment:" + keys[j].hex(), keys, j, set(keys).__contains__,
                                     retry_after_s=2.0)
+
+    def _promote_session_heads(self, per_step: int = 2) -> None:
+        """Conversations between turns: bring back into host what their next turn reads
+        first, if it went below host, while the user reads and types (sessions.py).
+        Such a promotion spares every queued key and live head (no two sessions evict
+        each other's head), and its later load counts as a host hit."""
+        self.sessions.expire()
+        for _, head in self.sessions.awaiting(per_step):
+            keys = list(head)
+            start = len(self.host.ready_prefix(keys, touch=False))
+            if start < len(keys) and not self.host.is_pending(keys[start]):
+                spare = self.evict_last.get
+                issued = self.secondary.promote(keys, start, lambda k: spare(k, 0) > 0,
+                                                prefetch=True, origin=False)
+                if issued:
+                    self.stats.inc("prefetch_blocks_total", issued)
 
     def _prefetch_answered(self) -> None:
         """Queued requests whose lookup below host answered since the last step: prefetch."""
@@ -287,7 +309,7 @@ class PromptCacheScheduler:
         own = set(keys)
         if prefetch and self._queue_aware:
             def spare(key):
-                return key in own or self.queued.get(key, 0) > 0
+                return key in own or self.evict_last.get(key, 0) > 0
         else:
             spare = own.__contains__
         return self.secondary.promote(keys, start, spare, prefetch)
@@ -394,6 +416,9 @@ class PromptCacheScheduler:
             delay, result, save_slots = self._finish(state, block_ids)
             return delay, result
         finally:
+            if state.session is not None:
+                # Its next turn reads what this one saved first: kept hot (sessions.py).
+                self.sessions.turn_finished(state.session, state.saved_keys)
             self.requests.finished(state, save_slots)
 
     def _finish(self, state: RequestState, block_ids: list[int]
@@ -450,6 +475,7 @@ class PromptCacheScheduler:
         # A save never evicts its own request's blocks: a conversation longer than
         # the host tier keeps its head (what the next turn loads first).
         own_keys = set(keys)
+        state.saved_keys = keys
         claimed = self.host.reserve(keys, spare=own_keys.__contains__)
         slots = [slot for _, slot in claimed]
         for i, _ in claimed:  # saved afresh: a later hit on them is a host hit
@@ -490,6 +516,7 @@ class PromptCacheScheduler:
         self.step_timings.scheduled(scheduler_output)
         if self.secondary:
             self._prefetch_answered()
+            self._promote_session_heads()
         if self.shared is not None:
             self.shared.sync()
         writes, promotions = self.secondary.take_metadata()

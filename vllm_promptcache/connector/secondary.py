@@ -46,6 +46,7 @@ class _Job:
     object_id: str = ""
     prefetch: bool = False
     issued: float = 0.0  # promotion: when it was planned (its wall time is what a load waits)
+    origin: bool = True  # promotion: a later load of its blocks counts under its tier
 
 
 class SecondaryTiers:
@@ -57,6 +58,7 @@ class SecondaryTiers:
         # promotes every run found, as before.
         self.cost = cost
         self.waits = WaitBudgets()
+        self._counted: set[str] = set()
         self.block_size = block_size
         self.bytes_per_token = host.slot_bytes / block_size
         self._asking = [t for t in self.tiers if hasattr(t, "start_lookup")]
@@ -133,6 +135,7 @@ class SecondaryTiers:
 
     def done_waiting(self, asker: str) -> None:
         self.waits.forget(asker)
+        self._counted.discard(asker)
 
     def _promote_by_cost(self, asker: str, keys: list[BlockKey], start: int,
                          spare: Callable[[BlockKey], bool], budgeted: bool) -> bool:
@@ -149,7 +152,9 @@ class SecondaryTiers:
                     segments.append(Segment(tier.name, self.block_size))
             decision = self.cost.decide(segments, start * self.block_size,
                                         self.bytes_per_token, self.block_size)
-            self.cost.count(decision)
+            if asker not in self._counted:  # one decision per request, however often it asks
+                self._counted.add(asker)
+                self.cost.count(decision)
             max_blocks = decision.load_tokens // self.block_size
             if not max_blocks:
                 logger.debug("promptcache: %s recomputes %d tokens found below host (load "
@@ -181,10 +186,11 @@ class SecondaryTiers:
         return run
 
     def promote(self, keys: list[BlockKey], start: int, spare: Callable[[BlockKey], bool],
-                prefetch: bool, max_blocks: int | None = None) -> int:
+                prefetch: bool, max_blocks: int | None = None, origin: bool = True) -> int:
         """Read the run keys[start:] (at most max_blocks of it) found below host into
         host slots; returns blocks issued.  `spare(key)` protects resident blocks from
-        eviction for it."""
+        eviction for it.  With `origin` False, a load of the promoted blocks later is a
+        host hit (they were brought back ahead of any request: a session's head)."""
         run = self._run_below(keys, start, max_blocks)
         if not run:
             return 0
@@ -203,7 +209,8 @@ class SecondaryTiers:
                                              slots, block_keys, tier=name))
             self._jobs[(PROMOTE, promo_id)] = _Job(PROMOTE, tiers[name], slots=slots,
                                                    keys=block_keys, object_id=object_id,
-                                                   prefetch=prefetch, issued=time.monotonic())
+                                                   prefetch=prefetch, issued=time.monotonic(),
+                                                   origin=origin)
             tiers[name].pin([object_id])
         for name, tier in tiers.items():
             tier.touch([o for (n, o) in reversed(list(by_object)) if n == name])
@@ -284,7 +291,7 @@ class SecondaryTiers:
                                            time.monotonic() - job.issued)
             self.host.commit(job.slots)
             self.stats.inc("promoted_blocks_total", len(job.slots), tier=tier.name)
-            for key in job.keys:
+            for key in job.keys if job.origin else ():
                 self._promoted[key] = (tier.name, job.prefetch)
                 self._promoted.move_to_end(key)
             while len(self._promoted) > self.host.num_slots:

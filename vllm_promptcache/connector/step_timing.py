@@ -19,20 +19,20 @@ from typing import Any, Callable
 
 
 def step_tokens(scheduler_output: Any) -> tuple[int, int, set[str]]:
-    """(tokens computed in the step, the largest context they reach, its request ids)."""
+    """(tokens computed in the step, the position of the first new token of the request
+    that computes the most of them (the prefill, in a step that mixes it with decodes),
+    the step's request ids)."""
     scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
     total = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0) or sum(
         scheduled.values())
-    context = 0
-    for req in getattr(scheduler_output, "scheduled_new_reqs", None) or ():
-        context = max(context, int(getattr(req, "num_computed_tokens", 0) or 0)
-                      + int(scheduled.get(getattr(req, "req_id", None), 0)))
+    starts = {getattr(req, "req_id", None): int(getattr(req, "num_computed_tokens", 0) or 0)
+              for req in getattr(scheduler_output, "scheduled_new_reqs", None) or ()}
     cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
     if cached is not None:
-        for req_id, computed in zip(getattr(cached, "req_ids", ()) or (),
-                                    getattr(cached, "num_computed_tokens", ()) or ()):
-            context = max(context, int(computed) + int(scheduled.get(req_id, 0)))
-    return total, context, set(scheduled)
+        starts.update(zip(getattr(cached, "req_ids", ()) or (),
+                          (int(c) for c in getattr(cached, "num_computed_tokens", ()) or ())))
+    largest = max(scheduled, key=scheduled.get, default=None)
+    return total, starts.get(largest, 0), set(scheduled)
 
 
 class StepTimings:
