@@ -14,7 +14,7 @@ def turn(req_id, tokens, session=None, computed=None):
     return req
 
 
-def test_a_sessions_head_pushed_to_disk_is_back_in_host_before_its_next_turn(disk_sched):
+def test_a_sessions_head_pushed_to_disk_is_back_in_host_before_its_next_turn(disk_sched):  # noqa: F811
     sched = disk_sched
     first = list(range(200, 217))  # 4 full blocks and a token
     t1 = turn("t1", first, session="conv-1")
@@ -33,7 +33,7 @@ def test_a_sessions_head_pushed_to_disk_is_back_in_host_before_its_next_turn(dis
     assert stats["hit_tokens_total|host"] == 16 and "hit_tokens_total|disk" not in stats
 
 
-def test_without_an_id_nothing_is_promoted_ahead(disk_sched):
+def test_without_an_id_nothing_is_promoted_ahead(disk_sched):  # noqa: F811
     sched = disk_sched
     first = list(range(300, 317))
     t1 = turn("t1", first)
@@ -44,7 +44,7 @@ def test_without_an_id_nothing_is_promoted_ahead(disk_sched):
     assert len(sched.sessions) == 0
 
 
-def test_a_live_sessions_head_is_evicted_last(disk_sched):
+def test_a_live_sessions_head_is_evicted_last(disk_sched):  # noqa: F811
     """Host holds 64 slots: a conversation with an id keeps its head while others
     flood host; the same conversation without an id loses it."""
     sched = disk_sched

@@ -25,7 +25,6 @@ import math
 from collections import Counter
 from typing import Any
 
-import numpy as np
 
 from .. import compat
 from .. import request_params
@@ -37,9 +36,10 @@ from ..store.keys import BlockKey, BlockKeyer, derived_namespace
 from ..store.policies import make_policy, policy_class
 from .approximate import ApproximateBlocks
 from .layouts import Layouts
+from .load_plan import LoadPlan
 from .load_cost import MEASURED, LoadCost
 from .markers import FrontEndMarkers
-from .metadata import BlockTransfer, PromptCacheMetadata, ShiftedLoad
+from .metadata import BlockTransfer, PromptCacheMetadata
 from .pinned_modules import PinnedModules, module_failed
 from .request_keys import RequestKeys
 from .request_state import Lookup, RequestState, RequestStates
@@ -108,9 +108,6 @@ class PromptCacheScheduler:
         self.requests.on_release.append(self.markers.forget)
         if self.layouts is not None:
             self.requests.on_release.append(self.layouts.forget)
-        self._loads: list[BlockTransfer] = []
-        self._shared_blocks: list[int] = []  # of _loads: the forward writes into them too
-        self._shifted_loads: list[ShiftedLoad] = []
         self._saves: list[BlockTransfer] = []
         self._reported = {"host": 0}
         self.resets = 0
@@ -124,6 +121,7 @@ class PromptCacheScheduler:
                                         self.block_size)
         self.requests.on_release.append(self.secondary.forget)
         self.requests.on_release.append(self.secondary.done_waiting)
+        self.load_plan = LoadPlan(self.block_size, self.host, self.secondary, self.stats)
         self.shared = None  # modules shared with other instances through the store
         if self.remote is not None and self.shifted is not None:
             from .shared_segments import SharedSegments
@@ -330,74 +328,12 @@ class PromptCacheScheduler:
 
     def _allocated(self, state: RequestState, lookup: Lookup | None, all_block_ids: list[int],
                    num_external_tokens: int) -> None:
-        request = state.request
         if num_external_tokens == 0 or lookup is None:
             return
-        bs = self.block_size
-        first = lookup.local_tokens // bs
-        n = min(num_external_tokens // bs, len(lookup.slots))
-        n_shifted = num_external_tokens - n * bs
-        untaken = 0  # tokens of the last copied block that vLLM computes again
-        if n_shifted and n < len(lookup.slots):
-            # vLLM took part of one more exact block (it may trim what we offered):
-            # copy that block whole, vLLM computes the rest of it.
-            n, n_shifted, untaken = n + 1, 0, bs - n_shifted
-        block_ids = all_block_ids[first:first + n]
-        slots = lookup.slots[:n]
-        if untaken:
-            self._shared_blocks.append(block_ids[-1])  # the forward computes its rest
-        self.host.ready_prefix(lookup.keys[:n], touch=True)
-        tail = lookup.tail
-        if tail is not None and n_shifted:
-            # The partial last block of a stored run: one more whole-block copy, into a
-            # block the forward (or a shifted load after it) fills the rest of.
-            block_ids, slots = block_ids + [all_block_ids[first + n]], slots + [tail.slot]
-            self._shared_blocks.append(all_block_ids[first + n])
-            self.host.ready_prefix([tail.key], touch=True)
-            taken = min(tail.length, n_shifted)
-            self.stats.inc("hit_tokens_total", taken, tier="host")
-            # What follows the tail is planned from its end only.
-            n_shifted = n_shifted - taken if taken == tail.length else 0
-        if slots:
-            self._loads.append(BlockTransfer(request.request_id, block_ids, slots))
-        if n_shifted and lookup.shifted is not None:
-            self._plan_shifted_load(request.request_id, lookup.shifted, n_shifted, all_block_ids)
-            self.requests.approximate(state, lookup.shifted.start // self.block_size)
-        from_tier, prefetched = self.secondary.loaded(lookup.keys[:n])
-        from_below = sum(from_tier.values())
-        self.stats.inc("lookup_hits_total")
-        if n_shifted:
-            self.stats.inc("hit_tokens_total", n_shifted, tier="host")
-        # Tokens per tier: whole blocks, less what vLLM computes of a trimmed last one
-        # (taken from host's count, or from a lower tier's where host has none).
-        counts = {"host": (n - from_below) * bs, **{t: b * bs for t, b in from_tier.items()}}
-        counts[next(t for t, c in counts.items() if c >= untaken)] -= untaken
-        for tier, tokens in counts.items():
-            if tokens:
-                self.stats.inc("hit_tokens_total", tokens, tier=tier)
-        if prefetched:
-            self.stats.inc("prefetch_hit_blocks_total", prefetched)
-        logger.debug("promptcache: request %s loads %d tokens: %d blocks through host (%d of "
-                     "them from disk or remote), %d tokens found at other positions; %d were in "
-                     "vLLM's prefix cache", request.request_id, num_external_tokens, n, from_below,
-                     n_shifted, lookup.local_tokens)
-
-    def _plan_shifted_load(self, req_id: str, plan: ShiftedPlan, n_tokens: int,
-                           block_ids: list[int]) -> None:
-        plan.truncate(n_tokens)
-        bs = self.block_size
-        positions = np.arange(plan.start, plan.start + n_tokens, dtype=np.int64)
-        dst = np.asarray(block_ids, dtype=np.int64)[positions // bs] * bs + positions % bs
-        self._shifted_loads.append(ShiftedLoad(req_id, plan.src_slots, plan.src_offsets, dst,
-                                               plan.deltas))
-        # Used runs stay young (a gap encoding ages out only when unused).
-        self.host.touch(np.unique(plan.src_slots).tolist())
-        if plan.shifted_tokens:
-            self.stats.inc("shifted_hit_tokens_total", plan.shifted_tokens, tier="host")
-        if plan.gap_tokens:
-            self.stats.inc("gap_tokens_total", plan.gap_tokens, tier="host")
-        logger.debug("promptcache: request %s loads %d tokens found at other positions "
-                     "(%d of them shifted)", req_id, n_tokens, plan.shifted_tokens)
+        first_approximate = self.load_plan.allocated(state.req_id, lookup, all_block_ids,
+                                                     num_external_tokens)
+        if first_approximate is not None:
+            self.requests.approximate(state, first_approximate)
 
     def _unqueue(self, state: RequestState) -> None:
         keys, state.queued_keys = state.queued_keys, []
@@ -520,11 +456,11 @@ class PromptCacheScheduler:
         if self.shared is not None:
             self.shared.sync()
         writes, promotions = self.secondary.take_metadata()
-        meta = PromptCacheMetadata(loads=self._loads, shifted_loads=self._shifted_loads,
-                                   shared_blocks=self._shared_blocks, saves=self._saves,
+        loads, shifted_loads, shared_blocks = self.load_plan.take()
+        meta = PromptCacheMetadata(loads=loads, shifted_loads=shifted_loads,
+                                   shared_blocks=shared_blocks, saves=self._saves,
                                    disk_writes=writes, promotions=promotions)
-        self._loads, self._shifted_loads, self._saves = [], [], []
-        self._shared_blocks = []
+        self._saves = []
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
