@@ -182,3 +182,30 @@ def test_a_reset_serves_nothing_stored_before_it(sched):
     # Saved after the reset: served again.
     finish_and_save(sched, request("z", conv), list(range(30)))
     assert sched.get_num_new_matched_tokens(request("w", conv + [5], computed=0), 0)[0] == 120
+
+
+def test_kv_computed_after_handed_approximate_kv_is_marked_too(sched):
+    """A request vLLM hands another's approximate blocks computes the rest from them:
+    its own later blocks are marked as it runs, so a third request handed those (with
+    the approximate head recomputed exactly since, under other block ids) still sees
+    them as approximate."""
+    store_conversation(sched)
+    b = shifted_request(sched, "b")
+    sched.approximate.kv_cache_manager.blocks.pop("b")
+    sched.request_finished(b, [])
+    longer = TRUNCATED + [11] * 11  # 96 tokens: 24 full blocks
+    c = hashed(request("c", longer, computed=84))
+    sched.get_num_new_matched_tokens(c, 84)
+    c_ids = list(range(40, 62)) + [70, 71, 72]
+    sched.update_state_after_alloc(c, Blocks(c_ids), 0)
+    assert sched.requests.get("c").approximate_from == 10
+    sched.approximate.kv_cache_manager.blocks["c"] = c_ids
+    sched.build_connector_meta(None)
+    sched.request_finished(c, c_ids)
+    # vLLM evicted b's blocks 40..61 and recomputed that prefix exactly into 80..101;
+    # c's blocks 70, 71 (computed after approximate KV) are still in its cache.
+    d = hashed(request("d", longer + [5], computed=24 * BS))
+    sched.get_num_new_matched_tokens(d, 24 * BS)
+    ids = list(range(80, 102)) + [70, 71, 73]
+    sched.update_state_after_alloc(d, Blocks(ids), 0)
+    assert sched.approximate.exact_prefix(sched.requests.get("d"), ids, len(ids)) == 22

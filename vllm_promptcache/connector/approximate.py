@@ -74,9 +74,10 @@ class ApproximateBlocks:
                 self.allocated(state, ids)
 
     # -- checking ---------------------------------------------------------------------
-    def _holds_owner_kv(self, block_id: int, hashes: Sequence[Any] | None, i: int) -> bool:
+    def _holds_owner_kv(self, block_id: int, hashes: Sequence[Any] | None, i: int,
+                        skip: RequestState | None = None) -> bool:
         mark = self._marks.get(block_id)
-        if mark is None:
+        if mark is None or mark[0] is skip:
             return False
         owner, index = mark
         owner_hashes = getattr(owner.request, "block_hashes", None)
@@ -88,9 +89,18 @@ class ApproximateBlocks:
             return False
         return owner_hashes[index] == hashes[i]
 
-    def exact_prefix(self, state: RequestState, block_ids: Sequence[int], n_blocks: int) -> int:
+    def handed_approximate(self, state: RequestState, block_ids: Sequence[int]) -> int | None:
+        """The first block vLLM's prefix cache handed the request that holds another
+        request's approximate KV, or None: the request computes everything after it
+        from approximate KV, so its own blocks from there on are approximate too (and
+        are marked as it runs, for whoever is handed them next)."""
+        first = self.exact_prefix(state, block_ids, len(block_ids), own=False)
+        return first if first < len(block_ids) else None
+
+    def exact_prefix(self, state: RequestState, block_ids: Sequence[int], n_blocks: int,
+                     own: bool = True) -> int:
         """How many of the request's first `n_blocks` blocks hold exact KV."""
-        first = state.approximate_from
+        first = state.approximate_from if own else None
         exact = n_blocks if first is None else min(n_blocks, first)
         if not self.prefix_caching or not self._marks:
             return exact
@@ -99,8 +109,11 @@ class ApproximateBlocks:
         # block after it.
         handed = min(exact, -(-state.local_tokens // self.block_size) + 1)
         hashes = getattr(state.request, "block_hashes", None)
+        if not own and hashes is not None:
+            # At allocation only full, hashed blocks can have come from vLLM's cache.
+            handed = min(handed, len(hashes))
         for i in range(handed):
-            if self._holds_owner_kv(block_ids[i], hashes, i):
+            if self._holds_owner_kv(block_ids[i], hashes, i, skip=None if own else state):
                 return i
         return exact
 

@@ -322,8 +322,12 @@ class PromptCacheScheduler:
         try:
             self._allocated(state, lookup, all_block_ids, num_external_tokens)
         finally:
-            # Marked whatever the plan: a preempted request's blocks stay in vLLM's
-            # prefix cache after it lost them (approximate.py).
+            # Handed another request's approximate KV by vLLM's prefix cache, it computes
+            # from approximate KV: marked from there on, whatever the plan (a preempted
+            # request's blocks stay in vLLM's prefix cache after it lost them).
+            handed = self.approximate.handed_approximate(state, all_block_ids)
+            if handed is not None:
+                self.requests.approximate(state, handed)
             self.approximate.allocated(state, all_block_ids)
 
     def _allocated(self, state: RequestState, lookup: Lookup | None, all_block_ids: list[int],
