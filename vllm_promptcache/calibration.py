@@ -66,7 +66,7 @@ class Example:
     answer: str | None      # None: scored against the full prefill's answer
 
 
-def fact_qa_examples(num_docs: int = 6, per_prompt: int = 4, seed: int = 0) -> list[Example]:
+def fact_qa_examples(num_docs: int = 10, per_prompt: int = 4, seed: int = 0) -> list[Example]:
     """Every question of the seeded fact-QA set, with `per_prompt` documents (its own
     among them) in a shuffled order."""
     facts = fact_qa.fact_set(num_docs, seed)
@@ -160,10 +160,12 @@ def generate(llm: Any, prompts: Sequence[Any], params: dict, max_tokens: int) ->
     return [o.outputs[0].text.strip() for o in outs]
 
 
-def score(answers: Sequence[str], golds: Sequence[str], full: Sequence[str]) -> dict[str, float]:
+def score(answers: Sequence[str], golds: Sequence[str], full: Sequence[str],
+          questions: Sequence[str]) -> dict[str, float]:
     return {
         "exact_match": statistics.fmean(fact_qa.exact_match(a, g) for a, g in zip(answers, golds)),
-        "f1": statistics.fmean(fact_qa.token_f1(a, g) for a, g in zip(answers, golds)),
+        "f1": statistics.fmean(fact_qa.token_f1(a, g, q)
+                               for a, g, q in zip(answers, golds, questions)),
         "agreement": statistics.fmean(a == f for a, f in zip(answers, full)),
     }
 
@@ -176,11 +178,12 @@ def measure(llm: Any, examples: Sequence[Example], ratios: Sequence[float] = DEF
     prompts = prompts or Prompts(llm, examples)
     full = generate(llm, prompts.prompts, {"promptcache_load": False}, max_tokens)
     golds = [ex.answer if ex.answer is not None else f for ex, f in zip(examples, full)]
-    result = {"full": score(full, golds, full), "ratios": {}, "answers": {"full": full}}
+    questions = [ex.question for ex in examples]
+    result = {"full": score(full, golds, full, questions), "ratios": {}, "answers": {"full": full}}
     for ratio in ratios:
         answers = generate(llm, prompts.prompts, {"promptcache_recompute_ratio": ratio},
                            max_tokens)
-        s = score(answers, golds, full)
+        s = score(answers, golds, full, questions)
         s["f1_minus_full"] = s["f1"] - result["full"]["f1"]
         result["ratios"][f"{ratio:g}"] = s
         result["answers"][f"{ratio:g}"] = answers
@@ -335,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bound", type=float, default=DEFAULT_BOUND,
                     help="largest F1 loss against a full prefill (default %(default)s)")
     ap.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
-    ap.add_argument("--docs", type=int, default=6, help="fact-QA documents (4 questions each)")
+    ap.add_argument("--docs", type=int, default=10,
+                    help="fact-QA documents (2 or 3 questions each; 4 documents a prompt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--dtype", default="auto")

@@ -3,18 +3,19 @@
 The shape of the RAG workloads CacheBlend and EPIC measure: a prompt holds a few
 documents (retrieved chunks, here prompt modules) in some order, then a question
 whose answer one of them states.  Every name, place and year is invented here
-(names are built from syllables), so a model can only answer from the prompt,
+(names and places are built from syllables), so a model can only answer from the prompt,
 never from memory; each answer appears verbatim in exactly one document of the set
 and nowhere else in it (`FactSet.check` asserts this).
 
-    facts = fact_set(num_docs=6, seed=0)
-    facts.docs[0]                    # "Edra Vannholt was born in 1847 in the town of ..."
-    q = facts.questions[0]           # Question(text="In which year was Edra Vannholt born?",
-                                     #          answer="1847", doc=0)
+    facts = fact_set(num_docs=8, seed=0)
+    facts.docs[1]                    # "The Dasir Bridge crosses the river Mon. It was ..."
+    q = facts.questions[2]           # Question(text="When was the Dasir Bridge built?",
+                                     #          answer="1764", doc=1)
 
 Scoring (`exact_match`, `token_f1`) follows SQuAD's answer normalisation (lower case,
-no punctuation or articles); exact match counts an answer that contains the gold
-span, since an instruction-tuned model answers in a sentence.
+no punctuation or articles), made for a model that answers in a sentence: exact match
+counts an answer that contains the gold span, and token F1 leaves out the answer's
+words that only restate the question.
 
 Used by `vllm-promptcache calibrate` (calibration.py), bench/module_accuracy.py and
 tests/models/test_smollm2.py.
@@ -28,17 +29,18 @@ import string
 from collections import Counter
 from dataclasses import dataclass
 
-_ONSETS = ["Br", "C", "D", "Dr", "F", "G", "H", "K", "L", "M", "N", "P", "R", "S", "T", "V",
-           "W", "Th", "St", "Gr"]
-_VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
-_CODAS = ["n", "r", "l", "s", "th", "nd", "rk", "lt", "m", "v"]
+_ONSETS = ["B", "D", "F", "G", "K", "L", "M", "N", "P", "R", "S", "T", "V", "Z"]
+_VOWELS = ["a", "e", "i", "o", "u"]
+_CODAS = ["n", "r", "l", "s", "k", "m", "t"]
+_FIRST = ["Anna", "Tomas", "Maria", "Jakob", "Elena", "Oskar", "Lena", "Pavel", "Ida",
+          "Viktor", "Clara", "Emil", "Nora", "Felix", "Alma", "Hugo"]
 _TRADES = ["clockmaker", "glassblower", "cartographer", "shipwright", "bookbinder", "weaver",
-           "brewer", "stonemason", "printer", "tanner", "luthier", "beekeeper"]
-_WORKS = ["Glassworks", "Foundry", "Press", "Mill", "Brewery", "Workshop", "Company", "Guild"]
-_STREETS = ["Linden", "Harbour", "Chapel", "Mill", "Orchard", "Bridge", "Market", "Quarry"]
+           "brewer", "stonemason", "printer", "luthier"]
+_PRODUCTS = ["glass bottles", "pocket watches", "paper", "rope", "bicycles", "pianos",
+             "lamps", "soap"]
 
-INSTRUCTIONS = ("You are given a few short biographies. Answer the question that follows "
-                "them using only the facts stated in the biographies. Reply with a short "
+INSTRUCTIONS = ("You are given a few short documents. Answer the question that follows "
+                "them using only the facts stated in the documents. Reply with a short "
                 "answer: a name, a place or a year.")
 
 
@@ -64,13 +66,35 @@ class FactSet:
 
 
 def _word(rng: random.Random, syllables: int) -> str:
-    parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-             for _ in range(syllables)]
-    return "".join(parts[:1] + [p.lower() for p in parts[1:]])
+    """An invented word, pronounceable: consonant-vowel syllables, a closing consonant."""
+    word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
+    return (word + rng.choice(_CODAS)).capitalize()
 
 
-def fact_set(num_docs: int = 6, seed: int = 0) -> FactSet:
-    """`num_docs` biographies of invented people, four questions on each."""
+# One kind of document per template: (text, [(question, answer field)]).  Different
+# kinds keep a prompt's documents apart, as retrieved chunks on different topics are.
+_KINDS = (
+    ("{person} was born in {year} in the town of {town}. {He} worked as a {trade} for "
+     "most of {his} life.",
+     [("In which year was {person} born?", "year"), ("In which town was {person} born?", "town")]),
+    ("The {word} Bridge crosses the river {river}. It was built in {year} by the engineer "
+     "{person} and is made of stone.",
+     [("When was the {word} Bridge built?", "year"), ("Who built the {word} Bridge?", "person"),
+      ("Which river does the {word} Bridge cross?", "river")]),
+    ("The {word} was a sailing ship launched in {year} at the port of {town}. Her first "
+     "captain was {person}.",
+     [("In which year was the ship {word} launched?", "year"),
+      ("Who was the first captain of the ship {word}?", "person")]),
+    ("The {word} Company was founded in {year} by {person} in the city of {town}. It made "
+     "{product}.",
+     [("Who founded the {word} Company?", "person"),
+      ("In which city was the {word} Company founded?", "town")]),
+)
+
+
+def fact_set(num_docs: int = 8, seed: int = 0) -> FactSet:
+    """`num_docs` documents of invented facts (a person, a bridge, a ship, a company,
+    in turn), two or three questions on each."""
     rng = random.Random(seed)
     used: set[str] = set()
 
@@ -85,26 +109,19 @@ def fact_set(num_docs: int = 6, seed: int = 0) -> FactSet:
 
     docs, questions = [], []
     for d in range(num_docs):
-        first = fresh(lambda: _word(rng, 2))
-        name = f"{first} {fresh(lambda: _word(rng, 2))}"
-        born = fresh(lambda: str(rng.randrange(1700, 1950)))
-        founded = fresh(lambda: str(rng.randrange(1720, 1990)))
-        town = fresh(lambda: _word(rng, 2))
-        later = fresh(lambda: _word(rng, 3))
-        works = fresh(lambda: f"{_word(rng, 2)} {rng.choice(_WORKS)}")
-        trade = rng.choice(_TRADES)
+        template, asks = _KINDS[d % len(_KINDS)]
         he = rng.choice(["He", "She"])
-        docs.append(
-            f"{name} was born in {born} in the town of {town}. {he} worked as a {trade} "
-            f"and founded the {works} in {founded}. Later in life {he.lower()} moved to "
-            f"{later}, where {he.lower()} lived in a house on {rng.choice(_STREETS)} Street "
-            f"until the end of {'his' if he == 'He' else 'her'} life.")
-        questions += [
-            Question(f"In which year was {name} born?", born, d),
-            Question(f"In which town was {name} born?", town, d),
-            Question(f"What did {name} found?", works, d),
-            Question(f"To which town did {name} move later in life?", later, d),
-        ]
+        values = {
+            "person": fresh(lambda: f"{rng.choice(_FIRST)} {_word(rng, 2)}"),
+            "year": fresh(lambda: str(rng.randrange(1700, 1950))),
+            "town": fresh(lambda: _word(rng, 2)),
+            "river": fresh(lambda: _word(rng, 1)),
+            "word": fresh(lambda: _word(rng, 2)),
+            "trade": rng.choice(_TRADES), "product": rng.choice(_PRODUCTS),
+            "He": he, "his": "his" if he == "He" else "her",
+        }
+        docs.append(template.format(**values))
+        questions += [Question(text.format(**values), values[field], d) for text, field in asks]
     facts = FactSet(tuple(docs), tuple(questions))
     facts.check()
     return facts
@@ -130,9 +147,14 @@ def exact_match(prediction: str, gold: str) -> bool:
     return bool(want) and re.search(rf"(^| ){re.escape(want)}( |$)", pred) is not None
 
 
-def token_f1(prediction: str, gold: str) -> float:
-    """SQuAD's token F1 between the normalised prediction and gold answer."""
-    pred, want = _normalise(prediction), _normalise(gold)
+def token_f1(prediction: str, gold: str, question: str = "") -> float:
+    """SQuAD's token F1 between the normalised prediction and gold answer, after dropping
+    the prediction's words that restate the question: an instruction-tuned model
+    answers "In which year was X born?" with "X was born in 1847.", which is exact
+    (F1 1.0 here) and should not score as 1847 lost among five other words."""
+    asked = set(_normalise(question)) - set(_normalise(gold))
+    pred = [w for w in _normalise(prediction) if w not in asked]
+    want = _normalise(gold)
     common = sum((Counter(pred) & Counter(want)).values())
     if not common:
         return 0.0
