@@ -39,7 +39,7 @@ from typing import Sequence
 
 _ITEM = array("i").itemsize  # bytes per packed token id
 _POS_BITS = 32               # an anchor reference is (segment slot << 32) | position
-MAX_REFS_PER_ANCHOR = 16     # segments an anchor refers to at most (see the docstring)
+MAX_REFS_PER_ANCHOR = 16     # places an anchor refers to at most (see the docstring)
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,8 @@ class SegmentIndex:
     anchor_len: tokens per anchor; anchors sit every `anchor_len` positions.
     min_piece: the shortest match worth loading; at least ``2 * anchor_len - 1`` so
         that every such match is found (see the module docstring).
+    max_refs: the places (segment, position) one anchor refers to at most; a match
+        whose anchors are all past this bound (hot) may be missed.
     """
 
     def __init__(self, anchor_len: int = 16, min_piece: int = 32,
