@@ -162,3 +162,6 @@ def pytest_addoption(parser):
     parser.addoption("--fuzz-sequences", type=int, default=200,
                      help="request sequences of the differential fuzz "
                           "(tests/test_fuzz_no_wrong_token.py); the suite runs 200")
+    parser.addoption("--fuzz-concurrent-rounds", type=int, default=3,
+                     help="rounds of the concurrent fuzz (tests/test_fuzz_concurrent.py), "
+                          "the exact engine restarted every second one; the suite runs 3")

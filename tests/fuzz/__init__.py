@@ -1,0 +1,1 @@
+"""Helpers of the concurrent differential fuzz (tests/test_fuzz_concurrent.py)."""
