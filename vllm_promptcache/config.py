@@ -39,6 +39,8 @@ ENV_PREFIX = "PROMPTCACHE_"
 LEGACY_ENV_PREFIX = "VLLM_PROMPTCACHE_"  # until the next release
 EVICTION_POLICIES = tuple(POLICIES)
 CALIBRATION_MODES = ("enforce", "warn", "off")
+# connector/load_cost.py: MEASURED, ALWAYS_LOAD (not imported: config.py stays at the root)
+LOAD_DECISION_MODES = ("measured", "always-load")
 DEFAULT_DISK_DIR = os.path.join("~", ".cache", "vllm-promptcache", "kv")
 MIN_SECRET_CHARS = 16
 # The remote tier's secret and the store's password reach the engine's processes
@@ -84,6 +86,15 @@ class PromptCacheConfig:
         32.0, "--promptcache-disk-gb", "Disk tier cap.",
         "a number of GiB in [0, 1048576]; 0 turns the disk tier off", metavar="GIB",
         bounds=("[", 0, 1 << 20, "]"))
+    disk_reclaim_others: bool = option(
+        False, "--promptcache-disk-reclaim-others", "Disk tier: also evict other model "
+        "fingerprints' files under the same directory (another model's engine on this host "
+        "keeps its own by default).", "on or off")
+    load_decisions: str = option(
+        "measured", "--promptcache-load-decisions", "Load a stored run only where its "
+        "measured load time beats recomputing it (measured), or always load it "
+        "(always-load: benchmarks, tiers known to be fast).",
+        f"one of {', '.join(LOAD_DECISION_MODES)}", metavar="MODE")
     position_independent: bool = option(
         False, "--promptcache-position-independent", "Reuse stored KV wherever its tokens "
         "reappear, not only as a prefix: K is rotated to the new position (RoPE shift). "
@@ -259,7 +270,7 @@ class PromptCacheConfig:
                 f"truncate: {self.truncate}, recompute ratio: {self.recompute_ratio:g}, "
                 f"modules file: {self.modules_file or '-'}, "
                 f"model id: {self.model_id or '(from the weights)'}, "
-                f"calibration: {self.calibration}, "
+                f"calibration: {self.calibration}, load decisions: {self.load_decisions}, "
                 f"module registration over HTTP: {'on' if self.admin_key else 'off'}, "
                 f"remote tier: {masked_url(self.remote_url) if self.remote_url else 'off'}, "
                 f"load CPU: {self.load_cpu}")
@@ -319,6 +330,8 @@ def _check_field(config: PromptCacheConfig, f: dataclasses.Field) -> None:
         ok = value in POLICIES
     elif ok and f.name == "calibration":
         ok = value in CALIBRATION_MODES
+    elif ok and f.name == "load_decisions":
+        ok = value in LOAD_DECISION_MODES
     elif ok and f.name == "model_id":
         ok = len(value) <= 512
     elif ok and meta["secret"] and value:

@@ -30,7 +30,7 @@ def remote_store(config: PromptCacheConfig, fingerprint: ModelFingerprint, rank:
 
     return RemoteStore(config.remote_url, fingerprint.digest().hex(), config.remote_secret or None,
                        rank=rank, world=world, block_bytes=block_bytes,
-                       timeout_ms=config.remote_timeout_ms)
+                       timeout_ms=config.remote_timeout_ms, kv_layout=fingerprint.kv_layout)
 
 
 def remote_tier(config: PromptCacheConfig, fingerprint: ModelFingerprint, world: int,

@@ -37,7 +37,7 @@ from ..store.policies import make_policy, policy_class
 from .approximate import ApproximateBlocks
 from .layouts import Layouts
 from .load_plan import LoadPlan
-from .load_cost import MEASURED, LoadCost
+from .load_cost import LoadCost
 from .markers import FrontEndMarkers
 from .metadata import BlockTransfer, PromptCacheMetadata
 from .pinned_modules import PinnedModules, module_failed
@@ -114,7 +114,7 @@ class PromptCacheScheduler:
         self._reported_preemptions = 0
         # Load or recompute by measured cost (load_cost.py): priced from the tiers' own
         # promotions and vLLM's step timings.
-        self.cost = LoadCost(mode=getattr(config, "load_decisions", MEASURED))
+        self.cost = LoadCost(mode=config.load_decisions)
         self.step_timings = StepTimings(self.cost.observe_prefill)
         self.secondary = SecondaryTiers(tiers.below_host(), self.host, self.world_size,
                                         self.stats, self._abort_slots, self.cost,

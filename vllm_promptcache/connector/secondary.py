@@ -309,6 +309,8 @@ class SecondaryTiers:
         for tier in self.tiers:
             self._report_delta(tier.name, "evictions", tier.evictions, "evictions_total")
             self._report_delta(tier.name, "corrupt", tier.corrupt_blocks, "corrupt_blocks_total")
+            self._report_delta(tier.name, "rejected", getattr(tier, "rejected_files", 0),
+                               "rejected_store_entries_total")
             if tier.capacity_bytes:
                 self.stats.set("tier_bytes_in_use", tier.bytes_in_use, tier=tier.name)
                 self.stats.set("tier_capacity_bytes", tier.capacity_bytes, tier=tier.name)

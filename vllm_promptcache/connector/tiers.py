@@ -79,6 +79,7 @@ def scheduler_tiers(config: PromptCacheConfig, fingerprint: ModelFingerprint, wo
         disk = DiskTier(prepare_directory(directory), config.disk_bytes, world_size,
                         make_policy(config.eviction_policy), queued,
                         fmt.disk_secret(config.disk_dir), slot_bytes, layout,
+                        reclaim_others=config.disk_reclaim_others,
                         kv_layout=fingerprint.kv_layout)
         files, blocks = disk.scan(_accept_file(fp_hex, layout, slot_bytes))
         out.disk = disk
