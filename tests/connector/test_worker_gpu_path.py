@@ -4,26 +4,16 @@ every load, shifted load and save must leave exactly the bytes the torch path (t
 backend's) leaves.  Also the staging pool the disk writes lease from, and the connector's
 CUDA-graph declaration as vLLM reads it."""
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-from vllm_promptcache.connector.gpu_transfer import (  # noqa: E402
-    GpuTransfers, IndexStaging, ShiftGeometry)
-from vllm_promptcache.kernels.block_copy import (  # noqa: E402
+from vllm_promptcache.connector.gpu_transfer import GpuTransfers, IndexStaging, ShiftGeometry
+from vllm_promptcache.kernels.block_copy import (
     blocks_first, load_slots_into_blocks, save_blocks_to_slots)
-from vllm_promptcache.kernels.shifted_load import load_tokens_shifted  # noqa: E402
-
-if _saved is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
-
-from vllm_promptcache.store.host_buffer import HostBuffer, StagingPool  # noqa: E402
+from vllm_promptcache.kernels.shifted_load import load_tokens_shifted
+from vllm_promptcache.store.host_buffer import HostBuffer, StagingPool
 
 NUM_BLOCKS, H, N, D = 9, 2, 16, 32
 DTYPE = torch.bfloat16
@@ -86,7 +76,7 @@ def test_block_loads_and_saves_match_the_torch_path():
 
     ref_raw = {n: t.clone() for n, t in raw.items()}
     load_blocks, load_slots = [2, 5, 7, 3], [3, 6, 0, 1]
-    gpu.start_loads(load_blocks, load_slots, [], wait_all=False)
+    gpu.start_loads(load_blocks, load_slots, [])
     gpu.end_step()
     _assert_loaded_as_the_torch_path(raw, ref_raw, ref_buf, load_slots, load_blocks)
 
@@ -115,14 +105,14 @@ def test_blocks_the_forward_shares_go_first_and_every_block_still_lands(first_bl
     gpu, _ = _transfers(raw, buf)
     ref_raw = {n: t.clone() for n, t in raw.items()}
     load_blocks, load_slots = [2, 5, 7, 3], [3, 6, 0, 1]
-    gpu.start_loads(load_blocks, load_slots, [], wait_all=False,
+    gpu.start_loads(load_blocks, load_slots, [],
                     first_blocks=None if first_blocks is None
                     else np.asarray(first_blocks, dtype=np.int64))
     gpu.end_step()
     _assert_loaded_as_the_torch_path(raw, ref_raw, buf, load_slots, load_blocks)
 
 
-def test_shifted_loads_match_the_reference():
+def test_shifted_loads_match_the_reference(monkeypatch):
     raw = _layers(2, any_bits=False)
     buf = _mapped(5, _pages(raw))
     gpu, _ = _transfers(raw, buf, _shift())
@@ -135,17 +125,14 @@ def test_shifted_loads_match_the_reference():
                            dst_slots=(torch.randperm(NUM_BLOCKS * N)[:T]).tolist(),
                            deltas=[0] * 10 + torch.randint(-3000, 3000, (T - 10,)).tolist())
     ref_raw = {n: t.clone() for n, t in raw.items()}
-    gpu.start_loads([], [], [load], wait_all=False)
+    gpu.start_loads([], [], [load])
     s = _shift()
-    os.environ["TRITON_INTERPRET"] = "0"  # the torch reference path, as the CPU backend runs
-    try:
-        for name, t in ref_raw.items():
-            load_tokens_shifted(buf.layer_view(name), torch.tensor(load.src_slots),
-                                torch.tensor(load.src_offsets), t, "flash_attn", H, D, N,
-                                torch.tensor(load.dst_slots), torch.tensor(load.deltas),
-                                s.inv_freq, D, True)
-    finally:
-        os.environ["TRITON_INTERPRET"] = "1"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch reference path, as the CPU backend runs
+    for name, t in ref_raw.items():
+        load_tokens_shifted(buf.layer_view(name), torch.tensor(load.src_slots),
+                            torch.tensor(load.src_offsets), t, "flash_attn", H, D, N,
+                            torch.tensor(load.dst_slots), torch.tensor(load.deltas),
+                            s.inv_freq, D, True)
     for name in raw:
         got, want = raw[name].float(), ref_raw[name].float()
         # Unrotated bytes equal; rotated K within bf16 rounding of the reference.
@@ -164,7 +151,7 @@ def test_bad_slots_are_refused_before_any_copy():
     gpu, _ = _transfers(raw, buf)
     before = {n: t.clone() for n, t in raw.items()}
     with pytest.raises(IndexError):
-        gpu.start_loads([1], [4], [], wait_all=False)
+        gpu.start_loads([1], [4], [])
     assert all(torch.equal(before[n].view(torch.int16), raw[n].view(torch.int16)) for n in raw)
 
 

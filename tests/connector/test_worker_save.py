@@ -1,24 +1,67 @@
 """A worker-side save always reports its request, even when something in it raises:
-vLLM gets the blocks back and the host slots never stay PENDING."""
+vLLM gets the blocks back and the host slots never stay PENDING.  Its write-through
+is staged with `SecondaryIO.stage`: a write that cannot be staged is dropped and
+reported, and gives back its staging memory.
 
+The worker here is real below its set-up: the CPU data path (`CpuTransfers`) over
+two small layers, a host buffer, a staging pool and a disk tier in `tmp_path`."""
+
+import os
 import queue
 import threading
+import time
 
-from vllm_promptcache.connector.metadata import BlockTransfer
+import pytest
+import torch
+
+from vllm_promptcache.connector.cpu_transfer import CpuTransfers
+from vllm_promptcache.connector.metadata import BlockTransfer, DiskWrite
 from vllm_promptcache.connector.worker import PromptCacheWorker
 from vllm_promptcache.metrics import PromptCacheStats
+from vllm_promptcache.store import disk_format as fmt
+from vllm_promptcache.store.disk_io import WRITE, DiskIO
+from vllm_promptcache.store.host_buffer import HostBuffer, StagingPool
+
+NUM_BLOCKS, BLOCK_SIZE = 9, 16
+LAYOUT = [("layers.0", 1000), ("layers.1", 1000)]  # float32 [2, 125] a block
 
 
-def bare_worker():
+def make_worker(tmp_path, pool_slots=4, host_slots=4, max_staged=1 << 30):
     w = object.__new__(PromptCacheWorker)
-    w._saved, w._failed, w.secondary = queue.SimpleQueue(), set(), {}
+    w._saved, w._failed = queue.SimpleQueue(), set()
     w._stats, w._stats_lock = PromptCacheStats(), threading.Lock()
-    w.slot_bytes, w.buffer = 1024, None
-    return w
+    g = torch.Generator().manual_seed(0)
+    kv = {name: torch.randn(NUM_BLOCKS, 2, 125, generator=g) for name, _ in LAYOUT}
+    w.buffer = HostBuffer(host_slots, LAYOUT, pin=False)
+    w.slot_bytes = w.buffer.slot_bytes
+    w._transfers = CpuTransfers(kv, kv, w.buffer, BLOCK_SIZE, load_cpu="off")
+    w._staging = StagingPool(pool_slots, LAYOUT, pin=False)
+    w.secondary = {"disk": DiskIO(str(tmp_path), "ab" * 16, 0, 1, LAYOUT, max_staged,
+                                  b"s" * fmt.SECRET_BYTES)}
+    return w, kv
 
 
-def test_an_exception_anywhere_in_a_save_reports_it_failed(monkeypatch):
-    w = bare_worker()
+@pytest.fixture
+def worker(tmp_path):
+    w, kv = make_worker(tmp_path)
+    yield w, kv
+    w.secondary["disk"].shutdown()
+
+
+def write_events(io, n, timeout=10.0):
+    events, deadline = [], time.time() + timeout
+    while len(events) < n and time.time() < deadline:
+        events += io.take_events()[0]
+        time.sleep(0.01)
+    return events
+
+
+def block_bytes(kv, block):
+    return torch.cat([t[block].reshape(-1).view(torch.uint8) for t in kv.values()])
+
+
+def test_an_exception_anywhere_in_a_save_reports_it_failed(worker, monkeypatch):
+    w, _ = worker
 
     def boom(*a, **k):
         raise RuntimeError("a bug past the copy")
@@ -30,20 +73,50 @@ def test_an_exception_anywhere_in_a_save_reports_it_failed(monkeypatch):
     assert w.build_worker_meta().failed_saves == {"r1"}
 
 
-def test_a_failed_copy_reports_the_save_failed(monkeypatch):
-    w = bare_worker()
-
-    def fail_copy(*a, **k):
-        raise OSError("copy failed")
-
-    monkeypatch.setattr(w, "_copy_out", fail_copy)
-    w._save("r2", BlockTransfer("r2", [1], [5]), [], None)
+def test_a_failed_copy_reports_the_save_failed(worker):
+    w, _ = worker
+    w._save("r2", BlockTransfer("r2", [1], [w.buffer.num_slots + 5]), [], None)  # no such slot
     done, _ = w.get_finished(set())
     assert done == {"r2"} and w.build_worker_meta().failed_saves == {"r2"}
 
 
-def test_a_good_save_reports_success(monkeypatch):
-    w = bare_worker()
-    monkeypatch.setattr(w, "_copy_out", lambda *a, **k: None)
-    w._save("r3", BlockTransfer("r3", [1], [5]), [], None)
+def test_a_good_save_reports_success_with_the_blocks_in_host(worker):
+    w, kv = worker
+    w._save("r3", BlockTransfer("r3", [1, 7], [2, 0]), [], None)
     assert w.get_finished(set())[0] == {"r3"} and w.build_worker_meta() is None
+    assert torch.equal(w.buffer.data[2], block_bytes(kv, 1))
+    assert torch.equal(w.buffer.data[0], block_bytes(kv, 7))
+
+
+def test_a_staged_write_reaches_the_disk_and_gives_its_lease_back(worker):
+    w, kv = worker
+    keys = [os.urandom(16) for _ in range(2)]
+    w._save("r4", None, [DiskWrite("r4", "f4", keys, [5, 2])], None)
+    io = w.secondary["disk"]
+    assert write_events(io, 1) == [(WRITE, "f4", True)]
+    header = fmt.read_header(io.path("f4"), b"s" * fmt.SECRET_BYTES)
+    assert list(header.keys) == keys
+    assert w._staging.free_slots() == w._staging.num_slots
+    assert w.get_finished(set())[0] == {"r4"}
+
+
+def test_writes_that_cannot_be_staged_are_dropped_and_give_everything_back(tmp_path):
+    w, _ = make_worker(tmp_path, pool_slots=3, max_staged=4 * 2000)
+    io = w.secondary["disk"]
+    try:
+        w._save("r5", BlockTransfer("r5", [0], [1]), [
+            DiskWrite("r5", "queue-full", [os.urandom(16)] * 5, [0, 1, 2, 3, 4]),
+            DiskWrite("r5", "pool-full", [os.urandom(16)] * 4, [0, 1, 2, 3]),
+            DiskWrite("r5", "copy-fails", [os.urandom(16)] * 2, [1, NUM_BLOCKS + 3]),
+        ], None)
+        assert sorted(write_events(io, 3)) == [(WRITE, "copy-fails", False),
+                                               (WRITE, "pool-full", False),
+                                               (WRITE, "queue-full", False)]
+        # The host save went on, and nothing stays claimed: the whole bound and the
+        # whole pool are free again.
+        assert w.get_finished(set())[0] == {"r5"} and w.build_worker_meta() is None
+        assert w._staging.free_slots() == 3
+        assert io.try_stage(4)
+        assert os.listdir(tmp_path) == []
+    finally:
+        io.shutdown()

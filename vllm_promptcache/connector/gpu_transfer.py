@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import compat
 from ..kernels.block_copy import copy_pages_, paired_layouts
 from ..kernels.rope_shift import paged_kv_views, rope_shift_paged_
 from ..kernels.shifted_load import check_token_sources, host_as_layer
@@ -131,9 +132,11 @@ class GpuTransfers:
 
     # -- loads (the step's thread) ---------------------------------------------------
     def start_loads(self, block_ids: list[int], slots: list[int], shifted: list[Any],
-                    wait_all: bool, first_blocks: np.ndarray | None = None) -> None:
+                    first_blocks: np.ndarray | None = None, forward_context: Any = None) -> int:
         """Issue this step's loads: whole blocks, then tokens at new positions, one launch
         of each per layer, an event after each layer.  `shifted`: ShiftedLoad records.
+        Returns 0: the bytes a load thread moves beside the forward (`CpuTransfers`);
+        here every load overlaps the forward on the side stream.
 
         first_blocks: the copied blocks this step's forward also writes KV into (the
         scheduler names them: `PromptCacheMetadata.shared_blocks`).  vLLM writes a
@@ -142,10 +145,12 @@ class GpuTransfers:
         last block, whose free slots the forward fills) go first, every layer, and the
         compute stream waits for them before the forward.  None (not known): with whole
         blocks to copy, the compute stream waits for every load.  Token loads write only
-        their own slots, so they never need to go first."""
-        if not block_ids and not shifted:
-            return
-        if first_blocks is None and block_ids:
+        their own slots, so they never need to go first.  A step whose forward replays
+        one FULL CUDA graph (`forward_context`) waits for every load too."""
+        if not len(block_ids) and not shifted:
+            return 0
+        wait_all = compat.full_cudagraph_step(forward_context)
+        if first_blocks is None and len(block_ids):
             wait_all = True
         src_tokens = dst_tokens = deltas = np.zeros(0, dtype=np.int64)
         if shifted:
@@ -196,6 +201,7 @@ class GpuTransfers:
         if wait_all and self.cuda:
             compute.wait_stream(self.load_stream)
             self._layer_events.clear()
+        return 0
 
     def wait_layer(self, name: str) -> None:
         event = self._layer_events.pop(name, None)
@@ -237,6 +243,9 @@ class GpuTransfers:
                 copy_pages_(paged_lay, src_blocks, host_lay, dst_slots)
             if self.cuda:
                 self.save_stream.synchronize()
+
+    def shutdown(self) -> None:
+        pass
 
 
 class _Nothing:

@@ -19,9 +19,10 @@ import logging
 import queue
 import threading
 import time
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
-from .host_buffer import HostBuffer
+from .host_buffer import HostBuffer, StagingPool
 
 logger = logging.getLogger("vllm.promptcache")
 
@@ -83,6 +84,32 @@ class SecondaryIO:
         self._warn_dropped("promptcache: %s tier dropped a save (%s); serving goes on",
                            self.name, why)
         self._events.put((WRITE, job_id, False))
+
+    @contextmanager
+    def stage(self, job_id: str, num_blocks: int,
+              pool: StagingPool) -> Iterator[HostBuffer | None]:
+        """Staging memory for one write, for the body to copy its blocks into: claims the
+        bound and leases `num_blocks` slots of `pool`.  Yields the lease, or None where
+        the write is dropped (too many writes queued, the pool full).  If the body
+        raises, both go back and the write is dropped (the error propagates); else the
+        lease is the caller's, for `write`, which gives both back when the write ends."""
+        if not self.try_stage(num_blocks):
+            self.drop_write(job_id, "too many writes queued")
+            yield None
+            return
+        lease = pool.lease(num_blocks)
+        if lease is None:
+            self.unstage(num_blocks)
+            self.drop_write(job_id, "the staging pool is full")
+            yield None
+            return
+        try:
+            yield lease
+        except BaseException:
+            lease.release()
+            self.unstage(num_blocks)
+            self.drop_write(job_id, "staging failed")
+            raise
 
     def write(self, job_id: str, keys: Sequence[bytes], staging: HostBuffer) -> None:
         raise NotImplementedError
