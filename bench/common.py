@@ -38,13 +38,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# The dtype and thread binding of every engine, shared with the tests (tests/conftest.py).
+from vllm_promptcache.cpu_host import (BF16_FLAGS, BINDING_VARS, DTYPES,  # noqa: F401
+                                       bind_threads, cpu_flags, pick_dtype)
+
 # vLLM's KV pool on CPU where a benchmark does not size it in blocks: ~170k tokens of
 # the bench shape in bf16.
 KV_POOL_BYTES = 2 << 30
 KV_BLOCK_TOKENS = 128
-BINDING_VARS = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND")
-DTYPES = ("bfloat16", "float32", "float16")
 
 
 def cpu_model() -> str:
@@ -58,28 +59,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def pick_dtype(requested: str | None, device: str = "cpu") -> str:
-    """`requested`, or bfloat16 on CUDA / on CPUs with bf16 instructions, else float32."""
-    if requested:
-        if requested not in DTYPES:
-            raise ValueError(f"--dtype must be one of {DTYPES}, got {requested!r}")
-        return requested
-    if device == "cuda":
-        return "bfloat16"
-    return "bfloat16" if cpu_flags() & set(BF16_FLAGS) else "float32"
-
-
 def kv_pool_bytes(model: str | None = None, blocks: int | None = None) -> int:
     """An explicit KV pool (vLLM's ``kv_cache_memory_bytes``): room for `blocks` blocks
     of 128 tokens of `model` at 4 bytes an element (vLLM's pool is then
@@ -91,19 +70,6 @@ def kv_pool_bytes(model: str | None = None, blocks: int | None = None) -> int:
     block = (cfg["num_hidden_layers"] * 2 * KV_BLOCK_TOKENS * cfg["num_key_value_heads"]
              * head_dim * 4)
     return (blocks + 1) * block
-
-
-def bind_threads(reserved: int = 1) -> dict[str, str]:
-    """The same OpenMP binding for every engine of this run: `reserved` cores for the
-    engine process, the rest for the worker's threads.  Values already in the
-    environment win (and are recorded as they are)."""
-    n = os.cpu_count() or 1
-    reserved = min(reserved, n - 1) if n > 1 else 0
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
-    first = int(os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"])
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
-                          f"{first}-{n - 1}" if n - 1 > first else str(n - 1))
-    return {k: os.environ[k] for k in BINDING_VARS}
 
 
 def cpu_set(text: str) -> set[int]:

@@ -19,20 +19,20 @@ os.environ.setdefault("PROMPTCACHE_DISK_PATH",
 TEST_DEVICE = os.environ.get("PROMPTCACHE_TEST_DEVICE", "cpu")
 
 if TEST_DEVICE == "cpu":
-    # Every test engine's worker bound as the benchmarks bind it (bench/common.py): one
+    # Every test engine's worker bound as the benchmarks bind it (cpu_host.py): one
     # CPU for the engine process, the others for the worker's OpenMP threads.  vLLM's
     # default binding on a 2-core machine leaves its threads unbound once a connector
     # reserves a core; bound, the CPU they leave free carries the connector's
     # layer-wise loads (connector/cpu_layer_loads.py), so every engine test runs them.
-    from bench.common import bind_threads
+    from vllm_promptcache.cpu_host import bind_threads
 
     bind_threads()
 
 
 def _test_dtype() -> str:
     """bf16 where the hardware has it; on a CPU without bf16 instructions vLLM's
-    bf16 matmuls run ~5x slower than fp32 (bench/common.pick_dtype)."""
-    from bench.common import pick_dtype
+    bf16 matmuls run ~5x slower than fp32 (cpu_host.pick_dtype)."""
+    from vllm_promptcache.cpu_host import pick_dtype
 
     return pick_dtype(os.environ.get("PROMPTCACHE_TEST_DTYPE"), TEST_DEVICE)
 
@@ -75,6 +75,36 @@ def make_llm(model: str, **kwargs):
     llm.generate([{"prompt_token_ids": list(range(100, 300))}], SamplingParams(max_tokens=1),
                  use_tqdm=False)
     return llm
+
+
+def plugin_engine(model: str, *, prefix_caching: bool = False, max_model_len: int = 2048,
+                  **options):
+    """A test module's engine with the plugin, for its module-scoped fixture
+    (`yield from plugin_engine(tiny_model, host_gb=..., position_independent=True)`):
+    `options` are `engine_kwargs`'s, with the disk tier off unless given."""
+    from vllm_promptcache import engine_kwargs
+
+    llm = make_llm(model, enable_prefix_caching=prefix_caching, max_model_len=max_model_len,
+                   **engine_kwargs(**{"disk_gb": 0, **options}))
+    yield llm
+    close_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def llm(request, tiny_model):
+    """The test module's engine: `plugin_engine` with the module's ENGINE options (a
+    module that needs another kind of engine defines its own `llm` fixture)."""
+    yield from plugin_engine(tiny_model, **request.module.ENGINE)
+
+
+@pytest.fixture(scope="module")
+def modules(request, llm):
+    """`PromptModules` of the module's engine, the module's MODULES registered."""
+    from vllm_promptcache import PromptModules
+
+    pm = PromptModules(llm)
+    pm.register_modules(request.module.MODULES)
+    return pm
 
 
 # LoRA on the engines that serve adapters (test_no_wrong_token, the fuzz).

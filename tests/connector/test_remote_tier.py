@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import close_llm, make_llm, settled
+from tests.conftest import plugin_engine, settled
 from tests.connector.engine_session import run_session
 from tests.redis_server import RedisServer, _need_redis, redis_cluster  # noqa: F401
 
@@ -50,16 +50,11 @@ def shared_secret():
         os.environ["PROMPTCACHE_REMOTE_SECRET"] = old
 
 
-def remote_engine(tiny_model, url, disk_gb=0, **options):
+def remote_engine(tiny_model, url, **options):
     """An engine on the shared store, prefix cache off, a small host tier, no disk
     unless asked."""
-    from vllm_promptcache import engine_kwargs
-
-    llm = make_llm(tiny_model, enable_prefix_caching=False,
-                   **engine_kwargs(host_gb=0.004, disk_gb=disk_gb, remote_url=url,
-                                   remote_timeout_ms=200, **options))
-    yield llm
-    close_llm(llm)
+    return plugin_engine(tiny_model, host_gb=0.004, remote_url=url, remote_timeout_ms=200,
+                         **options)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +93,15 @@ def engine_a_turn(tiny_model, store, tmp_path, name, prompt):
     return engine_a_turns(tiny_model, store, tmp_path, name, [prompt])[0]
 
 
+def turn_k_plus_1(engine, reference, prompt, blocks):
+    """A conversation's next turn here, after another server served its turn k: the same
+    tokens as vLLM without the plugin, with turn k's `blocks` full blocks loaded from
+    the store."""
+    before = metric(engine, "hit_tokens_total")
+    assert generate(engine, prompt) == generate(reference, prompt)
+    assert metric(engine, "hit_tokens_total") - before == blocks * BLOCK
+
+
 def wait_for_writes(store, settle_s=1.0):
     """Engine A exits once its writes are done; give the store a moment to be quiet."""
     clients = [node.client() for node in getattr(store, "nodes", [store])]
@@ -123,10 +127,7 @@ def turns_on_a(tiny_model, store, shared_secret, tmp_path_factory):
 def test_turn_k_on_one_server_turn_k_plus_1_on_another_loads_from_remote(
         store, engine_b, reference, turns_on_a):
     prompt, answer = turns_on_a["hit"]
-    before = metric(engine_b, "hit_tokens_total")
-    nxt = prompt + answer + tokens(40, 2)
-    assert generate(engine_b, nxt) == generate(reference, nxt)
-    assert metric(engine_b, "hit_tokens_total") - before == 5 * BLOCK
+    turn_k_plus_1(engine_b, reference, prompt + answer + tokens(40, 2), 5)
 
 
 def test_a_value_corrupted_in_the_store_is_a_miss(store, engine_b, reference, turns_on_a):
@@ -164,10 +165,7 @@ def test_a_dead_store_means_misses_and_a_restarted_one_hits_again(tiny_model, st
     # ...and another server's turn is a hit here again.
     prompt = tokens(4 * BLOCK + 30, 9)
     answer = engine_a_turn(tiny_model, store, tmp_path, "a3", prompt)
-    before = metric(engine_b, "hit_tokens_total")
-    nxt = prompt + answer + tokens(30, 10)
-    assert generate(engine_b, nxt) == generate(reference, nxt)
-    assert metric(engine_b, "hit_tokens_total") - before == 4 * BLOCK
+    turn_k_plus_1(engine_b, reference, prompt + answer + tokens(30, 10), 4)
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +178,7 @@ def test_hits_across_two_engines_through_a_redis_cluster(tiny_model, redis_clust
                                                          engine_c, reference, tmp_path):
     prompt = tokens(5 * BLOCK + 30, 21)
     answer = engine_a_turn(tiny_model, redis_cluster, tmp_path, "c1", prompt)
-    before = metric(engine_c, "hit_tokens_total")
-    nxt = prompt + answer + tokens(40, 22)
-    assert generate(engine_c, nxt) == generate(reference, nxt)
-    assert metric(engine_c, "hit_tokens_total") - before == 5 * BLOCK
+    turn_k_plus_1(engine_c, reference, prompt + answer + tokens(40, 22), 5)
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +231,7 @@ def test_the_remote_tier_beside_the_disk_tier_hits_and_writes_through_to_both(
     # store from the disk tier's fingerprint hex instead of the fingerprint.
     prompt = tokens(4 * BLOCK + 30, 31)
     answer = engine_a_turn(tiny_model, store, tmp_path, "e1", prompt)
-    before = metric(engine_e, "hit_tokens_total")
-    nxt = prompt + answer + tokens(BLOCK + 30, 32)
-    assert generate(engine_e, nxt) == generate(reference, nxt)
-    assert metric(engine_e, "hit_tokens_total") - before == 4 * BLOCK
+    turn_k_plus_1(engine_e, reference, prompt + answer + tokens(BLOCK + 30, 32), 4)
     # This engine's own turn goes down both tiers: the disk lacks all of its blocks,
     # the store its fifth.
     deadline = time.time() + 30

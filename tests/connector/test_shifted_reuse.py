@@ -13,20 +13,14 @@ import random
 
 import pytest
 
-from tests.conftest import close_llm, make_llm, settled
+from tests.conftest import settled
 
 pytestmark = pytest.mark.engine
 BLOCK = 128
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model):
-    from vllm_promptcache import engine_kwargs
-
-    engine = make_llm(tiny_model, enable_prefix_caching=True, max_model_len=1024,
-                      **engine_kwargs(host_gb=0.01, disk_gb=0, position_independent=True))
-    yield engine
-    close_llm(engine)
+# The `llm` fixture (tests/conftest.py) builds this engine.
+ENGINE = dict(prefix_caching=True, max_model_len=1024, host_gb=0.01, position_independent=True)
 
 
 def tokens(n, seed):

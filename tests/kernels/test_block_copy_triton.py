@@ -2,21 +2,11 @@
 directions bit-exact on every paged layout vLLM uses, through strided host-slot views,
 in every word width; nothing outside the requested blocks and slots is written."""
 
-import os
 
 import pytest
 import torch
 
-# Imported with TRITON_INTERPRET=1 so the kernel is decorated for the interpreter, then
-# restored at once (see tests/kernels/test_rope_shift.py).
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-from vllm_promptcache.kernels import block_copy as bc  # noqa: E402
-
-if _saved is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
+from vllm_promptcache.kernels import block_copy as bc
 
 NUM_BLOCKS = 13
 

@@ -16,24 +16,12 @@ positions: hidden states, pre-RoPE K and V of all layers agree, and the cached
 """
 
 import copy
-import os
-import time
 
 import pytest
 import torch
 
-# As in test_rope_shift.py: Triton picks interpreted-or-compiled at decoration time, so the
-# kernel module is imported under TRITON_INTERPRET=1, and the variable is restored at once
-# (collection imports every module before any test runs).
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-from vllm_promptcache.kernels.rope_shift import (  # noqa: E402
+from vllm_promptcache.kernels.rope_shift import (
     HAS_TRITON, rope_shift_, rope_shift_reference)
-
-if _saved is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
 
 
 # Run the Triton kernels interpreted (tests/conftest.py).
@@ -48,14 +36,6 @@ NUM_BLOCKS = 6
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-
-@pytest.fixture
-def seed():
-    s = time.time_ns() % (2 ** 31)
-    torch.manual_seed(s)
-    print(f"seed={s}")
-    return s
 
 
 # ---------------------------------------------------------------------------- models

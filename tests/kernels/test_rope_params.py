@@ -97,8 +97,6 @@ def test_matches_vllm_rotary_embedding(served):
 def test_shift_reproduces_vllm_rope_at_new_positions(served):
     """K rotated by vLLM's own forward at positions q, shifted by d with rope_params'
     frequencies == vLLM's forward at q + d (negative d included)."""
-    # Imported here, not at collection: modules that run the Triton kernel must be the
-    # first to import rope_shift, under TRITON_INTERPRET=1 (see test_rope_shift.py).
     from vllm_promptcache.kernels.rope_shift import rope_shift_reference
 
     name, vc, rope = served

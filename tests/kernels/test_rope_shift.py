@@ -3,25 +3,13 @@ against an independent float64 computation, on every paged layout; the CPU layou
 vLLM's own cpu_attn_reshape_and_cache; and RoPE shift equivalence with vLLM's get_rope."""
 
 import os
-import time
 
 import pytest
 import torch
 
-# Triton decides interpreted-or-compiled when a @jit function is decorated, so the
-# kernel module is imported with TRITON_INTERPRET=1 set; the variable is then restored
-# at once, because test collection imports every module before any test runs and the
-# vLLM engines and servers of other modules must not inherit it.
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-from vllm_promptcache.kernels import rope_shift as rs  # noqa: E402
-from vllm_promptcache.kernels.rope_shift import (  # noqa: E402
+from vllm_promptcache.kernels import rope_shift as rs
+from vllm_promptcache.kernels.rope_shift import (
     paged_kv_views, rope_shift_, rope_shift_reference)
-
-if _saved is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
 
 
 # Run the Triton kernels interpreted (tests/conftest.py).
@@ -32,13 +20,6 @@ pytestmark = pytest.mark.usefixtures("triton_interpreter")
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1.05 * 2.0 ** -8, torch.float16: 2.0 ** -10}
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 IMPLS = {"triton": rope_shift_, "reference": rope_shift_reference}
-
-
-@pytest.fixture
-def seed():
-    s = time.time_ns() % (2 ** 31)
-    torch.manual_seed(s)
-    return s
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:

@@ -3,22 +3,14 @@ host tier's slots, on CUDA through a device view) against its torch reference (g
 rope_shift_reference), on every paged layout: delta-0 tokens and V bit-exact, rotated K
 within float tolerance, skipped destinations untouched."""
 
-import os
 
 import pytest
 import torch
 
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-from vllm_promptcache.kernels.rope_shift import (  # noqa: E402
+from vllm_promptcache.kernels.rope_shift import (
     rope_shift_paged_reference, rope_shift_paged_triton)
 
-if _saved is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
-
-from tests.kernels.test_rope_shift import (  # noqa: E402
+from tests.kernels.test_rope_shift import (
     CASES, RTOL, bits, llama_inv_freq, make_cache, make_deltas, make_slots, read_slots)
 
 

@@ -2,36 +2,18 @@
 other positions of another paged cache, checked through an independent packing of every
 layout (itself checked against vLLM's cpu_attn_reshape_and_cache) and float64 RoPE."""
 
-import os
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-# Imported with TRITON_INTERPRET=1 so the kernel is decorated for the interpreter, then
-# restored at once (see tests/kernels/test_rope_shift.py).
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-from vllm_promptcache.kernels.block_copy import blocks_first, save_blocks_to_slots  # noqa: E402
-from vllm_promptcache.kernels.shifted_load import host_as_layer, load_tokens_shifted  # noqa: E402
+from vllm_promptcache.kernels.block_copy import blocks_first, save_blocks_to_slots
+from vllm_promptcache.kernels.shifted_load import host_as_layer, load_tokens_shifted
 
-if _saved is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
-
-from tests.kernels.test_rope_shift import (  # noqa: E402
+from tests.kernels.test_rope_shift import (
     RTOL, bits, llama_inv_freq, make_deltas, rope64)
 
 NAN = float("nan")
-
-
-@pytest.fixture
-def seed():
-    s = time.time_ns() % (2 ** 31)
-    torch.manual_seed(s)
-    return s
 
 
 # ------------------------------------------------- layouts, written out independently

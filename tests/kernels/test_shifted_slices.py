@@ -18,13 +18,6 @@ from vllm_promptcache.kernels.shifted_slices import plan_slices
 SRC_BLOCKS, DST_BLOCKS = 23, 29
 
 
-@pytest.fixture
-def rng():
-    seed = np.random.SeedSequence().entropy % (2 ** 31)
-    torch.manual_seed(seed)
-    return np.random.default_rng(seed), seed
-
-
 def layout_of_a_load(rng: np.random.Generator, N: int):
     """Token sources and destinations as the scheduler plans them: stored runs (whole
     host blocks, tokens from offset 0) placed as runs at new positions of a prompt, with
@@ -72,6 +65,21 @@ def setup_layers(case, rng):
 @pytest.mark.parametrize("case", list(CASES))
 def test_slices_move_what_the_per_token_path_moves_bit_for_bit(case, max_runs, rng,
                                                                monkeypatch):
+    # 6 runs, cut into up to 9 by the skipped destinations: all of them as slices (16),
+    # or the 5 longest, the rest per token.
+    plan, dst, msg = check_a_planned_load(
+        case, rng, monkeypatch,
+        lambda args, N, inv_freq, dtype: plan_slices(*args, N, inv_freq, max_runs=max_runs))
+    assert (plan.rest.dst_slots.numel() > 0) == (max_runs == 5), msg
+    assert plan.sliced_tokens + plan.rest.dst_slots.numel() == (dst >= 0).sum(), msg
+    assert any(g.dst_block is not None for g in plan.groups), msg  # copied by view
+
+
+def check_a_planned_load(case, rng, monkeypatch, make_plan):
+    """A load of `case` laid out as the scheduler lays it out (`layout_of_a_load`), moved
+    on the CPU path with the plan `make_plan(args, N, inv_freq, dtype)` builds, leaves the
+    per-token path's bytes and the sources' K/V at every destination.  Returns (the plan,
+    the destinations, a message naming the case and seed) for the plan's own checks."""
     np_rng, seed = rng
     layout, isa, dtype, H, D, rot, neox, N = CASES[case]
     msg = f"[{case} seed={seed}]"
@@ -80,22 +88,15 @@ def test_slices_move_what_the_per_token_path_moves_bit_for_bit(case, max_runs, r
     src_slots, src_offsets, dst, deltas = layout_of_a_load(np_rng, N)
     inv_freq = llama_inv_freq(rot)
     args = [torch.from_numpy(a) for a in (src_slots, src_offsets, dst, deltas)]
-
+    plan = make_plan(args, N, inv_freq, dtype)
     ours_raw, ours_kv, _ = make_layer(layout, isa, DST_BLOCKS, H, N, D, dtype)
-    # 6 runs, cut into up to 9 by the skipped destinations: all of them as slices (16),
-    # or the 5 longest, the rest per token.
-    plan = plan_slices(*args, N, inv_freq, max_runs=max_runs)
     load_tokens_shifted(host, args[0], args[1], ours_kv, name, H, D, N, args[2], args[3],
                         inv_freq, rot, neox, isa=isa, plan=plan)
-
     # NaN-poisoned destinations: equal bits also say nothing was written elsewhere.
     assert torch.equal(bits(ours_raw), bits(per_token_layer(case, host, name, args, inv_freq))), msg
-    assert (plan.rest.dst_slots.numel() > 0) == (max_runs == 5), msg
-    assert plan.sliced_tokens + plan.rest.dst_slots.numel() == (dst >= 0).sum(), msg
-    assert any(g.dst_block is not None for g in plan.groups), msg  # copied by view
-
     check_against_sources(case, ours_raw, k, v, block_of_slot, src_slots, src_offsets, dst,
                           deltas, inv_freq, msg)
+    return plan, dst, msg
 
 
 def per_token_layer(case, host, name, args, inv_freq):

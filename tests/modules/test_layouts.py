@@ -11,31 +11,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import KV_SCALE, close_llm, make_llm, settled
+from tests.conftest import KV_SCALE, settled
 from tests.modules.test_prompt_modules import generate, text
 
 pytestmark = pytest.mark.engine
 BLOCK = 128
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model):
-    from vllm_promptcache import engine_kwargs
-
-    engine = make_llm(tiny_model, enable_prefix_caching=False, max_model_len=2048,
-                      **engine_kwargs(host_gb=0.008 * KV_SCALE, disk_gb=0, position_independent=True))
-    yield engine
-    close_llm(engine)
-
-
-@pytest.fixture(scope="module")
-def modules(llm):
-    from vllm_promptcache import PromptModules
-
-    pm = PromptModules(llm)
-    pm.register_modules({"docA": text(170, 2), "docB": text(150, 3),
-                         "heading": "Results of the second study:\n"})
-    return pm
+# The `llm` and `modules` fixtures (tests/conftest.py) build these.
+ENGINE = dict(host_gb=0.008 * KV_SCALE, position_independent=True)
+MODULES = {"docA": text(170, 2), "docB": text(150, 3), "heading": "Results of the second study:\n"}
 
 
 def counters(llm):

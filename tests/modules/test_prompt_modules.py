@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from tests.conftest import KV_SCALE, close_llm, make_llm, settled
+from tests.conftest import KV_SCALE, settled
 
 pytestmark = pytest.mark.engine
 BLOCK = 128
@@ -28,23 +28,9 @@ def text(n_words: int, seed: int, first: str = "") -> str:
     return " ".join([first] * bool(first) + [rng.choice(WORDS) for _ in range(n_words)]) + "\n"
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model):
-    from vllm_promptcache import engine_kwargs
-
-    engine = make_llm(tiny_model, enable_prefix_caching=False, max_model_len=2048,
-                      **engine_kwargs(host_gb=0.002 * KV_SCALE, disk_gb=0, position_independent=True))
-    yield engine
-    close_llm(engine)
-
-
-@pytest.fixture(scope="module")
-def modules(llm):
-    from vllm_promptcache import PromptModules
-
-    pm = PromptModules(llm)
-    pm.register_modules({"sys": text(60, 1), "docA": text(170, 2), "docB": text(170, 3)})
-    return pm
+# The `llm` and `modules` fixtures (tests/conftest.py) build these.
+ENGINE = dict(host_gb=0.002 * KV_SCALE, position_independent=True)
+MODULES = {"sys": text(60, 1), "docA": text(170, 2), "docB": text(170, 3)}
 
 
 def generate(llm, prompt, max_tokens=8, **params):
