@@ -78,13 +78,18 @@ def test_examples_shuffle_four_documents_around_the_answer():
 # -- recommendation and records ---------------------------------------------------------
 
 def test_recommend_takes_the_smallest_ratio_within_the_bound():
-    result = {"ratios": {"0": {"f1_minus_full": -0.2}, "0.15": {"f1_minus_full": -0.01},
-                         "0.3": {"f1_minus_full": 0.0}}}
+    def row(f1, em=0.0):
+        return {"f1_minus_full": f1, "exact_match_minus_full": em}
+
+    result = {"ratios": {"0": row(-0.2), "0.15": row(-0.01), "0.3": row(0.0)}}
     assert calibration.recommend(result, 0.02) == 0.15
     assert calibration.recommend(result, 0.5) == 0.0
     assert calibration.recommend(result, 0.001) == 0.3
     result["ratios"]["0.3"]["f1_minus_full"] = -0.05
     assert calibration.recommend(result, 0.001) is None
+    # A better F1 from other wording does not hide fewer right answers.
+    result = {"ratios": {"0": row(0.03, -0.09), "0.1": row(0.04, 0.0)}}
+    assert calibration.recommend(result, 0.02) == 0.1
 
 
 def test_prompts_file_errors_name_the_line(tmp_path):
