@@ -48,7 +48,7 @@ from .sessions import EvictLast, Sessions, session_id_of
 from .shifted import ShiftedPlan, ShiftedReuse
 from .step_timing import StepTimings
 from .tails import RunTails
-from .tiers import disk_directory, host_tier_geometry, model_fingerprint, scheduler_tiers  # noqa: F401 (worker.py imports the first three from here until it imports tiers.py)
+from .tiers import host_tier_geometry, model_fingerprint, scheduler_tiers
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
