@@ -198,7 +198,7 @@ def run_case(below: str, args) -> dict:
             sched.update_connector_output(SimpleNamespace(
                 finished_sending={req.request_id},
                 kv_connector_worker_meta=PromptCacheWorkerMeta(
-                    events=[("write", w.file_id, True) for w in meta.disk_writes])))
+                    events=[("write", w.object_id, True) for w in meta.tier_writes])))
     later = [r for r in rows if r["turn"] > 0]
     summary = {}
     for p in POLICIES:

@@ -165,7 +165,7 @@ class Driver:
         and promotions all done."""
         meta = self._timed("build_connector_meta", self.sched.build_connector_meta, None,
                            record=record)
-        events = [("write", w.file_id, True) for w in list(writes) + list(meta.disk_writes)]
+        events = [("write", w.object_id, True) for w in list(writes) + list(meta.tier_writes)]
         events += [("promote", p.promo_id, True) for p in list(promotions) + list(meta.promotions)]
         out = SimpleNamespace(finished_sending=set(finished),
                               kv_connector_worker_meta=self.meta_cls(events=events))

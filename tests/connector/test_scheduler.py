@@ -130,7 +130,7 @@ def test_decode_tokens_are_skipped_when_configured():
 # -- the disk tier --------------------------------------------------------------
 
 def events_output(events, corrupt=()):
-    meta = PromptCacheWorkerMeta(events=list(events), corrupt_files=set(corrupt))
+    meta = PromptCacheWorkerMeta(events=list(events), corrupt_objects=set(corrupt))
     return SimpleNamespace(finished_sending=set(), kv_connector_worker_meta=meta)
 
 
@@ -144,18 +144,18 @@ def disk_sched(tmp_path):
 def finish_with_disk(sched, req, block_ids):
     sched.request_finished(req, block_ids)
     meta = sched.build_connector_meta(None)
-    assert meta.disk_writes, "every save is written through to disk"
+    assert meta.tier_writes, "every save is written through to disk"
     sched.update_connector_output(SimpleNamespace(
         finished_sending={req.request_id},
         kv_connector_worker_meta=PromptCacheWorkerMeta(
-            events=[("write", w.file_id, True) for w in meta.disk_writes])))
+            events=[("write", w.object_id, True) for w in meta.tier_writes])))
     return meta
 
 
 def test_write_through_then_promote_from_disk(disk_sched):
     toks = list(range(13))  # 3 full blocks
     meta = finish_with_disk(disk_sched, request("a", toks), [1, 2, 3])
-    assert sum(len(w.keys) for w in meta.disk_writes) == 3
+    assert sum(len(w.keys) for w in meta.tier_writes) == 3
     assert not disk_sched.has_pending_work()
     disk_sched.host.clear()  # host pressure: only disk has it now
     nxt = request("b", toks + [99, 98, 97], computed=0)
@@ -195,7 +195,7 @@ def test_a_corrupt_disk_file_becomes_a_miss(disk_sched):
     assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
     promos = disk_sched.build_connector_meta(None).promotions
     disk_sched.update_connector_output(events_output(
-        [("promote", p.promo_id, False) for p in promos], corrupt={p.file_id for p in promos}))
+        [("promote", p.promo_id, False) for p in promos], corrupt={p.object_id for p in promos}))
     assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (0, False)  # recompute, never serve
     assert not disk_sched.build_connector_meta(None).promotions
     stats = disk_sched.get_kv_connector_stats().data["counter"]
@@ -208,7 +208,7 @@ def test_a_failed_disk_write_is_never_indexed(disk_sched):
     meta = disk_sched.build_connector_meta(None)
     disk_sched.update_connector_output(SimpleNamespace(
         finished_sending={"a"}, kv_connector_worker_meta=PromptCacheWorkerMeta(
-            events=[("write", w.file_id, False) for w in meta.disk_writes])))
+            events=[("write", w.object_id, False) for w in meta.tier_writes])))
     disk_sched.host.clear()
     assert disk_sched.get_num_new_matched_tokens(request("b", toks + [1], computed=0), 0) == (0, False)
     assert disk_sched.disk.bytes_in_use == 0
@@ -254,7 +254,7 @@ def test_a_promotion_stops_at_a_block_already_in_host(disk_sched):
     # the claims for 0..3 must pair with disk blocks 0..3, never shift onto 4..7.
     toks = list(range(33))  # 8 full blocks
     meta = finish_with_disk(disk_sched, request("a", toks), list(range(1, 9)))
-    keys = [k for w in meta.disk_writes for k in w.keys]
+    keys = [k for w in meta.tier_writes for k in w.keys]
     disk_sched.host.clear()
     claimed = disk_sched.host.reserve(keys[4:7])
     disk_sched.host.commit([slot for _, slot in claimed])

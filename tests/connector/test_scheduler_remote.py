@@ -37,7 +37,7 @@ def write_through(sched, store, req, block_ids):
     """Finish `req`, and do what the worker would: write its blocks to the store."""
     sched.request_finished(req, block_ids)
     meta = sched.build_connector_meta(None)
-    writes = [w for w in meta.disk_writes if w.tier == "remote"]
+    writes = [w for w in meta.tier_writes if w.tier == "remote"]
     assert writes, "a finished request is written through to the remote tier"
     for w in writes:
         assert store.put_chunks(w.keys, [bytes([i % 251]) * BLOCK_BYTES for i in range(len(w.keys))])
@@ -47,7 +47,7 @@ def write_through(sched, store, req, block_ids):
 
     sched.update_connector_output(SimpleNamespace(  # the host save and the remote write done
         finished_sending={req.request_id}, kv_connector_worker_meta=PromptCacheWorkerMeta(
-            events=[("write", w.file_id, True) for w in writes])))
+            events=[("write", w.object_id, True) for w in writes])))
     return [k for w in writes for k in w.keys]
 
 
@@ -116,7 +116,7 @@ def test_a_value_the_store_evicted_is_a_plain_miss(setup, redis_server):  # noqa
     sched.update_connector_output(SimpleNamespace(
         finished_sending=set(), kv_connector_worker_meta=PromptCacheWorkerMeta(
             events=[("promote", p.promo_id, False) for p in promos],
-            missing_files={p.file_id for p in promos})))
+            missing_objects={p.object_id for p in promos})))
     # One more lookup (the store may hold other copies), then computed: never an error.
     assert until(lambda: sched.get_num_new_matched_tokens(nxt, 0) == (0, False))
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vllm_promptcache.connector.cpu_transfer import CpuTransfers
-from vllm_promptcache.connector.metadata import BlockTransfer, DiskWrite
+from vllm_promptcache.connector.metadata import BlockTransfer, TierWrite
 from vllm_promptcache.connector.worker import PromptCacheWorker
 from vllm_promptcache.metrics import PromptCacheStats
 from vllm_promptcache.store import disk_format as fmt
@@ -91,7 +91,7 @@ def test_a_good_save_reports_success_with_the_blocks_in_host(worker):
 def test_a_staged_write_reaches_the_disk_and_gives_its_lease_back(worker):
     w, kv = worker
     keys = [os.urandom(16) for _ in range(2)]
-    w._save("r4", None, [DiskWrite("r4", "f4", keys, [5, 2])], None)
+    w._save("r4", None, [TierWrite("r4", "f4", keys, [5, 2])], None)
     io = w.secondary["disk"]
     assert write_events(io, 1) == [(WRITE, "f4", True)]
     header = fmt.read_header(io.path("f4"), b"s" * fmt.SECRET_BYTES)
@@ -105,9 +105,9 @@ def test_writes_that_cannot_be_staged_are_dropped_and_give_everything_back(tmp_p
     io = w.secondary["disk"]
     try:
         w._save("r5", BlockTransfer("r5", [0], [1]), [
-            DiskWrite("r5", "queue-full", [os.urandom(16)] * 5, [0, 1, 2, 3, 4]),
-            DiskWrite("r5", "pool-full", [os.urandom(16)] * 4, [0, 1, 2, 3]),
-            DiskWrite("r5", "copy-fails", [os.urandom(16)] * 2, [1, NUM_BLOCKS + 3]),
+            TierWrite("r5", "queue-full", [os.urandom(16)] * 5, [0, 1, 2, 3, 4]),
+            TierWrite("r5", "pool-full", [os.urandom(16)] * 4, [0, 1, 2, 3]),
+            TierWrite("r5", "copy-fails", [os.urandom(16)] * 2, [1, NUM_BLOCKS + 3]),
         ], None)
         assert sorted(write_events(io, 3)) == [(WRITE, "copy-fails", False),
                                                (WRITE, "pool-full", False),

@@ -24,12 +24,12 @@ class BlockTransfer:
 
 
 @dataclass
-class DiskWrite:
+class TierWrite:
     """Write GPU blocks `block_ids` of a finished request into a tier below host, as
-    object `file_id` (a disk file, or a remote write job)."""
+    object `object_id` (a disk file, or a remote write job)."""
 
     req_id: str
-    file_id: str
+    object_id: str
     keys: list[bytes]
     block_ids: list[int]
     tier: str = "disk"
@@ -37,15 +37,16 @@ class DiskWrite:
 
 @dataclass
 class Promotion:
-    """Read blocks `indices` of disk file `file_id` into host slots `slots`; block
-    `indices[i]` must hold `keys[i]` (the reader checks the file's header)."""
+    """Read blocks `indices` of object `object_id` (a disk file, a remote chunk) into
+    host slots `slots`; block `indices[i]` must hold `keys[i]` (the reader checks the
+    object's header)."""
 
     promo_id: str
-    file_id: str
+    object_id: str
     indices: list[int]
     slots: list[int]
     keys: list[bytes] = field(default_factory=list)
-    tier: str = "disk"  # which tier below host holds object `file_id`
+    tier: str = "disk"  # which tier below host holds object `object_id`
 
 
 @dataclass
@@ -76,13 +77,13 @@ class PromptCacheMetadata(KVConnectorMetadata):
     # GPU -> host, of finished requests whose blocks vLLM keeps until we report them
     saves: list[BlockTransfer] = field(default_factory=list)
     # GPU -> disk and remote (write-through), of the same finished requests
-    disk_writes: list[DiskWrite] = field(default_factory=list)
+    tier_writes: list[TierWrite] = field(default_factory=list)
     # disk or remote -> host, for queued requests (prefetch) and lookups that found
     # blocks below host
     promotions: list[Promotion] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.shifted_loads or self.saves or self.disk_writes
+        return not (self.loads or self.shifted_loads or self.saves or self.tier_writes
                     or self.promotions)
 
 
@@ -98,15 +99,15 @@ if _KVConnectorWorkerMetadata is not None:
         # waits for every rank's entry.
         events: list[tuple[str, str, bool]] = field(default_factory=list)
         # Disk files found corrupt (and deleted) by some worker.
-        corrupt_files: set[str] = field(default_factory=set)
+        corrupt_objects: set[str] = field(default_factory=set)
         # Disk files some worker could not find (deleted by another engine).
-        missing_files: set[str] = field(default_factory=set)
+        missing_objects: set[str] = field(default_factory=set)
 
         def aggregate(self, other):
             self.failed_saves |= other.failed_saves
             self.events.extend(other.events)
-            self.corrupt_files |= other.corrupt_files
-            self.missing_files |= other.missing_files
+            self.corrupt_objects |= other.corrupt_objects
+            self.missing_objects |= other.missing_objects
             return self
 else:  # pragma: no cover - a vLLM without worker metadata: failures are logged only
     PromptCacheWorkerMeta = None

@@ -463,7 +463,7 @@ class PromptCacheScheduler:
         loads, shifted_loads, shared_blocks = self.load_plan.take()
         meta = PromptCacheMetadata(loads=loads, shifted_loads=shifted_loads,
                                    shared_blocks=shared_blocks, saves=self._saves,
-                                   disk_writes=writes, promotions=promotions)
+                                   tier_writes=writes, promotions=promotions)
         self._saves = []
         return meta
 

@@ -28,7 +28,7 @@ from ..store.host_tier import HostTier
 from ..store.keys import BlockKey
 from ..store.secondary_io import PROMOTE, WRITE
 from .load_cost import LoadCost, Segment, WaitBudgets
-from .metadata import DiskWrite, Promotion
+from .metadata import TierWrite, Promotion
 
 logger = logging.getLogger("vllm.promptcache")
 
@@ -66,7 +66,7 @@ class SecondaryTiers:
         self.world_size = world_size
         self.stats = stats
         self._abort_slots = abort_slots
-        self.writes: list[DiskWrite] = []
+        self.writes: list[TierWrite] = []
         self.promotions: list[Promotion] = []
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._ids = count()
@@ -241,7 +241,7 @@ class SecondaryTiers:
         for tier in self.tiers:
             jobs, dropped = tier.plan_write(keys)
             for object_id, idx in jobs:
-                self.writes.append(DiskWrite(req_id, object_id, [keys[i] for i in idx],
+                self.writes.append(TierWrite(req_id, object_id, [keys[i] for i in idx],
                                              [block_ids[i] for i in idx], tier=tier.name))
                 self._jobs[(WRITE, object_id)] = _Job(WRITE, tier, object_id=object_id)
                 planned += len(idx)
@@ -250,16 +250,16 @@ class SecondaryTiers:
         return planned
 
     # -- per step -----------------------------------------------------------------------
-    def take_metadata(self) -> tuple[list[DiskWrite], list[Promotion]]:
+    def take_metadata(self) -> tuple[list[TierWrite], list[Promotion]]:
         out = self.writes, self.promotions
         self.writes, self.promotions = [], []
         return out
 
     def on_worker_meta(self, worker_meta: Any) -> None:
-        for object_id in worker_meta.corrupt_files:
+        for object_id in worker_meta.corrupt_objects:
             for tier in self.tiers:
                 tier.discard(object_id, corrupt=True)
-        for object_id in worker_meta.missing_files:
+        for object_id in worker_meta.missing_objects:
             for tier in self.tiers:
                 # Gone, or refused (another user's): unindex, never delete.
                 tier.discard(object_id, delete=False)

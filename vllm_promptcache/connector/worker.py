@@ -37,7 +37,7 @@ from ..store.secondary_io import SecondaryIO
 from ..store.host_buffer import HostBuffer, StagingPool
 from .cpu_transfer import CpuTransfers
 from .gpu_transfer import GpuTransfers, ShiftGeometry
-from .metadata import BlockTransfer, DiskWrite, PromptCacheMetadata, PromptCacheWorkerMeta
+from .metadata import BlockTransfer, TierWrite, PromptCacheMetadata, PromptCacheWorkerMeta
 from .tiers import host_tier_geometry, worker_tiers
 
 # Staged (GPU -> RAM copied, not yet on disk) bytes beyond which disk saves are dropped;
@@ -170,20 +170,20 @@ class PromptCacheWorker:
         if self._transfers is not None:
             self._transfers.end_step()
         for promo in meta.promotions:
-            self.secondary[promo.tier].promote(promo.promo_id, promo.file_id, promo.indices,
+            self.secondary[promo.tier].promote(promo.promo_id, promo.object_id, promo.indices,
                                                promo.slots, self.buffer, promo.keys)
-        if not (meta.saves or meta.disk_writes):
+        if not (meta.saves or meta.tier_writes):
             return
         ready = self._transfers.step_done_event()
-        jobs: dict[str, tuple[BlockTransfer | None, list[DiskWrite]]] = {}
+        jobs: dict[str, tuple[BlockTransfer | None, list[TierWrite]]] = {}
         for save in meta.saves:
             jobs[save.req_id] = (save, [])
-        for write in meta.disk_writes:
+        for write in meta.tier_writes:
             jobs.setdefault(write.req_id, (None, []))[1].append(write)
         for req_id, (save, writes) in jobs.items():
             self._saver.submit(self._save, req_id, save, writes, ready)
 
-    def _save(self, req_id: str, save: BlockTransfer | None, writes: list[DiskWrite],
+    def _save(self, req_id: str, save: BlockTransfer | None, writes: list[TierWrite],
               ready: Any) -> None:
         # Whatever fails in here, the request is reported (failed if its host save
         # did not complete), so vLLM gets its blocks back and no slot stays PENDING.
@@ -199,9 +199,9 @@ class PromptCacheWorker:
             # vLLM may reuse the request's GPU blocks from here on; the writes follow.
             self._saved.put((req_id, ok))
         for write, staging in staged:
-            self.secondary[write.tier].write(write.file_id, write.keys, staging)
+            self.secondary[write.tier].write(write.object_id, write.keys, staging)
 
-    def _save_and_stage(self, req_id: str, save: BlockTransfer | None, writes: list[DiskWrite],
+    def _save_and_stage(self, req_id: str, save: BlockTransfer | None, writes: list[TierWrite],
                         ready: Any) -> tuple[bool, list]:
         """(host save ok, [(write, its staged lease)]); a write that cannot be staged is
         dropped (its tier reports it), the others go on."""
@@ -218,7 +218,7 @@ class PromptCacheWorker:
         for write in writes:
             n = len(write.block_ids)
             try:
-                with self.secondary[write.tier].stage(write.file_id, n, self._staging) as lease:
+                with self.secondary[write.tier].stage(write.object_id, n, self._staging) as lease:
                     if lease is not None:
                         self._transfers.save(write.block_ids, lease, list(range(n)), ready)
                         staged.append((write, lease))
@@ -256,7 +256,7 @@ class PromptCacheWorker:
         if not (self._failed or events or corrupt or gone):
             return None
         meta = PromptCacheWorkerMeta(failed_saves=self._failed, events=events,
-                                     corrupt_files=corrupt, missing_files=gone)
+                                     corrupt_objects=corrupt, missing_objects=gone)
         self._failed = set()
         return meta
 
