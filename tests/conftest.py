@@ -91,6 +91,18 @@ def plugin_engine(model: str, *, prefix_caching: bool = False, max_model_len: in
 
 
 @pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A real redis-server of the test module's own (tests/redis_server.py): the store
+    its engines share."""
+    from tests.redis_server import RedisServer, _need_redis
+
+    _need_redis()
+    server = RedisServer(str(tmp_path_factory.mktemp("redis"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def llm(request, tiny_model):
     """The test module's engine: `plugin_engine` with the module's ENGINE options (a
     module that needs another kind of engine defines its own `llm` fixture)."""

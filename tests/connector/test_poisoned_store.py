@@ -14,19 +14,10 @@ import time
 import pytest
 
 from tests.conftest import plugin_engine, settled
-from tests.redis_server import RedisServer, _need_redis
 
 pytestmark = pytest.mark.engine
 
 SECRET = "poisoned-store-test-secret-0123456789"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    _need_redis()
-    server = RedisServer(str(tmp_path_factory.mktemp("redis"))).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

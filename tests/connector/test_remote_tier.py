@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import plugin_engine, settled
 from tests.connector.engine_session import run_session
-from tests.redis_server import RedisServer, _need_redis, redis_cluster  # noqa: F401
+from tests.redis_server import redis_cluster  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.engine
 
@@ -29,14 +29,6 @@ SECRET = "a-secret-the-instances-share-0123456789"
 def tokens(n, seed):
     rng = random.Random(seed)
     return [rng.randrange(10, 2000) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    _need_redis()
-    server = RedisServer(str(tmp_path_factory.mktemp("redis"))).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
