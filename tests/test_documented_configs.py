@@ -51,7 +51,7 @@ from unittest import mock
 
 import pytest
 
-from tests.conftest import REFERENCE_CONNECTOR
+from tests.conftest import REFERENCE_CONNECTOR, settled
 from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.test_server import COMMON, Server, free_port
 from vllm_promptcache import engine_kwargs
@@ -119,14 +119,7 @@ def host_hits(server, headers=None) -> float:
         text = requests.get(server.base + "/metrics", headers=headers, timeout=10).text
         return parse_prometheus(text).get("hit_tokens_total", {}).get("host", 0.0)
 
-    last = None
-    for _ in range(30):  # stats travel with engine steps: read until two reads agree
-        value = read()
-        if value == last:
-            return value
-        last = value
-        time.sleep(0.2)
-    return value
+    return settled(read, tries=30, pause=0.2)  # stats travel with engine steps
 
 
 def eventually(check, timeout=20.0):
