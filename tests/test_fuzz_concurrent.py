@@ -54,6 +54,7 @@ RESTART_EVERY = 2
 # that decoding takes a new block while the pool is full of admitted prompts.
 POOL_BLOCKS = 14
 MAX_MODEL_LEN = 1536  # 12 blocks: vLLM requires one request to fit in the pool
+S_POOL_BLOCKS = 13  # two of S's prompts fit (vLLM wants one over max_model_len)
 BATCHED_TOKENS = 384  # long prompts prefill over several steps: aborts land in them
 MAX_PROMPT = 1200
 # Each engine's host tier: a few requests' worth, so that it evicts to disk and Redis.
@@ -93,6 +94,7 @@ class ConcurrentFuzz:
         self.conversations: list[tuple[list[int], str | None]] = []  # prompt + answer
         self.engine: AsyncEngine | None = None
         self.lives = 0
+        self.after_restart: list = []  # what S served, for E's first round after a restart
 
     # -- E ------------------------------------------------------------------------------
     def build_engine(self) -> None:
@@ -125,6 +127,8 @@ class ConcurrentFuzz:
         if self.shifting is not None and self.shifting.served:
             kinds += ["replay", "replay"]
         kind = rng.choice(kinds)
+        if self.after_restart:
+            kind = "replay"
         if kind == "turn" and not self.conversations:
             kind = "fresh"
         if kind == "turn":
@@ -133,7 +137,8 @@ class ConcurrentFuzz:
             pad = (BLOCK - len(prompt) % BLOCK - rng.randrange(1, 6)) % BLOCK
             prompt += chunk(rng, pad, pad + 1)
         elif kind == "replay":
-            served = rng.choice(self.shifting.served)
+            served = (self.after_restart.pop() if self.after_restart
+                      else rng.choice(self.shifting.served))
             prompt = served.prompt + served.answer + chunk(rng, 5, 40)
             if rng.random() < 0.3:
                 prompt = served.prompt  # the very tokens S ran
@@ -152,7 +157,8 @@ class ConcurrentFuzz:
 
     async def exact_round(self, r: int) -> list[Request]:
         done: list[Request] = []
-        todo = iter(range(REQUESTS_PER_ROUND))
+        total = REQUESTS_PER_ROUND + len(self.after_restart)
+        todo = iter(range(total))
 
         async def worker():
             for i in todo:
@@ -162,7 +168,7 @@ class ConcurrentFuzz:
             # One reset that preempts the running requests, one that vLLM refuses
             # while they hold blocks; both reset the connector.
             for running_requests in (True, False):
-                while self.engine.running < 3 and len(done) < REQUESTS_PER_ROUND - 3:
+                while self.engine.running < 3 and len(done) < total - 3:
                     await asyncio.sleep(0.005)
                 await asyncio.sleep(self.rng.uniform(0.0, 0.2))
                 await self.engine.reset(running_requests)
@@ -210,6 +216,10 @@ class ConcurrentFuzz:
         if r and r % RESTART_EVERY == 0:
             self.build_engine()
             await self.engine.start()
+            # Everything S served so far, on the shared disk root and in Redis by now,
+            # replayed first by the restarted engine.
+            if self.shifting is not None:
+                self.after_restart = list(self.shifting.served)
         jobs = [self.exact_round(r)]
         if self.shifting is not None:
             jobs.append(self.shifting.round(r))
@@ -234,7 +244,8 @@ class ConcurrentFuzz:
                 f"{c.preemptions:g} preemptions; aborts {c.aborted_prefill} before the first "
                 f"token + {c.aborted_decode} during decode; resets {c.resets} "
                 f"({c.resets_running} beside running requests, {c.resets_succeeded} "
-                f"succeeded, {len(c.reset_errors)} raised); E's hits {t.e_hits}, shifted "
+                f"succeeded, {len(c.resets_refused)} refused by vLLM while a load was pending, "
+                f"{len(c.reset_errors)} other errors); E's hits {t.e_hits}, shifted "
                 f"{t.shifted_on_e:g}{extra}")
 
     def assert_clean(self, report: str, rounds: int) -> None:
@@ -268,27 +279,41 @@ class ShiftingSide:
             self.stale.append(self.docs["doc0"])
             self.docs["doc0"] = self.text(DOC_WORDS, 1000 + r)
             await self.client.register({"doc0": self.docs["doc0"]})
-        jobs = [self.job(r, j) for j in range(S_JOBS_PER_ROUND)]
+        jobs = [self.job(*self.plan(r, j)) for j in range(S_JOBS_PER_ROUND)]
         if r % 2 == 1:
             jobs.append(self.reset_beside_requests())
         await asyncio.gather(*jobs)
 
     async def reset_beside_requests(self) -> None:
         await asyncio.sleep(self.rng.uniform(0.2, 1.0))
-        await self.client.reset()
+        for _ in range(10):  # vLLM refuses while a request waits for a load: retry
+            if await self.client.reset():
+                return
+            await asyncio.sleep(0.2)
 
-    async def job(self, r: int, j: int) -> None:
+    def plan(self, r: int, j: int) -> tuple:
+        """A job's text, the modules it names, its length and its client's abort."""
         rng = self.rng
-        await asyncio.sleep(rng.uniform(0, 0.5))
         pool = list(self.docs.items()) + [("doc0", t) for t in self.stale]
-        picked = rng.sample(pool, rng.randrange(1, 4))
-        text = f"Label {r}.{j}:\n" + "".join(t for _, t in picked) + \
+        picked = rng.sample(pool, rng.randrange(2, 4))
+        # Half the prompts start with a module right after BOS (its KV exact there, as
+        # the blocks up to the next module); the rest with a label, shifting them all.
+        head = f"Label {r}.{j}:\n" if rng.random() < 0.5 else ""
+        text = head + "".join(t for _, t in picked) + \
             f"Question {j}: " + "why " * rng.randrange(3, 20)
         names = sorted({n for n, _ in picked}) if rng.random() < 0.5 else None
-        max_tokens = rng.randrange(8, 33)  # decodes cross blocks: preemptions
-        if rng.random() < 0.4:  # a client gives up first; the same prompt comes again
-            abort = rng.choice(["prefill", "decode"])
-            at = rng.uniform(0.02, 0.4) if abort == "prefill" else rng.randrange(1, 4)
+        max_tokens = rng.randrange(32, 97)  # decodes cross blocks: preemptions
+        abort = at = None
+        if rng.random() < 0.6:  # a client gives up first; the same prompt comes again
+            # By time (whatever the request is doing then, waiting after a preemption
+            # included) or after some streamed tokens.
+            abort = rng.choice(["timeout", "timeout", "decode"])
+            at = rng.uniform(0.05, 1.5) if abort == "timeout" else rng.randrange(1, 8)
+        return rng.uniform(0, 0.2), text, names, max_tokens, abort, at
+
+    async def job(self, delay, text, names, max_tokens, abort, at) -> None:
+        await asyncio.sleep(delay)
+        if abort is not None:
             await self.client.complete(text, names, max_tokens, abort, at)
         served = await self.client.complete(text, names, max_tokens)
         if served is not None:
@@ -317,7 +342,7 @@ def test_concurrent_fuzz_with_preemptions_aborts_resets_and_a_shared_store(
     remote_url, disk = shared_store
     # S boots in its own process while the reference and E start here.
     server = start_shifting_server(tiny_model, tmp_path / "shifting.log", disk, remote_url,
-                                   pool_bytes(POOL_BLOCKS), MAX_MODEL_LEN, BATCHED_TOKENS)
+                                   pool_bytes(S_POOL_BLOCKS), MAX_MODEL_LEN, BATCHED_TOKENS)
     reference = request.getfixturevalue("reference")
     rng, counts, s_counts = random.Random(SEED), Counts(), ServerCounts()
     fuzz = ConcurrentFuzz(tiny_model, reference, rng, counts, dict(
@@ -346,8 +371,9 @@ def test_concurrent_fuzz_with_preemptions_aborts_resets_and_a_shared_store(
     report = fuzz.report(
         f"concurrent fuzz, seed {SEED}, {rounds} rounds",
         f"; S: {s.requests} requests ({len(fuzz.shifting.served)} answered in full), "
-        f"{s.aborted_prefill}+{s.aborted_decode} aborts, {s.registrations} registrations "
-        f"({s.registrations - 1} re-registrations), {s.resets} resets ({s.resets_succeeded} succeeded), "
+        f"{s.aborted_timeout}+{s.aborted_decode} aborts (by time + during decode), {s.registrations} registrations "
+        f"({s.registrations - 1} re-registrations), {s.resets} resets ({s.resets_succeeded} succeeded, "
+        f"{s.resets_refused} refused by vLLM while a load was pending), "
         f"{s.preemptions:g} preemptions, {len(s.errors)} errors")
     print(report)
     assert not s.errors, report + "\n" + "\n".join(s.errors[:5])

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from tests.conftest import ENGINE_DEFAULTS, TEST_DEVICE
+from tests.fuzz.async_engine import REFUSED
 from tests.test_server import Server, free_port
 
 ADMIN_KEY = "fuzz-admin-key-0123456789abcdef"
@@ -28,11 +29,12 @@ class Served:
 @dataclass
 class ServerCounts:
     requests: int = 0
-    aborted_prefill: int = 0
-    aborted_decode: int = 0
+    aborted_timeout: int = 0  # the client gave up after a time, whatever the request did
+    aborted_decode: int = 0  # the client left after some streamed tokens
     registrations: int = 0  # POSTs of modules, the re-registrations included
     resets: int = 0
     resets_succeeded: int = 0
+    resets_refused: int = 0  # vLLM: a request waits for a connector's load (REFUSED)
     preemptions: float = 0.0  # vllm:num_preemptions on its /metrics
     errors: list[str] = field(default_factory=list)
 
@@ -69,13 +71,17 @@ class ShiftingClient:
         self.counts.registrations += 1
 
     async def reset(self) -> bool:
-        """The server's reset, the connector's included, beside running requests."""
+        """The server's reset, the connector's included, beside running requests.  vLLM
+        refuses it (HTTP 500, REFUSED) while a request waits for a connector's load."""
         r = await self.http.post("/reset_prefix_cache",
                                  params={"reset_running_requests": "true",
                                          "reset_external": "true"})
+        self.counts.resets += 1
+        if r.status_code == 500 and REFUSED in r.text:
+            self.counts.resets_refused += 1
+            return False
         assert r.status_code == 200, f"/reset_prefix_cache: {r.status_code} {r.text}"
         ok = bool(r.json().get("success"))
-        self.counts.resets += 1
         self.counts.resets_succeeded += ok
         return ok
 
@@ -89,9 +95,9 @@ class ShiftingClient:
 
     async def complete(self, text: str, modules: list[str] | None, max_tokens: int,
                        abort: str | None = None, abort_at: float = 0.0) -> Served | None:
-        """One completion; None where the client aborted it first ("prefill": gone
-        `abort_at` seconds after sending, before any token; "decode": gone after
-        `abort_at` streamed chunks)."""
+        """One completion; None where the client aborted it first ("timeout": gone
+        `abort_at` seconds after sending, whether the request was prefilling, waiting
+        after a preemption or decoding; "decode": gone after `abort_at` streamed chunks)."""
         self.counts.requests += 1
         if abort == "decode":
             chunks = 0
@@ -106,11 +112,11 @@ class ShiftingClient:
             return None
         post = self.http.post("/v1/completions",
                               json=self.body(text, modules, max_tokens, stream=False))
-        if abort == "prefill":
+        if abort == "timeout":
             try:
                 r = await asyncio.wait_for(post, timeout=abort_at)
             except asyncio.TimeoutError:
-                self.counts.aborted_prefill += 1
+                self.counts.aborted_timeout += 1
                 return None
         else:
             r = await post
