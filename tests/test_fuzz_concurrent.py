@@ -37,10 +37,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import KV_SCALE
 from tests.fuzz.async_engine import (BLOCK, TOKEN_BYTES, AsyncEngine, Counts, Request,
                                      pool_bytes, scoped_env)
-from tests.redis_server import RedisServer, _need_redis
 
 pytestmark = pytest.mark.engine
 
@@ -321,16 +319,13 @@ class ShiftingSide:
 
 
 @pytest.fixture
-def shared_store(tmp_path):
-    """One real Redis and one disk root for every engine of the test; the remote
-    tier's secret in the environment the engines' processes inherit."""
-    _need_redis()
-    server = RedisServer(str(tmp_path)).start()
+def shared_store(store, tmp_path):
+    """One real Redis (conftest's `store`) and one disk root for every engine of the
+    test; the remote tier's secret in the environment the engines' processes inherit."""
     from vllm_promptcache.config import REMOTE_SECRET_ENV
 
     with scoped_env(**{REMOTE_SECRET_ENV: SECRET, "VLLM_SERVER_DEV_MODE": "1"}):
-        yield server.url, str(tmp_path / "kv")
-    server.stop()
+        yield store.url, str(tmp_path / "kv")
 
 
 def test_concurrent_fuzz_with_preemptions_aborts_resets_and_a_shared_store(
