@@ -15,6 +15,11 @@
   its cases had the same; `MachineLoad` records the load average and the CPU time
   other processes took during the run, since a shared machine slows every case (and
   not always alike).
+* **Quiet machine.**  `write_outputs` refuses (exit status 3, nothing written) a
+  result whose run saw other processes use more than `MAX_OTHER_CORES` cores on
+  average: the machine's busy time (/proc/stat) minus this run's process tree's.
+  ``--allow-noisy`` (`add_noisy_arg`) or ``PROMPTCACHE_BENCH_ALLOW_NOISY=1`` writes it
+  anyway, marked ``"noisy": true``: a smoke run, never a result.
 * **KV pool.**  Explicit (``kv_cache_memory_bytes``, `kv_pool_bytes`).  On CPU,
   ``gpu_memory_utilization`` is a share of the NUMA node's memory minus the worker's
   RSS, and node sizes differ between machines (8 of 24 GiB on one of ours): there 0.2
@@ -46,6 +51,10 @@ from vllm_promptcache.cpu_host import (BF16_FLAGS, BINDING_VARS, DTYPES,  # noqa
 # the bench shape in bf16.
 KV_POOL_BYTES = 2 << 30
 KV_BLOCK_TOKENS = 128
+# Refuse results above this many cores of other processes' work, on average over the run.
+MAX_OTHER_CORES = 0.2
+ALLOW_NOISY_ENV = "PROMPTCACHE_BENCH_ALLOW_NOISY"
+NOISY_EXIT = 3
 
 
 def cpu_model() -> str:
@@ -138,8 +147,9 @@ def run_environment(dtype: str, load: MachineLoad, threads: dict[str, list],
     return env
 
 
-def _process_cpu() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds so far) of every process on the machine."""
+def _process_cpu() -> dict[int, tuple[int, float, float]]:
+    """pid -> (parent pid, CPU seconds so far, CPU seconds of its reaped children) of
+    every process on the machine."""
     tick = os.sysconf("SC_CLK_TCK")
     procs = {}
     for name in os.listdir("/proc"):
@@ -150,21 +160,41 @@ def _process_cpu() -> dict[int, tuple[int, float]]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue  # exited meanwhile
-        procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick,
+                            (int(fields[13]) + int(fields[14])) / tick)
     return procs
 
 
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, all CPUs, from /proc/stat:
+    busy = user + nice + system + irq + softirq (guest time is inside user)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    v += [0] * (8 - len(v))
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / tick, v[7] / tick
+
+
 class MachineLoad:
-    """Load from other processes during a run: the load averages at start and end, and
-    the CPU time that processes outside this run's process tree (engines and workers
-    included in the tree) took, sampled from /proc every `interval_s` by a thread."""
+    """Load from other processes during a run, sampled every `interval_s` by a thread.
+
+    Other processes' CPU time = the machine's busy time (/proc/stat, so processes that
+    start and end between two samples count, and kernel work too) minus this run's
+    process tree's: every live process descended from this one (engines, workers,
+    servers, a redis-server started here), each with its own CPU time and that of the
+    children it reaped (so a descendant that exits is not lost).  The per-process sum
+    of everything outside the tree is recorded beside it as a cross-check, and the
+    hypervisor's steal time apart.  Each `phase` (a case) gets its own share.
+    """
 
     def __init__(self, interval_s: float = 2.0) -> None:
         self.start_loadavg = os.getloadavg()
         self.t0 = time.monotonic()
         self.ours = {os.getpid()}
         self.last = _process_cpu()
-        self.own_s = self.others_s = 0.0
+        self.last_machine = _machine_cpu()
+        self.last_own = self._own(self.last)
+        self.own_s = self.others_s = self.others_by_pid_s = self.steal_s = 0.0
         self.phases: dict[str, dict[str, float]] = {}
         self._phase = (None, self.t0, 0.0)
         self._stop = threading.Event()
@@ -172,18 +202,37 @@ class MachineLoad:
         self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
         self._thread.start()
 
+    def _own(self, procs: dict) -> float:
+        return sum(cpu + reaped for pid, (_, cpu, reaped) in procs.items() if pid in self.ours)
+
     def _sample(self) -> None:
         now = _process_cpu()
-        for pid, (ppid, _) in sorted(now.items()):
+        machine = _machine_cpu()
+        for pid, (ppid, _, _) in sorted(now.items()):
             if ppid in self.ours:
                 self.ours.add(pid)
-        for pid, (_, cpu) in now.items():
-            delta = cpu - self.last.get(pid, (0, 0.0))[1]
-            if pid in self.ours:
-                self.own_s += delta
-            else:
-                self.others_s += delta
-        self.last = now
+        self.ours &= set(now)  # pids that are gone may be reused by others
+        self.ours.add(os.getpid())
+        for pid, (_, cpu, _) in now.items():
+            if pid not in self.ours:
+                self.others_by_pid_s += max(0.0, cpu - self.last.get(pid, (0, 0.0, 0.0))[1])
+        own = self._own(now)
+        own_delta = own - self.last_own
+        busy_delta = machine[0] - self.last_machine[0]
+        self.own_s += own_delta
+        self.others_s += max(0.0, busy_delta - own_delta)
+        self.steal_s += machine[1] - self.last_machine[1]
+        self.last, self.last_machine, self.last_own = now, machine, own
+
+    def others_cores_now(self, seconds: float = 3.0) -> float:
+        """Other processes' cores averaged over the next `seconds` (a pre-check)."""
+        with self._lock:
+            self._sample()
+            before, t = self.others_s, time.monotonic()
+        time.sleep(seconds)
+        with self._lock:
+            self._sample()
+            return (self.others_s - before) / max(1e-9, time.monotonic() - t)
 
     def phase(self, name: str | None) -> None:
         """Close the current phase (e.g. one case's engine) and start `name`: each
@@ -210,6 +259,7 @@ class MachineLoad:
         self._thread.join()
         self.phase(None)
         wall = time.monotonic() - self.t0
+        per_s = (lambda x: round(x / wall, 2) if wall > 0 else 0.0)
         cores = self.others_s / wall if wall > 0 else 0.0
         return {
             "loadavg_start": [round(x, 2) for x in self.start_loadavg],
@@ -218,11 +268,69 @@ class MachineLoad:
             "this_run_cpu_s": round(self.own_s, 1),
             "other_processes_cpu_s": round(self.others_s, 1),
             "other_processes_cores": round(cores, 2),
+            "other_processes_cores_by_pid": per_s(self.others_by_pid_s),
+            "steal_cores": per_s(self.steal_s),
             "other_processes_cores_per_phase": self.phases,
-            # A tenth of a core of foreign work on average.  Not the load average: at
-            # start it still holds the previous bench run's own load.
-            "shared_machine": cores > 0.1,
+            "max_other_cores": MAX_OTHER_CORES,
+            # Not the load average: at start it still holds the previous run's own load.
+            "shared_machine": cores > MAX_OTHER_CORES,
         }
+
+
+def add_noisy_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--allow-noisy", action="store_true",
+                    help=f"write the results even when other processes used more than "
+                         f"{MAX_OTHER_CORES} cores during the run, marked noisy (smoke "
+                         f"runs; also {ALLOW_NOISY_ENV}=1)")
+
+
+def allow_noisy(flag: bool = False) -> bool:
+    return flag or os.environ.get(ALLOW_NOISY_ENV, "") not in ("", "0")
+
+
+def precheck_quiet(load: "MachineLoad", allowed: bool, seconds: float = 5.0) -> None:
+    """Refuse to start a long run on a machine already busy (the result would be
+    refused at the end anyway); with `allowed`, only warn."""
+    cores = load.others_cores_now(seconds)
+    if cores <= MAX_OTHER_CORES:
+        return
+    msg = (f"other processes use {cores:.2f} cores (over {seconds:g} s), more than "
+           f"{MAX_OTHER_CORES}: the results would be refused")
+    if not allowed:
+        raise SystemExit(f"{msg}. Run on a quiet machine, or pass --allow-noisy for a smoke "
+                         f"run (its results are marked noisy).")
+    print(f"WARNING: {msg}; --allow-noisy: they will be written, marked noisy",
+          file=sys.stderr, flush=True)
+
+
+def quiet_guard(payload: dict, allowed: bool) -> str | None:
+    """None when the run's machine load is within MAX_OTHER_CORES (or none was
+    measured); else the note that marks the results noisy, where `allowed`.  Exits
+    with NOISY_EXIT where not."""
+    load = (payload.get("environment") or {}).get("machine_load")
+    if not load:
+        return None
+    cores = load.get("other_processes_cores", 0.0)
+    loud = {k: v["other_processes_cores"]
+            for k, v in (load.get("other_processes_cores_per_phase") or {}).items()
+            if v.get("other_processes_cores", 0.0) > MAX_OTHER_CORES}
+    if loud:
+        load["noisy_phases"] = loud
+    if cores <= MAX_OTHER_CORES:
+        load["noisy"] = payload["noisy"] = False
+        return None
+    note = (f"NOISY: other processes used {cores} cores on average during this run "
+            f"(more than {MAX_OTHER_CORES}); a smoke run, not a result")
+    if not allowed:
+        print(f"REFUSED: other processes used {cores} cores on average during this run "
+              f"(more than {MAX_OTHER_CORES}; per phase: "
+              f"{ {k: v['other_processes_cores'] for k, v in (load.get('other_processes_cores_per_phase') or {}).items()} }"
+              f"). Nothing written. Rerun on a quiet machine, or pass --allow-noisy / set "
+              f"{ALLOW_NOISY_ENV}=1 for a smoke run (marked noisy).", file=sys.stderr, flush=True)
+        raise SystemExit(NOISY_EXIT)
+    load["noisy"] = payload["noisy"] = True
+    print(f"WARNING: {note}", file=sys.stderr, flush=True)
+    return note
 
 
 def environment(dtype: str, device: str = "cpu") -> dict[str, Any]:
@@ -325,9 +433,14 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def write_outputs(out_json: Path, payload: dict, table_md: str,
-                  chart: Callable[[Path], None] | None) -> None:
+                  chart: Callable[[Path], None] | None, noisy_ok: bool = False) -> None:
     """JSON at `out_json`, the table beside it (.md) and the chart (.png): `chart` is
-    called with the PNG's path (e.g. a `functools.partial` of `line_chart`)."""
+    called with the PNG's path (e.g. a `functools.partial` of `line_chart`).  A run
+    whose machine was not quiet (`quiet_guard`) is refused unless `noisy_ok` (or
+    PROMPTCACHE_BENCH_ALLOW_NOISY=1), and then marked noisy in all three."""
+    note = quiet_guard(payload, allow_noisy(noisy_ok))
+    if note:
+        table_md = f"**{note}**\n\n{table_md}"  # the chart's footnote says it too
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(payload, indent=1, default=str) + "\n")
@@ -345,10 +458,12 @@ def provenance_line(env: dict[str, Any]) -> str:
         t = f", {first.get('torch_threads')} worker thread(s) on CPU {first.get('affinity')}"
     load = env.get("machine_load", {})
     shared = ""
+    if load.get("noisy"):
+        shared = "; NOISY (a smoke run, not a result)"
     if load.get("shared_machine"):
         phases = load.get("other_processes_cores_per_phase") or {}
         each = ", ".join(f"{k} {v['other_processes_cores']}" for k, v in phases.items())
-        shared = (f"; machine shared: other processes used {load['other_processes_cores']} "
+        shared += (f"; machine shared: other processes used {load['other_processes_cores']} "
                   f"cores on average" + (f" ({each})" if len(phases) > 1 else ""))
     vllm = env.get("vllm") or ("vllm", "?")
     return (f"{env['cpu_model']} ({env['cpu_count']} cores), {env['dtype']}{t}, "

@@ -5,9 +5,12 @@ Real deployments run several vLLM replicas behind a load balancer, and a
 conversation's next turn often lands on another replica than its last.  Here N
 conversations of T turns each run concurrently (closed loop: a turn is sent a think
 time after the previous answer is out), and turn t of conversation i goes to server
-(i + t) mod 2, so every conversation alternates between the two servers.  Three
-cases, each on two fresh servers started for it (``python -m vllm_promptcache serve``,
-the benchmark shape with dummy weights, vLLM's KV pool limited to ``--gpu-blocks``):
+(i + t) mod 2, so every conversation alternates between the two servers
+(``--routing sticky``: conversation i stays on server i mod 2, as a gateway with session
+affinity routes).  Cases, each on two fresh servers started for it (``python -m
+vllm_promptcache serve``, the benchmark shape with dummy weights or ``--model tiny``, the
+cheap-prefill case, where recomputing costs about what loading does; vLLM's KV pool
+limited to ``--gpu-blocks``); the default runs the first three:
 
 * ``prefix``  vLLM's prefix cache only, no plugin (the baseline of the ratios).
 * ``local``   the plugin with per-instance tiers: host + disk, each server in its own
@@ -16,28 +19,45 @@ the benchmark shape with dummy weights, vLLM's KV pool limited to ``--gpu-blocks
               here on a free port (no persistence), both servers on
               ``--promptcache-remote-url redis://127.0.0.1:PORT/0`` with the same
               secret (``PROMPTCACHE_REMOTE_SECRET``).
+* ``remote_slow`` the same, the store behind ``bench/slow_proxy.py``: every reply
+              ``--remote-delay-ms`` (40) late, a store slower than recomputing on the
+              tiny model.  The plugin should recompute rather than wait.
+* ``session_noid`` per-instance tiers, each server's host tier a quarter
+              (``--session-host-share``) of the working set of the conversations it
+              serves under sticky routing (half of all), disk on, no conversation ids.
+* ``session`` the same, every request with ``X-Session-ID: conversation-i`` (what
+              vLLM's multi-turn client sends with ``--send-conversation-id``; vLLM 0.32
+              reads it into the request's ``session_id``).
+* ``session_fullhost`` the same with ids, each host tier holding all it serves.
 
 Requests are token-id completions, streamed; the answer's token ids come back
 (``return_token_ids``) and are part of the next turn's prompt, as a chat client's
 history would be.  Reported per case:
 
-* TTFT p50 / p99: from sending the request to the first streamed token, at the
-  client (queueing included).  With the default 32 requests p99 is about the maximum.
+* TTFT p50 / p90 / p99, over all turns and later turns only: from sending the request
+  to the first streamed token, at the client (queueing included).  With the default 32
+  requests p99 is about the maximum.
 * hit rate: ``vllm:promptcache_hit_tokens_total{tier}`` over ``vllm:prompt_tokens_total``
   from both servers' ``/metrics`` (differences over the workload, warm-up excluded),
   and vLLM's own ``vllm:prefix_cache_hits_total`` over the same denominator.
 * prefill tokens saved: ``vllm:prompt_tokens_cached_total`` (vLLM's prefix cache and
-  the connector together), so prefill tokens computed = prompt - saved.
+  the connector together), so prefill tokens computed = prompt - saved, against the
+  minimum the conversations allow (every turn after the first reuses the full blocks
+  of its previous turn's prompt and answer, wherever it ran).
 
-Ratios are against ``prefix`` in the same run.  Every server gets the same OpenMP
-binding and dtype (``bench/common.py``); the CPUs each server's threads are bound to
-are read from /proc and recorded.  Timings are never asserted anywhere.
+Ratios are against ``prefix`` (and ``session_fullhost``) in the same run.  Every
+server gets the same OpenMP binding and dtype (``bench/common.py``); the CPUs each
+server's threads are bound to are read from /proc and recorded.  Results are refused
+when other processes used more than 0.2 cores during the run (``--allow-noisy``: a
+smoke run, marked noisy).  Timings are never asserted anywhere.
 
 Run:
 
     python bench/multi_instance.py                 # 8 conversations x 4 turns
-    python bench/multi_instance.py --quick         # 4 x 2, a smoke run
+    python bench/multi_instance.py --quick --allow-noisy --out /tmp/mi.json   # 6 x 2, smoke run
     python bench/multi_instance.py --cases prefix,remote --conversations 12
+    python bench/multi_instance.py --model tiny --cases prefix,local,remote,remote_slow
+    python bench/multi_instance.py --routing sticky --cases prefix,session_noid,session,session_fullhost
 
 Needs ``redis-server`` on the PATH for the ``remote`` case.  Results:
 ``bench/results/multi-instance-cpu.json``, ``.md`` and ``.png`` (TTFT p50/p99 per case).
@@ -68,11 +88,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import common  # noqa: E402
-from multi_turn import lognormal_len, percentile  # noqa: E402
+from multi_turn import (SlowStore, block_bytes_of, lognormal_len,  # noqa: E402
+                        percentiles, working_set_blocks)
 
 TOKEN_LO = 10  # token ids are drawn from [TOKEN_LO, the model's vocabulary size)
-CASES = ("prefix", "local", "remote")
+CASES = ("prefix", "local", "remote", "remote_slow", "session_noid", "session",
+         "session_fullhost")
+DEFAULT_CASES = CASES[:3]
+REMOTE_CASES = ("remote", "remote_slow")
+SESSION_CASES = ("session_noid", "session", "session_fullhost")
+ID_CASES = ("session", "session_fullhost")  # requests carry X-Session-ID
 BASELINE = "prefix"
+REFERENCES = (BASELINE, "session_fullhost")
 SERVERS = 2
 SECRET_ENV = "PROMPTCACHE_REMOTE_SECRET"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "multi-instance-cpu.json"
@@ -166,7 +193,7 @@ class Server:
         procs = common._process_cpu()
         tree, grew = {self.proc.pid}, True
         while grew:
-            more = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
+            more = {pid for pid, (ppid, *_) in procs.items() if ppid in tree} - tree
             tree |= more
             grew = bool(more)
         counts: dict[str, int] = {}
@@ -182,7 +209,12 @@ class Server:
                 except (OSError, AttributeError):
                     continue
                 counts[cpus] = counts.get(cpus, 0) + 1
-        narrow = min(counts, key=lambda c: (len(common.cpu_set(c)), c)) if counts else ""
+        # vLLM binds the worker's OpenMP threads inside VLLM_CPU_OMP_THREADS_BIND; a
+        # thread bound elsewhere (the plugin's load thread, on a CPU they leave free) is
+        # not one of them.
+        omp = common.cpu_set(os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or "")
+        inside = [c for c in counts if not omp or common.cpu_set(c) <= omp] or list(counts)
+        narrow = min(inside, key=lambda c: (len(common.cpu_set(c)), c)) if inside else ""
         affinity = sorted(common.cpu_set(narrow))
         # vLLM's CPU worker runs one OpenMP thread per CPU of its binding.
         return {"affinity": affinity, "torch_threads": len(affinity),
@@ -204,12 +236,23 @@ def server_argv(case: str, model: str, port: int, args, disk_dir: str,
     if args.device == "cpu":
         argv.append("--enforce-eager")
     if case != "prefix":
-        argv += ["--promptcache", "--promptcache-host-gb", str(args.host_gb),
+        argv += ["--promptcache", "--promptcache-host-gb", f"{host_gb_for(case, args):.6g}",
                  "--promptcache-disk-gb", str(args.disk_gb), "--promptcache-disk-path", disk_dir]
-    if case == "remote":
+    if case in REMOTE_CASES:
         argv += ["--promptcache-remote-url", remote_url,
                  "--promptcache-remote-timeout-ms", str(args.remote_timeout_ms)]
     return argv
+
+
+def host_gb_for(case: str, args) -> float:
+    """Each server's host tier: --host-gb, or for the session cases a share of the
+    working set of the conversations one server serves under sticky routing (set by
+    main as args.working_set_bytes, all conversations)."""
+    ws = getattr(args, "working_set_bytes", None)
+    if ws is None or case not in SESSION_CASES:
+        return args.host_gb
+    share = 1.25 if case == "session_fullhost" else args.session_host_share  # + headroom
+    return max(ws / SERVERS * share, 2 * args.block_bytes) / 2**30
 
 
 def start_redis(directory: str):
@@ -225,7 +268,7 @@ def start_redis(directory: str):
 # ---------------------------------------------------------------------------
 
 def stream_completion(server: Server, model: str, prompt: list[int], max_tokens: int,
-                      salt: str | None = None) -> dict:
+                      salt: str | None = None, session: str | None = None) -> dict:
     """One streamed token-id completion: TTFT at the client, the answer's token ids,
     and the usage vLLM reports (cached tokens with --enable-prompt-tokens-details)."""
     import requests
@@ -235,10 +278,12 @@ def stream_completion(server: Server, model: str, prompt: list[int], max_tokens:
             "stream_options": {"include_usage": True}}
     if salt:
         body["cache_salt"] = salt
+    # The conversation id as vLLM's multi-turn client sends it (--send-conversation-id).
+    headers = {"X-Session-ID": session} if session else None
     t0 = time.perf_counter()
     ttft, tokens, usage = None, [], None
     with requests.post(server.base + "/v1/completions", json=body, stream=True,
-                       timeout=600) as r:
+                       headers=headers, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -269,7 +314,8 @@ def warm_up(server: Server, model: str, seed: int, vocab: int) -> None:
 
 
 def run_conversations(servers: list[Server], model: str, convs: list[dict],
-                      think_s: float) -> tuple[list[dict], float]:
+                      think_s: float, routing: str = "alternate",
+                      send_ids: bool = False) -> tuple[list[dict], float]:
     records, lock = [], threading.Lock()
     errors: list[BaseException] = []
     t0 = time.perf_counter()
@@ -283,11 +329,13 @@ def run_conversations(servers: list[Server], model: str, convs: list[dict],
                 if t:
                     time.sleep(c["think_s"][t] * think_s)
                 history += user
-                server = servers[(i + t) % len(servers)]
-                out = stream_completion(server, model, history, c["answers"][t])
+                server = servers[(i + (t if routing == "alternate" else 0)) % len(servers)]
+                out = stream_completion(server, model, history, c["answers"][t],
+                                        session=f"conversation-{i}" if send_ids else None)
                 with lock:
                     records.append({"conversation": i, "turn": t, "server": server.name,
                                     "prompt_tokens": len(history),
+                                    "answer_tokens": len(out["tokens"]),
                                     "cached_tokens": out["cached_tokens"],
                                     "ttft_s": out["ttft_s"], "latency_s": out["latency_s"]})
                 history += out["tokens"]
@@ -391,6 +439,10 @@ def run_case(case: str, model: str, convs: list[dict], args, workdir: Path, voca
             store = start_redis(tempfile.mkdtemp(prefix="redis-", dir=workdir))
             remote_url = store.url
             env[SECRET_ENV] = args.secret
+        elif case == "remote_slow":
+            store = SlowStore(args.remote_delay_ms)
+            remote_url = store.url
+            env[SECRET_ENV] = args.secret
         for k in range(SERVERS):
             name = "AB"[k]
             port = free_port()
@@ -405,12 +457,15 @@ def run_case(case: str, model: str, convs: list[dict], args, workdir: Path, voca
         for k, s in enumerate(servers):
             warm_up(s, model, seed=1000 + k, vocab=vocab)
         before = [settled_scrape(s, model) for s in servers]
-        records, wall = run_conversations(servers, model, convs, args.think_s)
+        records, wall = run_conversations(servers, model, convs, args.think_s,
+                                          args.routing, case in ID_CASES)
         after = [settled_scrape(s, model) for s in servers]
         per_server = {s.name: metric_delta(b, a) for s, b, a in zip(servers, before, after)}
         plugin = {s.name: a["promptcache"] for s, a in zip(servers, after)}
         store_info = None
-        if store is not None:
+        if isinstance(store, SlowStore):
+            store_info = store.stats()
+        elif store is not None:
             info = store.client().info()
             store_info = {"keys": store.client().dbsize(),
                           "used_memory_bytes": info.get("used_memory"),
@@ -422,7 +477,8 @@ def run_case(case: str, model: str, convs: list[dict], args, workdir: Path, voca
                 "engine_threads": [{k: b[k] for k in ("affinity", "torch_threads")}
                                    for b in binding.values()],
                 "threads_per_cpu_list": {k: b["threads_per_cpu_list"] for k, b in binding.items()},
-                "store": store_info}
+                "store": store_info,
+                "host_gb_per_server": host_gb_for(case, args) if case != "prefix" else None}
     except BaseException:
         for s in servers:
             log(f"--- {s.log_path} (kept)\n{s.tail()}")
@@ -435,21 +491,29 @@ def run_case(case: str, model: str, convs: list[dict], args, workdir: Path, voca
 
 
 def summarize(case: str, records: list[dict], wall: float, m: dict) -> dict:
+    from multi_turn import min_computed
+
     ttfts = [r["ttft_s"] for r in records]
     later = [r["ttft_s"] for r in records if r["turn"] > 0]
     prompt = m["vllm:prompt_tokens_total"]
     saved = m["vllm:prompt_tokens_cached_total"]
     hits = m["promptcache_hit_tokens"]
     rate = (lambda x: x / prompt if prompt else 0.0)
+    minimum, new_tokens = min_computed(records)
+    all_p, later_p = percentiles(ttfts), percentiles(later)
     return {
         "case": case, "requests": len(records), "wall_s": wall,
-        "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": percentile(ttfts, 0.99),
+        "ttft_p50_s": all_p["p50"], "ttft_p90_s": all_p["p90"], "ttft_p99_s": all_p["p99"],
         "ttft_mean_s": statistics.fmean(ttfts),
-        "ttft_later_turns_p50_s": statistics.median(later) if later else None,
+        "ttft_later_turns_p50_s": later_p["p50"], "ttft_later_turns_p90_s": later_p["p90"],
+        "ttft_later_turns_p99_s": later_p["p99"],
         "prompt_tokens": prompt,
         "client_prompt_tokens": sum(r["prompt_tokens"] for r in records),
         "prefill_tokens_saved": saved,
         "prefill_tokens_computed": prompt - saved,
+        "prefill_tokens_minimum": minimum,
+        "prefill_tokens_new": new_tokens,
+        "prefill_computed_vs_minimum": (prompt - saved) / minimum if minimum else None,
         "client_cached_tokens": sum(r["cached_tokens"] or 0 for r in records),
         "vllm_prefix_hit_tokens": m["vllm:prefix_cache_hits_total"],
         "promptcache_hit_tokens": hits,
@@ -461,16 +525,25 @@ def summarize(case: str, records: list[dict], wall: float, m: dict) -> dict:
     }
 
 
+TTFT_KEYS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_later_turns_p50_s",
+             "ttft_later_turns_p90_s", "ttft_later_turns_p99_s")
+
+
 def add_ratios(results: dict[str, dict]) -> None:
+    """r[f"{key}_vs_{ref}"] for every TTFT percentile and reference case present, and
+    the prefill saved and computed against the baseline's."""
+    for ref in REFERENCES:
+        base = results.get(ref)
+        if base is None:
+            continue
+        for r in results.values():
+            for key in TTFT_KEYS:
+                if r.get(key) is not None and base.get(key):
+                    r[f"{key[:-2]}_vs_{ref}"] = r[key] / base[key]
     base = results.get(BASELINE)
     if base is None:
         return
     for r in results.values():
-        r["ttft_p50_vs_prefix"] = r["ttft_p50_s"] / base["ttft_p50_s"]
-        r["ttft_p99_vs_prefix"] = r["ttft_p99_s"] / base["ttft_p99_s"]
-        if base["ttft_later_turns_p50_s"] and r["ttft_later_turns_p50_s"]:
-            r["ttft_later_turns_p50_vs_prefix"] = (r["ttft_later_turns_p50_s"]
-                                                   / base["ttft_later_turns_p50_s"])
         if base["prefill_tokens_saved"]:
             r["prefill_saved_vs_prefix"] = r["prefill_tokens_saved"] / base["prefill_tokens_saved"]
         if base["prefill_tokens_computed"]:
@@ -478,28 +551,42 @@ def add_ratios(results: dict[str, dict]) -> None:
                                                / base["prefill_tokens_computed"])
 
 
+def decisions(r: dict) -> str:
+    """Both servers' load_decisions_total as 'tier decision n' items, or '-'."""
+    total: dict[str, float] = {}
+    for snap in (r.get("plugin_metrics_end") or {}).values():
+        for k, v in (snap.get("load_decisions_total") or {}).items():
+            total[k] = total.get(k, 0.0) + v
+    return ", ".join(f"{k.replace(',', ' ')} {int(v)}" for k, v in sorted(total.items())
+                     if v) or "-"
+
+
 def table(results: dict[str, dict]) -> str:
-    lines = [
-        "| case | TTFT p50 | TTFT p99 | later turns p50 | p50 vs prefix | p99 vs prefix | "
-        "later p50 vs prefix | hit rate host | hit rate disk | hit rate remote | "
-        "vLLM prefix hit rate | prefill saved | saved vs prefix | computed vs prefix |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    secs = (lambda v: f"{v:.3f}" if v is not None else "-")
+    ratio = (lambda v: f"{v:.2f}x" if v is not None else "-")
+    three = (lambda r, keys, fmt: " / ".join(fmt(r.get(k)) for k in keys))
+    refs = [ref for ref in REFERENCES if ref in results]
+    headers = ["case", "TTFT p50 / p90 / p99 (s)", "later turns p50 / p90 / p99 (s)"]
+    for ref in refs:
+        headers += [f"vs {ref}: p50 / p90 / p99", f"later turns vs {ref}"]
+    headers += ["hit rate host / disk / remote", "vLLM prefix hit rate", "prefill saved",
+                "prefill computed / minimum", "computed vs prefix", "load decisions"]
+    rows = []
     for case, r in results.items():
-        def ratio(name):
-            v = r.get(name)
-            return f"{v:.2f}x" if v is not None else "-"
         hr = r["hit_rate"]
         pct = (lambda k: f"{100 * hr.get(k, 0.0):.1f}%")
-        lines.append(
-            f"| {case} | {r['ttft_p50_s']:.3f} s | {r['ttft_p99_s']:.3f} s | "
-            f"{r['ttft_later_turns_p50_s']:.3f} s | {ratio('ttft_p50_vs_prefix')} | "
-            f"{ratio('ttft_p99_vs_prefix')} | {ratio('ttft_later_turns_p50_vs_prefix')} | "
-            f"{pct('promptcache_host')} | {pct('promptcache_disk')} | {pct('promptcache_remote')} | "
-            f"{pct('vllm_prefix')} | {r['prefill_tokens_saved']:.0f} of {r['prompt_tokens']:.0f} "
-            f"({pct('saved')}) | {ratio('prefill_saved_vs_prefix')} | "
-            f"{ratio('prefill_computed_vs_prefix')} |")
-    return "\n".join(lines)
+        row = [case, three(r, TTFT_KEYS[:3], secs), three(r, TTFT_KEYS[3:], secs)]
+        for ref in refs:
+            row += [three(r, tuple(f"{k[:-2]}_vs_{ref}" for k in TTFT_KEYS[:3]), ratio),
+                    three(r, tuple(f"{k[:-2]}_vs_{ref}" for k in TTFT_KEYS[3:]), ratio)]
+        row += [f"{pct('promptcache_host')} / {pct('promptcache_disk')} / "
+                f"{pct('promptcache_remote')}", pct("vllm_prefix"),
+                f"{r['prefill_tokens_saved']:.0f} of {r['prompt_tokens']:.0f} ({pct('saved')})",
+                f"{r['prefill_tokens_computed']:.0f} / {r['prefill_tokens_minimum']} "
+                f"({ratio(r.get('prefill_computed_vs_minimum'))})",
+                ratio(r.get("prefill_computed_vs_prefix")), decisions(r)]
+        rows.append(row)
+    return common.markdown_table(headers, rows)
 
 
 def chart(png: Path, results: dict[str, dict], footnote: str) -> None:
@@ -535,6 +622,14 @@ def main() -> None:
                          "shape in bf16)")
     ap.add_argument("--host-gb", type=float, default=0.25)
     ap.add_argument("--disk-gb", type=float, default=2.0)
+    ap.add_argument("--session-host-share", type=float, default=0.25,
+                    help="session_noid and session: each server's host tier as a share of "
+                         "the working set of the conversations it serves (sticky: half)")
+    ap.add_argument("--routing", choices=("alternate", "sticky"), default="alternate",
+                    help="alternate: turn t of conversation i on server (i + t) mod 2; "
+                         "sticky: conversation i on server i mod 2")
+    ap.add_argument("--remote-delay-ms", type=float, default=40.0,
+                    help="remote_slow: the delay added to every reply of the store")
     ap.add_argument("--remote-timeout-ms", type=int, default=200,
                     help="remote lookups slower than this are misses (the plugin's default "
                          "is 50; a loaded 2-core machine needs more)")
@@ -542,15 +637,20 @@ def main() -> None:
     ap.add_argument("--model", choices=("bench", "tiny"), default="bench",
                     help="bench: 24 layers, hidden 896, dummy weights; tiny: 2 layers")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                    help=f"comma-separated, of: {', '.join(CASES)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start-timeout-s", type=float, default=600)
-    ap.add_argument("--quick", action="store_true", help="4 conversations x 2 turns")
+    ap.add_argument("--quick", action="store_true",
+                    help="6 conversations x 2 turns, think time 0.5 s, --max-model-len 2048, "
+                         "--gpu-blocks 17: a smoke run")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     common.add_dtype_arg(ap)
+    common.add_noisy_arg(ap)
     args = ap.parse_args()
     if args.quick:
-        args.conversations, args.turns = 4, 2
+        args.conversations, args.turns, args.think_s = 6, 2, 0.5
+        args.max_model_len, args.gpu_blocks = 2048, 17  # a pool under the working set
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(CASES)
     if unknown:
@@ -560,6 +660,7 @@ def main() -> None:
 
     args.dtype = common.setup(args.dtype, args.device)
     load = common.MachineLoad()
+    common.precheck_quiet(load, common.allow_noisy(args.allow_noisy))
 
     from vllm_promptcache.tiny_model import build_model
 
@@ -572,6 +673,13 @@ def main() -> None:
     if longest > args.max_model_len:
         ap.error(f"the longest conversation has {longest} tokens, over --max-model-len "
                  f"{args.max_model_len}: raise it (and --gpu-blocks to hold it) or shorten turns")
+    ws_blocks = working_set_blocks(convs)
+    args.block_bytes = block_bytes_of(model, args.dtype)
+    args.working_set_bytes = ws_blocks * args.block_bytes
+    if ws_blocks / (SERVERS if args.routing == "sticky" else 1) < args.gpu_blocks:
+        log(f"WARNING: the working set ({ws_blocks} blocks) fits each server's vLLM pool "
+            f"({args.gpu_blocks} blocks, routing {args.routing}): vLLM's prefix cache may "
+            f"serve what the plugin's tiers would")
     workdir = Path(tempfile.mkdtemp(prefix="promptcache-multi-instance-"))
     results = {}
     for case in cases:  # a failed case leaves `workdir` (the servers' logs) behind
@@ -579,9 +687,12 @@ def main() -> None:
         load.phase(case)
         results[case] = r = run_case(case, model, convs, args, workdir, vocab)
         hr = r["hit_rate"]
-        log(f"   TTFT p50 {r['ttft_p50_s']:.3f}s p99 {r['ttft_p99_s']:.3f}s, "
+        log(f"   TTFT p50 {r['ttft_p50_s']:.3f}s p99 {r['ttft_p99_s']:.3f}s, later turns p50 "
+            f"{r['ttft_later_turns_p50_s'] or 0:.3f}s p90 {r['ttft_later_turns_p90_s'] or 0:.3f}s, "
             f"saved {100 * hr['saved']:.1f}% of prefill, plugin hit rate "
-            f"{100 * hr['promptcache_all']:.1f}%, wall {r['wall_s']:.0f}s")
+            f"{100 * hr['promptcache_all']:.1f}% ({hr}), computed "
+            f"{r['prefill_tokens_computed']:.0f} of minimum {r['prefill_tokens_minimum']}, "
+            f"decisions {decisions(r)}, wall {r['wall_s']:.0f}s")
     shutil.rmtree(workdir, ignore_errors=True)
     add_ratios(results)
     env = common.run_environment(args.dtype, load,
@@ -592,25 +703,42 @@ def main() -> None:
     doc = {
         "benchmark": "multi_instance",
         "environment": env,
-        "config": {**config, "servers": SERVERS, "routing": "turn t of conversation i on server (i + t) mod 2",
+        "config": {**config, "servers": SERVERS, "working_set_blocks": ws_blocks,
+                   "routing_rule": ("turn t of conversation i on server (i + t) mod 2"
+                                    if args.routing == "alternate"
+                                    else "conversation i on server i mod 2"),
                    "model_shape": ("bench (24 layers, hidden 896, 2 KV heads, dummy weights)"
                                    if args.model == "bench" else "tiny (2 layers)")},
         "results": results,
     }
     where = common.provenance_line(env)
+    routing = ("turn t of conversation i on server (i + t) mod 2 (every turn after the "
+               "first lands on the other server)" if args.routing == "alternate" else
+               "conversation i on server i mod 2 (sticky)")
+    session = ""
+    if any(c in results for c in SESSION_CASES):
+        session = (f" Session cases: each server's host tier "
+                   f"{host_gb_for('session', args) * 1024:.1f} MiB ({args.session_host_share:g}"
+                   f" of the working set it serves), session_fullhost "
+                   f"{host_gb_for('session_fullhost', args) * 1024:.1f} MiB.")
+    if "remote_slow" in results:
+        session += f" remote_slow: every store reply {args.remote_delay_ms:g} ms late."
     md = (f"# Multi-instance benchmark ({env['date']})\n\n"
-          f"Two OpenAI servers, {args.conversations} conversations x {args.turns} turns, turn t "
-          f"of conversation i on server (i + t) mod 2 (every turn after the first lands on the "
-          f"other server); think time median {args.think_s} s, max_num_seqs "
+          f"Two OpenAI servers, model {doc['config']['model_shape']}, {args.conversations} "
+          f"conversations x {args.turns} turns, {routing}; working set about {ws_blocks} "
+          f"blocks of {args.block_bytes / 2**20:g} MiB; think time median {args.think_s} s, max_num_seqs "
           f"{args.max_num_seqs}, vLLM pool {args.gpu_blocks} blocks per server, host tier "
           f"{args.host_gb} GiB and disk {args.disk_gb} GiB per server (own directories), remote: "
-          f"one redis-server shared by both. TTFT at the client (streamed, queueing included); "
+          f"one redis-server shared by both.{session} TTFT at the client (streamed, queueing "
+          f"included), later turns: every turn after a conversation's first; "
           f"hit rates are tokens over `vllm:prompt_tokens_total` of both servers; prefill "
           f"saved is `vllm:prompt_tokens_cached_total` (vLLM prefix cache + plugin). On {where}; "
-          f"every server on the same thread binding and dtype. Ratios are against `prefix` "
-          f"in the same run.\n\n" + table(results) + "\n")
+          f"every server on the same thread binding and dtype. Ratios are against cases of "
+          f"the same run; the prefill minimum reuses each previous turn's full blocks.\n\n"
+          + table(results) + "\n")
     common.write_outputs(args.out, doc, md,
-                         functools.partial(chart, results=results, footnote=where))
+                         functools.partial(chart, results=results, footnote=where),
+                         noisy_ok=args.allow_noisy)
     print(table(results))
 
 
