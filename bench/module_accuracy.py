@@ -1,58 +1,57 @@
-"""Accuracy of prompt-module reuse against a full prefill, on a real small model.
+"""Answer quality of reused KV against a full prefill, on a real model that answers.
 
-Prompt Cache encodes each module on its own, so a document's cached KV never
-attended to the modules before it in a new prompt.  This measures what that
-costs, on doc-QA style prompts built from real English text:
+The model is SmolLM2-135M-Instruct (vllm_promptcache/real_model.py); the task is the
+seeded synthetic fact-QA set (vllm_promptcache/fact_qa.py): short documents of
+invented facts (people, bridges, ships, companies), questions whose answers appear verbatim in exactly one of them.
+Each of the set's questions is asked over four documents (its own among them), in a
+chat prompt: the model's chat head with the instructions, the documents, then the
+question (calibration.chat_parts).  The documents and the head are prompt modules,
+each encoded once on its own (Prompt Cache).  The shape of the RAG workloads of
+CacheBlend and EPIC.  Settings, all on one engine with vLLM's prefix cache off, so
+every setting sees exactly the KV it names:
 
-    [BOS] [instructions] [doc 1] [doc 2] [doc 3] Question: which words follow
-    "<a quote from one document>"?  Answer: <the next words of that document>
+* ``full prefill``              promptcache_load=false: the reference;
+* ``exact reuse``               the same prompt after it was served once: a prefix hit
+  on its own saved KV (must give the full prefill's answers);
+* ``shifted, ratio r``          documents in shuffled order, every module loaded at its
+  new position (RoPE-shifted), with the boundary fix recomputing the last r of the
+  loaded run (r = 0: no fix);
+* ``labelled, encoded gaps``    a label before each document (``Document 2:``), the
+  labels encoded as the layout's gaps (modules/layout.py), then everything loaded;
+* ``PML parameter``             the documents in a PML schema (modules/pml.py); a prompt
+  selects four of them (schema order, so the others' absence shifts them) and passes
+  the question as a parameter's argument;
+* ``truncation reuse``          the conversation held one more document first, and was
+  served (its KV stored); the client dropped that oldest document, as it must once a
+  chat outgrows the window, and asks: the kept documents load from the stored run at
+  their new positions, KV that attended to the dropped one (CachedAttention).
 
-The model is `models/docs-llama` (trained on documentation that ships with this
-machine, see models/README.md); the documents are held-out ones it never saw
-(models/build_corpus.py).  Each example is scored in three layouts -- the modules
-as registered (schema order), shuffled, and shuffled with a label before each
-document (``Document 2 of 3, "<its first words>":``, the words an argument of the
-label) and a separator (``---``) between documents -- and these modes:
+Scores, on the greedy answer (24 tokens): exact match (the gold span in the answer,
+SQuAD-normalised), token F1 against the gold answer, and the share of answers equal
+to the full prefill's.  CacheBlend's bound: F1 within 0.02 of the full prefill; the
+table also holds exact match to it (as `calibrate` does), since F1 moves with wording.  With
+``--ttft``, the time to first token of one request at a time for the full prefill, the
+exact hit and shifted reuse at each ratio (first 8 prompts, a median).  The dtype is
+picked from the CPU (``--dtype`` overrides); it, the CPU, the thread binding
+(``bench/common.py``) and the machine's load are recorded.
 
-* ``full``          promptcache_load=false: everything prefilled (the reference);
-* ``cached``        every module loaded at its position (RoPE-shifted);
-* ``cached + fix``  the boundary fix: the last `--fix-ratio` of the found run is
-  prefilled instead of loaded (`promptcache_recompute_ratio`).
+    python bench/module_accuracy.py              # 10 documents, 23 questions
+    python bench/module_accuracy.py --quick      # 4 documents, 9 questions
 
-and, for the labelled layout, in place of the last two:
-
-* ``gaps prefilled``      the prompt as it ran before layouts (and as a plain client
-  still runs it): loaded up to the first label, everything after it prefilled;
-* ``gaps encoded``        `compose()`'s gap encoding: the labels and separators encoded
-  on their own first, then every module and gap loaded (modules/layout.py);
-* ``gaps encoded + fix``  the same with the boundary fix.
-
-Scores, teacher-forced over the gold answer tokens: next-token agreement of the
-mode's argmax with the full prefill's, and the answer's perplexity; and, on the
-greedy answer, token F1 against the gold answer (CacheBlend's bound: F1 within
-0.02 of the full prefill).  No request is saved (promptcache_save=false), so the
-only stored KV is the modules', and vLLM's prefix cache is off: every mode sees
-exactly the KV it names.  The dtype is picked from the CPU (``--dtype`` overrides); it,
-the CPU model, the thread binding (``bench/common.py``) and the worker's threads are
-recorded.
-
-    python bench/module_accuracy.py             # 24 examples
-    python bench/module_accuracy.py --quick     # 4
-
-Results: ``bench/results/module-accuracy-cpu.json``, ``.md`` and ``.png`` (next-token
-agreement with the full prefill per order and mode).
+Results: ``bench/results/module-accuracy-smollm2-cpu.json``, ``.md`` and ``.png`` (F1 per
+setting); ``--render JSON`` rewrites the table and chart of an earlier run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
-import math
 import os
 import random
 import statistics
 import sys
-from collections import Counter
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,205 +60,246 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "bench" / "results" / "module-accuracy-cpu.json"
-ORDERS = ("schema", "shuffled", "labelled")
-MODES = {"schema": ("full", "cached", "cached + fix"),
-         "shuffled": ("full", "cached", "cached + fix"),
-         "labelled": ("full", "gaps prefilled", "gaps encoded", "gaps encoded + fix")}
-INSTRUCTIONS = ("The documents below come from the documentation of a computer system. "
-                "Read all of them carefully. After them comes a question that quotes a short "
-                "passage from one of the documents; answer it with the words that follow the "
-                "quoted passage in that document.\n\n")
+DEFAULT_OUT = ROOT / "bench" / "results" / "module-accuracy-smollm2-cpu.json"
+CACHEBLEND_BOUND = 0.02
 
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def token_f1(pred: list[int], gold: list[int]) -> float:
-    common = sum((Counter(pred) & Counter(gold)).values())
-    if not common:
-        return 0.0
-    p, r = common / len(pred), common / len(gold)
-    return 2 * p * r / (p + r)
+def pml_schema(facts, name: str = "facts") -> str:
+    from vllm_promptcache import fact_qa
 
-
-def make_examples(tokenizer, docs: list[dict], n: int, doc_tokens: int, answer_tokens: int,
-                  rng: random.Random) -> list[dict]:
-    """Examples of three trimmed documents, a quote from one, and its continuation."""
-    def trim(text):
-        ids = tokenizer.encode(text, add_special_tokens=False)[:doc_tokens]
-        cut = tokenizer.decode(ids)
-        return cut[:cut.rfind(" ")] + "\n\n"
-
-    usable = [d for d in docs if len(d["text"].split()) > doc_tokens]
-    examples = []
-    for e in range(n):
-        chosen = [trim(d["text"]) for d in rng.sample(usable, 3)]
-        target = rng.randrange(3)
-        words = chosen[target].split()
-        at = rng.randrange(len(words) // 3, len(words) - 40)
-        quote = " ".join(words[at - 10:at])
-        gold = tokenizer.encode(" " + " ".join(words[at:at + 30]),
-                                add_special_tokens=False)[:answer_tokens]
-        examples.append({"docs": chosen, "target": target, "quote": quote,
-                         "question": f"Question: which words follow \"{quote}\"?\nAnswer:",
-                         "gold": gold})
-    return examples
+    docs = "".join(f'<module name="d{i}">{d}\n\n</module>' for i, d in enumerate(facts.docs))
+    return (f'<schema name="{name}"><system>{fact_qa.INSTRUCTIONS}</system><user>{docs}'
+            f'<module name="ask">Answer with a name, a place or a year. Question: '
+            f'<parameter name="question" length="32"/></module></schema>')
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=ROOT / "models" / "docs-llama")
-    ap.add_argument("--documents", type=Path, default=Path("/tmp/docs-corpus/documents.jsonl"))
-    ap.add_argument("--examples", type=int, default=24)
-    ap.add_argument("--doc-tokens", type=int, default=300)
-    ap.add_argument("--answer-tokens", type=int, default=8)
-    ap.add_argument("--fix-ratio", type=float, default=0.15)
+    ap.add_argument("--model", default="smollm2",
+                    help="'smollm2', 'tiny' or a model directory")
+    ap.add_argument("--docs", type=int, default=10, help="documents (2 or 3 questions each)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3])
+    ap.add_argument("--fix-ratio", type=float, default=0.15,
+                    help="the boundary fix of the labelled, PML and truncation rows")
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--ttft", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--render", type=Path, help="only rewrite the table and chart of this JSON")
     common.add_dtype_arg(ap)
+    if hasattr(common, "add_noisy_arg"):
+        common.add_noisy_arg(ap)
     args = ap.parse_args()
+    noisy_ok = getattr(args, "allow_noisy", False)
+    if args.render:
+        import json
+
+        write(args.render, json.loads(args.render.read_text()), noisy_ok)
+        return
     if args.quick:
-        args.examples = 4
+        args.docs = 4
     args.dtype = common.setup(args.dtype)
     load = common.MachineLoad()
 
     from vllm import LLM, SamplingParams
 
-    from vllm_promptcache import PromptModules, Text, engine_kwargs, read_metrics
+    from vllm_promptcache import Text, engine_kwargs, fact_qa, read_metrics
+    from vllm_promptcache.calibration import Prompts, fact_qa_examples, generate, score
     from vllm_promptcache.compat import shutdown_llm
+    from vllm_promptcache.config import PromptCacheConfig
+    from vllm_promptcache.modules.pml import chat_role_wrappers
+    from vllm_promptcache.tiny_model import build_model
 
-    llm = LLM(str(args.model), enforce_eager=True, kv_cache_memory_bytes=common.kv_pool_bytes(),
-              dtype=args.dtype,
-              max_model_len=2048, enable_prefix_caching=False, max_logprobs=-1, seed=0,
-              **engine_kwargs(host_gb=0.5, disk_gb=0, position_independent=True))
+    model = build_model(args.model) if args.model in ("smollm2", "tiny") else args.model
+    options = dict(host_gb=1.0, disk_gb=0, position_independent=True)
+    if "calibration" in {f.name for f in dataclasses.fields(PromptCacheConfig)}:
+        options["calibration"] = "off"  # every row names its own recompute ratio
+    llm = LLM(model, enforce_eager=True, kv_cache_memory_bytes=1 << 30, dtype=args.dtype,
+              max_model_len=4096, enable_prefix_caching=False, seed=0, **engine_kwargs(**options))
+    llm.generate([{"prompt_token_ids": list(range(100, 300))}], SamplingParams(max_tokens=1),
+                 use_tqdm=False)
     threads = common.engine_threads(llm)
     log(f"worker threads: {threads}")
+
+    facts = fact_qa.fact_set(args.docs, args.seed)
+    examples = fact_qa_examples(args.docs, seed=args.seed)
+    golds = [ex.answer for ex in examples]
+    prompts = Prompts(llm, examples)
+    log(f"{len(examples)} questions, {len(prompts.modules.table)} modules registered")
+    rows: dict[str, dict] = {}
+    answers: dict[str, list[str]] = {}
+
+    def loaded() -> tuple[int, int]:
+        """(tokens loaded, of them at new positions) from the host tier so far; a
+        one-token request first carries the last step's counts out."""
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=1),
+                     use_tqdm=False)
+        snap = read_metrics(llm)
+        return (snap.get("hit_tokens_total", {}).get("host", 0),
+                snap.get("shifted_hit_tokens_total", {}).get("host", 0))
+
+    def run(label: str, batch, params: dict, full_key: str = "full prefill") -> None:
+        before = loaded()
+        start = time.perf_counter()
+        got = generate(llm, batch, params, args.max_tokens)
+        answers[label] = got
+        s = score(got, golds, answers.get(full_key, got), [ex.question for ex in examples])
+        s["f1_minus_full"] = s["f1"] - rows[full_key]["f1"] if full_key in rows else 0.0
+        s["within_cacheblend_bound"] = s["f1_minus_full"] >= -CACHEBLEND_BOUND
+        s["seconds"] = round(time.perf_counter() - start, 2)
+        after = loaded()
+        s["loaded_tokens_per_prompt"] = (after[0] - before[0]) / len(batch)
+        s["shifted_tokens_per_prompt"] = (after[1] - before[1]) / len(batch)
+        rows[label] = s
+        log(f"  {label}: EM {s['exact_match']:.3f} F1 {s['f1']:.3f} "
+            f"({s['f1_minus_full']:+.3f}) = full {s['agreement']:.2f}, loaded "
+            f"{s['loaded_tokens_per_prompt']:.0f} tokens a prompt "
+            f"({s['shifted_tokens_per_prompt']:.0f} shifted)")
+
+    salted = lambda p, salt: {"prompt_token_ids": p["prompt_token_ids"], "cache_salt": salt}  # noqa: E731
+    # Full prefill, saved under a salt (no module is visible there), then served again.
+    load.phase("full + exact")
+    run("full prefill", [salted(p, "exact") for p in prompts.prompts],
+        {"promptcache_load": False, "promptcache_save": True})
+    run("exact reuse", [salted(p, "exact") for p in prompts.prompts], {})
+
+    load.phase("shifted")
+    for r in args.ratios:
+        run(f"shifted, ratio {r:g}", prompts.prompts, {"promptcache_recompute_ratio": r})
+
+    load.phase("labelled")
+    labelled = []
+    for parts, tail in prompts.items:
+        items = [parts[0]]
+        for j, name in enumerate(parts[1:]):
+            items += [Text(f"Document {j + 1}:\n"), name]
+        labelled.append(prompts.modules.compose([*items, tail]))  # runs the gap encoding
+    run("labelled, full prefill", labelled, {"promptcache_load": False})
+    for r in (0.0, args.fix_ratio):
+        run(f"labelled, encoded gaps, ratio {r:g}", labelled,
+            {"promptcache_recompute_ratio": r}, "labelled, full prefill")
+
+    load.phase("pml")
     tokenizer = llm.get_tokenizer()
+    prompts.modules.register_schema(pml_schema(facts), role_wrappers=chat_role_wrappers(tokenizer))
     rng = random.Random(args.seed)
-    sys.path.insert(0, str(ROOT / "models"))
-    from build_corpus import heldout_documents
+    pml = []
+    for q in facts.questions:
+        chosen = fact_qa.context_for(facts, q, 4, rng)
+        pml.append(prompts.modules.compose_pml(
+            f'<prompt schema="facts">{"".join(f"<d{i}/>" for i in chosen)}'
+            f'<ask question="{q.text}"/></user><assistant></prompt>'))
+    pml_golds = [q.answer for q in facts.questions]
+    assert pml_golds == golds, "the PML prompts ask the fact-QA questions in the same order"
+    run("PML parameter, full prefill", pml, {"promptcache_load": False})
+    for r in (0.0, args.fix_ratio):
+        run(f"PML parameter, ratio {r:g}", pml, {"promptcache_recompute_ratio": r},
+            "PML parameter, full prefill")
 
-    examples = make_examples(tokenizer, heldout_documents(args.documents), args.examples,
-                             args.doc_tokens, args.answer_tokens, rng)
-    modules = PromptModules(llm)
-    registry = {"instructions": INSTRUCTIONS}
-    for e, ex in enumerate(examples):
-        registry.update({f"e{e}-d{i}": text for i, text in enumerate(ex["docs"])})
-    modules.register_modules(registry)
-    log(f"registered {len(registry)} modules")
+    load.phase("truncation")
+    # The conversation before truncation: one more (older) document first.  Each question
+    # gets its own salt, so only its own stored conversation can serve it.
+    table = prompts.modules.table
+    earlier = []
+    for i, ((parts, tail), ex) in enumerate(zip(prompts.items, examples)):
+        dropped = next(d for d in facts.docs if d not in ex.docs)
+        ids = table.compose([parts[0], Text(dropped.rstrip() + "\n\n"), *parts[1:],
+                             Text("Question: Who is the first person above?<|im_end|>\n")]
+                            ).token_ids
+        earlier.append({"prompt_token_ids": ids, "cache_salt": f"trunc-{i}"})
+    generate(llm, earlier, {"promptcache_load": False, "promptcache_save": True}, 4)
+    for r in (0.0, args.fix_ratio):
+        # promptcache_save off: the first ratio's request must not store what the next reuses.
+        run(f"truncation reuse, ratio {r:g}",
+            [salted(p, f"trunc-{i}") for i, p in enumerate(prompts.prompts)],
+            {"promptcache_recompute_ratio": r})
 
-    fix = {"promptcache_recompute_ratio": args.fix_ratio}
-    mode_params = {"full": {"promptcache_load": False}, "cached": {}, "cached + fix": fix,
-                   "gaps prefilled": {}, "gaps encoded": {}, "gaps encoded + fix": fix}
+    ttft = {}
+    if args.ttft:
+        load.phase("ttft")
 
-    def run(prompt_ids: list[int], gold: list[int], mode: str) -> dict:
-        kv = {"promptcache_save": False, **mode_params[mode]}
-        greedy = SamplingParams(max_tokens=len(gold), temperature=0, ignore_eos=True,
-                                extra_args={"kv_transfer_params": kv})
-        forced = SamplingParams(max_tokens=1, temperature=0, logprobs=-1,
-                                extra_args={"kv_transfer_params": kv})
-        prompts = [{"prompt_token_ids": prompt_ids}] + [
-            {"prompt_token_ids": prompt_ids + gold[:k]} for k in range(len(gold))]
-        outs = llm.generate(prompts, [greedy] + [forced] * len(gold), use_tqdm=False)
-        answer = list(outs[0].outputs[0].token_ids)
-        argmax, gold_lp = [], []
-        for k, out in enumerate(outs[1:]):
-            step = out.outputs[0]
-            argmax.append(step.token_ids[0])
-            gold_lp.append(step.logprobs[0][gold[k]].logprob)
-        return {"answer": answer, "argmax": argmax, "gold_logprobs": gold_lp}
+        def one(prompt, params):
+            sp = SamplingParams(max_tokens=1, temperature=0, extra_args={"kv_transfer_params": {
+                "promptcache_save": False, **params}})
+            start = time.perf_counter()
+            llm.generate([prompt], sp, use_tqdm=False)
+            return time.perf_counter() - start
 
-    def hits():
-        llm.generate([{"prompt_token_ids": list(range(100, 108))}],
-                     SamplingParams(max_tokens=1), use_tqdm=False)
-        return read_metrics(llm).get("hit_tokens_total", {}).get("host", 0)
-
-    rows = []
-    for e, ex in enumerate(examples):
-        names = [f"e{e}-d{i}" for i in range(3)]
-        shuffled = names[:]
-        while shuffled == names:
-            rng.shuffle(shuffled)
-        for order, doc_names in zip(ORDERS, (names, shuffled, shuffled)):
-            items = ["instructions", *doc_names, Text(ex["question"])]
-            if order == "labelled":
-                items = ["instructions"]
-                for j, name in enumerate(doc_names):
-                    title = " ".join(registry[name].split()[:4])
-                    items += [Text(f"{'---' + chr(10) * 2 if j else ''}Document {j + 1} of 3, "
-                                   f"\"{title}\":\n"), name]
-                items.append(Text(ex["question"]))
-            # Composed without running the gap encoding: the engine does not know the
-            # layout until encode_gaps() (so "gaps prefilled" runs as before layouts;
-            # each example's labels carry its documents' titles, so no earlier
-            # example's template matches it either).
-            prompt = modules.table.compose(items)
-            before = hits()
-            result = {}
-            for mode in MODES[order]:
-                if mode == "gaps encoded":
-                    modules.encode_gaps(prompt)
-                result[mode] = run(prompt.token_ids, ex["gold"], mode)
-            cached_modes = len(MODES[order]) - 1
-            loaded = (hits() - before) / (cached_modes * (1 + len(ex["gold"])))
-            full = result["full"]
-            row = {"example": e, "order": order, "prompt_tokens": len(prompt.token_ids),
-                   "loaded_tokens_per_request": loaded}
-            for mode in MODES[order]:
-                r = result[mode]
-                row[mode] = {
-                    "agreement": statistics.fmean(a == b for a, b in zip(r["argmax"], full["argmax"])),
-                    "ppl": math.exp(-statistics.fmean(r["gold_logprobs"])),
-                    "f1": token_f1(r["answer"], ex["gold"]),
-                    "answer_equal_full": r["answer"] == full["answer"],
-                }
-            rows.append(row)
-            log(f"  example {e} {order}: " + ", ".join(
-                f"{m}: agree {row[m]['agreement']:.2f} ppl {row[m]['ppl']:.1f} f1 {row[m]['f1']:.2f}"
-                for m in MODES[order]))
+        n = min(8, len(prompts.prompts))
+        cases = {"full prefill": ([salted(p, "exact") for p in prompts.prompts[:n]],
+                                  {"promptcache_load": False}),
+                 "exact reuse": ([salted(p, "exact") for p in prompts.prompts[:n]], {})}
+        for r in sorted({0.0, *args.ratios, 0.05, 0.1}):
+            cases[f"shifted, ratio {r:g}"] = (prompts.prompts[:n], {"promptcache_recompute_ratio": r})
+        for label, (batch, params) in cases.items():
+            one(batch[0], params)  # warm: the first request of a kind pays one-time costs
+            ttft[label] = statistics.median(one(p, params) * 1000 for p in batch)
+            log(f"  TTFT {label}: {ttft[label]:.1f} ms")
     shutdown_llm(llm)
 
-    summary = {}
-    for order in ORDERS:
-        sel = [r for r in rows if r["order"] == order]
-        for mode in MODES[order]:
-            summary[f"{order}/{mode}"] = {
-                "next_token_agreement": statistics.fmean(r[mode]["agreement"] for r in sel),
-                "answer_ppl": math.exp(statistics.fmean(math.log(r[mode]["ppl"]) for r in sel)),
-                "f1": statistics.fmean(r[mode]["f1"] for r in sel),
-                "f1_minus_full": statistics.fmean(r[mode]["f1"] - r["full"]["f1"] for r in sel),
-                "answers_equal_full": statistics.fmean(r[mode]["answer_equal_full"] for r in sel),
-            }
-    env = common.run_environment(args.dtype, load, {"all modes (one engine)": threads})
-    doc = {"benchmark": "module_accuracy", "environment": env,
+    env = common.run_environment(args.dtype, load, {"all settings (one engine)": threads})
+    tokens = statistics.median(len(p["prompt_token_ids"]) for p in prompts.prompts)
+    doc = {"benchmark": "module_accuracy", "model": str(model), "environment": env,
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "summary": summary, "rows": rows}
-    lines = ["| order | mode | next-token agreement with full | answer perplexity | token F1 "
-             "vs gold | F1 − full | greedy answer = full |", "|---|---|---|---|---|---|---|"]
-    for key, s in summary.items():
-        order, mode = key.split("/")
-        lines.append(f"| {order} | {mode} | {s['next_token_agreement']:.3f} | {s['answer_ppl']:.2f} | "
-                     f"{s['f1']:.3f} | {s['f1_minus_full']:+.3f} | {s['answers_equal_full']:.2f} |")
-    table = "\n".join(lines)
-    tokens = statistics.median(r["prompt_tokens"] for r in rows)
-    loaded = statistics.median(r["loaded_tokens_per_request"] for r in rows)
+           "questions": len(examples), "prompt_tokens_median": tokens, "rows": rows,
+           "ttft_ms": ttft, "answers": answers, "golds": golds}
+    write(args.out, doc, noisy_ok)
+
+
+def reference_of(label: str) -> str:
+    """The full-prefill row a row is compared with (labelled and PML prompts differ)."""
+    for kind in ("labelled", "PML parameter"):
+        if label.startswith(kind):
+            return f"{kind}, full prefill"
+    return "full prefill"
+
+
+def render(doc: dict) -> str:
+    rows, config, env = doc["rows"], doc["config"], doc["environment"]
+    headers = ["setting", "exact match", "EM − its full prefill", "token F1",
+               "F1 − its full prefill", f"F1 within {CACHEBLEND_BOUND} (CacheBlend)",
+               "EM and F1 within", "answers = full", "tokens loaded (shifted) a prompt"]
+    table_rows = []
+    for label, s in rows.items():
+        em = s["exact_match"] - rows[reference_of(label)]["exact_match"]
+        f1 = s["f1_minus_full"]
+        table_rows.append([label, f"{s['exact_match']:.3f}", f"{em:+.3f}", f"{s['f1']:.3f}",
+                           f"{f1:+.3f}", "yes" if f1 >= -CACHEBLEND_BOUND else "**no**",
+                           "yes" if min(em, f1) >= -CACHEBLEND_BOUND else "**no**",
+                           f"{s['agreement']:.2f}",
+                           f"{s['loaded_tokens_per_prompt']:.0f} ({s['shifted_tokens_per_prompt']:.0f})"
+                           if "loaded_tokens_per_prompt" in s else "-"])
+    md = common.markdown_table(headers, table_rows)
+    ttft = doc.get("ttft_ms") or {}
+    if ttft:
+        exact = ttft["exact reuse"]
+        md += "\n\nTime to first token, one request at a time (median of 8 prompts):\n\n" + \
+            common.markdown_table(["setting", "TTFT ms", "× exact hit"],
+                                  [[k, f"{v:.1f}", f"{v / exact:.2f}"] for k, v in ttft.items()])
     where = common.provenance_line(env)
-    md = (
-        f"# Prompt-module accuracy ({env['date']})\n\nModel `{args.model.name}` on {where}; "
-        f"{args.examples} examples of 3 held-out documents (~{args.doc_tokens} tokens each) in "
-        f"schema order, shuffled, and shuffled with labels and separators between them, "
-        f"{tokens:.0f} prompt tokens (median), "
-        f"{args.answer_tokens}-token answers; boundary fix = last {args.fix_ratio:.0%} of the "
-        f"found run recomputed; cached requests loaded {loaded:.0f} tokens each (median over "
-        f"the cached modes).\n\n" + table + "\n")
-    common.write_outputs(args.out, doc, md, functools.partial(
-        common.bar_chart, title="Next-token agreement with a full prefill",
-        values={k.replace("/", "\n"): s["next_token_agreement"] for k, s in summary.items()},
-        ylabel="agreement", footnote=where))
-    print(table)
+    command = "python bench/module_accuracy.py" + (" --quick" if config.get("quick") else "")
+    return (f"# Answer quality of reused KV: SmolLM2-135M-Instruct on fact QA ({env['date']})\n\n"
+            f"`{command}` on {where}.  {doc['questions']} questions over 4 of {config['docs']} "
+            f"invented documents each ({doc['prompt_tokens_median']:.0f} prompt tokens, median), "
+            f"greedy answers of up to {config['max_tokens']} tokens; 'its full prefill' is the "
+            f"full prefill of the same prompts (the labelled and PML prompts differ from the "
+            f"plain ones).\n\n" + md + "\n")
+
+
+def write(out: Path, doc: dict, noisy_ok: bool = False) -> None:
+    md = render(doc)
+    # Accuracy does not depend on the machine's load; the TTFT rows do.
+    chart = functools.partial(
+        common.bar_chart, title="Token F1 on fact QA (SmolLM2-135M-Instruct)",
+        values={k.replace(", ", "\n"): s["f1"] for k, s in doc["rows"].items()},
+        ylabel="token F1", footnote=common.provenance_line(doc["environment"]))
+    common.write_outputs(out, doc, md, chart, **({"noisy_ok": True} if noisy_ok else {}))
+    print(md)
 
 
 if __name__ == "__main__":
