@@ -376,9 +376,6 @@ def test_the_cli_refuses_what_only_it_can_get_wrong(clean_env, tmp_path):
         ["--promptcache", "--promptcache-modules", str(tmp_path / "none.yaml")]))
 
 
-@pytest.mark.xfail(strict=True, reason="a modules file's content is read only in the API "
-                   "server's init_state (modules/server.py), after the engine is built; the CLI "
-                   "check tests only that the file exists")
 def test_a_modules_file_that_maps_no_names_to_texts_is_refused_before_any_engine(clean_env,
                                                                                 tmp_path):
     modules = tmp_path / "modules.yaml"
@@ -387,10 +384,6 @@ def test_a_modules_file_that_maps_no_names_to_texts_is_refused_before_any_engine
         lambda: cli_start(["--promptcache", "--promptcache-modules", str(modules)]))
 
 
-@pytest.mark.xfail(strict=True, reason="host_gb is checked against (0, 4096] only: the host "
-                   "buffer (torch.empty, store/host_buffer.py) is allocated in the worker, "
-                   "lazily on CPU, so a tier larger than the machine's memory starts and is "
-                   "killed once it fills (pinned on GPU, it fails in the worker)")
 def test_a_host_tier_larger_than_the_machines_memory_is_refused(clean_env):
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     if 2 * memory_gib > 4096:

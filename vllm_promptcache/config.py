@@ -505,11 +505,22 @@ def build_config(config_file: str | os.PathLike | None = None,
             prepare_directory(config.disk_dir)
         except DiskTierError as e:
             raise PromptCacheConfigError(f"invalid promptcache option {FLAGS['disk_path']}: {e}") from None
+    memory = _physical_memory()
+    if memory and config.host_bytes > memory:
+        raise _error("host_gb", config.host_gb, f"the host tier must fit in this machine's "
+                     f"{memory / 2**30:.1f} GiB of memory (its buffer is allocated whole)")
     if config.load_cpu.isdigit() and hasattr(os, "sched_getaffinity") \
             and int(config.load_cpu) not in os.sched_getaffinity(0):
         raise _error("load_cpu", config.load_cpu, "this machine lets the server run on CPUs "
                      f"{sorted(os.sched_getaffinity(0))} only")
     return config
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: not checked
+        return 0
 
 
 def _refuse_unknown(values: Mapping[str, Any], source: str) -> None:

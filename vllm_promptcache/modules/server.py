@@ -327,6 +327,11 @@ def install_server_modules(config: PromptCacheConfig) -> None:
     global _config, _installed
     if config.modules_file and not os.path.isfile(os.path.expanduser(config.modules_file)):
         raise SystemExit(f"error: --promptcache-modules: no such file: {config.modules_file}")
+    if config.modules_file:
+        try:  # read now, so a bad file stops the server before any engine is built
+            load_modules_file(config.modules_file)
+        except (ModuleError, OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: {e}") from None
     _config = config
     if _installed:
         return
