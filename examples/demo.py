@@ -35,18 +35,6 @@ QUESTIONS = (
 END = 2  # SmolLM2's <|im_end|>: ends an answer
 
 
-def cpu_dtype() -> str:
-    """bfloat16 where the CPU has bf16 instructions; without them vLLM's bf16 matmuls run
-    several times slower than float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return "bfloat16" if {"amx_bf16", "avx512_bf16"} & set(flags) else "float32"
-
-
 def license_text() -> tuple[str, str]:
     """(name, text) of the Apache License 2.0: the copy in the model's package, else the
     system's."""
@@ -66,10 +54,11 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_promptcache import engine_kwargs, read_metrics
+    from vllm_promptcache.real_model import cpu_dtype
     from vllm_promptcache.tiny_model import build_model
 
     model = build_model("smollm2")
-    dtype = cpu_dtype()
+    dtype = cpu_dtype()  # float32 where the CPU has no bf16 instructions
     print(f"model: SmolLM2-135M-Instruct at {model} ({dtype})")
     # An explicit KV pool (512 MiB): on CPU a share of memory (gpu_memory_utilization)
     # is a share of the NUMA node minus the worker's RSS, which differs between machines.
@@ -102,6 +91,7 @@ def main() -> None:
                  SamplingParams(max_tokens=1), use_tqdm=False)
 
     prompt: list[int] = []
+    reply: list[int] = []
     loaded_later = 0
     for k, question in enumerate(QUESTIONS):
         if k == 0:

@@ -73,6 +73,7 @@ def test_examples_shuffle_four_documents_around_the_answer():
     for ex, q in zip(examples, facts.questions):
         assert len(ex.docs) == 4 and facts.docs[q.doc] in ex.docs and ex.answer == q.answer
     assert any(list(ex.docs) != sorted(ex.docs, key=facts.docs.index) for ex in examples)
+    assert {len(ex.docs) for ex in calibration.fact_qa_examples(2)} == {2}  # all there are
 
 
 # -- recommendation and records ---------------------------------------------------------

@@ -281,16 +281,6 @@ def startup_check(fingerprint: Any, config: Any,
 
 # -- the command --------------------------------------------------------------------------
 
-def _cpu_dtype() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return "bfloat16" if {"amx_bf16", "avx512_bf16"} & set(flags) else "float32"
-
-
 def _engine(args: argparse.Namespace):
     from vllm import LLM, SamplingParams
 
@@ -311,7 +301,9 @@ def _engine(args: argparse.Namespace):
     if not cuda:
         kwargs["enforce_eager"] = True
         if args.dtype == "auto":
-            kwargs["dtype"] = _cpu_dtype()
+            from .real_model import cpu_dtype
+
+            kwargs["dtype"] = cpu_dtype()
     llm = LLM(args.model, **kwargs, **engine_kwargs(**options))
     # vLLM 0.32's CPU worker dies when an engine's first forward is a few tokens long.
     llm.generate([{"prompt_token_ids": list(range(100, 300))}], SamplingParams(max_tokens=1),

@@ -129,9 +129,10 @@ def fact_set(num_docs: int = 8, seed: int = 0) -> FactSet:
 
 def context_for(facts: FactSet, question: Question, num_docs: int,
                 rng: random.Random) -> list[int]:
-    """The documents of one prompt: the question's own and `num_docs - 1` others, in
-    their set order (a caller shuffles them for a shifted layout)."""
-    others = rng.sample([i for i in range(len(facts.docs)) if i != question.doc], num_docs - 1)
+    """The documents of one prompt: the question's own and `num_docs - 1` others (as many
+    as the set has), in their set order (a caller shuffles them for a shifted layout)."""
+    pool = [i for i in range(len(facts.docs)) if i != question.doc]
+    others = rng.sample(pool, min(num_docs - 1, len(pool)))
     return sorted([question.doc, *others])
 
 
