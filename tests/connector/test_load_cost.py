@@ -259,3 +259,22 @@ def test_histogram_payload_is_bounded():
     for _ in range(HISTOGRAM_CAP + 10):
         stats.observe("scheduler_seconds", 1e-5, tier="request_finished")
     assert len(stats.data["histogram"]["scheduler_seconds|request_finished"]) == HISTOGRAM_CAP
+
+
+def test_a_lookups_round_trip_prices_a_tier_before_any_load_was_measured():
+    """A remote store 40 ms away: its lookups say so long before three loads were
+    timed, and a run it holds is recomputed where prefill is faster than that."""
+    from vllm_promptcache.connector.load_cost import LoadCost, Segment
+
+    cost = LoadCost()
+    for n in (64, 128, 256, 512):
+        cost.observe_prefill(n, 0, n / 20000.0)  # 20k tokens/s: 128 tokens in 6.4 ms
+    fresh = cost.decide([Segment("remote", 128)], 0, 1024, 16)
+    assert fresh.load_tokens == 128  # the prior: a 25 Gb/s link 1 ms away
+    for seconds in (0.040, 0.041, 0.039):
+        cost.observe_round_trip("remote", seconds)
+    assert cost.tier_seconds("remote", 128 * 1024) > 0.039
+    first = cost.decide([Segment("remote", 128)], 0, 1024, 16)
+    assert first.load_tokens == 128 and first.basis == "probe"  # its rate, measured once
+    assert cost.decide([Segment("remote", 128)], 0, 1024, 16).load_tokens == 0
+    assert cost.tier_seconds("host", 128 * 1024) == 0.0  # host loads until measured

@@ -235,6 +235,7 @@ class _Tier:
     prior: TierPrior
     last_observed: float = -math.inf
     last_probe: float = -math.inf
+    round_trip_s: float | None = None  # an EWMA of round trips that moved no KV (lookups)
 
 
 @dataclass
@@ -271,6 +272,15 @@ class LoadCost:
         t.estimate.observe(nbytes, seconds)
         t.last_observed = self.clock()
 
+    def observe_round_trip(self, tier: str, seconds: float) -> None:
+        """A call to `tier` that moved no KV (a remote lookup) took `seconds`: its fixed
+        latency, which a load pays too; measured on every lookup, long before enough
+        loads were."""
+        if not (seconds >= 0 and math.isfinite(seconds)):
+            return
+        t = self._tier(tier)
+        t.round_trip_s = seconds if t.round_trip_s is None else 0.75 * t.round_trip_s + 0.25 * seconds
+
     def observe_prefill(self, num_new_tokens: int, context_len: int, seconds: float) -> None:
         """A step computed `num_new_tokens` tokens that follow `context_len` tokens
         already in context (the position of the first new one, not of the last) in
@@ -298,11 +308,14 @@ class LoadCost:
             return 0.0
         t = self._tier(tier)
         if t.estimate.n >= self.min_samples:
-            own = t.estimate.seconds(nbytes)
+            own, latency = t.estimate.seconds(nbytes), t.estimate.latency_s
         elif t.prior.bytes_per_s is not None:
-            own = t.prior.latency_s + nbytes / t.prior.bytes_per_s
+            own, latency = t.prior.latency_s + nbytes / t.prior.bytes_per_s, t.prior.latency_s
         else:
-            own = 0.0
+            own = latency = 0.0
+        if t.round_trip_s is not None and (own or t.prior.bytes_per_s is not None):
+            # A fetch is at least one round trip, however fast the link looked.
+            own += max(0.0, t.round_trip_s - latency)
         if tier in STAGED_THROUGH_HOST:
             host = self._tier(HOST)
             if host.estimate.n >= self.min_samples:

@@ -96,6 +96,10 @@ class SecondaryTiers:
         out: list[str] = []
         for tier in self._asking:
             out.extend(tier.take_answered())
+            if self.cost is not None:
+                # A lookup is a round trip that moves no KV: the tier's fixed latency.
+                for seconds in tier.take_round_trips():
+                    self.cost.observe_round_trip(tier.name, seconds)
         return out
 
     def forget(self, asker: str) -> None:

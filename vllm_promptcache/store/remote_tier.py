@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
@@ -47,6 +47,7 @@ class RemoteTier:
         self._lookups: dict[str, tuple[Future | None, float, list[BlockKey]]] = {}
         self._writes: dict[str, tuple[BlockKey, ...]] = {}
         self._writing: set[BlockKey] = set()
+        self._round_trips: deque[float] = deque(maxlen=64)
         self.evictions = 0
         self.corrupt_blocks = 0
         self.bytes_in_use = 0
@@ -64,8 +65,12 @@ class RemoteTier:
         if entry is not None or not keys:
             return
         keys = [k for k in keys[:MAX_LOOKUP_KEYS]]
-        self._lookups[req_id] = (self._pool.submit(self.store.locate, keys), time.monotonic(),
-                                 keys)
+        started = time.monotonic()
+        future = self._pool.submit(self.store.locate, keys)
+        # The store's round trip as the scheduler side sees it (load_cost.py prices the
+        # tier's latency with it); a callback, since the answer is read a step later.
+        future.add_done_callback(lambda f: self._round_trips.append(time.monotonic() - started))
+        self._lookups[req_id] = (future, started, keys)
 
     def lookup_pending(self, req_id: str) -> bool:
         """The request's lookup has not answered yet (and is not past its deadline)."""
@@ -107,6 +112,13 @@ class RemoteTier:
                 continue
             del self._lookups[r]
             excess -= 1
+
+    def take_round_trips(self) -> list[float]:
+        """Seconds each lookup answered in, since the last call."""
+        out = []
+        while self._round_trips:
+            out.append(self._round_trips.popleft())
+        return out
 
     def held_lookups(self) -> int:
         """Lookups in flight or remembered as answered."""
