@@ -194,7 +194,8 @@ def test_calibrate_writes_a_record_the_next_engine_uses(tiny_model, tmp_path, mo
         everything = loaded({"promptcache_recompute_ratio": 0.0})
         by_default = loaded({})
         assert everything > 100
-        assert 0 < by_default < everything
-        assert by_default == pytest.approx(everything / 2, abs=2)
+        # The last half of the found run (which starts with tokens at their own place)
+        # is prefilled: at least half of the shifted tokens are no longer loaded.
+        assert 0 < by_default <= everything / 2
     finally:
         close_llm(llm)
