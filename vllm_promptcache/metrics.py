@@ -200,8 +200,9 @@ def configured(kv_transfer_config: Any) -> Any:
 
 def zero_series(config: Any) -> list[tuple[str, tuple[str, ...], float]]:
     """(metric, label values, value) of each series that exists from start-up: every
-    unlabelled metric, every tier-labelled one for each configured tier, and every
-    skip reason; 0, except the host and disk tiers' capacities.  Metrics with other
+    unlabelled metric, every tier-labelled one for each configured tier (remote_* for
+    the remote tier), and every skip reason; 0, except the host and disk tiers'
+    capacities.  Metrics with other
     labels (hooks, decisions) appear with their first value."""
     capacity = {"host": config.host_bytes, "disk": config.disk_bytes}
     out = []
@@ -209,8 +210,10 @@ def zero_series(config: Any) -> list[tuple[str, tuple[str, ...], float]]:
         if label is False:
             out.append((name, (), 0.0))
         elif label is True:
+            tiers = ("remote",) if name.startswith("remote_") else config.tiers
             out += [(name, (tier,), float(capacity.get(tier, 0))
-                     if name == "tier_capacity_bytes" else 0.0) for tier in config.tiers]
+                     if name == "tier_capacity_bytes" else 0.0)
+                    for tier in tiers if tier in config.tiers]
         elif label == "reason":
             out += [(name, (reason,), 0.0) for reason in SKIP_REASONS]
     return out
