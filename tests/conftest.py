@@ -10,6 +10,10 @@ import pytest
 # Engines in tests are CPU engines; keep vLLM from warning about unknown env vars
 # of ours being set by a test and from binding all cores to one process.
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# A calibration record in this user's cache (`vllm-promptcache calibrate` run by hand)
+# would change the recompute ratio of every position-independent test engine: the
+# suite ignores them; tests/test_calibration.py turns them on where it tests them.
+os.environ.setdefault("PROMPTCACHE_CALIBRATION", "off")
 # The disk tier is on by default; tests never write into the user's cache directory.
 os.environ.setdefault("PROMPTCACHE_DISK_PATH",
                       tempfile.mkdtemp(prefix="vllm-promptcache-test-kv-"))

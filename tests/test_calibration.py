@@ -152,6 +152,7 @@ def test_calibrate_writes_a_record_the_next_engine_uses(tiny_model, tmp_path, mo
     from vllm_promptcache import PromptModules, Text, engine_kwargs, read_metrics
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PROMPTCACHE_CALIBRATION", "enforce")  # conftest.py turns it off
     run = subprocess.run(
         [sys.executable, "-m", "vllm_promptcache", "calibrate", tiny_model, "--docs", "2",
          "--ratios", "0", "0.3", "--max-tokens", "4", "--dtype", ENGINE_DEFAULTS["dtype"],

@@ -52,8 +52,8 @@ SWITCH_FLAG, SWITCH_HELP = "--promptcache", "Turn the prompt cache on (a KV conn
 CONFIG_FLAG, CONFIG_ENV = "--promptcache-config", ENV_PREFIX + "CONFIG"
 CONFIG_HELP = "A YAML mapping of the keys below (flat, or under `promptcache:`)."
 # PROMPTCACHE_* variables that are not options: read elsewhere, never refused.
-OTHER_ENV = ("config", "model_dir", "module_token", "native", "native_dir", "remote_password",
-             "test_device", "test_dtype", "vllm033_src")
+OTHER_ENV = ("bench_allow_noisy", "config", "model_dir", "module_token", "native",
+             "native_dir", "remote_password", "test_device", "test_dtype", "vllm033_src")
 
 
 class PromptCacheConfigError(ValueError):
