@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -211,3 +212,15 @@ def pytest_addoption(parser):
     parser.addoption("--fuzz-concurrent-rounds", type=int, default=3,
                      help="rounds of the concurrent fuzz (tests/test_fuzz_concurrent.py), "
                           "the exact engine restarted every second one; the suite runs 3")
+
+
+@pytest.fixture
+def plugin_log(caplog):
+    """caplog that sees the plugin's logger: once vLLM configured logging in this test
+    process, 'vllm.*' loggers no longer propagate to the root, where caplog listens."""
+    logger = logging.getLogger("vllm.promptcache")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -114,7 +114,8 @@ def test_a_record_is_named_by_weights_and_dtype(tmp_path):
 
 # -- start-up ---------------------------------------------------------------------------
 
-def test_no_record_warns_and_changes_nothing(tmp_path, caplog):
+def test_no_record_warns_and_changes_nothing(tmp_path, plugin_log):
+    caplog = plugin_log
     with caplog.at_level(logging.WARNING, logger="vllm.promptcache"):
         got = calibration.startup_check(FINGERPRINT, config(), tmp_path)
     assert got == config()
@@ -129,7 +130,8 @@ def test_the_calibrated_ratio_is_used_unless_one_is_set(tmp_path):
     assert calibration.startup_check(FINGERPRINT, config("off"), tmp_path).recompute_ratio == 0
 
 
-def test_a_failed_calibration_refuses_unless_told_otherwise(tmp_path, caplog):
+def test_a_failed_calibration_refuses_unless_told_otherwise(tmp_path, plugin_log):
+    caplog = plugin_log
     write(tmp_path, None)
     with pytest.raises(calibration.CalibrationFailedError,
                        match="no recompute ratio.*0.02 F1.*--promptcache-calibration warn"):

@@ -98,7 +98,8 @@ SECRET = "s3cret-0123456789abcdef"
 KEY = "admin-0123456789abcdef"
 
 
-def test_old_variable_names_work_for_one_release_with_a_warning(caplog):
+def test_old_variable_names_work_for_one_release_with_a_warning(plugin_log):
+    caplog = plugin_log
     cfg = build_config(environ={"VLLM_PROMPTCACHE_HOST_GB": "1.5"})
     assert cfg.host_gb == 1.5
     assert "VLLM_PROMPTCACHE_HOST_GB is deprecated" in caplog.text

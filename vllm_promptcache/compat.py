@@ -231,10 +231,13 @@ def kv_block_layout(vllm_config: Any) -> str:
     parts.append(f"backend={getattr(backend, 'name', backend) or 'auto'}")
     layout = getattr(getattr(vllm_config, "cache_config", None), "kv_cache_layout", None)
     if layout is None:
-        try:  # vLLM < 0.32
-            from vllm.v1.attention.backends.utils import get_kv_cache_layout
+        # vLLM < 0.32 only: a global (gone from 0.32 on, where the CacheConfig field above
+        # is always set), looked up by name since newer vLLM has no such module function.
+        try:
+            import importlib
 
-            layout = get_kv_cache_layout()
+            utils = importlib.import_module("vllm.v1.attention.backends.utils")
+            layout = utils.get_kv_cache_layout()
         except Exception:  # noqa: BLE001
             layout = None
     parts.append(f"layout={getattr(layout, 'name', layout) or '?'}")
