@@ -23,10 +23,9 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .tiny_model import publish_model_dir
 
 # Bump when the conversion changes, so stale caches are rebuilt rather than reused.
 RECIPE_VERSION = 1
@@ -174,26 +173,15 @@ def build_smollm2(root: Path) -> str:
     path = gguf_path()
     version = importlib.metadata.version(PACKAGE)
     final = root / f"smollm2-135m-instruct-{version}-v{RECIPE_VERSION}"
-    if (final / "config.json").exists():
-        return str(final)
-    reader = _reader(path)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=root))
-    try:
+
+    def write(tmp: Path) -> dict:
+        reader = _reader(path)
         config = _config(reader)
         _write_weights(reader, config, tmp)
         _write_tokenizer(path, reader, tmp)
         (tmp / "generation_config.json").write_text(json.dumps({
             "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
             "pad_token_id": config["pad_token_id"]}))
-        # config.json last: its presence marks a complete model.
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").exists():  # lost a race only if the winner finished
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
+        return config
+
+    return publish_model_dir(root, final, write)

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # Bump when the recipe changes, so stale caches are rebuilt rather than reused.
 RECIPE_VERSION = 3
@@ -179,18 +180,29 @@ def build_model(name: str = "tiny", cache_dir: str | os.PathLike | None = None) 
     if name not in SHAPES:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted([*SHAPES, 'smollm2'])}")
     shape = SHAPES[name]
-    final = root / f"{name}-llama-v{RECIPE_VERSION}"
-    if (final / "config.json").exists():
-        return str(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
+
+    def write(tmp: Path) -> dict:
         _train_tokenizer(shape.vocab_size, tmp)
         if shape.with_weights:
             _write_weights(shape, tmp)
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-        # config.json last: its presence marks a complete model.
-        (tmp / "config.json").write_text(json.dumps(_config(shape), indent=1))
+        return _config(shape)
+
+    return publish_model_dir(root, root / f"{name}-llama-v{RECIPE_VERSION}", write)
+
+
+def publish_model_dir(root: Path, final: Path, write: Callable[[Path], dict]) -> str:
+    """The model directory `final`, built once and atomically: `write(tmp)` fills a
+    temporary directory beside it and returns config.json's content, written last (its
+    presence marks a complete model); a rename publishes it, and a concurrent builder
+    that won the race is kept."""
+    if (final / "config.json").exists():
+        return str(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    try:
+        config = write(tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
         try:
             os.rename(tmp, final)
         except OSError:
