@@ -2,6 +2,9 @@
 
 from types import SimpleNamespace
 
+import pytest
+
+from vllm_promptcache.connector.load_cost import LoadCost
 from vllm_promptcache.connector.step_timing import StepTimings
 
 
@@ -29,9 +32,44 @@ def test_a_step_is_timed_by_the_next_one_only_while_the_engine_ran_without_a_pau
     timings.scheduled(step({"a": 1}, computed={"a": 613}))
     now[0] = 9.0  # a finished, the engine idled, b arrived: the gap is not a step
     timings.scheduled(step({"b": 64}, new=("b",)))
-    assert [(t, c) for t, c, _ in seen] == [(512, 100), (1, 612)]
-    assert abs(seen[1][2] - 0.05) < 1e-9
+    assert seen == [(512, 100, 0.25)]  # the decode step is no prefill observation
+    assert timings.fixed_step_s == pytest.approx(0.05)
     timings.scheduled(SimpleNamespace(num_scheduled_tokens={}, total_num_scheduled_tokens=0))
     now[0] = 20.0
     timings.scheduled(step({"b": 1}, computed={"b": 64}))  # after an empty step: nothing
-    assert len(seen) == 2
+    assert len(seen) == 1
+
+
+def test_decode_steps_are_the_fixed_cost_and_do_not_drown_the_prefill_rate():
+    """A small model on a CPU: a decode step takes 60 ms, prefill runs at 250 tokens/s.
+    Hundreds of decode steps between prefills must leave the rate at 250, not at the
+    17 tokens/s one decode token per 60 ms would give."""
+    cost = LoadCost()
+    now = [0.0]
+    timings = StepTimings(cost.observe_prefill, clock=lambda: now[0])
+    position = 0
+    for turn in range(6):
+        prompt = 300 + 100 * turn
+        # the prefill step, sharing it with a running request's decode
+        timings.scheduled(step({f"r{turn}": prompt, "bg": 1}, new=(f"r{turn}",),
+                               computed={f"r{turn}": position, "bg": 10}))
+        now[0] += 0.06 + prompt / 250.0
+        for _ in range(150):
+            timings.scheduled(step({f"r{turn}": 1, "bg": 1}))
+            now[0] += 0.06
+        position += prompt
+    assert cost.prefill.measured
+    assert cost.prefill.tokens_per_second() == pytest.approx(250.0, rel=0.05)
+    assert timings.fixed_step_s == pytest.approx(0.06, rel=0.01)
+
+
+def test_mixed_steps_count_only_their_prefill_tokens():
+    now = [0.0]
+    seen = []
+    timings = StepTimings(lambda *obs: seen.append(obs), clock=lambda: now[0])
+    timings.scheduled(step({"a": 1, "b": 1}))
+    now[0] = 0.1
+    timings.scheduled(step({"a": 1, "b": 1, "c": 200}, new=("c",), computed={"c": 32}))
+    now[0] = 1.1
+    timings.scheduled(step({"a": 1, "b": 1, "c": 1}))
+    assert seen == [(200, 32, pytest.approx(0.9))]

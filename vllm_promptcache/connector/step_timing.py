@@ -6,46 +6,79 @@ something to report.  So a step's duration is read at the next step's scheduling
 time between the two.  That holds only while the engine ran without a pause, which a
 request scheduled in both steps proves (a running request is scheduled every step);
 a step followed only by new requests may have been followed by an idle wait, and is
-not counted.  Each observation is (tokens computed, the largest context they reach,
-seconds) for `LoadCost.observe_prefill`, whose fit per context-length bucket takes
-the marginal cost per token (the slope), so decode-only steps and a step's fixed
-cost do not count as prefill.
+not counted.
+
+A step is split into its prefill (the requests computing more than one token) and its
+decodes (one token each).  A decode-only step is the step's fixed cost: the weights
+read once, the decodes, the sampling, the scheduler.  Its duration is kept as a running
+mean and is not a prefill observation: on a small model a decode step costs as much as
+tens of prefill tokens, and hundreds of them would drown the few prefill steps (the
+demo exported 16 tokens/s against vLLM's logged 240 before this split).  A step with a
+prefill is observed as (prefill tokens, the position of the largest prefill's first new
+token, its duration less the fixed cost) by `LoadCost.observe_prefill`.  Until a
+decode-only step was seen, the whole duration counts: a dearer prefill estimate only
+makes the cost model load more, which is the behaviour before it.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 
-def step_tokens(scheduler_output: Any) -> tuple[int, int, set[str]]:
-    """(tokens computed in the step, the position of the first new token of the request
-    that computes the most of them (the prefill, in a step that mixes it with decodes),
-    the step's request ids)."""
+@dataclass(frozen=True)
+class StepTokens:
+    prefill_tokens: int   # tokens of the requests computing more than one
+    decode_tokens: int    # requests computing exactly one
+    context: int          # the first new token's position in the largest prefill
+    req_ids: frozenset
+
+    @property
+    def total(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+
+def step_tokens(scheduler_output: Any) -> StepTokens:
     scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
-    total = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0) or sum(
-        scheduled.values())
     starts = {getattr(req, "req_id", None): int(getattr(req, "num_computed_tokens", 0) or 0)
               for req in getattr(scheduler_output, "scheduled_new_reqs", None) or ()}
     cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
     if cached is not None:
         starts.update(zip(getattr(cached, "req_ids", ()) or (),
                           (int(c) for c in getattr(cached, "num_computed_tokens", ()) or ())))
+    prefill = sum(n for n in scheduled.values() if n > 1)
+    decodes = sum(1 for n in scheduled.values() if n == 1)
     largest = max(scheduled, key=scheduled.get, default=None)
-    return total, starts.get(largest, 0), set(scheduled)
+    context = starts.get(largest, 0) if prefill else 0
+    return StepTokens(prefill, decodes, context, frozenset(scheduled))
 
 
 class StepTimings:
+    """Feeds `observe(prefill_tokens, context, seconds)` from consecutive steps."""
+
     def __init__(self, observe: Callable[[int, int, float], None],
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, fixed_weight: float = 0.1):
         self.observe = observe
         self.clock = clock
-        self._last: tuple[float, int, int, set[str]] | None = None
+        self.fixed_weight = fixed_weight
+        self.fixed_step_s: float | None = None  # running mean of decode-only steps
+        self._last: tuple[float, StepTokens] | None = None
 
     def scheduled(self, scheduler_output: Any) -> None:
         now = self.clock()
-        tokens, context, req_ids = step_tokens(scheduler_output)
+        step = step_tokens(scheduler_output)
         last = self._last
-        if last is not None and last[1] and req_ids & last[3]:
-            self.observe(last[1], last[2], now - last[0])
-        self._last = (now, tokens, context, req_ids) if tokens else None
+        if last is not None and step.req_ids & last[1].req_ids:
+            self._timed(last[1], now - last[0])
+        self._last = (now, step) if step.total else None
+
+    def _timed(self, step: StepTokens, seconds: float) -> None:
+        if not step.prefill_tokens:
+            w = self.fixed_weight
+            self.fixed_step_s = (seconds if self.fixed_step_s is None
+                                 else (1 - w) * self.fixed_step_s + w * seconds)
+            return
+        marginal = seconds - (self.fixed_step_s or 0.0)
+        if marginal > 0:
+            self.observe(step.prefill_tokens, step.context, marginal)
