@@ -28,6 +28,20 @@ REDIS_CLI = shutil.which("redis-cli")
 START_TIMEOUT_S = 10.0
 
 
+def _redis_major() -> int:
+    """redis-server's major version (7.0 gates DEBUG behind enable-debug-command, which
+    older servers refuse as an unknown option)."""
+    global _MAJOR
+    if _MAJOR is None:
+        out = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True).stdout
+        version = out.partition(" v=")[2].split(".")[0]
+        _MAJOR = int(version) if version.isdigit() else 0
+    return _MAJOR
+
+
+_MAJOR: int | None = None
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -91,6 +105,8 @@ class RedisServer:
                "--dir", self.directory, "--save", "", "--appendonly", "no",
                "--daemonize", "no", "--logfile", os.path.join(self.directory, "redis.log"),
                "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        if _redis_major() >= 7:  # DEBUG SLEEP from loopback: a store made slow on purpose
+            cmd += ["--enable-debug-command", "local"]
         if self.password:
             cmd += ["--requirepass", self.password]
         if self.tls:

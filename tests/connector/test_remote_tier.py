@@ -45,8 +45,8 @@ def shared_secret():
 def remote_engine(tiny_model, url, **options):
     """An engine on the shared store, prefix cache off, a small host tier, no disk
     unless asked."""
-    return plugin_engine(tiny_model, host_gb=0.004, remote_url=url, remote_timeout_ms=200,
-                         **options)
+    return plugin_engine(tiny_model, **{"host_gb": 0.004, "remote_url": url,
+                                        "remote_timeout_ms": 200, **options})
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +108,10 @@ def wait_for_writes(store, settle_s=1.0):
 
 @pytest.fixture(scope="module")
 def turns_on_a(tiny_model, store, shared_secret, tmp_path_factory):
-    """Turn k of the first two tests' conversations, served by engine A in one
+    """Turn k of the hit, corrupt and slow-store tests' conversations, served by engine A in one
     process: {test: (prompt, answer)}."""
-    prompts = {"hit": tokens(5 * BLOCK + 30, 1), "corrupt": tokens(3 * BLOCK + 30, 3)}
+    prompts = {"hit": tokens(5 * BLOCK + 30, 1), "corrupt": tokens(3 * BLOCK + 30, 3),
+               "slow": tokens(4 * BLOCK + 30, 41)}
     answers = engine_a_turns(tiny_model, store, tmp_path_factory.mktemp("engine-a"), "a",
                              list(prompts.values()))
     return {name: (prompt, answer) for (name, prompt), answer in zip(prompts.items(), answers)}
@@ -231,3 +232,47 @@ def test_the_remote_tier_beside_the_disk_tier_hits_and_writes_through_to_both(
                and metric(engine_e, "saved_bytes_total", tier="remote") > 0):
         assert time.time() < deadline, "the turn was not written through to disk and remote"
         time.sleep(0.5)
+
+
+# A remote tier slower than recomputing (issue 31): the store behind bench/slow_proxy.py,
+# every reply 300 ms late as across a slow network, and the tiny model, whose prefill of
+# a few hundred tokens takes milliseconds.
+SLOW_MS = 300
+
+
+@pytest.fixture(scope="module")
+def slow_store(store):
+    from bench.slow_proxy import SlowProxy
+
+    proxy = SlowProxy(("127.0.0.1", store.port), delay_ms=SLOW_MS).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def engine_f(tiny_model, slow_store, shared_secret, reference):
+    """The store through the slow proxy, built last.  Lookups take 300 ms, within the
+    timeout: a slow store, not a failing one."""
+    yield from remote_engine(tiny_model, f"redis://127.0.0.1:{slow_store.port}/0",
+                             remote_timeout_ms=3000)
+
+
+def test_a_store_slower_than_recomputing_is_not_waited_for(slow_store, engine_f, reference,
+                                                           turns_on_a):
+    """Turn k+1 finds all of turn k in the store and nothing in host; waiting for the
+    store would take longer than recomputing, so it recomputes, answers as vLLM
+    without the plugin, and counts a recompute decision."""
+    prompt, answer = turns_on_a["slow"]
+    # The prefill rate is measured from this engine's own steps first: until then
+    # every lookup is waited for, as before the plugin priced them.
+    for i in range(4):
+        warm = tokens(2 * BLOCK + 10, 50 + i)
+        assert generate(engine_f, warm) == generate(reference, warm)
+    replies = slow_store.replies_delayed
+    hits = metric(engine_f, "hit_tokens_total")
+    recomputed = metric(engine_f, "load_decisions_total", tier="remote,recompute")
+    nxt = prompt + answer + tokens(40, 42)
+    assert generate(engine_f, nxt) == generate(reference, nxt)
+    assert slow_store.replies_delayed > replies, "the store was asked, through the proxy"
+    assert metric(engine_f, "load_decisions_total", tier="remote,recompute") > recomputed
+    assert metric(engine_f, "hit_tokens_total") == hits, "nothing was loaded from the store"

@@ -182,8 +182,9 @@ def test_a_request_waits_for_a_slow_store_no_longer_than_recomputing_takes(setup
     sched.host.clear()
     sched.remote._where.clear()
     measured(sched, prefill_tokens_per_s=200.0)  # 12 tokens: 0.06 s to recompute
-    sleeper = threading.Thread(target=lambda: redis_server.client().execute_command(
-        "DEBUG", "SLEEP", "0.5"))
+    slept = []
+    sleeper = threading.Thread(target=lambda: slept.append(redis_server.client().execute_command(
+        "DEBUG", "SLEEP", "0.5")))
     sleeper.start()
     time.sleep(0.05)
     nxt = request("b", toks + [1], computed=0)
@@ -192,4 +193,8 @@ def test_a_request_waits_for_a_slow_store_no_longer_than_recomputing_takes(setup
     answer = until(lambda: sched.get_num_new_matched_tokens(nxt, 0) == (0, False), timeout=2.0)
     waited = time.monotonic() - start
     sleeper.join()
+    assert slept, "the store never slept (DEBUG SLEEP refused?)"
     assert answer and waited < 0.4, waited
+    stats = sched.get_kv_connector_stats().data["counter"]
+    assert stats["load_decisions_total|remote,recompute"] == 1, \
+        "giving up on the store is a recompute decision, counted once however often it asked"

@@ -430,6 +430,13 @@ class LoadCost:
         for key in decision.decisions():
             self._decisions[key] = self._decisions.get(key, 0) + 1
 
+    def count_recompute(self, tiers: Iterable[str]) -> None:
+        """A request stopped waiting on these tiers past its budget and recomputes
+        what they might have brought: a recompute decision, as `count` would file it."""
+        for tier in tiers:
+            key = (tier, RECOMPUTE)
+            self._decisions[key] = self._decisions.get(key, 0) + 1
+
     def export(self, stats) -> None:
         """Into a PromptCacheStats: the estimates (gauges) and the decisions counted
         since the last export (promptcache_load_decisions_total{tier,decision})."""

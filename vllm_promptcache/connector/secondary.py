@@ -121,6 +121,7 @@ class SecondaryTiers:
             self.waits.start(asker, self.cost.lookup_budget_s(
                 start * self.block_size, (len(keys) - start) * self.block_size))
             if self.waits.expired(asker):
+                self._gave_up(asker)
                 return False
         if self._promote_by_cost(asker, keys, start, spare, budgeted):
             return True
@@ -132,6 +133,19 @@ class SecondaryTiers:
         if self.ask(asker, keys[start:], retry_after_s):
             return True
         return self._promote_by_cost(asker, keys, start, spare, budgeted)
+
+    def _gave_up(self, asker: str) -> None:
+        """The asker stopped waiting for the tiers it asked (their answer or promotion
+        would come later than recomputing): one recompute decision, under each tier
+        still asked, unless a decision was counted for it already."""
+        if asker in self._counted or self.cost is None:
+            return
+        self._counted.add(asker)
+        tiers = [t.name for t in self._asking if t.lookup_pending(asker)] or \
+            [t.name for t in self.tiers]
+        self.cost.count_recompute(tiers[:1])
+        logger.debug("promptcache: %s stopped waiting for %s after %.3f s: recomputing is "
+                     "faster", asker, "/".join(tiers), self.waits.waited_s(asker))
 
     def waiting_too_long(self, asker: str) -> bool:
         """The asker has waited on a fetch past its budget (it should go on without)."""
