@@ -277,6 +277,43 @@ class MachineLoad:
         }
 
 
+def add_conversation_args(ap: argparse.ArgumentParser, cases: dict, default_cases,
+                          default_out: Path, max_model_len: int, remote_delay_help: str,
+                          remote_timeout_help: str) -> None:
+    """The arguments the conversation benches (multi_turn, multi_instance) share: the
+    model, the cases, the slow store, the smoke run, the output, the dtype and the
+    quiet-machine guard.  Parse them with `parse_conversation_args`."""
+    ap.add_argument("--remote-delay-ms", type=float, default=40.0, help=remote_delay_help)
+    ap.add_argument("--remote-timeout-ms", type=int, default=200, help=remote_timeout_help)
+    ap.add_argument("--max-model-len", type=int, default=max_model_len)
+    ap.add_argument("--model", choices=("bench", "tiny"), default="bench",
+                    help="bench: 24 layers, hidden 896, dummy weights; tiny: 2 layers, "
+                         "hidden 128, the cheap-prefill case")
+    ap.add_argument("--cases", default=",".join(default_cases),
+                    help=f"comma-separated, of: {', '.join(cases)}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true",
+                    help="6 conversations x 2 turns, think time 0.5 s, --max-model-len 2048, "
+                         "--gpu-blocks 17: a smoke run")
+    ap.add_argument("--out", type=Path, default=default_out)
+    add_dtype_arg(ap)
+    add_noisy_arg(ap)
+
+
+def parse_conversation_args(ap: argparse.ArgumentParser,
+                            cases: dict) -> tuple[argparse.Namespace, list[str]]:
+    """(args, the cases asked for): --quick applied, unknown cases refused."""
+    args = ap.parse_args()
+    if args.quick:
+        args.conversations, args.turns, args.think_s = 6, 2, 0.5
+        args.max_model_len, args.gpu_blocks = 2048, 17  # a pool under the working set
+    asked = [c for c in args.cases.split(",") if c]
+    unknown = set(asked) - set(cases)
+    if unknown:
+        ap.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(cases)}")
+    return args, asked
+
+
 def add_noisy_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--allow-noisy", action="store_true",
                     help=f"write the results even when other processes used more than "

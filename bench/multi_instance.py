@@ -628,33 +628,14 @@ def main() -> None:
     ap.add_argument("--routing", choices=("alternate", "sticky"), default="alternate",
                     help="alternate: turn t of conversation i on server (i + t) mod 2; "
                          "sticky: conversation i on server i mod 2")
-    ap.add_argument("--remote-delay-ms", type=float, default=40.0,
-                    help="remote_slow: the delay added to every reply of the store")
-    ap.add_argument("--remote-timeout-ms", type=int, default=200,
-                    help="remote lookups slower than this are misses (the plugin's default "
-                         "is 50; a loaded 2-core machine needs more)")
-    ap.add_argument("--max-model-len", type=int, default=3072)
-    ap.add_argument("--model", choices=("bench", "tiny"), default="bench",
-                    help="bench: 24 layers, hidden 896, dummy weights; tiny: 2 layers")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                    help=f"comma-separated, of: {', '.join(CASES)}")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start-timeout-s", type=float, default=600)
-    ap.add_argument("--quick", action="store_true",
-                    help="6 conversations x 2 turns, think time 0.5 s, --max-model-len 2048, "
-                         "--gpu-blocks 17: a smoke run")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    common.add_dtype_arg(ap)
-    common.add_noisy_arg(ap)
-    args = ap.parse_args()
-    if args.quick:
-        args.conversations, args.turns, args.think_s = 6, 2, 0.5
-        args.max_model_len, args.gpu_blocks = 2048, 17  # a pool under the working set
-    cases = [c for c in args.cases.split(",") if c]
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        ap.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(CASES)}")
+    common.add_conversation_args(
+        ap, CASES, DEFAULT_CASES, DEFAULT_OUT, max_model_len=3072,
+        remote_delay_help="remote_slow: the delay added to every reply of the store",
+        remote_timeout_help="remote lookups slower than this are misses (the plugin's "
+                            "default is 50; a loaded 2-core machine needs more)")
+    args, cases = common.parse_conversation_args(ap, CASES)
     # Any 16+ character secret shared by both servers; it never leaves this machine.
     args.secret = os.environ.get(SECRET_ENV) or os.urandom(24).hex()
 

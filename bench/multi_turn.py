@@ -459,32 +459,12 @@ def main() -> None:
                          "as a share of the working set (session_fullhost: 1.25)")
     ap.add_argument("--think-s", type=float, default=2.0, help="median think time between turns")
     ap.add_argument("--disk-gb", type=float, default=4.0)
-    ap.add_argument("--remote-delay-ms", type=float, default=40.0,
-                    help="slow_remote: the delay added to every reply of the redis-server")
-    ap.add_argument("--remote-timeout-ms", type=int, default=200,
-                    help="slow_remote: the plugin's remote lookup timeout (its default is "
-                         "50; a loaded 2-core machine needs more)")
-    ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--model", choices=("bench", "tiny"), default="bench",
-                    help="bench: 24 layers, hidden 896, dummy weights; tiny: 2 layers, "
-                         "hidden 128, the cheap-prefill case")
-    ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                    help=f"comma-separated, of: {', '.join(CASES)}")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true",
-                    help="6 conversations x 2 turns, think time 0.5 s, --max-model-len 2048, "
-                         "--gpu-blocks 17: a smoke run")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    common.add_dtype_arg(ap)
-    common.add_noisy_arg(ap)
-    args = ap.parse_args()
-    if args.quick:
-        args.conversations, args.turns, args.think_s = 6, 2, 0.5
-        args.max_model_len, args.gpu_blocks = 2048, 17  # a pool under the working set
-    cases = [c for c in args.cases.split(",") if c]
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        ap.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(CASES)}")
+    common.add_conversation_args(
+        ap, CASES, DEFAULT_CASES, DEFAULT_OUT, max_model_len=4096,
+        remote_delay_help="slow_remote: the delay added to every reply of the redis-server",
+        remote_timeout_help="slow_remote: the plugin's remote lookup timeout (its default is "
+                            "50; a loaded 2-core machine needs more)")
+    args, cases = common.parse_conversation_args(ap, CASES)
 
     args.dtype = common.setup(args.dtype)
     load = common.MachineLoad()
