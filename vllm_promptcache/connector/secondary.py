@@ -157,7 +157,7 @@ class SecondaryTiers:
 
     def _promote_by_cost(self, asker: str, keys: list[BlockKey], start: int,
                          spare: Callable[[BlockKey], bool], budgeted: bool) -> bool:
-        max_blocks = None
+        max_blocks = run = None
         if budgeted and self.cost is not None:
             run = self._run_below(keys, start)
             if not run:
@@ -179,7 +179,9 @@ class SecondaryTiers:
                              "%.3f s > recompute %.3f s, %s)", asker, decision.total_tokens,
                              decision.load_s, decision.recompute_s, decision.basis)
                 return False
-        return self.promote(keys, start, spare, prefetch=False, max_blocks=max_blocks) > 0
+            run = run[:max_blocks]  # priced: promote() need not walk it again
+        return self.promote(keys, start, spare, prefetch=False, max_blocks=max_blocks,
+                            run=run) > 0
 
     def tier(self, name: str) -> Any:
         return next((t for t in self.tiers if t.name == name), None)
@@ -204,12 +206,15 @@ class SecondaryTiers:
         return run
 
     def promote(self, keys: list[BlockKey], start: int, spare: Callable[[BlockKey], bool],
-                prefetch: bool, max_blocks: int | None = None, origin: bool = True) -> int:
+                prefetch: bool, max_blocks: int | None = None, origin: bool = True,
+                run: list | None = None) -> int:
         """Read the run keys[start:] (at most max_blocks of it) found below host into
         host slots; returns blocks issued.  `spare(key)` protects resident blocks from
         eviction for it.  With `origin` False, a load of the promoted blocks later is a
-        host hit (they were brought back ahead of any request: a session's head)."""
-        run = self._run_below(keys, start, max_blocks)
+        host hit (they were brought back ahead of any request: a session's head).
+        `run`: that run as `_run_below` found it this step, if the caller has it."""
+        if run is None:
+            run = self._run_below(keys, start, max_blocks)
         if not run:
             return 0
         claimed = self.host.reserve([key for key, _, _, _ in run], spare=spare)

@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from typing import Any, Sequence
 
 from ..store.keys import BlockKey, BlockKeyer
+from ..store.untrusted import BadValue, json_object
 
 logger = logging.getLogger("vllm.promptcache")
 
@@ -47,11 +48,9 @@ def check_entry(entry: bytes, keyer: BlockKeyer) -> tuple[list[int], list[BlockK
     """(tokens, keys, namespace) of a shared segment entry, every field checked;
     RejectedEntry (never another exception) when anything is wrong."""
     try:
-        data = json.loads(entry)
-    except (ValueError, RecursionError) as e:
-        raise RejectedEntry(f"not JSON ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise RejectedEntry(f"a {type(data).__name__}, not an object")
+        data = json_object(entry, "the entry")
+    except BadValue as e:
+        raise RejectedEntry(str(e)) from None
     tokens, hex_keys, namespace = data.get("tokens"), data.get("keys"), data.get("ns")
     if not isinstance(tokens, list) or not isinstance(hex_keys, list):
         raise RejectedEntry("tokens and keys must be lists")

@@ -21,6 +21,7 @@ import logging
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
+from ..store.untrusted import BadValue, json_object
 from .registry import Module
 
 logger = logging.getLogger("vllm.promptcache")
@@ -41,11 +42,9 @@ def check_module(name: str, data: bytes, tokenize: Tokenize) -> Module:
     """The module a shared entry describes, every field checked and its token ids
     compared with `tokenize(text)`; RejectedModule (never another exception) if not."""
     try:
-        body = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise RejectedModule(f"not JSON ({type(e).__name__})") from None
-    if not isinstance(body, dict):
-        raise RejectedModule(f"a {type(body).__name__}, not an object")
+        body = json_object(data, "the entry")
+    except BadValue as e:
+        raise RejectedModule(str(e)) from None
     text, tokens = body.get("text"), body.get("tokens")
     if not isinstance(name, str) or not name.strip():
         raise RejectedModule("the name is blank")

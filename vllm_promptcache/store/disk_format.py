@@ -40,9 +40,11 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from blake3 import blake3
+
+from .untrusted import BadValue, field, hex_list, int_field, is_int, json_object
 
 MAGIC = b"VPCKVBLK"
 # 2: checksums keyed with the directory secret.  3: the header names the KV layout.
@@ -208,84 +210,40 @@ class FileHeader:
             raise CorruptFile(f"{where}: header checksum mismatch (damaged, or written "
                               f"without this directory's secret)")
         try:
-            body = json.loads(data[_PREFIX.size:end])
-        except (ValueError, RecursionError) as e:
-            raise RejectedHeader(f"{where}: malformed header ({type(e).__name__})") from None
-        try:
+            body = json_object(data[_PREFIX.size:end], "the header")
             header = cls._checked(body, align_up(end + CHECKSUM_BYTES))
-        except _BadField as e:
+        except BadValue as e:
             raise RejectedHeader(f"{where}: malformed header: {e}") from None
         return header
 
     @classmethod
-    def _checked(cls, body: Any, header_bytes: int) -> "FileHeader":
+    def _checked(cls, body: dict, header_bytes: int) -> "FileHeader":
         """The header `body` (decoded JSON) describes, every field checked in type and
-        range; _BadField names the first wrong one."""
-        if not isinstance(body, dict):
-            raise _BadField(f"the header is a {type(body).__name__}, not an object")
-        fingerprint = _field(body, "fingerprint", str)
+        range; BadValue names the first wrong one."""
+        fingerprint = field(body, "fingerprint", str)
         if len(fingerprint) != 32 or not set(fingerprint) <= _FINGERPRINT_CHARS:
-            raise _BadField("fingerprint is not 32 lowercase hex characters")
-        world = _int(body, "world", 1, _MAX_WORLD)
-        rank = _int(body, "rank", 0, world - 1)
-        block_bytes = _int(body, "block_bytes", 1, _MAX_BLOCK_BYTES)
+            raise BadValue("fingerprint is not 32 lowercase hex characters")
+        world = int_field(body, "world", 1, _MAX_WORLD)
+        rank = int_field(body, "rank", 0, world - 1)
+        block_bytes = int_field(body, "block_bytes", 1, _MAX_BLOCK_BYTES)
         layout = []
-        for item in _field(body, "layout", list):
+        for item in field(body, "layout", list):
             if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
-                    or not _is_int(item[1]) or not 0 < item[1] <= block_bytes):
-                raise _BadField("layout is not a list of [layer name, page bytes <= "
+                    or not is_int(item[1]) or not 0 < item[1] <= block_bytes):
+                raise BadValue("layout is not a list of [layer name, page bytes <= "
                                 "block_bytes]")
             layout.append((item[0], item[1]))
         if sum(page for _, page in layout) != block_bytes:
-            raise _BadField(f"layout pages sum to {sum(page for _, page in layout)} bytes, "
+            raise BadValue(f"layout pages sum to {sum(page for _, page in layout)} bytes, "
                             f"block_bytes is {block_bytes}")
-        keys = _hex_list(body, "keys", KEY_BYTES)
-        checksums = _hex_list(body, "checksums", CHECKSUM_BYTES)
+        keys = hex_list(body, "keys", KEY_BYTES)
+        checksums = hex_list(body, "checksums", CHECKSUM_BYTES)
         if not keys or len(keys) != len(checksums):
-            raise _BadField(f"{len(keys)} keys and {len(checksums)} checksums")
-        kv_layout = _field(body, "kv_layout", str)
+            raise BadValue(f"{len(keys)} keys and {len(checksums)} checksums")
+        kv_layout = field(body, "kv_layout", str)
         return cls(fingerprint=fingerprint, rank=rank, world=world, layout=tuple(layout),
                    block_bytes=block_bytes, keys=keys, block_checksums=checksums,
                    header_bytes=header_bytes, kv_layout=kv_layout)
-
-
-class _BadField(Exception):
-    pass
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _field(body: dict, name: str, kind: type) -> Any:
-    if name not in body:
-        raise _BadField(f"{name} is missing")
-    value = body[name]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise _BadField(f"{name} is a {type(value).__name__}, not a {kind.__name__}")
-    return value
-
-
-def _int(body: dict, name: str, low: int, high: int) -> int:
-    value = _field(body, name, int)
-    if not low <= value <= high:
-        raise _BadField(f"{name} {value} outside [{low}, {high}]")
-    return value
-
-
-def _hex_list(body: dict, name: str, nbytes: int) -> tuple[bytes, ...]:
-    out = []
-    for item in _field(body, name, list):
-        if not isinstance(item, str) or len(item) != 2 * nbytes:
-            raise _BadField(f"{name} holds something other than {nbytes}-byte hex strings")
-        try:
-            value = bytes.fromhex(item)
-        except ValueError:
-            value = b""
-        if len(value) != nbytes:  # fromhex also skips spaces
-            raise _BadField(f"{name} holds a string that is not {nbytes} bytes of hex")
-        out.append(value)
-    return tuple(out)
 
 
 def new_file_id() -> str:

@@ -63,6 +63,7 @@ from blake3 import blake3
 
 from .secondary_io import RateLimitedWarning as _RateLimitedWarning
 from .remote_url import RemoteURL, parse_remote_url
+from .untrusted import BadValue, field, hex_list, int_field, json_object
 
 logger = logging.getLogger("vllm.promptcache")
 
@@ -669,31 +670,15 @@ def _checked_header(raw: bytes) -> dict:
     """A chunk's JSON header, every field checked in type and range; _Rejected names
     the first wrong one (never another exception: the value is untrusted)."""
     try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise _Rejected(f"malformed header ({type(e).__name__})") from None
-    if not isinstance(header, dict):
-        raise _Rejected(f"the header is a {type(header).__name__}, not an object")
-    want = {"fingerprint": str, "rank": int, "world": int, "block_bytes": int, "keys": list,
-            "kv_layout": str}
-    for name, kind in want.items():
-        value = header.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise _Rejected(f"{name} is a {type(value).__name__}, not a {kind.__name__}")
-    if not 1 <= header["world"] <= _MAX_WORLD or not 0 <= header["rank"] < header["world"]:
-        raise _Rejected(f"rank {header['rank']} of world {header['world']}")
-    if not 0 < header["block_bytes"] <= 1 << 40:
-        raise _Rejected(f"block_bytes {header['block_bytes']}")
-    keys = []
-    for k in header["keys"]:
-        try:
-            key = bytes.fromhex(k) if isinstance(k, str) and len(k) == 2 * KEY_BYTES else b""
-        except ValueError:
-            key = b""
-        if len(key) != KEY_BYTES:
-            raise _Rejected(f"keys hold something other than {KEY_BYTES}-byte hex strings")
-        keys.append(key)
-    header["keys"] = tuple(keys)
+        header = json_object(raw, "the header")
+        world = int_field(header, "world", 1, _MAX_WORLD)
+        int_field(header, "rank", 0, world - 1)
+        int_field(header, "block_bytes", 1, 1 << 40)
+        field(header, "fingerprint", str)
+        field(header, "kv_layout", str)
+        header["keys"] = hex_list(header, "keys", KEY_BYTES)
+    except BadValue as e:
+        raise _Rejected(f"malformed header: {e}") from None
     return header
 
 
