@@ -55,6 +55,9 @@ class UnknownWeightsError(RuntimeError):
     """The weights' identity cannot be established (no local files, no hub cache)."""
 
 
+_EMPTY_KEY_HASH = hashlib.blake2b(digest_size=KEY_BYTES)
+
+
 def _blake(*parts: bytes) -> bytes:
     h = hashlib.blake2b(digest_size=KEY_BYTES)
     for p in parts:
@@ -283,12 +286,24 @@ class BlockKeyer:
             n = min(n, max_blocks)
         if prev is None:
             prev = self.seed(namespace)
-        keys = []
+        keys: list[BlockKey] = []
+        if n <= start:
+            return keys
         bs = self.block_size
-        for i in range(start, n):
-            chunk = array("q", token_ids[i * bs:(i + 1) * bs]).tobytes()
+        # One conversion for the whole run, then a slice per block: on the scheduler
+        # thread, for every new request (a 4k-token prompt in 16-token blocks is 256
+        # hashes; converting block by block cost as much as hashing).
+        data = array("q", token_ids[start * bs:n * bs]).tobytes()
+        step = bs * 8
+        for j, i in enumerate(range(start, n)):
+            chunk = data[j * step:(j + 1) * step]
             more = extra[i] if extra is not None and i < len(extra) else None
-            prev = _blake(prev, chunk, b"x:" + more) if more else _blake(prev, chunk)
+            if more:
+                prev = _blake(prev, chunk, b"x:" + more)
+            else:
+                h = _EMPTY_KEY_HASH.copy()  # cheaper than building a hasher per block
+                h.update(prev + chunk)
+                prev = h.digest()
             keys.append(prev)
         return keys
 
