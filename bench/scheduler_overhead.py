@@ -318,8 +318,10 @@ def main() -> None:
              str(h["calls_with_gc"]),
              f"{h['without_gc']['p99_ms']:.3f}" if h["without_gc"]["p99_ms"] is not None else "-"]
             for case, r in results.items() for hook, h in r["hooks"].items() if h["calls"]]
-    loadline = (f"other processes used {env['machine_load']['other_processes_cores']} cores on "
-                f"average during the run: timings are noisy")
+    other = env['machine_load']['other_processes_cores']
+    loadline = (f"other processes used {other} cores on average during the run"
+                + (f" (more than {common.MAX_OTHER_CORES}): timings are noisy"
+                   if other > common.MAX_OTHER_CORES else " (a quiet machine)"))
     table = (f"Scheduler-side hooks with {args.blocks} blocks stored in host and disk "
              f"(block size {args.block_size}, {args.batch} requests per step), "
              f"{env['cpu_model']}; {loadline}.  Wall-clock per call; CPU: this thread's "

@@ -92,6 +92,7 @@ class DiskTier:
         self.layout = tuple(layout)
         self.capacity_bytes = capacity_bytes
         self.world = world
+        self._file_bytes: dict[int, int] = {}  # block count -> file_bytes (a few counts)
         self._policy = policy
         self._queued = queued if queued is not None else Counter()
         self._lock = threading.RLock()
@@ -168,7 +169,14 @@ class DiskTier:
         return planned, 0
 
     def file_bytes(self, num_blocks: int) -> int:
-        """Bytes of one file of `num_blocks` blocks on every rank, for the cap."""
+        """Bytes of one file of `num_blocks` blocks on every rank, for the cap (its
+        header's size depends only on the block count: hex fields of fixed length)."""
+        known = self._file_bytes.get(num_blocks)
+        if known is None:
+            known = self._file_bytes[num_blocks] = self._measure_file_bytes(num_blocks)
+        return known
+
+    def _measure_file_bytes(self, num_blocks: int) -> int:
         header = fmt.FileHeader("0" * 32, self.world - 1, self.world, self.layout,
                                 self.block_bytes, (b"\0" * 16,) * num_blocks,
                                 (b"\0" * fmt.CHECKSUM_BYTES,) * num_blocks,
