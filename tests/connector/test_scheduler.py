@@ -187,6 +187,28 @@ def test_prefetch_on_queue_and_prefetch_hits(disk_sched):
     assert stats["prefetch_blocks_total|"] == 2 and stats["prefetch_hit_blocks_total|"] == 2
 
 
+def test_a_prefetch_still_reading_holds_its_request_back_no_longer_than_recomputing(disk_sched):
+    """Issue 31: a queued request's blocks are being prefetched from a tier slower than
+    recomputing; when it is scheduled it may wait for them only as long as recomputing
+    them would take (a slow store under a prefetch once held it back for every read).
+    Then it computes them, and that is counted as a recompute decision for the tier."""
+    import time
+
+    toks = list(range(9))  # 2 full blocks
+    finish_with_disk(disk_sched, request("a", toks), [1, 2])
+    disk_sched.host.clear()
+    for n in (64, 128, 256, 512):  # vLLM's prefill measured at 1M tokens/s
+        disk_sched.cost.observe_prefill(n, n, n / 1e6)
+    nxt = request("b", toks + [5, 5, 5], computed=0)
+    disk_sched.on_new_request(nxt)
+    assert disk_sched.build_connector_meta(None).promotions  # the prefetch, never reported
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)  # wait a step...
+    time.sleep(0.01)  # ...but 8 tokens recompute in 8 us
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (0, False)
+    stats = disk_sched.get_kv_connector_stats().data["counter"]
+    assert stats["load_decisions_total|disk,recompute"] == 1
+
+
 def test_a_corrupt_disk_file_becomes_a_miss(disk_sched):
     toks = list(range(9))
     finish_with_disk(disk_sched, request("a", toks), [1, 2])

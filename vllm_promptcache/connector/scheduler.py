@@ -215,10 +215,10 @@ class PromptCacheScheduler:
         slots = self.host.ready_prefix(keys[start:], touch=False)
         end = start + len(slots)
         if end < len(keys):
-            if self.host.is_pending(keys[end]) and not self.secondary.waiting_too_long(req_id):
+            if self.host.is_pending(keys[end]) and self.secondary.may_wait(req_id, keys, end):
                 # The next block is on its way into host (a save of a conversation's
-                # previous turn, or a promotion from disk): ask again next step, until
-                # waiting costs more than recomputing it would.
+                # previous turn, or a promotion from below, maybe a prefetch): ask
+                # again next step, until waiting costs more than recomputing it would.
                 return None, False
             if self.secondary and self.secondary.fetch(req_id, keys, end,
                                                        set(keys).__contains__, budgeted=True):

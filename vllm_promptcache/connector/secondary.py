@@ -134,22 +134,38 @@ class SecondaryTiers:
             return True
         return self._promote_by_cost(asker, keys, start, spare, budgeted)
 
-    def _gave_up(self, asker: str) -> None:
+    def _gave_up(self, asker: str, tier: str | None = None) -> None:
         """The asker stopped waiting for the tiers it asked (their answer or promotion
-        would come later than recomputing): one recompute decision, under each tier
-        still asked, unless a decision was counted for it already."""
+        would come later than recomputing): one recompute decision, under `tier` or
+        the tier still asked, unless a decision was counted for it already."""
         if asker in self._counted or self.cost is None:
             return
         self._counted.add(asker)
-        tiers = [t.name for t in self._asking if t.lookup_pending(asker)] or \
-            [t.name for t in self.tiers]
+        tiers = [tier] if tier else [t.name for t in self._asking if t.lookup_pending(asker)] \
+            or [t.name for t in self.tiers] or ["host"]
         self.cost.count_recompute(tiers[:1])
         logger.debug("promptcache: %s stopped waiting for %s after %.3f s: recomputing is "
                      "faster", asker, "/".join(tiers), self.waits.waited_s(asker))
 
-    def waiting_too_long(self, asker: str) -> bool:
-        """The asker has waited on a fetch past its budget (it should go on without)."""
-        return self.waits.expired(asker)
+    def may_wait(self, asker: str, keys: list[BlockKey], start: int) -> bool:
+        """keys[start] is on its way into host (a promotion, maybe a prefetch the asker
+        did not start, or a save of its previous turn): whether the asker may wait
+        another step for it.  Budgeted as a lookup is, from the first step it waited:
+        no longer than recomputing keys[start:] would take."""
+        if self.cost is not None:
+            self.waits.start(asker, self.cost.lookup_budget_s(
+                start * self.block_size, (len(keys) - start) * self.block_size))
+        if not self.waits.expired(asker):
+            return True
+        self._gave_up(asker, self._arriving_from(keys[start]))
+        return False
+
+    def _arriving_from(self, key: BlockKey) -> str:
+        """The tier a pending host block comes from: a promotion's, else host (a save)."""
+        for (kind, _), job in self._jobs.items():
+            if kind == PROMOTE and key in job.keys:
+                return job.tier.name
+        return "host"
 
     def done_waiting(self, asker: str) -> None:
         self.waits.forget(asker)
