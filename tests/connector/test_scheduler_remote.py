@@ -198,3 +198,28 @@ def test_a_request_waits_for_a_slow_store_no_longer_than_recomputing_takes(setup
     stats = sched.get_kv_connector_stats().data["counter"]
     assert stats["load_decisions_total|remote,recompute"] == 1, \
         "giving up on the store is a recompute decision, counted once however often it asked"
+
+
+def test_a_store_whose_round_trip_outlasts_recomputing_is_not_waited_for_at_all(setup):
+    """Issue 31: waiting up to the recompute time and then recomputing costs up to twice
+    the recompute.  Once the store's lookups are measured slower than recomputing what
+    they could bring, a request goes on at once: asked (the answer may serve a later
+    turn), not waited for, and counted as a recompute decision."""
+    sched, store = setup
+    toks = list(range(1900, 1913))
+    write_through(sched, store, request("a", toks), [1, 2, 3])
+    sched.host.clear()
+    sched.remote._where.clear()
+    measured(sched, prefill_tokens_per_s=200.0)  # 12 tokens: 0.06 s to recompute
+    for _ in range(4):
+        sched.cost.observe_round_trip("remote", 0.5)  # lookups answered in 0.5 s
+    nxt = request("b", toks + [1], computed=0)
+    assert sched.get_num_new_matched_tokens(nxt, 0) == (0, False), "not held back a step"
+    stats = sched.get_kv_connector_stats().data["counter"]
+    assert stats["load_decisions_total|remote,recompute"] == 1
+    # Measured faster than recomputing, the same store is waited for and loaded.
+    for _ in range(8):
+        sched.cost.observe_round_trip("remote", 0.001)
+    sched.host.clear()
+    again = request("c", toks + [2], computed=0)
+    assert sched.get_num_new_matched_tokens(again, 0) == (None, False), "waits for the answer"

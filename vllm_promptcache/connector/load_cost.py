@@ -322,6 +322,11 @@ class LoadCost:
                 own += nbytes * host.estimate.seconds_per_unit
         return own
 
+    def round_trip_s(self, tier: str) -> float | None:
+        """The tier's measured round trip (a lookup that moved no KV), if any."""
+        t = self._tiers.get(tier)
+        return None if t is None else t.round_trip_s
+
     def bytes_per_second(self, tier: str) -> float | None:
         t = self._tier(tier)
         if t.estimate.n >= self.min_samples:
@@ -468,6 +473,11 @@ class WaitBudgets:
     def expired(self, req_id: str) -> bool:
         entry = self._since.get(req_id)
         return entry is not None and self.clock() - entry[0] >= entry[1]
+
+    def left_s(self, req_id: str) -> float:
+        """What is left of the request's budget (infinite if it is not waiting)."""
+        entry = self._since.get(req_id)
+        return math.inf if entry is None else entry[1] - (self.clock() - entry[0])
 
     def waited_s(self, req_id: str) -> float:
         entry = self._since.get(req_id)

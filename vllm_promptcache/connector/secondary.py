@@ -131,8 +131,25 @@ class SecondaryTiers:
         # nothing nearer is being fetched: an answer arriving after a failed promotion
         # must not bring back the chunk it dropped.
         if self.ask(asker, keys[start:], retry_after_s):
+            if budgeted and self._answer_comes_too_late(asker):
+                # Waiting up to the budget and then recomputing would cost up to twice
+                # the recompute: where the tier's measured round trip alone is past
+                # what is left of it, go on now (the answer still serves later turns).
+                self._gave_up(asker)
+                return False
             return True
         return self._promote_by_cost(asker, keys, start, spare, budgeted)
+
+    def _answer_comes_too_late(self, asker: str) -> bool:
+        if self.cost is None:
+            return False
+        left = self.waits.left_s(asker)
+        for tier in self._asking:
+            if tier.lookup_pending(asker):
+                round_trip = self.cost.round_trip_s(tier.name)
+                if round_trip is None or round_trip < left:
+                    return False
+        return True
 
     def _gave_up(self, asker: str, tier: str | None = None) -> None:
         """The asker stopped waiting for the tiers it asked (their answer or promotion
