@@ -199,14 +199,23 @@ def test_a_prefetch_still_reading_holds_its_request_back_no_longer_than_recomput
     disk_sched.host.clear()
     for n in (64, 128, 256, 512):  # vLLM's prefill measured at 1M tokens/s
         disk_sched.cost.observe_prefill(n, n, n / 1e6)
+    for _ in range(4):  # the disk measured at 10 ms per (one-block) read
+        disk_sched.cost.observe_transfer("disk", disk_sched.host.slot_bytes, 0.01)
     nxt = request("b", toks + [5, 5, 5], computed=0)
     disk_sched.on_new_request(nxt)
     assert disk_sched.build_connector_meta(None).promotions  # the prefetch, never reported
-    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)  # wait a step...
-    time.sleep(0.01)  # ...but 8 tokens recompute in 8 us
+    # 8 tokens recompute in 8 us; the read is expected to take longer: no wait at all.
     assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (0, False)
     stats = disk_sched.get_kv_connector_stats().data["counter"]
     assert stats["load_decisions_total|disk,recompute"] == 1
+    # Where recomputing is slower than the read (a slow prefill), it waits for it,
+    # but only for the recompute time (here 40 ms) if the read never lands.
+    for n in (64, 128, 256, 512):
+        disk_sched.cost.observe_prefill(n, n, n / 200.0)
+    slow = request("c", toks + [6, 6, 6], computed=0)
+    assert disk_sched.get_num_new_matched_tokens(slow, 0) == (None, False)
+    time.sleep(0.1)
+    assert disk_sched.get_num_new_matched_tokens(slow, 0) == (0, False)
 
 
 def test_a_corrupt_disk_file_becomes_a_miss(disk_sched):

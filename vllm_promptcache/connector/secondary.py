@@ -169,20 +169,30 @@ class SecondaryTiers:
         did not start, or a save of its previous turn): whether the asker may wait
         another step for it.  Budgeted as a lookup is, from the first step it waited:
         no longer than recomputing keys[start:] would take."""
+        job = self._promotion_of(keys[start])
         if self.cost is not None:
             self.waits.start(asker, self.cost.lookup_budget_s(
                 start * self.block_size, (len(keys) - start) * self.block_size))
-        if not self.waits.expired(asker):
+            if job is not None and not self.waits.expired(asker):
+                # Expected to land after the budget (a slow store's round trip): waiting
+                # it out and then recomputing would cost up to twice the recompute.
+                expected = job.issued + self.cost.tier_seconds(
+                    job.tier.name, len(job.slots) * self.host.slot_bytes)
+                if expected - time.monotonic() < self.waits.left_s(asker):
+                    return True
+            elif not self.waits.expired(asker):
+                return True
+        elif not self.waits.expired(asker):
             return True
-        self._gave_up(asker, self._arriving_from(keys[start]))
+        self._gave_up(asker, job.tier.name if job is not None else "host")
         return False
 
-    def _arriving_from(self, key: BlockKey) -> str:
-        """The tier a pending host block comes from: a promotion's, else host (a save)."""
+    def _promotion_of(self, key: BlockKey) -> _Job | None:
+        """The promotion bringing a pending host block in (None: a save of it)."""
         for (kind, _), job in self._jobs.items():
             if kind == PROMOTE and key in job.keys:
-                return job.tier.name
-        return "host"
+                return job
+        return None
 
     def done_waiting(self, asker: str) -> None:
         self.waits.forget(asker)
