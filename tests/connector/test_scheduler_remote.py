@@ -170,18 +170,24 @@ def test_a_tier_slower_than_recomputing_is_not_loaded(setup):
     # (Priced at its priors, the same tier is promoted and loaded: the tests above.)
 
 
+def only_in_the_store(sched, store, toks):
+    """`toks` (3 full blocks) written through to the store and known nowhere else, with
+    vLLM's prefill measured at 200 tokens/s (12 tokens: 0.06 s to recompute)."""
+    write_through(sched, store, request("a", toks), [1, 2, 3])
+    sched.host.clear()
+    sched.remote._where.clear()
+    measured(sched, prefill_tokens_per_s=200.0)
+    return toks
+
+
 def test_a_request_waits_for_a_slow_store_no_longer_than_recomputing_takes(setup, redis_server):  # noqa: F811
     """Issue 31: a lookup the store does not answer in time (here the store sleeps
     0.5 s) holds the request back only for the expected recompute time of what it
     would bring; then the request goes on, computing those tokens."""
     import threading
 
-    sched, store = setup
-    toks = list(range(900, 913))
-    write_through(sched, store, request("a", toks), [1, 2, 3])
-    sched.host.clear()
-    sched.remote._where.clear()
-    measured(sched, prefill_tokens_per_s=200.0)  # 12 tokens: 0.06 s to recompute
+    sched, _ = setup
+    toks = only_in_the_store(*setup, list(range(900, 913)))
     slept = []
     sleeper = threading.Thread(target=lambda: slept.append(redis_server.client().execute_command(
         "DEBUG", "SLEEP", "0.5")))
@@ -205,12 +211,8 @@ def test_a_store_whose_round_trip_outlasts_recomputing_is_not_waited_for_at_all(
     the recompute.  Once the store's lookups are measured slower than recomputing what
     they could bring, a request goes on at once: asked (the answer may serve a later
     turn), not waited for, and counted as a recompute decision."""
-    sched, store = setup
-    toks = list(range(1900, 1913))
-    write_through(sched, store, request("a", toks), [1, 2, 3])
-    sched.host.clear()
-    sched.remote._where.clear()
-    measured(sched, prefill_tokens_per_s=200.0)  # 12 tokens: 0.06 s to recompute
+    sched, _ = setup
+    toks = only_in_the_store(*setup, list(range(1900, 1913)))
     for _ in range(4):
         sched.cost.observe_round_trip("remote", 0.5)  # lookups answered in 0.5 s
     nxt = request("b", toks + [1], computed=0)

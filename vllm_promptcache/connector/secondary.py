@@ -173,19 +173,19 @@ class SecondaryTiers:
         if self.cost is not None:
             self.waits.start(asker, self.cost.lookup_budget_s(
                 start * self.block_size, (len(keys) - start) * self.block_size))
-            if job is not None and not self.waits.expired(asker):
-                # Expected to land after the budget (a slow store's round trip): waiting
-                # it out and then recomputing would cost up to twice the recompute.
-                expected = job.issued + self.cost.tier_seconds(
-                    job.tier.name, len(job.slots) * self.host.slot_bytes)
-                if expected - time.monotonic() < self.waits.left_s(asker):
-                    return True
-            elif not self.waits.expired(asker):
-                return True
-        elif not self.waits.expired(asker):
+        if not self.waits.expired(asker) and not self._lands_too_late(job, asker):
             return True
         self._gave_up(asker, job.tier.name if job is not None else "host")
         return False
+
+    def _lands_too_late(self, job: _Job | None, asker: str) -> bool:
+        """A promotion expected to land after the asker's budget (a slow store's round
+        trip): waiting it out and then recomputing would cost up to twice the recompute."""
+        if job is None or self.cost is None:
+            return False
+        expected = job.issued + self.cost.tier_seconds(
+            job.tier.name, len(job.slots) * self.host.slot_bytes)
+        return expected - time.monotonic() >= self.waits.left_s(asker)
 
     def _promotion_of(self, key: BlockKey) -> _Job | None:
         """The promotion bringing a pending host block in (None: a save of it)."""
