@@ -137,15 +137,61 @@ def test_memory_is_bounded_by_the_keys_it_can_keep_hot():
     sessions = Sessions(max_keys=10, head_blocks=4, max_sessions=1000)
     for i in range(100):
         sessions.turn_finished(f"s{i}", [f"{i}-{j}".encode() for j in range(8)])
-    # 4 keys per head (head_blocks), 10 keys at most: the two most recent sessions.
-    assert len(sessions) == 2 and sum(sessions.protected.values()) == 8
-    assert "s99" in sessions and "s98" in sessions
+    # 4 keys per head (head_blocks), 10 keys protected at most: the two that finished
+    # first (they come back first); 8 x 10 keys tracked: the next 18 wait their turn,
+    # and those that finished last are dropped (they would come back last).
+    assert sum(sessions.protected.values()) == 8
+    assert sessions.protects(b"0-0") and sessions.protects(b"1-3")
+    assert not sessions.protects(b"2-0")
+    assert len(sessions) == 20 and "s19" in sessions and "s20" not in sessions
     few = Sessions(max_keys=10_000, max_sessions=3)
     for i in range(10):
         few.turn_started(f"s{i}")
     assert len(few) == 3
     with pytest.raises(ValueError, match="positive"):
         Sessions(max_keys=0)
+
+
+def test_heads_are_protected_in_the_order_their_turns_finished():
+    """Six conversations cycle, each back after the others' turns (the bench's session
+    case), with room for two heads.  Each next turn finds its head protected.
+    Protecting the most recently seen instead, each head was dropped by the turns
+    finishing after it, and no next turn found its own."""
+    sessions = Sessions(max_keys=4)
+    heads = {s: [f"{s}{i}".encode() for i in range(2)] for s in "ABCDEF"}
+    for s in "ABCDEF":
+        sessions.turn_started(s)
+        sessions.turn_finished(s, heads[s])
+    found = 0
+    for _ in range(3):
+        for s in "ABCDEF":
+            found += all(sessions.protects(k) for k in heads[s])
+            sessions.turn_started(s)  # its turn: the next in line is protected
+            assert not any(sessions.protects(k) for k in heads[s])
+            n = int(heads[s][-1][1:]) + 1
+            heads[s] = [f"{s}{n}".encode(), f"{s}{n + 1}".encode()]
+            sessions.turn_finished(s, heads[s])  # back at the end of the line
+            assert sum(sessions.protected.values()) <= 4
+    assert found == 18
+
+
+def test_a_protected_head_whose_conversation_ended_ages_out_after_a_few_think_times():
+    clock = Clock()
+    sessions = Sessions(max_keys=2, clock=clock)
+    sessions.turn_finished("gone", [b"g"])  # never comes back
+    for t in range(10):                     # "live" comes back after 1 s each time
+        clock.t = 2 * t
+        sessions.turn_started("live")
+        clock.t = 2 * t + 1
+        sessions.turn_finished("live", [b"l"])
+    assert sessions.think_s == pytest.approx(1.0)
+    clock.t = 40
+    sessions.turn_finished("waiting", [b"w"])
+    assert sessions.protects(b"g") and not sessions.protects(b"w")  # no room: g holds it
+    clock.t = 50  # g waited 50 s: past a few think times (30 s at least)
+    assert sessions.expire() >= 1
+    assert "gone" not in sessions and not sessions.protects(b"g")
+    assert sessions.protects(b"w"), "its room went to the next head waiting"
 
 
 def test_evict_last_view_adds_queued_and_live_heads():

@@ -139,9 +139,10 @@ class PromptCacheScheduler:
     def on_new_request(self, request: Any) -> None:
         """A request joined vLLM's queue: mark its blocks queued and prefetch them from disk."""
         state = self.requests.of(request)
-        state.session = session_id_of(request)
-        if state.session is not None:
-            self.sessions.turn_started(state.session)
+        if state.session is None:  # once per request (a session counts its turns)
+            state.session = session_id_of(request)
+            if state.session is not None:
+                self.sessions.turn_started(state.session)
         keys = self._keys(request)
         if not keys or self._encodes_module(request):
             return

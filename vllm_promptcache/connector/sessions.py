@@ -11,9 +11,11 @@ on disk.  With a conversation id the scheduler knows which conversations are liv
   `awaiting` names sessions between turns whose head the scheduler may promote back
   into host from disk while the user thinks (a promotion that spares other live heads,
   so two sessions never evict each other's head back and forth);
-- a session not seen for `idle_s` ages out, and so do the least recently seen ones
-  when the live heads hold more keys than `max_keys` (the host tier's slots: more
-  cannot be kept hot anyway).
+- heads are protected first finished, first protected, as many as `max_keys` (half
+  the host tier's slots) holds: conversations come back in about the order they left,
+  and the others wait their turn (see `Sessions`);
+- a session not seen for `idle_s` ages out, and so does a protected head waiting past
+  a few observed think times (`stale_s`).
 
 Never trusted for correctness: keys stay content keys.  An id only changes which
 stored blocks are evicted first and which are promoted early; a wrong, reused or
@@ -64,18 +66,38 @@ def session_id_of(request: Any) -> str | None:
 
 @dataclass(slots=True)
 class _Session:
-    head: tuple[Hashable, ...] = ()  # keys its next turn reads first
+    head: tuple[Hashable, ...] = ()  # keys its next turn reads first (between turns only)
     last_seen: float = 0.0
     in_flight: int = 0               # its requests between turn_started and turn_finished
+    finished_at: float = 0.0         # when its last turn finished
 
 
 class Sessions:
     """Live conversations by id, and the keys their next turns will read first.
 
-    Invariant: `protected[key]` is the number of tracked sessions whose head holds key
-    (a key absent from the Counter is protected by none); `_held` is the sum of their
-    head lengths, at most `max_keys` after every operation.
+    Which heads are protected: between turns, conversations come back in about the
+    order they left (each after its user's think time), so the head of the one that
+    finished first is read first.  Protecting the most recently seen instead (LRU)
+    is the worst order for such a cycle: with room for k heads of n > k live
+    conversations, each head would be dropped by the k turns finishing after it,
+    before its own next turn, and no next turn would find its head in host.  So heads
+    are protected in the order their turns finished, as many as `max_keys` holds
+    (`_hot`); later ones wait their turn (`_cold`, tracked but not protected) and are
+    protected, and promoted back into host, as the earlier ones come back.  A
+    protected head waiting longer than a few observed think times is taken for a
+    conversation that ended and ages out (`stale_s`), so one that never returns does
+    not hold the room.
+
+    Invariant: `protected[key]` is the number of hot sessions whose head holds key
+    (a key absent from the Counter is protected by none); `_held` is the sum of the hot
+    heads' lengths, at most `max_keys`; `_tracked` the sum of all heads' lengths, at
+    most `max_keys * COLD_FACTOR`; `_hot` then `_cold` list the sessions between turns
+    in the order their turns finished.
     """
+
+    COLD_FACTOR = 8       # heads tracked beyond those protected, in units of max_keys
+    STALE_THINKS = 8      # a hot head waiting this many mean think times has aged out
+    MIN_STALE_S = 30.0
 
     def __init__(self, max_keys: int, idle_s: float = 900.0, head_blocks: int = 4096,
                  max_sessions: int = 100_000, clock: Callable[[], float] = time.monotonic):
@@ -84,13 +106,17 @@ class Sessions:
                              "must be positive")
         self.max_keys = max_keys
         self.idle_s = idle_s
-        self.head_blocks = head_blocks
+        self.head_blocks = min(head_blocks, max_keys)
         self.max_sessions = max_sessions
         self.clock = clock
         self.protected: Counter[Hashable] = Counter()
         self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently seen first
-        self._awaiting: OrderedDict[str, None] = OrderedDict()  # between turns, round-robin
+        self._hot: OrderedDict[str, None] = OrderedDict()    # protected, by finish time
+        self._cold: OrderedDict[str, None] = OrderedDict()   # waiting for room, by finish time
+        self._turns: OrderedDict[str, None] = OrderedDict()  # the hot ones, round-robin
         self._held = 0
+        self._tracked = 0
+        self.think_s: float | None = None  # mean observed time between a turn and the next
         self.expired = 0  # sessions aged out, for a counter
 
     def __len__(self) -> int:
@@ -102,55 +128,74 @@ class Sessions:
     def protects(self, key: Hashable) -> bool:
         return self.protected.get(key, 0) > 0
 
+    @property
+    def stale_s(self) -> float:
+        """How long a protected head may wait for its next turn."""
+        if self.think_s is None:
+            return self.idle_s
+        return min(self.idle_s, max(self.MIN_STALE_S, self.STALE_THINKS * self.think_s))
+
     # -- a session's turns ---------------------------------------------------------
     def turn_started(self, session: str) -> None:
-        """A request of `session` arrived (on_new_request): it is live, and its next turn
-        is here, so its head no longer needs promoting (its keys are queued now)."""
+        """A request of `session` arrived (on_new_request): it is live, and its next
+        turn is here.  Its head is queued keys now (the scheduler evicts those last),
+        so it gives up its protection, and room, to the next head waiting."""
         s = self._seen(session)
+        if s.in_flight == 0 and s.head:
+            think = self.clock() - s.finished_at
+            self.think_s = think if self.think_s is None else 0.8 * self.think_s + 0.2 * think
         s.in_flight += 1
-        self._awaiting.pop(session, None)
+        self._drop_head(session, s)
+        self._fill()
         self._bound()
 
     def turn_finished(self, session: str, keys: Sequence[Hashable]) -> None:
         """A request of `session` finished with `keys` (its prompt and answer, as saved):
-        its next turn reads them first, so they become the session's protected head."""
+        its next turn reads them first.  The session joins the end of the line of
+        heads to protect (it comes back after those that finished before it)."""
         s = self._seen(session)
         s.in_flight = max(0, s.in_flight - 1)
-        head = tuple(keys[:self.head_blocks])
-        if head != s.head:
-            self._unprotect(s.head)
-            s.head = head
-            self.protected.update(head)
-            self._held += len(head)
-        if s.in_flight == 0 and head:
-            self._awaiting[session] = None
-            self._awaiting.move_to_end(session)
+        self._drop_head(session, s)
+        if s.in_flight == 0 and keys:
+            s.head = tuple(keys[:self.head_blocks])
+            s.finished_at = self.clock()
+            self._tracked += len(s.head)
+            self._cold[session] = None
+            self._fill()
         self._bound()
 
     def forget(self, session: str) -> None:
         s = self._sessions.pop(session, None)
         if s is not None:
-            self._unprotect(s.head)
-            self._awaiting.pop(session, None)
+            self._drop_head(session, s)
+            self._fill()
 
     # -- what the scheduler does with them -----------------------------------------
     def awaiting(self, limit: int) -> list[tuple[str, tuple[Hashable, ...]]]:
-        """Up to `limit` sessions between turns with their heads, in turn (each call
+        """Up to `limit` protected heads of sessions between turns, in turn (each call
         moves on), for the scheduler to promote back into host what is missing."""
         out = []
-        for _ in range(min(limit, len(self._awaiting))):
-            session, _ = self._awaiting.popitem(last=False)
-            self._awaiting[session] = None
+        for _ in range(min(limit, len(self._turns))):
+            session, _ = self._turns.popitem(last=False)
+            self._turns[session] = None
             out.append((session, self._sessions[session].head))
         return out
 
     def expire(self) -> int:
-        """Drop sessions not seen for idle_s (call once a step); returns how many."""
-        cutoff = self.clock() - self.idle_s
+        """Drop sessions not seen for idle_s, and protected heads waiting past stale_s
+        (call once a step); returns how many."""
+        now = self.clock()
         n = 0
         while self._sessions:
             session, s = next(iter(self._sessions.items()))
-            if s.last_seen > cutoff:
+            if s.last_seen > now - self.idle_s:
+                break
+            self.forget(session)
+            n += 1
+        stale = now - self.stale_s
+        while self._hot:
+            session = next(iter(self._hot))
+            if self._sessions[session].finished_at > stale:
                 break
             self.forget(session)
             n += 1
@@ -167,20 +212,44 @@ class Sessions:
         s.last_seen = self.clock()
         return s
 
-    def _unprotect(self, head: tuple[Hashable, ...]) -> None:
-        if not head:
+    def _drop_head(self, session: str, s: _Session) -> None:
+        """The session is no longer between turns: its head leaves the line."""
+        if not s.head:
             return
-        self.protected.subtract(head)
-        for key in head:
-            if self.protected.get(key, 0) <= 0:
-                self.protected.pop(key, None)
-        self._held -= len(head)
+        if session in self._hot:
+            del self._hot[session], self._turns[session]
+            self.protected.subtract(s.head)
+            for key in s.head:
+                if self.protected.get(key, 0) <= 0:
+                    self.protected.pop(key, None)
+            self._held -= len(s.head)
+        else:
+            self._cold.pop(session, None)
+        self._tracked -= len(s.head)
+        s.head = ()
+
+    def _fill(self) -> None:
+        """Protect waiting heads, first finished first, while they fit."""
+        while self._cold:
+            session = next(iter(self._cold))
+            head = self._sessions[session].head
+            if self._held + len(head) > self.max_keys:
+                return
+            del self._cold[session]
+            self._hot[session] = None
+            self._turns[session] = None
+            self.protected.update(head)
+            self._held += len(head)
 
     def _bound(self) -> None:
-        # The least recently seen go first; the session just seen is the last candidate.
-        while len(self._sessions) > 1 and (self._held > self.max_keys
-                                           or len(self._sessions) > self.max_sessions):
-            self.forget(next(iter(self._sessions)))
+        # Waiting heads that finished last go first (they come back last); then the
+        # least recently seen sessions.
+        while self._cold and self._tracked > self.max_keys * self.COLD_FACTOR:
+            self.forget(next(reversed(self._cold)))
+            self.expired += 1
+        while len(self._sessions) > self.max_sessions:
+            victim = next(reversed(self._cold)) if self._cold else next(iter(self._sessions))
+            self.forget(victim)
             self.expired += 1
 
 
