@@ -197,13 +197,13 @@ def test_a_prefetch_still_reading_holds_its_request_back_no_longer_than_recomput
     toks = list(range(9))  # 2 full blocks
     finish_with_disk(disk_sched, request("a", toks), [1, 2])
     disk_sched.host.clear()
-    for n in (64, 128, 256, 512):  # vLLM's prefill measured at 1M tokens/s
-        disk_sched.cost.observe_prefill(n, n, n / 1e6)
-    for _ in range(4):  # the disk measured at 10 ms per (one-block) read
-        disk_sched.cost.observe_transfer("disk", disk_sched.host.slot_bytes, 0.01)
     nxt = request("b", toks + [5, 5, 5], computed=0)
-    disk_sched.on_new_request(nxt)
+    disk_sched.on_new_request(nxt)  # nothing measured yet: prefetched
     assert disk_sched.build_connector_meta(None).promotions  # the prefetch, never reported
+    for n in (64, 128, 256, 512):  # then vLLM's prefill measured at 1M tokens/s
+        disk_sched.cost.observe_prefill(n, n, n / 1e6)
+    for _ in range(4):  # and the disk at 10 ms per (one-block) read
+        disk_sched.cost.observe_transfer("disk", disk_sched.host.slot_bytes, 0.01)
     # 8 tokens recompute in 8 us; the read is expected to take longer: no wait at all.
     assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (0, False)
     stats = disk_sched.get_kv_connector_stats().data["counter"]
@@ -216,6 +216,27 @@ def test_a_prefetch_still_reading_holds_its_request_back_no_longer_than_recomput
     assert disk_sched.get_num_new_matched_tokens(slow, 0) == (None, False)
     time.sleep(0.1)
     assert disk_sched.get_num_new_matched_tokens(slow, 0) == (0, False)
+
+
+def test_a_prefetch_moves_only_what_its_request_would_load(disk_sched):
+    """Issue 31: a queued request's blocks found in a tier slower than recomputing them
+    are not prefetched (the transfer would only compete with the engine, and push other
+    blocks out of host); from a tier faster than recomputing they are."""
+    toks = list(range(9))  # 2 full blocks
+    finish_with_disk(disk_sched, request("a", toks), [1, 2])
+    disk_sched.host.clear()
+    for n in (64, 128, 256, 512):  # vLLM's prefill measured at 1M tokens/s
+        disk_sched.cost.observe_prefill(n, n, n / 1e6)
+    for _ in range(4):  # the disk measured at 10 ms per (one-block) read
+        disk_sched.cost.observe_transfer("disk", disk_sched.host.slot_bytes, 0.01)
+    disk_sched.on_new_request(request("b", toks + [5, 5, 5], computed=0))
+    assert not disk_sched.build_connector_meta(None).promotions
+    assert "prefetch_blocks_total|" not in disk_sched.get_kv_connector_stats().data["counter"]
+    for n in (64, 128, 256, 512):  # a slow prefill: 200 tokens/s, 40 ms for 8 tokens
+        disk_sched.cost.observe_prefill(n, n, n / 200.0)
+    disk_sched.on_new_request(request("c", toks + [6, 6, 6], computed=0))
+    promos = disk_sched.build_connector_meta(None).promotions
+    assert sum(len(p.slots) for p in promos) == 2
 
 
 def test_a_corrupt_disk_file_becomes_a_miss(disk_sched):

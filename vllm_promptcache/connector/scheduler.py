@@ -161,7 +161,7 @@ class PromptCacheScheduler:
         """Promote a queued request's blocks found below host, ahead of its turn."""
         start = len(self.host.ready_prefix(keys, touch=False))
         if start < len(keys) and not self.host.is_pending(keys[start]):
-            issued = self._promote(keys, start, prefetch=True)
+            issued = self._prefetch_below(keys, start)
             if issued:
                 self.stats.inc("prefetch_blocks_total", issued)
 
@@ -299,19 +299,20 @@ class PromptCacheScheduler:
                                request.request_id, refusal)
         return trusted
 
-    def _promote(self, keys: list[BlockKey], start: int, prefetch: bool) -> int:
-        """Read the run of keys[start:] found below host into host; returns blocks issued."""
+    def _prefetch_below(self, keys: list[BlockKey], start: int) -> int:
+        """Read the run of keys[start:] found below host into host, as much of it as is
+        worth loading (SecondaryTiers.prefetch); returns blocks issued."""
         # A promotion never evicts the request's own blocks (with a host tier
         # smaller than the request it would evict its head to fetch its tail,
         # forever); under the scheduler-aware policy a prefetch also spares
         # what any other queued request needs.
         own = set(keys)
-        if prefetch and self._queue_aware:
+        if self._queue_aware:
             def spare(key):
                 return key in own or self.evict_last.get(key, 0) > 0
         else:
             spare = own.__contains__
-        return self.secondary.promote(keys, start, spare, prefetch)
+        return self.secondary.prefetch(keys, start, spare)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         state = self.requests.of(request)

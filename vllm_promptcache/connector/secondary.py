@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 from ..store.host_tier import HostTier
 from ..store.keys import BlockKey
 from ..store.secondary_io import PROMOTE, WRITE
-from .load_cost import LoadCost, Segment, WaitBudgets
+from .load_cost import LoadCost, LoadDecision, Segment, WaitBudgets
 from .metadata import TierWrite, Promotion
 
 logger = logging.getLogger("vllm.promptcache")
@@ -202,29 +202,51 @@ class SecondaryTiers:
                          spare: Callable[[BlockKey], bool], budgeted: bool) -> bool:
         max_blocks = run = None
         if budgeted and self.cost is not None:
-            run = self._run_below(keys, start)
-            if not run:
+            run, decision = self._priced_run(keys, start)
+            if decision is None:
                 return False
-            segments: list[Segment] = []
-            for _, tier, _, _ in run:
-                if segments and segments[-1].tier == tier.name:
-                    segments[-1] = Segment(tier.name, segments[-1].tokens + self.block_size)
-                else:
-                    segments.append(Segment(tier.name, self.block_size))
-            decision = self.cost.decide(segments, start * self.block_size,
-                                        self.bytes_per_token, self.block_size)
             if asker not in self._counted:  # one decision per request, however often it asks
                 self._counted.add(asker)
                 self.cost.count(decision)
-            max_blocks = decision.load_tokens // self.block_size
+            max_blocks = len(run)
             if not max_blocks:
                 logger.debug("promptcache: %s recomputes %d tokens found below host (load "
                              "%.3f s > recompute %.3f s, %s)", asker, decision.total_tokens,
                              decision.load_s, decision.recompute_s, decision.basis)
                 return False
-            run = run[:max_blocks]  # priced: promote() need not walk it again
         return self.promote(keys, start, spare, prefetch=False, max_blocks=max_blocks,
                             run=run) > 0
+
+    def prefetch(self, keys: list[BlockKey], start: int,
+                 spare: Callable[[BlockKey], bool]) -> int:
+        """Promote the run keys[start:] found below host ahead of a queued request's
+        turn, as much of it as its own lookup would load (load_cost.py): a run that
+        will be recomputed is not moved (its transfer would only compete with the
+        engine for the machine, and its blocks push others out of host).  Returns
+        blocks issued; no decision is counted (the request makes its own)."""
+        if self.cost is None:
+            return self.promote(keys, start, spare, prefetch=True)
+        run, decision = self._priced_run(keys, start)
+        if not run:
+            return 0
+        return self.promote(keys, start, spare, prefetch=True, max_blocks=len(run), run=run)
+
+    def _priced_run(self, keys: list[BlockKey], start: int
+                    ) -> tuple[list[tuple[BlockKey, Any, str, int]], LoadDecision | None]:
+        """The run keys[start:] found below host, cut to what is worth loading, with the
+        decision that cut it (None: nothing found)."""
+        run = self._run_below(keys, start)
+        if not run:
+            return [], None
+        segments: list[Segment] = []
+        for _, tier, _, _ in run:
+            if segments and segments[-1].tier == tier.name:
+                segments[-1] = Segment(tier.name, segments[-1].tokens + self.block_size)
+            else:
+                segments.append(Segment(tier.name, self.block_size))
+        decision = self.cost.decide(segments, start * self.block_size,
+                                    self.bytes_per_token, self.block_size)
+        return run[:decision.load_tokens // self.block_size], decision
 
     def tier(self, name: str) -> Any:
         return next((t for t in self.tiers if t.name == name), None)
