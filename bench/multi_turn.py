@@ -187,7 +187,7 @@ class SlowStore:
 
     def __init__(self, delay_ms: float) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from slow_proxy import SlowProxy
+        from slow_proxy import SlowProxyProcess
         from tests.redis_server import REDIS_SERVER, RedisServer
 
         if REDIS_SERVER is None:
@@ -195,10 +195,14 @@ class SlowStore:
                              "(apt-get install redis-server)")
         self.dir = tempfile.mkdtemp(prefix="promptcache-bench-redis-")
         self.redis = RedisServer(self.dir).start()  # free port, no persistence
-        self.proxy = SlowProxy(("127.0.0.1", self.redis.port), delay_ms).start()
+        # In its own process: its forwarding is not billed to the measuring process.
+        self.proxy = SlowProxyProcess(("127.0.0.1", self.redis.port), delay_ms).start()
         self.url = f"redis://127.0.0.1:{self.proxy.port}/0"
 
     def stats(self) -> dict:
+        """The store's and the proxy's counters; ends the proxy (its counters are
+        read when it stops): call once the measurement is over."""
+        self.proxy.stop()
         client = self.redis.client()
         return {"keys": client.dbsize(), "used_memory_bytes": client.info().get("used_memory"),
                 "proxy_connections": self.proxy.connections,

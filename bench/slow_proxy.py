@@ -6,12 +6,17 @@ across a slow network: every chunk the server sends back reaches the client
 capped, as on a long fat link).  Requests go through undelayed, so a command's
 round trip gains ``delay_ms`` once.
 
-In a bench (`bench/multi_turn.py`'s ``slow_remote`` case)::
+In a bench (`bench/multi_turn.py`'s ``slow_remote`` case), in a process of its own
+(`SlowProxyProcess`): a store across a network costs this machine no CPU, and a proxy
+thread in the measuring process would hold its GIL while it forwards KV, which made
+that case's TTFT look slower than the plugin is::
 
-    proxy = SlowProxy(("127.0.0.1", redis_port), delay_ms=40).start()
+    proxy = SlowProxyProcess(("127.0.0.1", redis_port), delay_ms=40).start()
     url = f"redis://127.0.0.1:{proxy.port}/0"
     ...
-    proxy.stop()
+    proxy.stop()  # then proxy.connections, proxy.replies_delayed
+
+`SlowProxy` is the same proxy on a thread (the tests use it; they measure no time).
 
 By hand, in front of a redis-server on port 6379 (Ctrl-C stops it)::
 
@@ -22,6 +27,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
@@ -119,11 +130,57 @@ class SlowProxy:
                 return
 
 
+class SlowProxyProcess:
+    """`SlowProxy` in a child process; `port` is where it listens.  Its counters are
+    read when it stops."""
+
+    def __init__(self, upstream: tuple[str, int], delay_ms: float) -> None:
+        self.upstream, self.delay_ms = upstream, delay_ms
+        self.port = 0
+        self.connections = self.replies_delayed = 0
+        self._proc: subprocess.Popen | None = None
+        fd, self._stats_path = tempfile.mkstemp(prefix="slow-proxy-", suffix=".json")
+        os.close(fd)
+
+    def start(self) -> "SlowProxyProcess":
+        host, port = self.upstream
+        self._proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--upstream", f"{host}:{port}",
+             "--delay-ms", str(self.delay_ms), "--stats-file", self._stats_path],
+            stdout=subprocess.PIPE, text=True)
+        line = self._proc.stdout.readline()  # "listening on 127.0.0.1:PORT, ..."
+        if not line.startswith("listening on "):
+            self._proc.kill()
+            raise RuntimeError(f"the slow proxy did not start: {line!r}")
+        self.port = int(line.split()[2].rstrip(",").rpartition(":")[2])
+        return self
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        proc, self._proc = self._proc, None
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        try:
+            with open(self._stats_path) as f:
+                stats = json.load(f)
+            self.connections, self.replies_delayed = stats["connections"], stats["replies_delayed"]
+        except (OSError, ValueError, KeyError):
+            pass
+        finally:
+            os.unlink(self._stats_path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--upstream", default="127.0.0.1:6379", help="HOST:PORT of the store")
     ap.add_argument("--delay-ms", type=float, default=40.0)
     ap.add_argument("--port", type=int, default=0, help="where to listen (0: a free port)")
+    ap.add_argument("--stats-file", help="on exit, write its counters here (JSON)")
     args = ap.parse_args()
     host, _, port = args.upstream.rpartition(":")
     proxy = SlowProxy((host or "127.0.0.1", int(port)), args.delay_ms, args.port).start()
@@ -133,6 +190,10 @@ def main() -> None:
         threading.Event().wait()
     except KeyboardInterrupt:
         proxy.stop()
+    if args.stats_file:
+        with open(args.stats_file, "w") as f:
+            json.dump({"connections": proxy.connections,
+                       "replies_delayed": proxy.replies_delayed}, f)
 
 
 if __name__ == "__main__":
