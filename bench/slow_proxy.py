@@ -159,7 +159,7 @@ class SlowProxyProcess:
         if self._proc is None:
             return
         proc, self._proc = self._proc, None
-        proc.send_signal(signal.SIGINT)
+        proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -186,10 +186,14 @@ def main() -> None:
     proxy = SlowProxy((host or "127.0.0.1", int(port)), args.delay_ms, args.port).start()
     print(f"listening on 127.0.0.1:{proxy.port}, replies from {args.upstream} delayed "
           f"{args.delay_ms:g} ms", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        proxy.stop()
+    # SIGTERM (SlowProxyProcess.stop) or Ctrl-C ends it; set by hand, since a child
+    # may inherit SIGINT ignored from the process that started it.
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(0.2):
+        pass
+    proxy.stop()
     if args.stats_file:
         with open(args.stats_file, "w") as f:
             json.dump({"connections": proxy.connections,
