@@ -218,6 +218,31 @@ def test_a_prefetch_still_reading_holds_its_request_back_no_longer_than_recomput
     assert disk_sched.get_num_new_matched_tokens(slow, 0) == (0, False)
 
 
+def test_a_tier_is_priced_by_its_reads_own_time_not_the_engine_steps_around_it(disk_sched):
+    """A promotion is reported a step after it was issued; on a slow prefill (the bench
+    shape on a CPU, seconds a step) that step once made the disk look slower than
+    recomputing, and every disk hit after was recomputed.  The workers report each
+    read's own time, and the tier is priced by it."""
+    import time
+
+    sched = disk_sched
+    toks = list(range(4 * 4 + 1))  # 4 full blocks
+    finish_with_disk(sched, request("a", toks), [1, 2, 3, 4])
+    for i in range(6):
+        sched.host.clear()
+        nxt = request(f"b{i}", toks + [5, 5, 5], computed=0)
+        assert sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
+        promos = sched.build_connector_meta(None).promotions
+        assert promos
+        time.sleep(0.05)  # an engine step: 50 ms between issue and report
+        sched.update_connector_output(events_output(
+            [("promote", p.promo_id, True, 0.001) for p in promos]))  # each read: 1 ms
+        assert sched.get_num_new_matched_tokens(nxt, 0) == (16, False)
+        sched.update_state_after_alloc(nxt, Blocks([7, 8, 9, 10, 11]), 16)
+    nbytes = 4 * sched.host.slot_bytes
+    assert sched.cost.tier_seconds("disk", nbytes) < 0.01, "priced by the reads (1 ms)"
+
+
 def test_a_prefetch_moves_only_what_its_request_would_load(disk_sched):
     """Issue 31: a queued request's blocks found in a tier slower than recomputing them
     are not prefetched (the transfer would only compete with the engine, and push other

@@ -13,12 +13,16 @@ LAYOUT = [("layers.0", 1000), ("layers.1", 1000)]
 SECRET = b"s" * fmt.SECRET_BYTES
 
 
-def wait_events(io, n, timeout=10.0):
+def wait_events(io, n, timeout=10.0, seconds=None):
+    """The first n events as (kind, id, ok); a promotion's read time (its fourth field)
+    is appended to `seconds` where given."""
     events, corrupt = [], set()
     deadline = time.time() + timeout
     while len(events) < n and time.time() < deadline:
         e, c, _ = io.take_events()
-        events += e
+        events += [ev[:3] for ev in e]
+        if seconds is not None:
+            seconds += [ev[3] for ev in e if ev[0] == PROMOTE]
         corrupt |= c
         time.sleep(0.01)
     return events, corrupt
@@ -47,8 +51,10 @@ def test_write_then_promote_round_trip(tmp_path):
     host = HostBuffer(8, LAYOUT, pin=False)
     host.data.fill_(0xEE)
     io.promote("p1", "f1", [4, 0, 2], [1, 6, 3], host, [keys[4], keys[0], keys[2]])
-    events, corrupt = wait_events(io, 1)
+    seconds = []
+    events, corrupt = wait_events(io, 1, seconds=seconds)
     assert events == [(PROMOTE, "p1", True)] and not corrupt
+    assert len(seconds) == 1 and 0 <= seconds[0] < 10, "the read's own time, for pricing"
     assert torch.equal(host.data[1], src.data[4])
     assert torch.equal(host.data[6], src.data[0])
     assert torch.equal(host.data[3], src.data[2])

@@ -82,7 +82,7 @@ def promote_one(io, file_id, index, key):
     while time.time() < deadline:
         events, corrupt, gone = io.take_events()
         if events:
-            return events[0], corrupt, gone
+            return events[0][:3], corrupt, gone  # (kind, id, ok); then the read's time
         time.sleep(0.01)
     raise TimeoutError
 

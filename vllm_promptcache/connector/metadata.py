@@ -94,10 +94,12 @@ if _KVConnectorWorkerMetadata is not None:
 
         # Requests whose host save failed on some worker: never serve their slots.
         failed_saves: set[str] = field(default_factory=set)
-        # Finished background jobs, one entry per worker: (kind, id, ok), kind
-        # "write" (a disk file) or "promote" (disk -> host).  The scheduler side
-        # waits for every rank's entry.
-        events: list[tuple[str, str, bool]] = field(default_factory=list)
+        # Finished background jobs, one entry per worker: (kind, id, ok[, seconds]),
+        # kind "write" (a tier object) or "promote" (a tier -> host); a promotion
+        # carries the seconds its read took on the worker (the tier's own rate,
+        # without the engine steps between its issue and its report).  The
+        # scheduler side waits for every rank's entry.
+        events: list[tuple] = field(default_factory=list)
         # Disk files found corrupt (and deleted) by some worker.
         corrupt_objects: set[str] = field(default_factory=set)
         # Disk files some worker could not find (deleted by another engine).

@@ -46,6 +46,7 @@ class _Job:
     object_id: str = ""
     prefetch: bool = False
     issued: float = 0.0  # promotion: when it was planned (its wall time is what a load waits)
+    seconds: float | None = None  # promotion: its read's own time on the slowest worker
     origin: bool = True  # promotion: a later load of its blocks counts under its tier
 
 
@@ -69,6 +70,7 @@ class SecondaryTiers:
         self.writes: list[TierWrite] = []
         self.promotions: list[Promotion] = []
         self._jobs: dict[tuple[str, str], _Job] = {}
+        self._promoting: dict[BlockKey, _Job] = {}  # a pending host block -> its promotion
         self._ids = count()
         # Keys a promotion brought into host and no load used yet: (tier, by prefetch).
         self._promoted: OrderedDict[BlockKey, tuple[str, bool]] = OrderedDict()
@@ -189,10 +191,7 @@ class SecondaryTiers:
 
     def _promotion_of(self, key: BlockKey) -> _Job | None:
         """The promotion bringing a pending host block in (None: a save of it)."""
-        for (kind, _), job in self._jobs.items():
-            if kind == PROMOTE and key in job.keys:
-                return job
-        return None
+        return self._promoting.get(key)
 
     def done_waiting(self, asker: str) -> None:
         self.waits.forget(asker)
@@ -295,10 +294,10 @@ class SecondaryTiers:
             block_keys = [k for k, _, _ in blocks]
             self.promotions.append(Promotion(promo_id, object_id, [i for _, i, _ in blocks],
                                              slots, block_keys, tier=name))
-            self._jobs[(PROMOTE, promo_id)] = _Job(PROMOTE, tiers[name], slots=slots,
-                                                   keys=block_keys, object_id=object_id,
-                                                   prefetch=prefetch, issued=time.monotonic(),
-                                                   origin=origin)
+            job = self._jobs[(PROMOTE, promo_id)] = _Job(
+                PROMOTE, tiers[name], slots=slots, keys=block_keys, object_id=object_id,
+                prefetch=prefetch, issued=time.monotonic(), origin=origin)
+            self._promoting.update(dict.fromkeys(block_keys, job))
             tiers[name].pin([object_id])
         for name, tier in tiers.items():
             tier.touch([o for (n, o) in reversed(list(by_object)) if n == name])
@@ -351,18 +350,23 @@ class SecondaryTiers:
             for tier in self.tiers:
                 # Gone, or refused (another user's): unindex, never delete.
                 tier.discard(object_id, delete=False)
-        for kind, job_id, ok in worker_meta.events:
-            self._job_report(kind, job_id, ok)
+        for kind, job_id, ok, *seconds in worker_meta.events:
+            self._job_report(kind, job_id, ok, seconds[0] if seconds else None)
 
-    def _job_report(self, kind: str, job_id: str, ok: bool) -> None:
+    def _job_report(self, kind: str, job_id: str, ok: bool, seconds: float | None = None) -> None:
         job = self._jobs.get((kind, job_id))
         if job is None:
             return
         job.reports += 1
         job.ok = job.ok and ok
+        if seconds is not None:  # the slowest rank's read
+            job.seconds = max(job.seconds or 0.0, float(seconds))
         if job.reports < self.world_size:
             return
         del self._jobs[(kind, job_id)]
+        for key in job.keys if kind == PROMOTE else ():
+            if self._promoting.get(key) is job:
+                del self._promoting[key]
         tier = job.tier
         if kind == WRITE:
             if job.ok:
@@ -375,8 +379,13 @@ class SecondaryTiers:
         tier.unpin([job.object_id])
         if job.ok:
             if self.cost is not None and job.issued:
+                # The read's own time where the workers report it: from issue to report
+                # also counts the engine steps in between (seconds each on a slow
+                # prefill), which once priced a disk as slower than recomputing.
+                elapsed = job.seconds if job.seconds is not None \
+                    else time.monotonic() - job.issued
                 self.cost.observe_transfer(tier.name, len(job.slots) * self.host.slot_bytes,
-                                           time.monotonic() - job.issued)
+                                           elapsed)
             self.host.commit(job.slots)
             self.stats.inc("promoted_blocks_total", len(job.slots), tier=tier.name)
             for key in job.keys if job.origin else ():

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -37,6 +38,7 @@ class _Promotion:
         self.corrupt = False
         self.gone = False
         self.lock = threading.Lock()
+        self.started = time.monotonic()  # the read's own time is reported with it
 
 
 class DiskIO(SecondaryIO):
@@ -143,7 +145,7 @@ class DiskIO(SecondaryIO):
                 except FileNotFoundError:
                     pass
             self._report_object(file_id, corrupt=state.corrupt, gone=state.gone)
-            self._events.put((PROMOTE, promo_id, state.ok))
+            self._events.put((PROMOTE, promo_id, state.ok, time.monotonic() - state.started))
 
     def _check_header(self, header: fmt.FileHeader, index: int, key: bytes, path: str) -> None:
         """The file must be this model's, this rank's, and hold `key` at `index`."""

@@ -12,6 +12,7 @@ store and is reported gone, so the index forgets it.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -52,10 +53,10 @@ class RemoteIO(SecondaryIO):
     def promote(self, promo_id: str, object_id: str, indices: Sequence[int],
                 slots: Sequence[int], buffer: HostBuffer, keys: Sequence[bytes]) -> None:
         self._pool.submit(self._promote, promo_id, object_id, list(indices), list(slots),
-                          buffer, list(keys))
+                          buffer, list(keys), time.monotonic())
 
     def _promote(self, promo_id: str, chunk: str, indices: list[int], slots: list[int],
-                 buffer: HostBuffer, keys: list[bytes]) -> None:
+                 buffer: HostBuffer, keys: list[bytes], started: float) -> None:
         ok = False
         try:
             blocks = self.store.get_blocks(keys, [ChunkRef(chunk, i) for i in indices])
@@ -68,7 +69,7 @@ class RemoteIO(SecondaryIO):
                 self._report_object(chunk, gone=True)
         except Exception:
             logger.exception("promptcache: reading remote chunk %s failed", chunk)
-        self._events.put((PROMOTE, promo_id, ok))
+        self._events.put((PROMOTE, promo_id, ok, time.monotonic() - started))
 
     def take_counts(self) -> dict[str, float]:
         return self.store.take_counts()
