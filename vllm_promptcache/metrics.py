@@ -50,6 +50,7 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "prefetch_blocks_total": (COUNTER, False, "Blocks a queued request needs that were read into host before its turn."),
     "prefetch_hit_blocks_total": (COUNTER, False, "Loaded blocks that a prefetch had brought into host."),
     "dropped_saves_total": (COUNTER, True, "Block saves dropped because a tier was full or busy (a future miss only)."),
+    "skipped_writes_total": (COUNTER, True, "Block writes not made to a tier measured as slower to load from than recomputing (load_cost.py)."),
     "skipped_requests_total": (COUNTER, "reason", "Requests served uncached because their KV cannot be keyed safely, by reason."),
     "rejected_module_encodings_total": (COUNTER, False, "Requests that asked to encode a prompt module without the server's token (ignored)."),
     "remote_round_trips_total": (COUNTER, True, "Round trips to the shared remote store (worker side)."),

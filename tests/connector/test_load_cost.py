@@ -180,6 +180,24 @@ def test_a_priced_out_tier_is_probed_once_per_interval():
     assert lc.decide(run, 0, KV_PER_TOKEN, BS).load_tokens == 0, "one probe, not every request"
 
 
+def test_a_tier_priced_out_of_a_run_stays_findable_while_a_probe_is_due():
+    """`priced_out` (a tier neither asked about a run nor written with it) holds only on
+    measured numbers, and not while the tier is due to be measured again."""
+    clock = Clock()
+    lc = trained(clock=clock)  # disk at 1.1 GB/s, prefill at 40k tokens/s (8B KV)
+    assert lc.priced_out(DISK, 0, 4096, KV_PER_TOKEN)
+    assert not lc.priced_out(HOST, 0, 4096, KV_PER_TOKEN), "a host load beats recomputing"
+    assert not trained(clock=clock, mode=ALWAYS_LOAD).priced_out(DISK, 0, 4096, KV_PER_TOKEN)
+    assert not LoadCost(clock=clock).priced_out(DISK, 0, 4096, KV_PER_TOKEN), "priors only"
+    assert not lc.priced_out(REMOTE, 0, 4096, KV_PER_TOKEN), "never measured"
+    fast = trained(clock=clock, disk=200e9)
+    assert not fast.priced_out(DISK, 0, 4096, KV_PER_TOKEN)
+    clock.t += 61  # no disk transfer for a minute: a probe is due, the run is written
+    assert not lc.priced_out(DISK, 0, 4096, KV_PER_TOKEN)
+    assert lc.decide([Segment(DISK, 4096)], 0, KV_PER_TOKEN, BS).basis == "probe"
+    assert lc.priced_out(DISK, 0, 4096, KV_PER_TOKEN), "probed: priced out for an interval"
+
+
 def test_lookup_budget_is_the_recompute_time_and_expires():
     lc = trained()
     budget = lc.lookup_budget_s(0, 4096)

@@ -209,8 +209,8 @@ def test_a_request_waits_for_a_slow_store_no_longer_than_recomputing_takes(setup
 def test_a_store_whose_round_trip_outlasts_recomputing_is_not_waited_for_at_all(setup):
     """Issue 31: waiting up to the recompute time and then recomputing costs up to twice
     the recompute.  Once the store's lookups are measured slower than recomputing what
-    they could bring, a request goes on at once: asked (the answer may serve a later
-    turn), not waited for, and counted as a recompute decision."""
+    they could bring, a request goes on at once: not waited for (not even asked: see
+    the next test), and counted as a recompute decision."""
     sched, _ = setup
     toks = only_in_the_store(*setup, list(range(1900, 1913)))
     # Its transfers measured fast (1 ms a block): only the round trip is slow.  Never
@@ -236,3 +236,25 @@ def test_a_store_whose_round_trip_outlasts_recomputing_is_not_waited_for_at_all(
     sched.host.clear()
     again = request("c", toks + [2], computed=0)
     assert sched.get_num_new_matched_tokens(again, 0) == (None, False), "waits for the answer"
+
+
+def test_a_store_measured_slower_than_recomputing_is_neither_asked_nor_written(setup):
+    """Issue 31: a tier measured slower than recomputing the runs it would serve (and
+    not due a probe) is not written with a finished request's blocks, nor asked about a
+    new request's: the round trip and the write only take the machine from the engine.
+    Both are counted; once a probe is due, both come back (the tier stays measured)."""
+    sched, _ = setup
+    measured(sched, remote_s_per_block=0.5)
+    sched.request_finished(request("a", list(range(2100, 2113))), [1, 2, 3])
+    assert not [w for w in sched.build_connector_meta(None).tier_writes if w.tier == "remote"]
+    nxt = request("b", list(range(2200, 2213)) + [1], computed=0)
+    assert sched.get_num_new_matched_tokens(nxt, 0) == (0, False)
+    assert not sched.remote.lookup_pending("b"), "not asked"
+    stats = sched.get_kv_connector_stats().data["counter"]
+    assert stats["skipped_writes_total|remote"] == 3
+    assert stats["load_decisions_total|remote,recompute"] == 1
+    sched.cost.probe_interval_s = 0.0  # a probe is due
+    sched.request_finished(request("c", list(range(2300, 2313))), [4, 5, 6])
+    assert [w for w in sched.build_connector_meta(None).tier_writes if w.tier == "remote"]
+    again = request("d", list(range(2400, 2413)) + [1], computed=0)
+    assert sched.get_num_new_matched_tokens(again, 0) == (None, False), "asked, answer out"

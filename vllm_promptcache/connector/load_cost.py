@@ -30,6 +30,9 @@ of a found run to load; vLLM computes the rest.
   run that would recompute it is loaded whole every `probe_interval_s` per tier
   (decision basis "probe").  Transfers off the critical path (a queued request's
   prefetch) measure a tier too, at no request's cost: feed them to observe_transfer.
+- `priced_out`: a tier measured as slower than recomputing a whole run is not asked
+  about it, nor written with it (secondary.py): the round trip and the write would
+  only compete with the engine for the machine.  A probe due keeps it asked and written.
 - `mode=ALWAYS_LOAD` pins every decision to loading (benchmarks, tiers an operator
   knows are fast); the estimates are still kept and exported.
 - `lookup_budget_s`: how long a remote lookup (or a promotion) may be waited for
@@ -344,6 +347,24 @@ class LoadCost:
         if self.mode == ALWAYS_LOAD or not self.prefill.known:
             return math.inf
         return self.recompute_seconds(start, tokens)
+
+    def priced_out(self, tier: str, start: int, tokens: int, bytes_per_token: float) -> bool:
+        """Whether loading `tokens` tokens from `tier` at position `start` is measured
+        as slower than recomputing them, with no probe of the tier due: then asking the
+        tier about them, or writing them to it, costs the machine work that no load will
+        repay.  False wherever the answer rests on a guess (ALWAYS_LOAD, the prefill or
+        the tier not measured yet) or the tier is due to be measured again."""
+        if self.mode == ALWAYS_LOAD or not self.prefill.measured or tokens <= 0:
+            return False
+        t = self._tiers.get(tier)
+        if t is None or (t.estimate.n < self.min_samples and t.round_trip_s is None):
+            return False
+        now = self.clock()
+        if ((t.estimate.n < self.min_samples or now - t.last_observed > self.probe_interval_s)
+                and now - t.last_probe > self.probe_interval_s):
+            return False  # the next run found there is a probe: keep it findable
+        return (self.tier_seconds(tier, tokens * bytes_per_token)
+                >= self.recompute_seconds(start, tokens))
 
     # -- the decision --------------------------------------------------------------
     def decide(self, segments: Sequence[Segment], start: int, bytes_per_token: float,

@@ -154,7 +154,7 @@ class PromptCacheScheduler:
         start = len(self.host.ready_prefix(keys, touch=True))
         if start < len(keys):
             # Answered in a later step: _prefetch_answered() promotes what it found.
-            self.secondary.ask(request.request_id, keys[start:])
+            self.secondary.ask(request.request_id, keys[start:], start=start)
         self._prefetch(keys)
 
     def _prefetch(self, keys: list[BlockKey]) -> None:

@@ -11,6 +11,8 @@ what is common to them:
   first tier that holds each block (lookup order: disk, then remote), in the
   background; the lookup meanwhile answers "ask again";
 - prefetch: the same for requests waiting in vLLM's queue;
+- pricing: a tier measured as slower than recomputing a run is neither asked about
+  it nor written with it (load_cost.py), except to keep it measured;
 - jobs: a write or a promotion is done when every worker rank reported it.
 Adding a tier (S3, Mooncake) is one new index module and one worker-side IO module.
 """
@@ -84,11 +86,16 @@ class SecondaryTiers:
     # answers `locate` at once.  A shared one (remote) knows only what it was told:
     # `start_lookup` asks the store in the background, `lookup_pending` says whether
     # the answer is still out, `take_answered` lists the askers answered since.
-    def ask(self, asker: str, keys: Sequence[BlockKey], retry_after_s: float | None = None) -> bool:
-        """Ask the tiers that must be asked about `keys` (once per asker, again after
-        `retry_after_s`); True while an answer is out."""
+    def ask(self, asker: str, keys: Sequence[BlockKey], retry_after_s: float | None = None,
+            start: int = 0) -> bool:
+        """Ask the tiers that must be asked about `keys` (the request's blocks from
+        block `start` on; once per asker, again after `retry_after_s`); True while an
+        answer is out.  A tier measured as slower than recomputing all of them is not
+        asked (`LoadCost.priced_out`): its answer could only lead to a recompute."""
         pending = False
         for tier in self._asking:
+            if self._priced_out(tier, start, len(keys)):
+                continue
             tier.start_lookup(asker, keys, retry_after_s=retry_after_s)
             pending = tier.lookup_pending(asker) or pending
         return pending
@@ -103,6 +110,10 @@ class SecondaryTiers:
                 for seconds in tier.take_round_trips():
                     self.cost.observe_round_trip(tier.name, seconds)
         return out
+
+    def _priced_out(self, tier: Any, start: int, blocks: int) -> bool:
+        return self.cost is not None and self.cost.priced_out(
+            tier.name, start * self.block_size, blocks * self.block_size, self.bytes_per_token)
 
     def forget(self, asker: str) -> None:
         for tier in self._asking:
@@ -132,7 +143,7 @@ class SecondaryTiers:
         # One round trip, in the background: asked again until it answers.  Only once
         # nothing nearer is being fetched: an answer arriving after a failed promotion
         # must not bring back the chunk it dropped.
-        if self.ask(asker, keys[start:], retry_after_s):
+        if self.ask(asker, keys[start:], retry_after_s, start=start):
             if budgeted and self._answer_comes_too_late(asker):
                 # Waiting up to the budget and then recomputing would cost up to twice
                 # the recompute: where the tier's measured round trip alone is past
@@ -140,7 +151,13 @@ class SecondaryTiers:
                 self._gave_up(asker)
                 return False
             return True
-        return self._promote_by_cost(asker, keys, start, spare, budgeted)
+        if self._promote_by_cost(asker, keys, start, spare, budgeted):
+            return True
+        if budgeted:  # not asked: a tier priced out of this run is a recompute decision
+            out = [t.name for t in self._asking if self._priced_out(t, start, len(keys) - start)]
+            if out:
+                self._gave_up(asker, out[0])
+        return False
 
     def _answer_comes_too_late(self, asker: str) -> bool:
         if self.cost is None:
@@ -323,9 +340,15 @@ class SecondaryTiers:
     # -- write-through ----------------------------------------------------------------
     def plan_writes(self, req_id: str, keys: list[BlockKey], block_ids: list[int]) -> int:
         """Write-through of a finished request's (exact) blocks to every tier that
-        lacks them; returns the blocks planned."""
+        lacks them; returns the blocks planned.  Not to a tier measured as slower than
+        recomputing the whole run (`LoadCost.priced_out`): no load would come of the
+        write, and it would compete with the engine for the machine (counted under
+        promptcache_skipped_writes_total{tier})."""
         planned = 0
         for tier in self.tiers:
+            if self._priced_out(tier, 0, len(keys)):
+                self.stats.inc("skipped_writes_total", len(keys), tier=tier.name)
+                continue
             jobs, dropped = tier.plan_write(keys)
             for object_id, idx in jobs:
                 self.writes.append(TierWrite(req_id, object_id, [keys[i] for i in idx],
