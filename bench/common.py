@@ -298,6 +298,11 @@ def add_conversation_args(ap: argparse.ArgumentParser, cases: dict, default_case
     ap.add_argument("--cases", default=",".join(default_cases),
                     help=f"comma-separated, of: {', '.join(cases)}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every case this many times, the cases interleaved (a, b, a, "
+                         "b, ...) and each on a fresh engine; percentiles pool the rounds' "
+                         "requests, so a ratio rests on more samples and drift in the "
+                         "machine falls on every case alike")
     ap.add_argument("--quick", action="store_true",
                     help="6 conversations x 2 turns, think time 0.5 s, --max-model-len 2048, "
                          "--gpu-blocks 17: a smoke run")
@@ -313,11 +318,66 @@ def parse_conversation_args(ap: argparse.ArgumentParser,
     if args.quick:
         args.conversations, args.turns, args.think_s = 6, 2, 0.5
         args.max_model_len, args.gpu_blocks = 2048, 17  # a pool under the working set
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     asked = [c for c in args.cases.split(",") if c]
     unknown = set(asked) - set(cases)
     if unknown:
         ap.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(cases)}")
     return args, asked
+
+
+def run_rounds(cases: list[str], rounds: int, run: Callable[[str, int], dict],
+               phase: Callable[[str], None]) -> dict[str, list[dict]]:
+    """Every case `rounds` times, interleaved: {case: [its result of each round]}.
+    `run(case, round)`; `phase(label)` marks the machine-load phase of each run."""
+    out: dict[str, list[dict]] = {c: [] for c in cases}
+    for rnd in range(rounds):
+        for case in cases:
+            phase(case if rounds == 1 else f"{case}#{rnd}")
+            out[case].append(run(case, rnd))
+    return out
+
+
+def pooled_records(per_round: list[dict], conversations: int) -> list[dict]:
+    """The rounds' request records as one list, each round's conversations numbered
+    apart (round r's conversation i is r * conversations + i) and tagged with it."""
+    return [{**rec, "conversation": rnd * conversations + rec["conversation"], "round": rnd}
+            for rnd, r in enumerate(per_round) for rec in r["records"]]
+
+
+def pool_rounds(case: str, per_round: list[dict], conversations: int,
+                summarize: Callable[[str, list[dict], float, dict], dict],
+                counters: str, keep: tuple[str, ...], gauges: frozenset = frozenset()) -> dict:
+    """One case's rounds as one result: `summarize(case, records, wall, counters)` over
+    every round's requests (percentiles pool them) and the `counters` dict of each
+    round summed (`gauges`: the last round's); the first round's `keep` keys; each
+    round's own figures under "rounds"."""
+    if len(per_round) == 1:
+        return per_round[0]
+    out = summarize(case, pooled_records(per_round, conversations),
+                    sum(r["wall_s"] for r in per_round),
+                    sum_counters([r[counters] for r in per_round], gauges))
+    out.update({k: per_round[0][k] for k in keep if k in per_round[0]})
+    out["rounds"] = [{k: v for k, v in r.items() if k != "records"} for r in per_round]
+    return out
+
+
+def sum_counters(dicts: list[dict], last: frozenset = frozenset()) -> dict:
+    """Counters of several rounds summed, key by key (nested dicts too); keys in `last`
+    (gauges) keep the last round's value."""
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            if k in last:
+                out[k] = v
+            elif isinstance(v, dict):
+                out[k] = sum_counters([out.get(k, {}), v], last)
+            elif not isinstance(v, (int, float)) or isinstance(v, bool):
+                out[k] = v
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
 
 
 def add_noisy_arg(ap: argparse.ArgumentParser) -> None:

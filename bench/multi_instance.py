@@ -525,6 +525,11 @@ def summarize(case: str, records: list[dict], wall: float, m: dict) -> dict:
     }
 
 
+def pool_rounds(case: str, per_round: list[dict], conversations: int) -> dict:
+    return common.pool_rounds(case, per_round, conversations, summarize, "counters",
+                              ("engine_threads", "threads_per_cpu_list", "host_gb_per_server"))
+
+
 TTFT_KEYS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_later_turns_p50_s",
              "ttft_later_turns_p90_s", "ttft_later_turns_p99_s")
 
@@ -662,11 +667,9 @@ def main() -> None:
             f"({args.gpu_blocks} blocks, routing {args.routing}): vLLM's prefix cache may "
             f"serve what the plugin's tiers would")
     workdir = Path(tempfile.mkdtemp(prefix="promptcache-multi-instance-"))
-    results = {}
-    for case in cases:  # a failed case leaves `workdir` (the servers' logs) behind
-        log(f"== {case}")
-        load.phase(case)
-        results[case] = r = run_case(case, model, convs, args, workdir, vocab)
+    def one(case: str, rnd: int) -> dict:  # a failed case leaves `workdir` (the logs) behind
+        log(f"== {case}" + (f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""))
+        r = run_case(case, model, convs, args, workdir, vocab)
         hr = r["hit_rate"]
         log(f"   TTFT p50 {r['ttft_p50_s']:.3f}s p99 {r['ttft_p99_s']:.3f}s, later turns p50 "
             f"{r['ttft_later_turns_p50_s'] or 0:.3f}s p90 {r['ttft_later_turns_p90_s'] or 0:.3f}s, "
@@ -674,6 +677,10 @@ def main() -> None:
             f"{100 * hr['promptcache_all']:.1f}% ({hr}), computed "
             f"{r['prefill_tokens_computed']:.0f} of minimum {r['prefill_tokens_minimum']}, "
             f"decisions {decisions(r)}, wall {r['wall_s']:.0f}s")
+        return r
+
+    per_round = common.run_rounds(cases, args.rounds, one, load.phase)
+    results = {case: pool_rounds(case, rs, len(convs)) for case, rs in per_round.items()}
     shutil.rmtree(workdir, ignore_errors=True)
     add_ratios(results)
     env = common.run_environment(args.dtype, load,
@@ -707,7 +714,9 @@ def main() -> None:
     md = (f"# Multi-instance benchmark ({env['date']})\n\n"
           f"Two OpenAI servers, model {doc['config']['model_shape']}, {args.conversations} "
           f"conversations x {args.turns} turns, {routing}; working set about {ws_blocks} "
-          f"blocks of {args.block_bytes / 2**20:g} MiB; think time median {args.think_s} s, max_num_seqs "
+          f"blocks of {args.block_bytes / 2**20:g} MiB; think time median {args.think_s} s"
+          + (f", {args.rounds} rounds (cases interleaved, each on fresh servers; "
+             f"percentiles pool them)" if args.rounds > 1 else "") + f", max_num_seqs "
           f"{args.max_num_seqs}, vLLM pool {args.gpu_blocks} blocks per server, host tier "
           f"{args.host_gb} GiB and disk {args.disk_gb} GiB per server (own directories), remote: "
           f"one redis-server shared by both.{session} TTFT at the client (streamed, queueing "

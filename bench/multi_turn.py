@@ -383,6 +383,19 @@ def summarize(case: str, records: list[dict], wall: float, plugin: dict) -> dict
     }
 
 
+# Gauges among the plugin's metrics: pooled rounds keep the last value.
+GAUGES = frozenset({"tier_bytes_in_use", "tier_capacity_bytes", "tier_load_bytes_per_second",
+                    "prefill_tokens_per_second", "pinned_modules"})
+
+
+def pool_rounds(case: str, per_round: list[dict], conversations: int) -> dict:
+    out = common.pool_rounds(case, per_round, conversations, summarize, "plugin_metrics",
+                             ("engine_threads", "host_gb"), GAUGES)
+    if len(per_round) > 1 and "store" in per_round[0]:
+        out["store"] = common.sum_counters([r["store"] for r in per_round])
+    return out
+
+
 TTFT_KEYS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_later_turns_p50_s",
              "ttft_later_turns_p90_s", "ttft_later_turns_p99_s")
 
@@ -494,17 +507,18 @@ def main() -> None:
     if ws_blocks < args.gpu_blocks:
         log(f"WARNING: the working set ({ws_blocks} blocks) fits vLLM's pool ({args.gpu_blocks} "
             f"blocks): its prefix cache may serve every turn, and the plugin none")
-    results = {}
-    for case in cases:
-        log(f"== {case}")
-        load.phase(case)
-        results[case] = run_case(case, model, convs, args)
-        r = results[case]
+    def one(case: str, rnd: int) -> dict:
+        log(f"== {case}" + (f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""))
+        r = run_case(case, model, convs, args)
         log(f"   TTFT p50 {r['ttft_p50_s']:.3f}s p99 {r['ttft_p99_s']:.3f}s, later turns p50 "
             f"{r['ttft_later_turns_p50_s'] or 0:.3f}s p90 {r['ttft_later_turns_p90_s'] or 0:.3f}s, "
             f"computed {r['prefill_tokens_computed']} of minimum {r['prefill_tokens_minimum']}, "
             f"hits host {hits(r, 'host')} disk {hits(r, 'disk')} remote {hits(r, 'remote')}, "
             f"decisions {decisions(r)}")
+        return r
+
+    per_round = common.run_rounds(cases, args.rounds, one, load.phase)
+    results = {case: pool_rounds(case, rs, len(convs)) for case, rs in per_round.items()}
     add_ratios(results)
     env = common.run_environment(args.dtype, load,
                                  {c: r["engine_threads"] for c, r in results.items()})
@@ -529,7 +543,9 @@ def main() -> None:
                    f"disk, every redis reply {args.remote_delay_ms:g} ms late.")
     md = (f"# Multi-turn benchmark ({env['date']})\n\n"
           f"Model {shape}. {args.conversations} conversations x {args.turns} turns, think "
-          f"time median {args.think_s} s, max_num_seqs {args.max_num_seqs}, vLLM pool "
+          f"time median {args.think_s} s"
+          + (f", {args.rounds} rounds (cases interleaved, each on a fresh engine; "
+             f"percentiles pool them)" if args.rounds > 1 else "") + f", max_num_seqs {args.max_num_seqs}, vLLM pool "
           f"{args.gpu_blocks} blocks, host tier {args.host_gb} GiB, disk {args.disk_gb} GiB;"
           f"{session} Working set about {ws_blocks} blocks of "
           f"{args.block_bytes / 2**20:g} MiB. On {where}; every engine on the same threads. "
