@@ -149,10 +149,11 @@ class Server:
 
     def __init__(self, name: str, argv: list[str], port: int, log_path: Path, env: dict):
         self.name, self.port, self.log_path = name, port, log_path
+        self.env = {**os.environ, **env}
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True,
-                                     env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
+                                     env={**self.env, "PYTHONUNBUFFERED": "1"})
 
     @property
     def base(self) -> str:
@@ -212,7 +213,7 @@ class Server:
         # vLLM binds the worker's OpenMP threads inside VLLM_CPU_OMP_THREADS_BIND; a
         # thread bound elsewhere (the plugin's load thread, on a CPU they leave free) is
         # not one of them.
-        omp = common.cpu_set(os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or "")
+        omp = common.cpu_set(self.env.get("VLLM_CPU_OMP_THREADS_BIND") or "")
         inside = [c for c in counts if not omp or common.cpu_set(c) <= omp] or list(counts)
         narrow = min(inside, key=lambda c: (len(common.cpu_set(c)), c)) if inside else ""
         affinity = sorted(common.cpu_set(narrow))
@@ -447,8 +448,11 @@ def run_case(case: str, model: str, convs: list[dict], args, workdir: Path, voca
             name = "AB"[k]
             port = free_port()
             disk_dir = tempfile.mkdtemp(prefix=f"kv-{case}-{name}-", dir=workdir)
+            own = dict(env)
+            if args.device == "cpu" and args.server_cpus == "own":
+                own["VLLM_CPU_OMP_THREADS_BIND"] = str(k % (os.cpu_count() or 1))
             servers.append(Server(name, server_argv(case, model, port, args, disk_dir, remote_url),
-                                  port, workdir / f"{case}-{name}.log", env))
+                                  port, workdir / f"{case}-{name}.log", own))
         for s in servers:
             s.wait_ready(args.start_timeout_s)
         binding = {s.name: s.thread_binding() for s in servers}
@@ -633,6 +637,11 @@ def main() -> None:
     ap.add_argument("--routing", choices=("alternate", "sticky"), default="alternate",
                     help="alternate: turn t of conversation i on server (i + t) mod 2; "
                          "sticky: conversation i on server i mod 2")
+    ap.add_argument("--server-cpus", choices=("shared", "own"), default="shared",
+                    help="CPU: shared: every server's worker threads on the CPUs of "
+                         "VLLM_CPU_OMP_THREADS_BIND; own: server k's on CPU k alone (vLLM's "
+                         "workers busy-poll for 1 s after each step, so two on one CPU take "
+                         "it from each other, unevenly)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--start-timeout-s", type=float, default=600)
     common.add_conversation_args(
@@ -723,7 +732,9 @@ def main() -> None:
           f"included), later turns: every turn after a conversation's first; "
           f"hit rates are tokens over `vllm:prompt_tokens_total` of both servers; prefill "
           f"saved is `vllm:prompt_tokens_cached_total` (vLLM prefix cache + plugin). On {where}; "
-          f"every server on the same thread binding and dtype. Ratios are against cases of "
+          + ("every server on the same thread binding and dtype. " if args.server_cpus ==
+             "shared" or args.device != "cpu" else "server k's worker threads on CPU k alone, "
+             "in every case, and the same dtype. ") + f"Ratios are against cases of "
           f"the same run; the prefill minimum reuses each previous turn's full blocks.\n\n"
           + table(results) + "\n")
     common.write_outputs(args.out, doc, md,

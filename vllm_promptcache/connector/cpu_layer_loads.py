@@ -22,6 +22,10 @@ What makes it safe:
 * **vLLM must wait for every layer.**  The first step with loads runs them all before
   the forward and records which layers vLLM waited for; layer-wise loading starts only
   if every loaded layer was among them, else a warning says why it stays off.
+* **Never waiting for a CPU.**  The free CPU may not be free (another engine's worker,
+  a busy front end): a layer the load thread has not taken when the forward needs it
+  is moved by the forward's own thread, so a step is never slower than loading every
+  layer before it (`moved_by_caller` counts them).
 * **Errors surface in the forward.**  A failed layer raises in that layer's wait (the
   step fails, as a failed load did before); `finish` waits for the rest, so a later
   save or promotion never reuses a slot still being read.
@@ -180,7 +184,12 @@ class LayerwiseLoads:
         self.verified = False          # vLLM waited for every layer in a probe step
         self._probe: set[str] | None = None
         self._cond = threading.Condition()
-        self._done = 0                 # layers of the running step moved
+        self._work: LayerWork | None = None  # the running step's
+        self._claimed = 0              # its layers taken by a thread (in order)
+        self._finished: list[bool] = []  # its layers moved
+        self._done = 0                 # how many
+        self._settled = 0              # taken layers whose move ended (moved or failed)
+        self.moved_by_caller = 0       # layers the forward moved itself (thread behind)
         self._error: BaseException | None = None
         self._reported = False         # the error was raised in a layer's wait
         self._running = False
@@ -220,10 +229,16 @@ class LayerwiseLoads:
                 self._probe = set()
             return
         with self._cond:
-            self._done, self._error, self._running, self._reported = 0, None, True, False
+            self._work, self._claimed, self._done, self._settled = work, 0, 0, 0
+            self._finished = [False] * len(self.names)
+            self._error, self._running, self._reported = None, True, False
         self._jobs.put(work)
 
     def wait_layer(self, name: str) -> None:
+        """Until layer `name` is moved.  Layers the load thread has not taken yet (its
+        CPU busy with another process after all) are moved here, in order, up to this
+        one: the forward waits for a layer being copied, never for a thread to get a
+        CPU."""
         if self._probe is not None:
             self._probe.add(name)
             return
@@ -233,16 +248,16 @@ class LayerwiseLoads:
         with self._cond:
             if not self._running:
                 return
-            while self._done <= i and self._error is None:
-                self._cond.wait()
-            if self._done <= i:  # this layer's load failed
+            self._move_until(lambda: self._finished[i], last=i)
+            if not self._finished[i]:  # this layer's load failed
                 self._reported = True
                 raise RuntimeError(f"promptcache: loading layer {name} failed: "
                                    f"{self._error}") from self._error
 
     def finish(self) -> None:
         """After the forward: every layer moved (a later save or promotion may reuse the
-        loads' slots); ends a probe step."""
+        loads' slots; those the load thread has not taken are moved here); ends a probe
+        step."""
         if self._probe is not None:
             missing = [n for n in self.names if n not in self._probe]
             self._probe = None
@@ -257,12 +272,56 @@ class LayerwiseLoads:
                             "the forward", self.cpu)
             return
         with self._cond:
-            while self._running and self._done < len(self.names) and self._error is None:
-                self._cond.wait()
-            error, self._running = self._error, False
+            if self._running:
+                self._move_until(lambda: self._done == len(self.names),
+                                 last=len(self.names) - 1)
+                while self._settled < self._claimed:  # after a failure: copies in flight
+                    self._cond.wait()
+            error, self._running, self._work = self._error, False, None
             reported, self._error, self._reported = self._reported, None, False
         if error is not None and not reported:
             raise RuntimeError(f"promptcache: a layer-wise load failed: {error}") from error
+
+    def _move_until(self, done: Callable[[], bool], last: int) -> None:
+        """Holding the lock: until done() or a failure, move here the next layer no thread
+        has taken while it is at most `last`, else wait for the load thread."""
+        work = self._work
+        while not done() and self._error is None:
+            i = self._claim(work) if self._claimed <= last else None
+            if i is None:
+                self._cond.wait()
+                continue
+            self.moved_by_caller += 1
+            self._cond.release()
+            try:
+                self._move(work, i)
+            finally:
+                self._cond.acquire()
+
+    def _claim(self, work: LayerWork | None) -> int | None:
+        """Holding the lock: the next layer of `work` that no thread has taken, if any."""
+        if (work is None or self._work is not work or self._error is not None
+                or self._claimed >= len(self.names)):
+            return None
+        self._claimed += 1
+        return self._claimed - 1
+
+    def _move(self, work: LayerWork, i: int) -> None:
+        """Not holding the lock: move layer i and record the outcome."""
+        error = None
+        try:
+            work(i)
+        except BaseException as e:  # noqa: BLE001 - raised in the forward's wait
+            error = e
+        with self._cond:
+            # finish() waits for every taken layer, so the step is still this one.
+            self._settled += 1
+            if error is not None:
+                self._error = self._error or error
+            else:
+                self._finished[i] = True
+                self._done += 1
+            self._cond.notify_all()
 
     def _loop(self, bound: threading.Event) -> None:
         try:
@@ -276,17 +335,12 @@ class LayerwiseLoads:
             work = self._jobs.get()
             if work is None:
                 return
-            for i in range(len(self.names)):
-                try:
-                    work(i)
-                except BaseException as e:  # noqa: BLE001 - raised in the forward's wait
-                    with self._cond:
-                        self._error = e
-                        self._cond.notify_all()
-                    break
+            while True:  # a step's layers in order, unless the forward took them first
                 with self._cond:
-                    self._done = i + 1
-                    self._cond.notify_all()
+                    i = self._claim(work)
+                if i is None:
+                    break
+                self._move(work, i)
 
     def _stop(self) -> None:
         if self._thread is not None:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from typing import Any
-
 
 from .. import compat
 from .. import request_params
@@ -44,6 +42,7 @@ from .pinned_modules import PinnedModules, module_failed
 from .request_keys import RequestKeys
 from .request_state import Lookup, RequestState, RequestStates
 from .secondary import SecondaryTiers
+from .queued_keys import QueuedKeys
 from .sessions import EvictLast, Sessions, session_id_of
 from .shifted import ShiftedPlan, ShiftedReuse
 from .step_timing import StepTimings
@@ -74,7 +73,7 @@ class PromptCacheScheduler:
         self.layout = tuple(compat.layer_page_bytes(kv_cache_config))
         # Keys that requests waiting in vLLM's queue will read, and the heads of live
         # conversations (sessions.py): a scheduler-aware policy evicts them last.
-        self.queued: Counter[BlockKey] = Counter()
+        self.queued = QueuedKeys()
         self.sessions = Sessions(max_keys=max(1, num_slots // 2))
         self.evict_last = EvictLast(self.queued, self.sessions)
         self._queue_aware = policy_class(config.eviction_policy).queue_aware
@@ -148,7 +147,7 @@ class PromptCacheScheduler:
             return
         self._unqueue(state)
         state.queued_keys = keys
-        self.queued.update(keys)
+        self.queued.queue(keys)
         if not self.secondary:
             return
         start = len(self.host.ready_prefix(keys, touch=True))
@@ -344,10 +343,7 @@ class PromptCacheScheduler:
     def _unqueue(self, state: RequestState) -> None:
         keys, state.queued_keys = state.queued_keys, []
         if keys:
-            self.queued.subtract(keys)
-            for key in keys:
-                if self.queued[key] <= 0:
-                    del self.queued[key]
+            self.queued.unqueue(keys)
 
     # -- saves -----------------------------------------------------------------
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:

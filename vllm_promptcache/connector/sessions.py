@@ -255,9 +255,9 @@ class Sessions:
 
 class EvictLast:
     """What the tiers' eviction policies read as "queued": keys a waiting request will
-    read (the scheduler's Counter) or a live session's head.  HostTier and DiskTier call
-    `.get(key, 0)`; pass this view where they take `queued`, and keep updating the
-    Counter itself."""
+    read (the scheduler's `QueuedKeys`) or a live session's head.  HostTier and DiskTier
+    call `.get(key, 0)` and `.urgency(key)`; pass this view where they take `queued`,
+    and keep updating the QueuedKeys itself."""
 
     def __init__(self, queued: Counter, sessions: Sessions):
         self.queued = queued
@@ -265,6 +265,15 @@ class EvictLast:
 
     def get(self, key: Hashable, default: int = 0) -> int:
         return self.queued.get(key, 0) + self.sessions.protected.get(key, 0) or default
+
+    def urgency(self, key: Hashable) -> int:
+        """How soon the key is read: a queued request's (higher for an earlier arrival,
+        queued_keys.py), then 1 for a live head alone (its next turn joins the queue
+        behind the waiting ones), 0 for neither.  Among entries all spared, a
+        scheduler-aware policy evicts the least urgent first."""
+        urgency = getattr(self.queued, "urgency", None)
+        queued = urgency(key) if urgency is not None else int(self.queued.get(key, 0) > 0)
+        return queued or int(self.sessions.protected.get(key, 0) > 0)
 
     def __contains__(self, key: Hashable) -> bool:
         return self.get(key) > 0

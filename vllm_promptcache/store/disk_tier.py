@@ -390,9 +390,16 @@ class DiskTier:
         f = self._files.get(file_id)
         return f is not None and f.state is FileState.READY and not self._pins.get(file_id)
 
-    def _is_queued(self, file_id: str) -> bool:
+    def _is_queued(self, file_id: str) -> int:
+        """How soon a waiting request (or live head) reads a block of the file: its most
+        urgent key's urgency, 0 for never (a `queued` without urgencies: 1 for any)."""
         f = self._files.get(file_id)
-        return f is not None and any(self._queued.get(k, 0) > 0 for k in f.keys)
+        if f is None:
+            return 0
+        urgency = getattr(self._queued, "urgency", None)
+        if urgency is None:
+            return int(any(self._queued.get(k, 0) > 0 for k in f.keys))
+        return max((urgency(k) for k in f.keys), default=0)
 
     def _evict_one(self) -> bool:
         victim = self._policy.victim(self._evictable, self._is_queued)

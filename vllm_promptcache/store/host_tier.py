@@ -198,9 +198,14 @@ class HostTier:
     def _evictable(self, slot) -> bool:
         return self._state[slot] is SlotState.READY and not self._pins.get(slot)
 
-    def _is_queued(self, slot) -> bool:
+    def _is_queued(self, slot) -> int:
+        """How soon a waiting request (or live head) reads the slot: 0 for never (a
+        `queued` without urgencies: 1 for any)."""
         key = self._key_of_slot[slot]
-        return key is not None and self._queued.get(key, 0) > 0
+        if key is None:
+            return 0
+        urgency = getattr(self._queued, "urgency", None)
+        return urgency(key) if urgency is not None else int(self._queued.get(key, 0) > 0)
 
     def _allocate(self, spare: Callable[[BlockKey], bool] | None = None) -> int | None:
         if self._free:

@@ -17,7 +17,7 @@ class EvictionPolicy(ABC):
     only answers which evictable entry should go next.  Entries the tier cannot
     give up (pinned, being written) are filtered by `evictable`; `queued` says
     whether a request waiting in vLLM's queue will read the entry, for policies
-    that look at the scheduler.
+    that look at the scheduler: 0 (or False) for no, else how soon (higher: sooner).
     """
 
     # True when `victim` reads `queued`: the scheduler side then tells the tier
@@ -35,5 +35,5 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def victim(self, evictable: Callable[[Hashable], bool],
-               queued: Callable[[Hashable], bool] = _nothing_queued) -> Hashable | None:
+               queued: Callable[[Hashable], int] = _nothing_queued) -> Hashable | None:
         """The entry to evict next, or None if nothing evictable is resident."""
