@@ -78,6 +78,17 @@ def _cpu():
     return min(os.sched_getaffinity(0))
 
 
+def verified_loads() -> LayerwiseLoads:
+    """A load thread past its probe step (vLLM waited for every layer): layer-wise."""
+    loads = LayerwiseLoads(NAMES, _cpu())
+    loads.run(lambda i: None)
+    for name in NAMES:
+        loads.wait_layer(name)
+    loads.finish()
+    assert loads.layerwise
+    return loads
+
+
 def test_the_probe_step_runs_before_the_forward_then_layers_run_beside_it():
     loads = LayerwiseLoads(NAMES, _cpu())
     try:
@@ -133,12 +144,8 @@ def test_a_layer_vllm_does_not_wait_for_keeps_loads_before_the_forward():
 
 
 def test_a_failed_layer_raises_in_its_wait_and_the_next_step_runs():
-    loads = LayerwiseLoads(NAMES, _cpu())
+    loads = verified_loads()
     try:
-        loads.run(lambda i: None)
-        for name in NAMES:
-            loads.wait_layer(name)
-        loads.finish()
 
         def work(i):
             if i == 1:
@@ -238,13 +245,8 @@ def test_the_forward_moves_what_a_load_thread_without_its_cpu_has_not_taken():
     there): the forward never waits for the thread to be scheduled.  Here the thread is
     held in layer 0; the forward's waits for layers 1-3 return, having moved them on
     the forward's own thread, and finish waits for layer 0 only."""
-    loads = LayerwiseLoads(NAMES, _cpu())
+    loads = verified_loads()
     try:
-        loads.run(lambda i: None)  # the probe step
-        for name in NAMES:
-            loads.wait_layer(name)
-        loads.finish()
-        assert loads.layerwise
         held, taken = threading.Event(), threading.Event()
         movers = {}
 
@@ -280,12 +282,8 @@ def test_the_forward_moves_what_a_load_thread_without_its_cpu_has_not_taken():
 def test_a_failure_beside_a_layer_still_moving_waits_for_it_before_the_next_step():
     """A layer fails on one thread while the other still moves another: finish returns
     only once that copy ended, so the next step's bookkeeping is never touched by it."""
-    loads = LayerwiseLoads(NAMES, _cpu())
+    loads = verified_loads()
     try:
-        loads.run(lambda i: None)
-        for name in NAMES:
-            loads.wait_layer(name)
-        loads.finish()
         held, taken = threading.Event(), threading.Event()
 
         stalled = []
