@@ -39,10 +39,10 @@ from .load_cost import LoadCost
 from .markers import FrontEndMarkers
 from .metadata import BlockTransfer, PromptCacheMetadata
 from .pinned_modules import PinnedModules, module_failed
+from .queued_keys import QueuedKeys
 from .request_keys import RequestKeys
 from .request_state import Lookup, RequestState, RequestStates
 from .secondary import SecondaryTiers
-from .queued_keys import QueuedKeys
 from .sessions import EvictLast, Sessions, session_id_of
 from .shifted import ShiftedPlan, ShiftedReuse
 from .step_timing import StepTimings
