@@ -359,9 +359,7 @@ class LoadCost:
         t = self._tiers.get(tier)
         if t is None or (t.estimate.n < self.min_samples and t.round_trip_s is None):
             return False
-        now = self.clock()
-        if ((t.estimate.n < self.min_samples or now - t.last_observed > self.probe_interval_s)
-                and now - t.last_probe > self.probe_interval_s):
+        if self._probe_due(t, self.clock()):
             return False  # the next run found there is a probe: keep it findable
         return (self.tier_seconds(tier, tokens * bytes_per_token)
                 >= self.recompute_seconds(start, tokens))
@@ -403,11 +401,16 @@ class LoadCost:
             if pos <= k:
                 continue
             t = self._tier(s.tier)
-            if ((t.estimate.n < self.min_samples or now - t.last_observed > self.probe_interval_s)
-                    and now - t.last_probe > self.probe_interval_s):
+            if self._probe_due(t, now):
                 t.last_probe = now
                 return True
         return False
+
+    def _probe_due(self, t: _Tier, now: float) -> bool:
+        """The tier was never measured, or not for probe_interval_s, and no probe of it
+        was made in that interval."""
+        return ((t.estimate.n < self.min_samples or now - t.last_observed > self.probe_interval_s)
+                and now - t.last_probe > self.probe_interval_s)
 
     def _candidates(self, segs: list[Segment], start: int, total: int,
                     block_size: int) -> Iterable[int]:
