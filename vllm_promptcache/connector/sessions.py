@@ -44,6 +44,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
+from ..store.policies import urgency_reader
+
 SESSION_PARAM = "promptcache_session"  # kv_transfer_params key
 MAX_ID_CHARS = 256
 
@@ -262,6 +264,7 @@ class EvictLast:
     def __init__(self, queued: Counter, sessions: Sessions):
         self.queued = queued
         self.sessions = sessions
+        self._queued_urgency = urgency_reader(queued)
 
     def get(self, key: Hashable, default: int = 0) -> int:
         return self.queued.get(key, 0) + self.sessions.protected.get(key, 0) or default
@@ -271,9 +274,7 @@ class EvictLast:
         queued_keys.py), then 1 for a live head alone (its next turn joins the queue
         behind the waiting ones), 0 for neither.  Among entries all spared, a
         scheduler-aware policy evicts the least urgent first."""
-        urgency = getattr(self.queued, "urgency", None)
-        queued = urgency(key) if urgency is not None else int(self.queued.get(key, 0) > 0)
-        return queued or int(self.sessions.protected.get(key, 0) > 0)
+        return self._queued_urgency(key) or int(self.sessions.protected.get(key, 0) > 0)
 
     def __contains__(self, key: Hashable) -> bool:
         return self.get(key) > 0

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 from . import disk_format as fmt
 from .keys import BlockKey
-from .policies import EvictionPolicy
+from .policies import EvictionPolicy, urgency_reader
 
 logger = logging.getLogger("vllm.promptcache")
 
@@ -95,6 +95,7 @@ class DiskTier:
         self._file_bytes: dict[int, int] = {}  # block count -> file_bytes (a few counts)
         self._policy = policy
         self._queued = queued if queued is not None else Counter()
+        self._urgency = urgency_reader(self._queued)
         self._lock = threading.RLock()
         self._files: dict[str, _DiskFile] = {}
         self._where: dict[BlockKey, tuple[str, int]] = {}
@@ -394,12 +395,7 @@ class DiskTier:
         """How soon a waiting request (or live head) reads a block of the file: its most
         urgent key's urgency, 0 for never (a `queued` without urgencies: 1 for any)."""
         f = self._files.get(file_id)
-        if f is None:
-            return 0
-        urgency = getattr(self._queued, "urgency", None)
-        if urgency is None:
-            return int(any(self._queued.get(k, 0) > 0 for k in f.keys))
-        return max((urgency(k) for k in f.keys), default=0)
+        return 0 if f is None else max(map(self._urgency, f.keys), default=0)
 
     def _evict_one(self) -> bool:
         victim = self._policy.victim(self._evictable, self._is_queued)

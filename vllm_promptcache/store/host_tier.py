@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Callable, Sequence
 
 from .keys import BlockKey
-from .policies import EvictionPolicy
+from .policies import EvictionPolicy, urgency_reader
 
 
 class SlotState(enum.Enum):
@@ -60,6 +60,7 @@ class HostTier:
         self._free = list(range(num_slots - 1, -1, -1))
         self._pins: Counter[int] = Counter()
         self._queued = queued if queued is not None else Counter()
+        self._urgency = urgency_reader(self._queued)
         self.evictions = 0
 
     # -- queries ---------------------------------------------------------------
@@ -202,10 +203,7 @@ class HostTier:
         """How soon a waiting request (or live head) reads the slot: 0 for never (a
         `queued` without urgencies: 1 for any)."""
         key = self._key_of_slot[slot]
-        if key is None:
-            return 0
-        urgency = getattr(self._queued, "urgency", None)
-        return urgency(key) if urgency is not None else int(self._queued.get(key, 0) > 0)
+        return 0 if key is None else self._urgency(key)
 
     def _allocate(self, spare: Callable[[BlockKey], bool] | None = None) -> int | None:
         if self._free:

@@ -4,7 +4,7 @@
 new policy is a new file plus one line here.
 """
 
-from .base import EvictionPolicy
+from .base import EvictionPolicy, urgency_reader
 from .lru import LruPolicy
 from .scheduler_aware import SchedulerAwarePolicy
 

@@ -10,6 +10,16 @@ def _nothing_queued(entry: Hashable) -> bool:
     return False
 
 
+def urgency_reader(queued) -> Callable[[Hashable], int]:
+    """How soon a waiting request reads a key, from what a tier was given as `queued`:
+    its `urgency(key)` where it has one (connector/queued_keys.py, sessions.EvictLast),
+    else 1 for a key it counts (a plain Counter) and 0 for one it does not."""
+    urgency = getattr(queued, "urgency", None)
+    if urgency is not None:
+        return urgency
+    return lambda key: int(queued.get(key, 0) > 0)
+
+
 class EvictionPolicy(ABC):
     """Orders a tier's resident entries for eviction.
 
