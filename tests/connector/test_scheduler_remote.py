@@ -256,5 +256,14 @@ def test_a_store_measured_slower_than_recomputing_is_neither_asked_nor_written(s
     sched.cost.probe_interval_s = 0.0  # a probe is due
     sched.request_finished(request("c", list(range(2300, 2313))), [4, 5, 6])
     assert [w for w in sched.build_connector_meta(None).tier_writes if w.tier == "remote"]
+    # Hold the tier's one lookup thread so d's lookup is still out when checked: a store
+    # that answers before the scheduler looks (a fast CI machine did) gives (0, False).
+    import threading
+    hold = threading.Event()
+    held = sched.remote.submit(hold.wait, 10)
     again = request("d", list(range(2400, 2413)) + [1], computed=0)
-    assert sched.get_num_new_matched_tokens(again, 0) == (None, False), "asked, answer out"
+    try:
+        assert sched.get_num_new_matched_tokens(again, 0) == (None, False), "asked, answer out"
+    finally:
+        hold.set()
+        held.result(10)
