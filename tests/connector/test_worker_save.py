@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from vllm_promptcache.connector.cpu_transfer import CpuTransfers
-from vllm_promptcache.connector.metadata import BlockTransfer, TierWrite
+from vllm_promptcache.connector.metadata import (BlockTransfer, PromptCacheMetadata, Promotion,
+                                                 TierWrite)
 from vllm_promptcache.connector.worker import PromptCacheWorker
 from vllm_promptcache.metrics import PromptCacheStats
 from vllm_promptcache.store import disk_format as fmt
 from vllm_promptcache.store.disk_io import WRITE, DiskIO
+from vllm_promptcache.store.secondary_io import PROMOTE
 from vllm_promptcache.store.host_buffer import HostBuffer, StagingPool
 
 NUM_BLOCKS, BLOCK_SIZE = 9, 16
@@ -29,11 +31,12 @@ LAYOUT = [("layers.0", 1000), ("layers.1", 1000)]  # float32 [2, 125] a block
 def make_worker(tmp_path, pool_slots=4, host_slots=4, max_staged=1 << 30):
     w = object.__new__(PromptCacheWorker)
     w._saved, w._failed = queue.SimpleQueue(), set()
+    w._early_promos, w._early_meta = set(), None
     w._stats, w._stats_lock = PromptCacheStats(), threading.Lock()
     g = torch.Generator().manual_seed(0)
     kv = {name: torch.randn(NUM_BLOCKS, 2, 125, generator=g) for name, _ in LAYOUT}
     w.buffer = HostBuffer(host_slots, LAYOUT, pin=False)
-    w.slot_bytes = w.buffer.slot_bytes
+    w.slot_bytes, w.block_size = w.buffer.slot_bytes, BLOCK_SIZE
     w._transfers = CpuTransfers(kv, kv, w.buffer, BLOCK_SIZE, load_cpu="off")
     w._staging = StagingPool(pool_slots, LAYOUT, pin=False)
     w.secondary = {"disk": DiskIO(str(tmp_path), "ab" * 16, 0, 1, LAYOUT, max_staged,
@@ -120,3 +123,38 @@ def test_writes_that_cannot_be_staged_are_dropped_and_give_everything_back(tmp_p
         assert os.listdir(tmp_path) == []
     finally:
         io.shutdown()
+
+
+def test_a_promotion_starts_when_its_step_is_bound_unless_a_load_of_the_step_reads_its_slot(
+        worker):
+    """A promotion into slots no load of its step reads starts when the step's metadata
+    is bound (before the forward), so its read lands within the step and the request it
+    serves loads a step sooner; one into a slot the step's load reads waits until the
+    step's loads are done (wait_for_save), or it would overwrite what they copy."""
+    w, kv = worker
+    keys = [os.urandom(16) for _ in range(2)]
+    w._save("r6", None, [TierWrite("r6", "f6", keys, [5, 6])], None)
+    io = w.secondary["disk"]
+    assert write_events(io, 1) == [(WRITE, "f6", True)]
+    w.get_finished(set())
+    w._save("r7", BlockTransfer("r7", [8], [0]), [], None)  # slot 0 holds block 8's bytes
+    w.get_finished(set())
+    before = w.buffer.data[0].clone()
+    meta = PromptCacheMetadata(
+        loads=[BlockTransfer("r8", [3], [0])],  # this step reads slot 0
+        promotions=[Promotion("free", "f6", [0], [1], [keys[0]]),
+                    Promotion("busy", "f6", [1], [0], [keys[1]])])
+    w.start_promotions(meta)
+    assert [e[:3] for e in write_events(io, 1)] == [(PROMOTE, "free", True)]
+    assert torch.equal(w.buffer.data[1], block_bytes(kv, 5)), "read before the forward"
+    time.sleep(0.1)
+    assert not io.take_events()[0], "the promotion into a slot the step reads waited"
+    assert torch.equal(w.buffer.data[0], before)
+    w.start_load_kv(meta)
+    assert torch.equal(kv["layers.0"][3], kv["layers.0"][8]), "the load copied slot 0"
+    w.wait_for_save(meta)
+    assert [e[:3] for e in write_events(io, 1)] == [(PROMOTE, "busy", True)], \
+        "started once, after the loads"
+    assert torch.equal(w.buffer.data[0], block_bytes(kv, 6))
+    time.sleep(0.1)
+    assert not io.take_events()[0], "the early promotion is not started twice"

@@ -65,6 +65,13 @@ class PromptCacheConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches):
         self._worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None and isinstance(connector_metadata, PromptCacheMetadata):
+            # Before the forward (and on a step without one): reads into host slots no
+            # load of this step touches start now and land by the step's end.
+            self._worker.start_promotions(connector_metadata)
+
     def start_load_kv(self, forward_context, **kwargs) -> None:
         meta = self._connector_metadata
         if isinstance(meta, PromptCacheMetadata):

@@ -14,7 +14,9 @@ blocks until `get_finished` reports the save.  A save also stages the blocks for
 tiers below host (write-through) in a lease of a staging pool allocated at start-up
 (`SecondaryIO.stage`); the disk file or remote value is written by the tier's own
 thread after vLLM got its blocks back.  Promotions (secondary -> host) run on the
-tier's reader threads; both report through the worker metadata.
+tier's reader threads, started when the step's metadata is bound where no load of the
+step reads their slots, else after the step's loads; both report through the worker
+metadata.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class PromptCacheWorker:
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="promptcache-save")
         self._saved: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         self._failed: set[str] = set()
+        # Promotions of the bound step already started (start_promotions), by id.
+        self._early_promos: set[str] = set()
+        self._early_meta: PromptCacheMetadata | None = None
         # The data path, set up with the caches: GpuTransfers on CUDA, else CpuTransfers.
         self._transfers: GpuTransfers | CpuTransfers | None = None
         self._staging: StagingPool | None = None
@@ -137,6 +142,33 @@ class PromptCacheWorker:
                 raise RuntimeError(f"--promptcache-position-independent does not support this "
                                    f"attention backend's KV layout ({name}): {e}") from None
 
+    # -- promotions --------------------------------------------------------------
+    def start_promotions(self, meta: PromptCacheMetadata) -> None:
+        """Start this step's promotions (secondary -> host reads) as soon as the step's
+        metadata is bound, before the forward, wherever no load of the step reads the
+        host slots they fill.  A read of a few blocks then lands during the forward and
+        is reported at the end of the same step, so the request it serves loads from
+        host in the next step; started at the end of the step (as the others still are,
+        after the step's loads are done) it lands a step later.  Only slots this step's
+        loads read can be refilled in the same metadata: a slot the scheduler gave a
+        promotion is otherwise free or was last read by an earlier, finished step."""
+        self._early_promos, self._early_meta = set(), meta
+        if not meta.promotions:
+            return
+        read: set[int] = set()
+        for load in meta.loads:
+            read.update(load.slots)
+        for shifted in meta.shifted_loads:
+            read.update(int(s) for s in shifted.src_slots)
+        for promo in meta.promotions:
+            if read.isdisjoint(promo.slots):
+                self._promote(promo)
+                self._early_promos.add(promo.promo_id)
+
+    def _promote(self, promo: Any) -> None:
+        self.secondary[promo.tier].promote(promo.promo_id, promo.object_id, promo.indices,
+                                           promo.slots, self.buffer, promo.keys)
+
     # -- loads -----------------------------------------------------------------
     def start_load_kv(self, meta: PromptCacheMetadata, forward_context: Any = None) -> None:
         """This step's loads.  Blocks the forward also writes into load before it; the
@@ -169,9 +201,11 @@ class PromptCacheWorker:
         # of their slots.
         if self._transfers is not None:
             self._transfers.end_step()
+        started = self._early_promos if self._early_meta is meta else set()
         for promo in meta.promotions:
-            self.secondary[promo.tier].promote(promo.promo_id, promo.object_id, promo.indices,
-                                               promo.slots, self.buffer, promo.keys)
+            if promo.promo_id not in started:
+                self._promote(promo)
+        self._early_promos, self._early_meta = set(), None
         if not (meta.saves or meta.tier_writes):
             return
         ready = self._transfers.step_done_event()
