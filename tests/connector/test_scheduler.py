@@ -171,6 +171,23 @@ def test_write_through_then_promote_from_disk(disk_sched):
     assert stats["promoted_blocks_total|disk"] == 3
 
 
+def test_a_step_without_tokens_is_marked_so_the_worker_may_wait_for_its_reads(disk_sched):
+    """vLLM scheduled nothing (the request waits for its promotion): the metadata says
+    so, and only then may the worker hold the step for reads in flight."""
+    from types import SimpleNamespace
+
+    toks = list(range(13))
+    finish_with_disk(disk_sched, request("a", toks), [1, 2, 3])
+    disk_sched.host.clear()
+    nxt = request("b", toks + [99], computed=0)
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
+    meta = disk_sched.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=0))
+    assert meta.promotions and meta.no_forward
+    assert not disk_sched.build_connector_meta(
+        SimpleNamespace(total_num_scheduled_tokens=7)).no_forward
+    assert not disk_sched.build_connector_meta(None).no_forward
+
+
 def test_prefetch_on_queue_and_prefetch_hits(disk_sched):
     toks = list(range(9))  # 2 full blocks
     finish_with_disk(disk_sched, request("a", toks), [1, 2])

@@ -158,3 +158,38 @@ def test_a_promotion_starts_when_its_step_is_bound_unless_a_load_of_the_step_rea
     assert torch.equal(w.buffer.data[0], block_bytes(kv, 6))
     time.sleep(0.1)
     assert not io.take_events()[0], "the early promotion is not started twice"
+
+
+@pytest.mark.parametrize("no_forward", [True, False])
+def test_a_step_without_a_forward_waits_briefly_for_its_reads_to_report_them(
+        worker, monkeypatch, no_forward):
+    """On a step vLLM scheduled no tokens for (requests only wait, some for this very
+    promotion), the worker waits for the step's reads before reporting, so the waiting
+    request loads a step sooner; a step with a forward never waits for them."""
+    import vllm_promptcache.connector.worker as worker_module
+
+    w, kv = worker
+    keys = [os.urandom(16)]
+    w._save("r9", None, [TierWrite("r9", "f9", keys, [4])], None)
+    io = w.secondary["disk"]
+    assert write_events(io, 1) == [(WRITE, "f9", True)]
+    w.get_finished(set())
+    read = io._read_one
+
+    def slow_read(*args):
+        time.sleep(0.05)
+        read(*args)
+
+    monkeypatch.setattr(io, "_read_one", slow_read)
+    monkeypatch.setattr(worker_module, "IDLE_STEP_READ_WAIT_S", 5.0)
+    meta = PromptCacheMetadata(promotions=[Promotion("p9", "f9", [0], [2], keys)],
+                               no_forward=no_forward)
+    w.start_promotions(meta)
+    w.wait_for_save(meta)
+    reported = w.build_worker_meta()
+    if no_forward:
+        assert [e[:3] for e in reported.events] == [(PROMOTE, "p9", True)]
+        assert torch.equal(w.buffer.data[2], block_bytes(kv, 4))
+    else:
+        assert reported is None, "a step with a forward does not wait for reads"
+        assert [e[:3] for e in write_events(io, 1)] == [(PROMOTE, "p9", True)]

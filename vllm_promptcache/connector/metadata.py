@@ -81,6 +81,10 @@ class PromptCacheMetadata(KVConnectorMetadata):
     # disk or remote -> host, for queued requests (prefetch) and lookups that found
     # blocks below host
     promotions: list[Promotion] = field(default_factory=list)
+    # vLLM schedules no tokens this step (requests only wait, some for these
+    # promotions): the worker may wait briefly for reads in flight, which then report
+    # at this step's end instead of a step later
+    no_forward: bool = False
 
     def is_empty(self) -> bool:
         return not (self.loads or self.shifted_loads or self.saves or self.tier_writes

@@ -461,7 +461,9 @@ class PromptCacheScheduler:
         loads, shifted_loads, shared_blocks = self.load_plan.take()
         meta = PromptCacheMetadata(loads=loads, shifted_loads=shifted_loads,
                                    shared_blocks=shared_blocks, saves=self._saves,
-                                   tier_writes=writes, promotions=promotions)
+                                   tier_writes=writes, promotions=promotions,
+                                   no_forward=getattr(scheduler_output,
+                                                      "total_num_scheduled_tokens", None) == 0)
         self._saves = []
         return meta
 

@@ -45,6 +45,9 @@ from .tiers import host_tier_geometry, worker_tiers
 # Staged (GPU -> RAM copied, not yet on disk) bytes beyond which disk saves are dropped;
 # also the size of the staging pool allocated (pinned on GPU machines) at start-up.
 MAX_STAGED_BYTES = 1 << 30
+# On a step without a forward, how long the worker waits for promotions in flight
+# (wait_for_save): a few blocks from a local disk land in about a millisecond.
+IDLE_STEP_READ_WAIT_S = 0.005
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
 
@@ -165,6 +168,17 @@ class PromptCacheWorker:
                 self._promote(promo)
                 self._early_promos.add(promo.promo_id)
 
+    def _wait_reads(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s` in all) for the promotions in flight: on a step
+        without a forward, nothing else waits on the worker, and a read that lands now
+        is reported at this step's end, so the request waiting for it loads in the next
+        step rather than one or two later (each such step is a round trip through the
+        engine).  Bounded, so a request arriving meanwhile waits no longer than that."""
+        deadline = time.monotonic() + timeout_s
+        for io in self.secondary.values():
+            if not io.wait_reads(deadline - time.monotonic()):
+                return
+
     def _promote(self, promo: Any) -> None:
         self.secondary[promo.tier].promote(promo.promo_id, promo.object_id, promo.indices,
                                            promo.slots, self.buffer, promo.keys)
@@ -206,6 +220,8 @@ class PromptCacheWorker:
             if promo.promo_id not in started:
                 self._promote(promo)
         self._early_promos, self._early_meta = set(), None
+        if meta.no_forward:
+            self._wait_reads(IDLE_STEP_READ_WAIT_S)
         if not (meta.saves or meta.tier_writes):
             return
         ready = self._transfers.step_done_event()

@@ -89,11 +89,15 @@ class DiskIO(SecondaryIO):
             self._finish_write(file_id, len(keys), staging, ok)
 
     # -- reads -----------------------------------------------------------------
-    def promote(self, promo_id: str, file_id: str, indices: Sequence[int], slots: Sequence[int],
-                buffer: HostBuffer, keys: Sequence[bytes]) -> None:
+    def _start_promotion(self, promo_id: str, file_id: str, indices: Sequence[int],
+                         slots: Sequence[int], buffer: HostBuffer,
+                         keys: Sequence[bytes]) -> None:
         """Read blocks `indices` of a file into host slots, in parallel; report when all
         are in.  `keys[i]` is what the index says block `indices[i]` holds: the header
         must agree, or the block is not served."""
+        if not indices:
+            self._promotion_done(promo_id, True, 0.0)
+            return
         state = _Promotion(len(indices))
         for index, slot, key in zip(indices, slots, keys):
             self._readers.submit(self._read_one, promo_id, file_id, index,
@@ -145,7 +149,7 @@ class DiskIO(SecondaryIO):
                 except FileNotFoundError:
                     pass
             self._report_object(file_id, corrupt=state.corrupt, gone=state.gone)
-            self._events.put((PROMOTE, promo_id, state.ok, time.monotonic() - state.started))
+            self._promotion_done(promo_id, state.ok, time.monotonic() - state.started)
 
     def _check_header(self, header: fmt.FileHeader, index: int, key: bytes, path: str) -> None:
         """The file must be this model's, this rank's, and hold `key` at `index`."""

@@ -20,7 +20,7 @@ import numpy
 
 from .host_buffer import HostBuffer
 from .remote_store import ChunkRef, RemoteStore
-from .secondary_io import PROMOTE, SecondaryIO
+from .secondary_io import SecondaryIO
 
 logger = logging.getLogger("vllm.promptcache")
 
@@ -50,8 +50,9 @@ class RemoteIO(SecondaryIO):
         finally:
             self._finish_write(job_id, len(keys), staging, ok)
 
-    def promote(self, promo_id: str, object_id: str, indices: Sequence[int],
-                slots: Sequence[int], buffer: HostBuffer, keys: Sequence[bytes]) -> None:
+    def _start_promotion(self, promo_id: str, object_id: str, indices: Sequence[int],
+                         slots: Sequence[int], buffer: HostBuffer,
+                         keys: Sequence[bytes]) -> None:
         self._pool.submit(self._promote, promo_id, object_id, list(indices), list(slots),
                           buffer, list(keys), time.monotonic())
 
@@ -69,7 +70,7 @@ class RemoteIO(SecondaryIO):
                 self._report_object(chunk, gone=True)
         except Exception:
             logger.exception("promptcache: reading remote chunk %s failed", chunk)
-        self._events.put((PROMOTE, promo_id, ok, time.monotonic() - started))
+        self._promotion_done(promo_id, ok, time.monotonic() - started)
 
     def take_counts(self) -> dict[str, float]:
         return self.store.take_counts()

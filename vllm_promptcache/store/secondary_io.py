@@ -8,8 +8,9 @@ index and waits for every rank's event.  Objects found corrupt (deleted) or gone
 are reported too, so the index forgets them.  Staged bytes are bounded: past the
 bound a write is dropped (a future miss only), with one warning a minute.
 
-A tier implements `write(job_id, keys, staging)`, `promote(promo_id, object_id,
-indices, slots, buffer, keys)` and `shutdown()`; `disk_io.DiskIO` and
+A tier implements `write(job_id, keys, staging)`, `_start_promotion(promo_id,
+object_id, indices, slots, buffer, keys)` (reporting through `_promotion_done`) and
+`shutdown()`; `disk_io.DiskIO` and
 `remote_io.RemoteIO` are the two there are.
 """
 
@@ -65,6 +66,8 @@ class SecondaryIO:
         self._warn_dropped = RateLimitedWarning(WARN_EVERY_SECONDS)
         self._moved = {"written": 0, "read": 0}
         self._moved_lock = threading.Lock()
+        self._reading = 0  # promotions started and not reported yet
+        self._reading_cv = threading.Condition()
 
     # -- writes ----------------------------------------------------------------
     def try_stage(self, num_blocks: int) -> bool:
@@ -114,10 +117,6 @@ class SecondaryIO:
     def write(self, job_id: str, keys: Sequence[bytes], staging: HostBuffer) -> None:
         raise NotImplementedError
 
-    def promote(self, promo_id: str, object_id: str, indices: Sequence[int],
-                slots: Sequence[int], buffer: HostBuffer, keys: Sequence[bytes]) -> None:
-        raise NotImplementedError
-
     def _finish_write(self, job_id: str, num_blocks: int, staging: HostBuffer, ok: bool) -> None:
         self.unstage(num_blocks)
         release = getattr(staging, "release", None)
@@ -143,6 +142,37 @@ class SecondaryIO:
             out = self._moved["written"], self._moved["read"]
             self._moved = {"written": 0, "read": 0}
         return out
+
+    # -- reads (promotions) --------------------------------------------------------
+    def promote(self, promo_id: str, object_id: str, indices: Sequence[int],
+                slots: Sequence[int], buffer: HostBuffer, keys: Sequence[bytes]) -> None:
+        """Read blocks `indices` of object `object_id` into host slots `slots`, in the
+        background; `keys[i]` is what block `indices[i]` must hold.  Reported once, as a
+        (PROMOTE, promo_id, ok, seconds) event."""
+        with self._reading_cv:
+            self._reading += 1
+        try:
+            self._start_promotion(promo_id, object_id, indices, slots, buffer, keys)
+        except Exception:
+            logger.exception("promptcache: starting a read from the %s tier failed", self.name)
+            self._promotion_done(promo_id, False, 0.0)
+
+    def _start_promotion(self, promo_id: str, object_id: str, indices: Sequence[int],
+                         slots: Sequence[int], buffer: HostBuffer,
+                         keys: Sequence[bytes]) -> None:
+        raise NotImplementedError
+
+    def _promotion_done(self, promo_id: str, ok: bool, seconds: float) -> None:
+        self._events.put((PROMOTE, promo_id, ok, seconds))
+        with self._reading_cv:
+            self._reading -= 1
+            self._reading_cv.notify_all()
+
+    def wait_reads(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for every promotion started to be reported; True if
+        none is left."""
+        with self._reading_cv:
+            return self._reading_cv.wait_for(lambda: self._reading <= 0, max(0.0, timeout_s))
 
     def take_counts(self) -> dict[str, float]:
         """Tier-specific counters since the last call (a remote store's)."""
