@@ -171,6 +171,32 @@ def test_write_through_then_promote_from_disk(disk_sched):
     assert stats["promoted_blocks_total|disk"] == 3
 
 
+def test_a_run_promoted_from_disk_brings_its_tail_with_it(disk_sched):
+    """The partial last block is written below host with the run's full blocks, and a
+    conversation whose history left host reloads it with them: without it, every turn
+    served from disk recomputed up to block_size - 1 tokens a host hit loads."""
+    toks = list(range(300, 314))  # 13 tokens have KV: 3 full blocks and 1 token
+    meta = finish_with_disk(disk_sched, request("a", toks), [7, 8, 9, 10])
+    assert sum(len(w.keys) for w in meta.tier_writes) == 4, "3 blocks and the tail"
+    assert sorted(b for w in meta.tier_writes for b in w.block_ids) == [7, 8, 9, 10]
+    disk_sched.host.clear()
+    nxt = request("b", toks + [1, 2, 3], computed=0)
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
+    promos = disk_sched.build_connector_meta(None).promotions
+    assert sum(len(p.slots) for p in promos) == 4, "one promotion round: the tail with the run"
+    disk_sched.update_connector_output(
+        events_output([("promote", p.promo_id, True) for p in promos]))
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (3 * BS + 1, False)
+    disk_sched.update_state_after_alloc(nxt, Blocks([20, 21, 22, 23, 24]), 3 * BS + 1)
+    step = disk_sched.build_connector_meta(None)
+    assert [t.block_ids for t in step.loads] == [[20, 21, 22, 23]]
+    # A prompt that goes on differently after the full blocks promotes no tail.
+    disk_sched.host.clear()
+    other = request("c", toks[:12] + [7, 7, 7, 7], computed=0)
+    assert disk_sched.get_num_new_matched_tokens(other, 0) == (None, False)
+    assert sum(len(p.slots) for p in disk_sched.build_connector_meta(None).promotions) == 3
+
+
 def test_a_step_without_tokens_is_marked_so_the_worker_may_wait_for_its_reads(disk_sched):
     """vLLM scheduled nothing (the request waits for its promotion): the metadata says
     so, and only then may the worker hold the step for reads in flight."""

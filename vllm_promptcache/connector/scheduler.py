@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 from .. import compat
 from .. import request_params
@@ -221,7 +221,8 @@ class PromptCacheScheduler:
                 # again next step, until waiting costs more than recomputing it would.
                 return None, False
             if self.secondary and self.secondary.fetch(req_id, keys, end,
-                                                       set(keys).__contains__, budgeted=True):
+                                                       set(keys).__contains__, budgeted=True,
+                                                       tail=self._tail_at(request, keys)):
                 return None, False
         tail = None
         if self.request_keys.shiftable(request):  # no images or embeddings
@@ -243,6 +244,19 @@ class PromptCacheScheduler:
         # Not always whole blocks: a run found at other positions may end inside one,
         # and vLLM computes the rest of that block.
         return start * self.block_size + total - num_computed_tokens, False
+
+    def _tail_at(self, request: Any, keys: list[BlockKey]) -> Callable[[int], BlockKey | None] | None:
+        """For a fetch from below host: the key of the stored tail after the request's
+        first i blocks (promoted with the run that ends there), if it has one."""
+        if not self.request_keys.shiftable(request):
+            return None
+        namespace = self.request_keys.namespace(request)
+        tokens, limit = request.all_token_ids, len(request.all_token_ids) - 1
+
+        def at(i: int) -> BlockKey | None:
+            best = self.tails.best(keys, i, namespace, tokens, limit) if i else None
+            return best[1] if best else None
+        return at
 
     def _shifted_plan(self, request: Any, start: int, params: dict) -> ShiftedPlan | None:
         """Tokens from `start` on found at other positions: by the prompt's announced
@@ -418,11 +432,14 @@ class PromptCacheScheduler:
         slots = [slot for _, slot in claimed]
         for i, _ in claimed:  # saved afresh: a later hit on them is a host hit
             self.secondary.saved_afresh(keys[i])
-        if tail and claimed and claimed[-1][0] == n_blocks:
+        if tail and ((claimed and claimed[-1][0] == n_blocks) or self.secondary):
             self.tails.saved(keys, n_blocks, namespace, tokens, tail)
         if claimed:
             self._saves.append(BlockTransfer(req_id, [block_ids[i] for i, _ in claimed], slots))
-        writes = self.secondary.plan_writes(req_id, keys[:exact], block_ids[:exact])
+        # Below host: the exact full blocks, and the tail (exact whenever there is one),
+        # so a history pushed out of host reloads its last partial block too.
+        below = n_blocks + 1 if tail else exact
+        writes = self.secondary.plan_writes(req_id, keys[:below], block_ids[:below])
         result = None
         if module is not None:
             result = self.modules.pin(module, keys, seg_id,

@@ -34,6 +34,9 @@ from .metadata import TierWrite, Promotion
 
 logger = logging.getLogger("vllm.promptcache")
 
+# The key of a stored partial block right after a request's first i blocks (tails.py).
+TailAt = Callable[[int], "BlockKey | None"]
+
 
 @dataclass
 class _Job:
@@ -121,7 +124,7 @@ class SecondaryTiers:
 
     def fetch(self, asker: str, keys: list[BlockKey], start: int,
               spare: Callable[[BlockKey], bool], retry_after_s: float | None = None,
-              budgeted: bool = False) -> bool:
+              budgeted: bool = False, tail: TailAt | None = None) -> bool:
         """Bring keys[start:] into host from below it: True while that is under way
         (the asker asks again next step), False where no tier below has keys[start]
         or recomputing it is faster.
@@ -129,14 +132,16 @@ class SecondaryTiers:
         With `budgeted` (a request's own lookup), what is promoted is decided by cost
         (load_cost.py): only the leading blocks whose load beats recomputing them, and
         the asker is held back for at most the expected time to recompute what it
-        waits for; then it goes on without (what arrives later serves the next one)."""
+        waits for; then it goes on without (what arrives later serves the next one).
+        `tail(i)`: the key of a stored partial block after keys[:i] the prompt holds
+        (tails.py), promoted with a run that ends at block i."""
         if budgeted and self.cost is not None:
             self.waits.start(asker, self.cost.lookup_budget_s(
                 start * self.block_size, (len(keys) - start) * self.block_size))
             if self.waits.expired(asker):
                 self._gave_up(asker)
                 return False
-        if self._promote_by_cost(asker, keys, start, spare, budgeted):
+        if self._promote_by_cost(asker, keys, start, spare, budgeted, tail):
             return True
         if not self._asking:
             return False
@@ -151,7 +156,7 @@ class SecondaryTiers:
                 self._gave_up(asker)
                 return False
             return True
-        if self._promote_by_cost(asker, keys, start, spare, budgeted):
+        if self._promote_by_cost(asker, keys, start, spare, budgeted, tail):
             return True
         if budgeted:  # not asked: a tier priced out of this run is a recompute decision
             out = [t.name for t in self._asking if self._priced_out(t, start, len(keys) - start)]
@@ -215,23 +220,23 @@ class SecondaryTiers:
         self._counted.discard(asker)
 
     def _promote_by_cost(self, asker: str, keys: list[BlockKey], start: int,
-                         spare: Callable[[BlockKey], bool], budgeted: bool) -> bool:
-        max_blocks = run = None
+                         spare: Callable[[BlockKey], bool], budgeted: bool,
+                         tail: TailAt | None = None) -> bool:
         if budgeted and self.cost is not None:
-            run, decision = self._priced_run(keys, start)
+            run, decision = self._priced_run(keys, start, tail)
             if decision is None:
                 return False
             if asker not in self._counted:  # one decision per request, however often it asks
                 self._counted.add(asker)
                 self.cost.count(decision)
-            max_blocks = len(run)
-            if not max_blocks:
+            if not run:
                 logger.debug("promptcache: %s recomputes %d tokens found below host (load "
                              "%.3f s > recompute %.3f s, %s)", asker, decision.total_tokens,
                              decision.load_s, decision.recompute_s, decision.basis)
                 return False
-        return self.promote(keys, start, spare, prefetch=False, max_blocks=max_blocks,
-                            run=run) > 0
+        else:
+            run = self._run_below(keys, start, tail=tail)
+        return self.promote(keys, start, spare, prefetch=False, run=run) > 0
 
     def prefetch(self, keys: list[BlockKey], start: int,
                  spare: Callable[[BlockKey], bool]) -> int:
@@ -247,11 +252,11 @@ class SecondaryTiers:
             return 0
         return self.promote(keys, start, spare, prefetch=True, max_blocks=len(run), run=run)
 
-    def _priced_run(self, keys: list[BlockKey], start: int
+    def _priced_run(self, keys: list[BlockKey], start: int, tail: TailAt | None = None
                     ) -> tuple[list[tuple[BlockKey, Any, str, int]], LoadDecision | None]:
-        """The run keys[start:] found below host, cut to what is worth loading, with the
-        decision that cut it (None: nothing found)."""
-        run = self._run_below(keys, start)
+        """The run keys[start:] found below host (with its tail), cut to what is worth
+        loading, with the decision that cut it (None: nothing found)."""
+        run = self._run_below(keys, start, tail=tail)
         if not run:
             return [], None
         segments: list[Segment] = []
@@ -268,23 +273,38 @@ class SecondaryTiers:
         return next((t for t in self.tiers if t.name == name), None)
 
     # -- promotions ----------------------------------------------------------------
-    def _run_below(self, keys: list[BlockKey], start: int,
-                   max_blocks: int | None = None) -> list[tuple[BlockKey, Any, str, int]]:
-        """The run keys[start:] found below host, as (key, tier, object id, index)."""
+    def _run_below(self, keys: list[BlockKey], start: int, max_blocks: int | None = None,
+                   tail: TailAt | None = None) -> list[tuple[BlockKey, Any, str, int]]:
+        """The run keys[start:] found below host, as (key, tier, object id, index); with
+        `tail`, followed by the stored partial block after the run's last block, where
+        the run ends because the next block is stored nowhere (or keys end)."""
         run = []
-        for key in keys[start:] if max_blocks is None else keys[start:start + max_blocks]:
+        stop = len(keys) if max_blocks is None else min(len(keys), start + max_blocks)
+        for key in keys[start:stop]:
             # Stop at a key already in host too: reserve() skips those, and the
             # claims must pair with the run one to one.
             if key in self.host:
+                return run
+            where = self._locate(key)
+            if where is None:
                 break
-            for tier in self.tiers:
-                where = tier.locate(key)
-                if where is not None:
-                    run.append((key, tier, *where))
-                    break
-            else:
-                break
+            run.append(where)
+        else:
+            if stop < len(keys):
+                return run  # cut short: the tail is not next
+        key = tail(start + len(run)) if tail is not None else None
+        if key is not None and key not in self.host:
+            where = self._locate(key)
+            if where is not None:
+                run.append(where)
         return run
+
+    def _locate(self, key: BlockKey) -> tuple[BlockKey, Any, str, int] | None:
+        for tier in self.tiers:
+            where = tier.locate(key)
+            if where is not None:
+                return (key, tier, *where)
+        return None
 
     def promote(self, keys: list[BlockKey], start: int, spare: Callable[[BlockKey], bool],
                 prefetch: bool, max_blocks: int | None = None, origin: bool = True,

@@ -5,9 +5,11 @@ blocks only, so without this the last `n_tokens % block_size` tokens of every ru
 dropped: the next turn of a conversation recomputed them, and a module placed right
 after a stored run was cut off from it (vLLM loads a contiguous prefix only).
 
-The tail is saved in host (never below: a tail is at most one block) under a key
-chained from the run's last full block and the tail's tokens (`BlockKeyer.tail_key`),
-which no whole-block lookup produces.  A later prompt that holds the run's full
+The tail is saved in host, and written through to the tiers below with the run's
+full blocks, under a key chained from the run's last full block and the tail's tokens
+(`BlockKeyer.tail_key`), which no whole-block lookup produces.  A run promoted from
+below brings its tail with it (`best` names the tail wherever it is stored), so a
+conversation whose history went to disk still reloads its last partial block.  A later prompt that holds the run's full
 blocks and then some of the tail's tokens loads those as one more block copy, exact:
 the same tokens at the same positions after the same prefix.  The copy writes the whole
 block; the slots past the tail are then computed by vLLM in the same step, or lie
@@ -73,6 +75,20 @@ class RunTails:
         the most of (up to token `limit`): loading those is exact, the same tokens
         after the same prefix.  True if the best one is still being saved (ask
         again); None if there is none."""
+        best = self.best(keys, n_blocks, namespace, tokens, limit)
+        if best is None:
+            return None
+        length, key = best
+        if self.host.is_pending(key):
+            return True
+        slots = self.host.ready_prefix([key], touch=False)
+        return Tail(length, key, slots[0]) if slots else None
+
+    def best(self, keys: Sequence[BlockKey], n_blocks: int, namespace: str | None,
+             tokens: Sequence[int], limit: int) -> tuple[int, BlockKey] | None:
+        """(tokens the prompt shares with it, its key) of the tail saved after
+        keys[:n_blocks] that the prompt holds the most of, wherever it is stored (the
+        tiers below host keep tails too: promoted with the run before it)."""
         parent = self._parent(keys, n_blocks, namespace)
         tails = self._tails.get(parent)
         start = n_blocks * self.block_size
@@ -88,8 +104,4 @@ class RunTails:
                 best = (m, tail)
         if best is None:
             return None
-        key = self.keyer.tail_key(parent, namespace, best[1])
-        if self.host.is_pending(key):
-            return True
-        slots = self.host.ready_prefix([key], touch=False)
-        return Tail(best[0], key, slots[0]) if slots else None
+        return best[0], self.keyer.tail_key(parent, namespace, best[1])
