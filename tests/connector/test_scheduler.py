@@ -190,6 +190,13 @@ def test_a_run_promoted_from_disk_brings_its_tail_with_it(disk_sched):
     disk_sched.update_state_after_alloc(nxt, Blocks([20, 21, 22, 23, 24]), 3 * BS + 1)
     step = disk_sched.build_connector_meta(None)
     assert [t.block_ids for t in step.loads] == [[20, 21, 22, 23]]
+    # A queued request's prefetch brings it too: its lookup then waits one round only.
+    disk_sched.host.clear()
+    disk_sched.on_new_request(request("q", toks + [4, 5], computed=0))
+    promos = disk_sched.build_connector_meta(None).promotions
+    assert sum(len(p.slots) for p in promos) == 4
+    disk_sched.update_connector_output(
+        events_output([("promote", p.promo_id, True) for p in promos]))
     # A prompt that goes on differently after the full blocks promotes no tail.
     disk_sched.host.clear()
     other = request("c", toks[:12] + [7, 7, 7, 7], computed=0)

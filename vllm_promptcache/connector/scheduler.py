@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from typing import Any
 
 from .. import compat
 from .. import request_params
@@ -42,7 +42,7 @@ from .pinned_modules import PinnedModules, module_failed
 from .queued_keys import QueuedKeys
 from .request_keys import RequestKeys
 from .request_state import Lookup, RequestState, RequestStates
-from .secondary import SecondaryTiers
+from .secondary import SecondaryTiers, TailAt
 from .sessions import EvictLast, Sessions, session_id_of
 from .shifted import ShiftedPlan, ShiftedReuse
 from .step_timing import StepTimings
@@ -154,13 +154,14 @@ class PromptCacheScheduler:
         if start < len(keys):
             # Answered in a later step: _prefetch_answered() promotes what it found.
             self.secondary.ask(request.request_id, keys[start:], start=start)
-        self._prefetch(keys)
+        self._prefetch(keys, self._tail_at(request, keys))
 
-    def _prefetch(self, keys: list[BlockKey]) -> None:
-        """Promote a queued request's blocks found below host, ahead of its turn."""
+    def _prefetch(self, keys: list[BlockKey], tail: TailAt | None = None) -> None:
+        """Promote a queued request's blocks found below host (and the tail after them),
+        ahead of its turn."""
         start = len(self.host.ready_prefix(keys, touch=False))
         if start < len(keys) and not self.host.is_pending(keys[start]):
-            issued = self._prefetch_below(keys, start)
+            issued = self._prefetch_below(keys, start, tail)
             if issued:
                 self.stats.inc("prefetch_blocks_total", issued)
 
@@ -193,7 +194,8 @@ class PromptCacheScheduler:
         for req_id in self.secondary.answered():
             state = self.requests.get(req_id)
             if state is not None and state.queued_keys:
-                self._prefetch(state.queued_keys)
+                self._prefetch(state.queued_keys,
+                               self._tail_at(state.request, state.queued_keys))
 
     def get_num_new_matched_tokens(self, request: Any,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -245,7 +247,7 @@ class PromptCacheScheduler:
         # and vLLM computes the rest of that block.
         return start * self.block_size + total - num_computed_tokens, False
 
-    def _tail_at(self, request: Any, keys: list[BlockKey]) -> Callable[[int], BlockKey | None] | None:
+    def _tail_at(self, request: Any, keys: list[BlockKey]) -> TailAt | None:
         """For a fetch from below host: the key of the stored tail after the request's
         first i blocks (promoted with the run that ends there), if it has one."""
         if not self.request_keys.shiftable(request):
@@ -312,7 +314,7 @@ class PromptCacheScheduler:
                                request.request_id, refusal)
         return trusted
 
-    def _prefetch_below(self, keys: list[BlockKey], start: int) -> int:
+    def _prefetch_below(self, keys: list[BlockKey], start: int, tail: TailAt | None = None) -> int:
         """Read the run of keys[start:] found below host into host, as much of it as is
         worth loading (SecondaryTiers.prefetch); returns blocks issued."""
         # A promotion never evicts the request's own blocks (with a host tier
@@ -325,7 +327,7 @@ class PromptCacheScheduler:
                 return key in own or self.evict_last.get(key, 0) > 0
         else:
             spare = own.__contains__
-        return self.secondary.prefetch(keys, start, spare)
+        return self.secondary.prefetch(keys, start, spare, tail)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         state = self.requests.of(request)

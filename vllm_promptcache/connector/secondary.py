@@ -238,16 +238,17 @@ class SecondaryTiers:
             run = self._run_below(keys, start, tail=tail)
         return self.promote(keys, start, spare, prefetch=False, run=run) > 0
 
-    def prefetch(self, keys: list[BlockKey], start: int,
-                 spare: Callable[[BlockKey], bool]) -> int:
+    def prefetch(self, keys: list[BlockKey], start: int, spare: Callable[[BlockKey], bool],
+                 tail: TailAt | None = None) -> int:
         """Promote the run keys[start:] found below host ahead of a queued request's
         turn, as much of it as its own lookup would load (load_cost.py): a run that
         will be recomputed is not moved (its transfer would only compete with the
         engine for the machine, and its blocks push others out of host).  Returns
         blocks issued; no decision is counted (the request makes its own)."""
         if self.cost is None:
-            return self.promote(keys, start, spare, prefetch=True)
-        run, decision = self._priced_run(keys, start)
+            return self.promote(keys, start, spare, prefetch=True,
+                                run=self._run_below(keys, start, tail=tail))
+        run, decision = self._priced_run(keys, start, tail)
         if not run:
             return 0
         return self.promote(keys, start, spare, prefetch=True, max_blocks=len(run), run=run)
