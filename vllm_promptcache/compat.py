@@ -153,6 +153,25 @@ def running_block_ids(kv_cache_manager: Any, req_id: str) -> list[int] | None:
         return None
 
 
+def recomputes_failed_loads(vllm_config: Any) -> bool:
+    """vLLM recomputes the blocks a connector reports it could not load in the step that
+    loads them (`get_block_ids_with_load_errors`, `kv_load_failure_policy="recompute"`,
+    0.32+) instead of failing their requests; only then are reads made in that step."""
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    return getattr(transfer, "kv_load_failure_policy", None) == "recompute"
+
+
+def load_failure_policy_field() -> dict[str, str]:
+    """The `kv_transfer_config` entry asking vLLM to recompute blocks that failed to load,
+    where this vLLM has the field (empty elsewhere)."""
+    try:
+        from vllm.config import KVTransferConfig
+    except Exception:  # noqa: BLE001 - no vLLM here: nothing to ask
+        return {}
+    fields = getattr(KVTransferConfig, "__dataclass_fields__", {})
+    return {"kv_load_failure_policy": "recompute"} if "kv_load_failure_policy" in fields else {}
+
+
 def preempted_req_ids(scheduler_output: Any) -> set[str]:
     """Requests vLLM preempted in this step (SchedulerOutput.preempted_req_ids, 0.30+);
     empty where this vLLM does not say (a preempted request is then noticed when it is

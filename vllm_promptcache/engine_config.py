@@ -34,12 +34,16 @@ def export_secrets(config: PromptCacheConfig) -> PromptCacheConfig:
 
 
 def kv_transfer_config_dict(config: PromptCacheConfig) -> dict[str, Any]:
+    from . import compat
+
     config = export_secrets(config)
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,
         "kv_role": "kv_both",
         "kv_connector_extra_config": {"promptcache": config.engine_dict()},
+        # A block the plugin cannot load is recomputed, not an error: a best-effort cache.
+        **compat.load_failure_policy_field(),
     }
 
 

@@ -47,6 +47,8 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "corrupt_blocks_total": (COUNTER, True, "Blocks found corrupt (header or checksum), deleted and treated as a miss."),
     "rejected_store_entries_total": (COUNTER, True, "Entries read from a tier (disk headers, shared segments and modules, remote values) whose checksum held but whose fields did not: skipped, never served."),
     "promoted_blocks_total": (COUNTER, True, "Blocks read from a tier into the host tier (disk to host)."),
+    "direct_read_blocks_total": (COUNTER, True, "Blocks read from a tier below host in the step that loads them (a direct read)."),
+    "load_errors_total": (COUNTER, True, "Blocks a load could not fill (a direct read failed or came late), reported to vLLM, which recomputes them."),
     "prefetch_blocks_total": (COUNTER, False, "Blocks a queued request needs that were read into host before its turn."),
     "prefetch_hit_blocks_total": (COUNTER, False, "Loaded blocks that a prefetch had brought into host."),
     "dropped_saves_total": (COUNTER, True, "Block saves dropped because a tier was full or busy (a future miss only)."),

@@ -204,6 +204,63 @@ def test_a_run_promoted_from_disk_brings_its_tail_with_it(disk_sched):
     assert sum(len(p.slots) for p in disk_sched.build_connector_meta(None).promotions) == 3
 
 
+def test_a_small_disk_run_is_read_in_the_step_that_loads_it(disk_sched):
+    """Where vLLM recomputes blocks a connector fails to load, a short read from disk is
+    made in the loading step (the worker reads, then copies): the lookup offers the run
+    at once instead of asking again a step later.  A failed read's slots are released."""
+    disk_sched.secondary.direct_reads = True
+    toks = list(range(400, 414))  # 13 tokens have KV: 3 full blocks and 1 token
+    finish_with_disk(disk_sched, request("a", toks), [7, 8, 9, 10])
+    disk_sched.host.clear()
+    nxt = request("b", toks + [1, 2, 3], computed=0)
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (3 * BS + 1, False), "at once"
+    disk_sched.update_state_after_alloc(nxt, Blocks([20, 21, 22, 23, 24]), 3 * BS + 1)
+    meta = disk_sched.build_connector_meta(None)
+    assert {p.for_req for p in meta.promotions} == {"b"}
+    assert [t.block_ids for t in meta.loads] == [[20, 21, 22, 23]]
+    assert sorted(meta.loads[0].slots) == sorted(s for p in meta.promotions for s in p.slots)
+    stats = disk_sched.get_kv_connector_stats().data["counter"]
+    assert stats["hit_tokens_total|disk"] == 3 * BS
+    disk_sched.update_connector_output(
+        events_output([("promote", p.promo_id, False) for p in meta.promotions]))
+    assert disk_sched.host.used_slots == 0, "a failed read frees its slots"
+
+
+def test_a_prefetch_not_sent_yet_becomes_the_loading_steps_direct_read(disk_sched):
+    """A request queued and looked up in the same step: its prefetch (issued when it was
+    queued) has not gone to the workers yet, so its lookup makes it a direct read and
+    loads at once, instead of waiting a step for the prefetch to land."""
+    disk_sched.secondary.direct_reads = True
+    toks = list(range(600, 614))
+    finish_with_disk(disk_sched, request("a", toks), [7, 8, 9, 10])
+    disk_sched.host.clear()
+    nxt = request("b", toks + [1, 2, 3], computed=0)
+    disk_sched.on_new_request(nxt)  # prefetches the run and its tail
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (3 * BS + 1, False)
+    disk_sched.update_state_after_alloc(nxt, Blocks([20, 21, 22, 23, 24]), 3 * BS + 1)
+    meta = disk_sched.build_connector_meta(None)
+    assert {p.for_req for p in meta.promotions} == {"b"}
+    assert sorted(meta.loads[0].slots) == sorted(s for p in meta.promotions for s in p.slots)
+    # Once sent, a promotion is no longer adopted: a later asker waits for it.
+    disk_sched.host.clear()
+    late = request("c", toks + [4], computed=0)
+    disk_sched.on_new_request(late)
+    disk_sched.build_connector_meta(None)  # the prefetch goes out
+    assert disk_sched.get_num_new_matched_tokens(late, 0) == (None, False)
+
+
+def test_a_disk_read_that_would_hold_the_step_long_is_not_made_in_it(disk_sched):
+    disk_sched.secondary.direct_reads = True
+    for _ in range(8):  # 1 MiB a second: 3 blocks take far longer than the cap
+        disk_sched.cost.observe_transfer("disk", 1 << 20, 1.0)
+    toks = list(range(500, 513))
+    finish_with_disk(disk_sched, request("a", toks), [7, 8, 9])
+    disk_sched.host.clear()
+    nxt = request("b", toks + [1, 2, 3], computed=0)
+    assert disk_sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
+    assert not any(p.for_req for p in disk_sched.build_connector_meta(None).promotions)
+
+
 def test_a_step_without_tokens_is_marked_so_the_worker_may_wait_for_its_reads(disk_sched):
     """vLLM scheduled nothing (the request waits for its promotion): the metadata says
     so, and only then may the worker hold the step for reads in flight."""

@@ -32,6 +32,7 @@ def make_worker(tmp_path, pool_slots=4, host_slots=4, max_staged=1 << 30):
     w = object.__new__(PromptCacheWorker)
     w._saved, w._failed = queue.SimpleQueue(), set()
     w._early_promos, w._early_meta = set(), None
+    w._load_errors = set()
     w._stats, w._stats_lock = PromptCacheStats(), threading.Lock()
     g = torch.Generator().manual_seed(0)
     kv = {name: torch.randn(NUM_BLOCKS, 2, 125, generator=g) for name, _ in LAYOUT}
@@ -193,3 +194,69 @@ def test_a_step_without_a_forward_waits_briefly_for_its_reads_to_report_them(
     else:
         assert reported is None, "a step with a forward does not wait for reads"
         assert [e[:3] for e in write_events(io, 1)] == [(PROMOTE, "p9", True)]
+
+
+def disk_block(w, name, block):
+    """A one-block disk file `name` holding GPU block `block`; returns its key."""
+    key = os.urandom(16)
+    w._save(name, None, [TierWrite(name, name, [key], [block])], None)
+    assert write_events(w.secondary["disk"], 1) == [(WRITE, name, True)]
+    w.get_finished(set())
+    return key
+
+
+def test_a_direct_read_lands_before_the_load_that_reads_it(worker):
+    """A promotion for a request that loads its slots in the same step (a direct read)
+    is read first, then copied: the GPU block gets the disk block, no load error."""
+    w, kv = worker
+    key = disk_block(w, "d1", 4)
+    meta = PromptCacheMetadata(loads=[BlockTransfer("r", [3], [2])],
+                               promotions=[Promotion("p", "d1", [0], [2], [key], for_req="r")])
+    w.start_promotions(meta)
+    assert not w.secondary["disk"].take_events()[0], "not started before the loads are known"
+    w.start_load_kv(meta)
+    assert torch.equal(kv["layers.0"][3], kv["layers.0"][4])
+    assert torch.equal(kv["layers.1"][3], kv["layers.1"][4])
+    w.wait_for_save(meta)
+    assert w.take_load_errors() == set()
+    assert [e[:3] for e in w.build_worker_meta().events] == [(PROMOTE, "p", True)], \
+        "read once, reported to the scheduler side"
+
+
+def test_a_direct_read_that_fails_is_a_load_error_and_never_copied(worker):
+    w, kv = worker
+    key = disk_block(w, "d2", 4)
+    os.unlink(w.secondary["disk"].path("d2"))  # gone (another engine evicted it)
+    untouched = block_bytes(kv, 5).clone()
+    meta = PromptCacheMetadata(loads=[BlockTransfer("r", [3, 5], [1, 2])],
+                               promotions=[Promotion("p", "d2", [0], [2], [key], for_req="r")])
+    w.start_promotions(meta)
+    w.start_load_kv(meta)
+    w.wait_for_save(meta)
+    assert w.take_load_errors() == {5}, "the block the read should have filled"
+    assert w.take_load_errors() == set(), "reported once"
+    assert torch.equal(block_bytes(kv, 3), w.buffer.data[1]), "the rest of the load is made"
+    assert torch.equal(block_bytes(kv, 5), untouched), "nothing copied from the empty slot"
+    stats = w.get_kv_connector_stats().data["counter"]
+    assert stats["load_errors_total|disk"] == 1 and stats["direct_read_blocks_total|disk"] == 1
+
+
+def test_a_direct_read_into_a_slot_another_load_reads_waits_and_its_block_is_recomputed(
+        worker):
+    """The scheduler gave the read a slot another request of the same step loads (what
+    the slot held before): that load gets the old bytes, the read runs after the loads,
+    and the reading request's block is reported for vLLM to recompute."""
+    w, kv = worker
+    key = disk_block(w, "d3", 4)
+    w._save("old", BlockTransfer("old", [8], [2]), [], None)  # slot 2 holds block 8
+    w.get_finished(set())
+    meta = PromptCacheMetadata(
+        loads=[BlockTransfer("other", [6], [2]), BlockTransfer("r", [3], [2])],
+        promotions=[Promotion("p", "d3", [0], [2], [key], for_req="r")])
+    w.start_promotions(meta)
+    w.start_load_kv(meta)
+    assert torch.equal(kv["layers.0"][6], kv["layers.0"][8]), "the old bytes"
+    w.wait_for_save(meta)
+    assert w.take_load_errors() == {3}
+    assert [e[:3] for e in write_events(w.secondary["disk"], 1)] == [(PROMOTE, "p", True)]
+    assert torch.equal(w.buffer.data[2], block_bytes(kv, 4)), "read after the loads"

@@ -89,6 +89,10 @@ class PromptCacheConnector(KVConnectorBase_V1):
         if isinstance(meta, PromptCacheMetadata):
             self._worker.wait_for_save(meta)
 
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        # Blocks a direct read did not fill (worker.py): vLLM recomputes them.
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
     def get_finished(self, finished_req_ids):
         return self._worker.get_finished(finished_req_ids)
 

@@ -47,6 +47,9 @@ class Promotion:
     slots: list[int]
     keys: list[bytes] = field(default_factory=list)
     tier: str = "disk"  # which tier below host holds object `object_id`
+    # A read in the loading step (direct): this step's loads of request `for_req` read
+    # these slots, after the read; a failed read is a load error of those blocks
+    for_req: str = ""
 
 
 @dataclass

@@ -46,7 +46,7 @@ from .secondary import SecondaryTiers, TailAt
 from .sessions import EvictLast, Sessions, session_id_of
 from .shifted import ShiftedPlan, ShiftedReuse
 from .step_timing import StepTimings
-from .tails import RunTails
+from .tails import RunTails, Tail
 from .tiers import host_tier_geometry, model_fingerprint, scheduler_tiers
 
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
@@ -118,6 +118,9 @@ class PromptCacheScheduler:
         self.secondary = SecondaryTiers(tiers.below_host(), self.host, self.world_size,
                                         self.stats, self._abort_slots, self.cost,
                                         self.block_size)
+        # Small disk reads in the step that loads them, where vLLM recomputes what a
+        # connector fails to load (secondary.py: direct reads).
+        self.secondary.direct_reads = compat.recomputes_failed_loads(vllm_config)
         self.requests.on_release.append(self.secondary.forget)
         self.requests.on_release.append(self.secondary.done_waiting)
         self.load_plan = LoadPlan(self.block_size, self.host, self.secondary, self.stats)
@@ -217,21 +220,62 @@ class PromptCacheScheduler:
         slots = self.host.ready_prefix(keys[start:], touch=False)
         end = start + len(slots)
         if end < len(keys):
+            if self.host.is_pending(keys[end]) and self.secondary:
+                # Promoted by this step's prefetch, not sent yet: read it in this step.
+                direct = self.secondary.adopt(req_id, keys, end, self._tail_at(request, keys))
+                if direct:
+                    slots, end, tail = self._direct_offer(keys, end, slots, direct, request)
+                    return self._offer(state, request, params, keys, start, end, slots, tail,
+                                       num_computed_tokens)
             if self.host.is_pending(keys[end]) and self.secondary.may_wait(req_id, keys, end):
                 # The next block is on its way into host (a save of a conversation's
                 # previous turn, or a promotion from below, maybe a prefetch): ask
                 # again next step, until waiting costs more than recomputing it would.
                 return None, False
+            tail_at = self._tail_at(request, keys)
             if self.secondary and self.secondary.fetch(req_id, keys, end,
                                                        set(keys).__contains__, budgeted=True,
-                                                       tail=self._tail_at(request, keys)):
-                return None, False
+                                                       tail=tail_at):
+                direct = self.secondary.take_direct(req_id)
+                if not direct:
+                    return None, False
+                # Read in this step, before its loads (a direct read): offered as if in
+                # host; a failed read is a load error vLLM recomputes.
+                slots, end, tail = self._direct_offer(keys, end, slots, direct, request)
+                return self._offer(state, request, params, keys, start, end, slots, tail,
+                                   num_computed_tokens)
         tail = None
         if self.request_keys.shiftable(request):  # no images or embeddings
             tail = self.tails.find(keys, end, self.request_keys.namespace(request),
                                    request.all_token_ids, len(request.all_token_ids) - 1)
             if tail is True:  # the tail's save is in flight
                 return None, False
+        return self._offer(state, request, params, keys, start, end, slots, tail,
+                           num_computed_tokens)
+
+    def _direct_offer(self, keys: list[BlockKey], end: int, slots: list[int],
+                      direct: list[tuple[BlockKey, int]], request: Any
+                      ) -> tuple[list[int], int, Tail | None]:
+        """A direct read's blocks appended to the host run: (slots, new end, tail)."""
+        slots = list(slots)
+        tail = None
+        for key, slot in direct:
+            if end < len(keys) and keys[end] == key:
+                slots.append(slot)
+                end += 1
+                continue
+            best = self.tails.best(keys, end, self.request_keys.namespace(request),
+                                   request.all_token_ids, len(request.all_token_ids) - 1)
+            if best is not None and best[1] == key:
+                tail = Tail(best[0], key, slot)
+            break
+        return slots, end, tail
+
+    def _offer(self, state: RequestState, request: Any, params: dict, keys: list[BlockKey],
+               start: int, end: int, slots: list[int], tail: Tail | None,
+               num_computed_tokens: int) -> tuple[int, bool]:
+        """What the lookup offers vLLM: the exact run keys[start:end] in `slots`, the
+        tail after it, then tokens found at other positions."""
         tail_len = tail.length if tail else 0
         shifted = None
         if self.shifted is not None and self.request_keys.shiftable(request) \

@@ -36,6 +36,11 @@ logger = logging.getLogger("vllm.promptcache")
 
 # The key of a stored partial block right after a request's first i blocks (tails.py).
 TailAt = Callable[[int], "BlockKey | None"]
+# A read from a local tier expected to take at most this long is made in the step that
+# loads its blocks (a direct read), where vLLM recomputes what fails to load: the step
+# waits for it, instead of the request waiting a step for a promotion into host.
+DIRECT_READ_MAX_S = 0.005
+DIRECT_TIERS = ("disk",)
 
 
 @dataclass
@@ -53,6 +58,8 @@ class _Job:
     issued: float = 0.0  # promotion: when it was planned (its wall time is what a load waits)
     seconds: float | None = None  # promotion: its read's own time on the slowest worker
     origin: bool = True  # promotion: a later load of its blocks counts under its tier
+    direct: bool = False  # promotion: read in the step that loads it (counted at the load)
+    promo_id: str = ""
 
 
 class SecondaryTiers:
@@ -80,6 +87,11 @@ class SecondaryTiers:
         # Keys a promotion brought into host and no load used yet: (tier, by prefetch).
         self._promoted: OrderedDict[BlockKey, tuple[str, bool]] = OrderedDict()
         self._reported: dict[tuple[str, str], int] = {}
+        # Direct reads: whether vLLM recomputes blocks that fail to load (then a small
+        # read from a local tier is made in the loading step), and each asker's
+        # (key, host slot) pairs from its last fetch, for the lookup to offer.
+        self.direct_reads = False
+        self._direct: dict[str, list[tuple[BlockKey, int]]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.tiers)
@@ -119,6 +131,7 @@ class SecondaryTiers:
             tier.name, start * self.block_size, blocks * self.block_size, self.bytes_per_token)
 
     def forget(self, asker: str) -> None:
+        self._direct.pop(asker, None)
         for tier in self._asking:
             tier.forget_request(asker)
 
@@ -236,7 +249,68 @@ class SecondaryTiers:
                 return False
         else:
             run = self._run_below(keys, start, tail=tail)
-        return self.promote(keys, start, spare, prefetch=False, run=run) > 0
+        direct = asker if budgeted and self._direct_ok(run) else ""
+        return self.promote(keys, start, spare, prefetch=False, run=run, direct=direct) > 0
+
+    def _direct_ok(self, run: list[tuple[BlockKey, Any, str, int]]) -> bool:
+        """Whether this run is read in the step that loads it: vLLM recomputes what fails
+        to load, every block is on a local tier, and the read is expected to be short
+        (the whole step waits for it)."""
+        if not (self.direct_reads and run and self.cost is not None):
+            return False
+        if any(tier.name not in DIRECT_TIERS for _, tier, _, _ in run):
+            return False
+        return self.cost.tier_seconds(run[0][1].name,
+                                      len(run) * self.host.slot_bytes) <= DIRECT_READ_MAX_S
+
+    def adopt(self, asker: str, keys: list[BlockKey], start: int,
+              tail: TailAt | None = None) -> list[tuple[BlockKey, int]]:
+        """keys[start:] are on their way into host by promotions not sent to the workers
+        yet (a prefetch issued when the asker was queued, this same step): make them the
+        asker's direct reads, read in this step before its loads, and return their
+        (key, host slot) pairs in order (with the tail after them, if promoted too);
+        empty where that cannot be (sent already, another asker's, too slow a read)."""
+        if not (self.direct_reads and self.cost is not None):
+            return []
+        unsent = {p.promo_id: p for p in self.promotions}
+        out: list[tuple[BlockKey, int]] = []
+        jobs: dict[str, _Job] = {}
+        slot_of: dict[BlockKey, int] = {}
+
+        def take(key: BlockKey) -> bool:
+            job = self._promoting.get(key)
+            if job is None or job.tier.name not in DIRECT_TIERS:
+                return False
+            promo = unsent.get(job.promo_id)
+            if promo is None or promo.for_req not in ("", asker):
+                return False
+            if job.promo_id not in jobs:
+                jobs[job.promo_id] = job
+                slot_of.update(zip(job.keys, job.slots))
+            out.append((key, slot_of[key]))
+            return True
+
+        i = start
+        while i < len(keys) and take(keys[i]):
+            i += 1
+        if out and tail is not None and (i == len(keys) or keys[i] not in self.host):
+            key = tail(i)
+            if key is not None:
+                take(key)
+        blocks = sum(len(j.slots) for j in jobs.values())
+        if not out or self.cost.tier_seconds(
+                next(iter(jobs.values())).tier.name,
+                blocks * self.host.slot_bytes) > DIRECT_READ_MAX_S:
+            return []
+        for promo_id, job in jobs.items():
+            unsent[promo_id].for_req = asker
+            job.direct, job.origin = True, False
+        return out
+
+    def take_direct(self, asker: str) -> list[tuple[BlockKey, int]]:
+        """The (key, host slot) pairs the asker's last fetch reads in the loading step, in
+        run order (the last may be a tail's); empty where it promotes as usual."""
+        return self._direct.pop(asker, [])
 
     def prefetch(self, keys: list[BlockKey], start: int, spare: Callable[[BlockKey], bool],
                  tail: TailAt | None = None) -> int:
@@ -309,18 +383,22 @@ class SecondaryTiers:
 
     def promote(self, keys: list[BlockKey], start: int, spare: Callable[[BlockKey], bool],
                 prefetch: bool, max_blocks: int | None = None, origin: bool = True,
-                run: list | None = None) -> int:
+                run: list | None = None, direct: str = "") -> int:
         """Read the run keys[start:] (at most max_blocks of it) found below host into
         host slots; returns blocks issued.  `spare(key)` protects resident blocks from
         eviction for it.  With `origin` False, a load of the promoted blocks later is a
         host hit (they were brought back ahead of any request: a session's head).
-        `run`: that run as `_run_below` found it this step, if the caller has it."""
+        `run`: that run as `_run_below` found it this step, if the caller has it.
+        `direct`: the request that loads the run in this step, after the read
+        (`take_direct` names its slots)."""
         if run is None:
             run = self._run_below(keys, start, max_blocks)
         if not run:
             return 0
         claimed = self.host.reserve([key for key, _, _, _ in run], spare=spare)
         run = run[:len(claimed)]  # no key of the run is resident: claims follow it in order
+        if direct and run:
+            self._direct[direct] = [(key, slot) for (key, *_), (_, slot) in zip(run, claimed)]
         by_object: dict[tuple[str, str], list[tuple[BlockKey, int, int]]] = {}
         tiers = {}
         for (key, tier, object_id, index), (_, slot) in zip(run, claimed):
@@ -331,10 +409,11 @@ class SecondaryTiers:
             slots = [slot for _, _, slot in blocks]
             block_keys = [k for k, _, _ in blocks]
             self.promotions.append(Promotion(promo_id, object_id, [i for _, i, _ in blocks],
-                                             slots, block_keys, tier=name))
+                                             slots, block_keys, tier=name, for_req=direct))
             job = self._jobs[(PROMOTE, promo_id)] = _Job(
                 PROMOTE, tiers[name], slots=slots, keys=block_keys, object_id=object_id,
-                prefetch=prefetch, issued=time.monotonic(), origin=origin)
+                prefetch=prefetch, issued=time.monotonic(), origin=origin and not direct,
+                direct=bool(direct), promo_id=promo_id)
             self._promoting.update(dict.fromkeys(block_keys, job))
             tiers[name].pin([object_id])
         for name, tier in tiers.items():
@@ -349,6 +428,10 @@ class SecondaryTiers:
         prefetched = 0
         for key in keys:
             origin = self._promoted.pop(key, None)
+            if origin is None:
+                job = self._promoting.get(key)
+                if job is not None and job.direct:  # read in this very step
+                    origin = (job.tier.name, False)
             if origin is not None:
                 from_tier[origin[0]] = from_tier.get(origin[0], 0) + 1
                 prefetched += origin[1]

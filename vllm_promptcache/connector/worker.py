@@ -48,6 +48,9 @@ MAX_STAGED_BYTES = 1 << 30
 # On a step without a forward, how long the worker waits for promotions in flight
 # (wait_for_save): a few blocks from a local disk land in about a millisecond.
 IDLE_STEP_READ_WAIT_S = 0.005
+# How long a step waits for a direct read (one its loads read, secondary.py) before it
+# counts the read as failed: its blocks are then reported to vLLM, which recomputes them.
+DIRECT_READ_WAIT_S = 0.5
 logger = logging.getLogger("vllm.promptcache")  # under vLLM's handlers and VLLM_LOGGING_LEVEL
 
 
@@ -68,6 +71,9 @@ class PromptCacheWorker:
         # Promotions of the bound step already started (start_promotions), by id.
         self._early_promos: set[str] = set()
         self._early_meta: PromptCacheMetadata | None = None
+        # GPU blocks a load of this step could not fill (a direct read failed), for
+        # vLLM's get_block_ids_with_load_errors: it recomputes them.
+        self._load_errors: set[int] = set()
         # The data path, set up with the caches: GpuTransfers on CUDA, else CpuTransfers.
         self._transfers: GpuTransfers | CpuTransfers | None = None
         self._staging: StagingPool | None = None
@@ -166,7 +172,8 @@ class PromptCacheWorker:
         for shifted in meta.shifted_loads:
             read.update(int(s) for s in shifted.src_slots)
         for promo in meta.promotions:
-            if read.isdisjoint(promo.slots):
+            # A direct read is started by start_load_kv, once it knows the loads.
+            if not promo.for_req and read.isdisjoint(promo.slots):
                 self._promote(promo)
                 self._early_promos.add(promo.promo_id)
 
@@ -181,18 +188,75 @@ class PromptCacheWorker:
             if not io.wait_reads(deadline - time.monotonic()):
                 return
 
-    def _promote(self, promo: Any) -> None:
+    def _promote(self, promo: Any, watch: bool = False) -> None:
         self.secondary[promo.tier].promote(promo.promo_id, promo.object_id, promo.indices,
-                                           promo.slots, self.buffer, promo.keys)
+                                           promo.slots, self.buffer, promo.keys, watch=watch)
+
+    def _read_direct(self, meta: PromptCacheMetadata) -> list[BlockTransfer]:
+        """This step's direct reads (promotions its own loads read, secondary.py), made
+        before the loads; returns the loads left to make.  A load of a slot whose read
+        failed or did not land in DIRECT_READ_WAIT_S is dropped and its GPU block
+        reported as a load error (vLLM recomputes it).  Where another load of the step
+        reads one of the slots (what the slot held before the scheduler gave it to the
+        read), the read is made after the step's loads, as any promotion, and its own
+        request's blocks are reported instead: never a read over a slot being loaded."""
+        if self._early_meta is not meta:
+            self._early_promos, self._early_meta = set(), meta
+        direct = [p for p in meta.promotions
+                  if p.for_req and p.promo_id not in self._early_promos]
+        if not direct:
+            return meta.loads
+        owner = {slot: p.for_req for p in direct for slot in p.slots}
+        clash = any(owner.get(s, t.req_id) != t.req_id for t in meta.loads for s in t.slots) \
+            or any(int(s) in owner for sh in meta.shifted_loads for s in sh.src_slots)
+        failed: set[int] = set(owner) if clash else set()
+        if not clash:
+            for p in direct:
+                self._promote(p, watch=True)
+                self._early_promos.add(p.promo_id)
+            deadline = time.monotonic() + DIRECT_READ_WAIT_S
+            for p in direct:
+                if not self.secondary[p.tier].wait_promotion(p.promo_id,
+                                                             deadline - time.monotonic()):
+                    failed.update(p.slots)
+        with self._stats_lock:
+            for p in direct:
+                self._stats.inc("direct_read_blocks_total", len(p.slots), tier=p.tier)
+        if not failed:
+            return meta.loads
+        loads, errors = [], 0
+        tier_of = {slot: p.tier for p in direct for slot in p.slots}
+        for t in meta.loads:
+            keep = [(b, s) for b, s in zip(t.block_ids, t.slots)
+                    if not (s in failed and owner[s] == t.req_id)]
+            for b, s in zip(t.block_ids, t.slots):
+                if s in failed and owner[s] == t.req_id:
+                    self._load_errors.add(b)
+                    errors += 1
+                    with self._stats_lock:
+                        self._stats.inc("load_errors_total", 1, tier=tier_of[s])
+            if keep:
+                loads.append(BlockTransfer(t.req_id, [b for b, _ in keep], [s for _, s in keep]))
+        if errors:
+            logger.warning("promptcache: %d block(s) read from below host in their loading "
+                           "step did not arrive%s; vLLM recomputes them", errors,
+                           " (another load of the step read their slots)" if clash else "")
+        return loads
+
+    def take_load_errors(self) -> set[int]:
+        """GPU blocks this step's loads could not fill (vLLM recomputes them)."""
+        out, self._load_errors = self._load_errors, set()
+        return out
 
     # -- loads -----------------------------------------------------------------
     def start_load_kv(self, meta: PromptCacheMetadata, forward_context: Any = None) -> None:
         """This step's loads.  Blocks the forward also writes into load before it; the
         rest beside it where the data path can (a side stream, a verified load thread)."""
-        if not (meta.loads or meta.shifted_loads):
+        loads = self._read_direct(meta) if meta.promotions else meta.loads
+        if not (loads or meta.shifted_loads):
             return
         start = time.perf_counter()  # on CUDA the issue time: the copies are asynchronous
-        block_ids, slots = _concat(meta.loads)
+        block_ids, slots = _concat(loads)
         # The scheduler names the copied blocks the forward also writes into (on CUDA
         # the step's slot mapping lives on the device: reading it would block).
         beside = self._transfers.start_loads(

@@ -68,6 +68,7 @@ class SecondaryIO:
         self._moved_lock = threading.Lock()
         self._reading = 0  # promotions started and not reported yet
         self._reading_cv = threading.Condition()
+        self._watched: dict[str, bool | None] = {}  # promotion -> its outcome, once known
 
     # -- writes ----------------------------------------------------------------
     def try_stage(self, num_blocks: int) -> bool:
@@ -145,12 +146,16 @@ class SecondaryIO:
 
     # -- reads (promotions) --------------------------------------------------------
     def promote(self, promo_id: str, object_id: str, indices: Sequence[int],
-                slots: Sequence[int], buffer: HostBuffer, keys: Sequence[bytes]) -> None:
+                slots: Sequence[int], buffer: HostBuffer, keys: Sequence[bytes],
+                watch: bool = False) -> None:
         """Read blocks `indices` of object `object_id` into host slots `slots`, in the
         background; `keys[i]` is what block `indices[i]` must hold.  Reported once, as a
-        (PROMOTE, promo_id, ok, seconds) event."""
+        (PROMOTE, promo_id, ok, seconds) event; with `watch`, `wait_promotion` also
+        tells its outcome."""
         with self._reading_cv:
             self._reading += 1
+            if watch:
+                self._watched[promo_id] = None
         try:
             self._start_promotion(promo_id, object_id, indices, slots, buffer, keys)
         except Exception:
@@ -166,7 +171,17 @@ class SecondaryIO:
         self._events.put((PROMOTE, promo_id, ok, seconds))
         with self._reading_cv:
             self._reading -= 1
+            if promo_id in self._watched:
+                self._watched[promo_id] = ok
             self._reading_cv.notify_all()
+
+    def wait_promotion(self, promo_id: str, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a watched promotion: True if its read landed whole.
+        Past the timeout it counts as failed here (its event still comes later)."""
+        with self._reading_cv:
+            self._reading_cv.wait_for(lambda: self._watched.get(promo_id) is not None,
+                                      max(0.0, timeout_s))
+            return bool(self._watched.pop(promo_id, False))
 
     def wait_reads(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for every promotion started to be reported; True if
