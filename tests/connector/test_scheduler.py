@@ -219,11 +219,11 @@ def test_a_small_disk_run_is_read_in_the_step_that_loads_it(disk_sched):
     assert {p.for_req for p in meta.promotions} == {"b"}
     assert [t.block_ids for t in meta.loads] == [[20, 21, 22, 23]]
     assert sorted(meta.loads[0].slots) == sorted(s for p in meta.promotions for s in p.slots)
-    stats = disk_sched.get_kv_connector_stats().data["counter"]
-    assert stats["hit_tokens_total|disk"] == 3 * BS
     disk_sched.update_connector_output(
         events_output([("promote", p.promo_id, False) for p in meta.promotions]))
     assert disk_sched.host.used_slots == 0, "a failed read frees its slots"
+    stats = disk_sched.get_kv_connector_stats().data["counter"]
+    assert "hit_tokens_total|disk" not in stats, "vLLM recomputed them: no hit"
 
 
 def test_a_prefetch_not_sent_yet_becomes_the_loading_steps_direct_read(disk_sched):
@@ -241,6 +241,11 @@ def test_a_prefetch_not_sent_yet_becomes_the_loading_steps_direct_read(disk_sche
     meta = disk_sched.build_connector_meta(None)
     assert {p.for_req for p in meta.promotions} == {"b"}
     assert sorted(meta.loads[0].slots) == sorted(s for p in meta.promotions for s in p.slots)
+    disk_sched.update_connector_output(
+        events_output([("promote", p.promo_id, True) for p in meta.promotions]))
+    stats = disk_sched.get_kv_connector_stats().data["counter"]
+    assert stats["hit_tokens_total|disk"] == 3 * BS, "counted once the read landed"
+    assert stats["prefetch_hit_blocks_total|"] == 3
     # Once sent, a promotion is no longer adopted: a later asker waits for it.
     disk_sched.host.clear()
     late = request("c", toks + [4], computed=0)

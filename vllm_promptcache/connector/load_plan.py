@@ -75,15 +75,18 @@ class LoadPlan:
         if n_shifted and lookup.shifted is not None:
             self._shifted(req_id, lookup.shifted, n_shifted, all_block_ids)
             first_approximate = lookup.shifted.start // bs
-        from_tier, prefetched = self.secondary.loaded(lookup.keys[:n])
-        from_below = sum(from_tier.values())
+        # Blocks of direct reads are counted when their read lands (secondary.py).
+        from_tier, prefetched, direct = self.secondary.loaded(lookup.keys[:n])
+        from_below = sum(from_tier.values()) + direct
         self.stats.inc("lookup_hits_total")
         if n_shifted:
             self.stats.inc("hit_tokens_total", n_shifted, tier="host")
         # Tokens per tier: whole blocks, less what vLLM computes of a trimmed last one
         # (taken from host's count, or from a lower tier's where host has none).
         counts = {"host": (n - from_below) * bs, **{t: b * bs for t, b in from_tier.items()}}
-        counts[next(t for t, c in counts.items() if c >= untaken)] -= untaken
+        trimmed = next((t for t, c in counts.items() if c >= untaken), None)
+        if trimmed is not None:  # else the trimmed block is a direct read's
+            counts[trimmed] -= untaken
         for tier, tokens in counts.items():
             if tokens:
                 self.stats.inc("hit_tokens_total", tokens, tier=tier)

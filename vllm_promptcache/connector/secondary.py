@@ -60,6 +60,7 @@ class _Job:
     origin: bool = True  # promotion: a later load of its blocks counts under its tier
     direct: bool = False  # promotion: read in the step that loads it (counted at the load)
     promo_id: str = ""
+    hits: int = 0  # direct: blocks a load took from it, counted as hits once it lands
 
 
 class SecondaryTiers:
@@ -422,20 +423,23 @@ class SecondaryTiers:
                      len(by_object), "/".join(tiers), " (prefetch)" if prefetch else "")
         return len(run)
 
-    def loaded(self, keys: Sequence[BlockKey]) -> tuple[dict[str, int], int]:
-        """Blocks of a load that promotions brought in: ({tier: blocks}, by prefetch)."""
+    def loaded(self, keys: Sequence[BlockKey]) -> tuple[dict[str, int], int, int]:
+        """Blocks of a load that promotions brought in: ({tier: blocks}, by prefetch,
+        blocks of direct reads).  A direct read's blocks are counted as hits (and
+        prefetch hits) when the read lands, never where it failed (vLLM recomputed)."""
         from_tier: dict[str, int] = {}
-        prefetched = 0
+        prefetched = direct = 0
         for key in keys:
             origin = self._promoted.pop(key, None)
             if origin is None:
                 job = self._promoting.get(key)
                 if job is not None and job.direct:  # read in this very step
-                    origin = (job.tier.name, False)
-            if origin is not None:
-                from_tier[origin[0]] = from_tier.get(origin[0], 0) + 1
-                prefetched += origin[1]
-        return from_tier, prefetched
+                    job.hits += 1
+                    direct += 1
+                continue
+            from_tier[origin[0]] = from_tier.get(origin[0], 0) + 1
+            prefetched += origin[1]
+        return from_tier, prefetched, direct
 
     def saved_afresh(self, key: BlockKey) -> None:
         """A save rewrote this key into host: a later hit on it is a host hit."""
@@ -515,6 +519,10 @@ class SecondaryTiers:
                                            elapsed)
             self.host.commit(job.slots)
             self.stats.inc("promoted_blocks_total", len(job.slots), tier=tier.name)
+            if job.hits:  # a direct read a load took from: its hits count now
+                self.stats.inc("hit_tokens_total", job.hits * self.block_size, tier=tier.name)
+                if job.prefetch:
+                    self.stats.inc("prefetch_hit_blocks_total", job.hits)
             for key in job.keys if job.origin else ():
                 self._promoted[key] = (tier.name, job.prefetch)
                 self._promoted.move_to_end(key)

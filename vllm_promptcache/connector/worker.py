@@ -211,11 +211,16 @@ class PromptCacheWorker:
             or any(int(s) in owner for sh in meta.shifted_loads for s in sh.src_slots)
         failed: set[int] = set(owner) if clash else set()
         if not clash:
+            # Waited for only where a load of the step reads it (vLLM may not have
+            # scheduled the request after all: then it is a plain promotion).
+            loaded = {s for t in meta.loads for s in t.slots if owner.get(s) == t.req_id}
+            waited = [p for p in direct if not loaded.isdisjoint(p.slots)]
+            watched = {p.promo_id for p in waited}
             for p in direct:
-                self._promote(p, watch=True)
+                self._promote(p, watch=p.promo_id in watched)
                 self._early_promos.add(p.promo_id)
             deadline = time.monotonic() + DIRECT_READ_WAIT_S
-            for p in direct:
+            for p in waited:
                 if not self.secondary[p.tier].wait_promotion(p.promo_id,
                                                              deadline - time.monotonic()):
                     failed.update(p.slots)
