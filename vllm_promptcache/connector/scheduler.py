@@ -220,9 +220,10 @@ class PromptCacheScheduler:
         slots = self.host.ready_prefix(keys[start:], touch=False)
         end = start + len(slots)
         if end < len(keys):
+            tail_at = self._tail_at(request, keys)
             if self.host.is_pending(keys[end]) and self.secondary:
                 # Promoted by this step's prefetch, not sent yet: read it in this step.
-                direct = self.secondary.adopt(req_id, keys, end, self._tail_at(request, keys))
+                direct = self.secondary.adopt(req_id, keys, end, tail_at)
                 if direct:
                     slots, end, tail = self._direct_offer(keys, end, slots, direct, request)
                     return self._offer(state, request, params, keys, start, end, slots, tail,
@@ -232,7 +233,6 @@ class PromptCacheScheduler:
                 # previous turn, or a promotion from below, maybe a prefetch): ask
                 # again next step, until waiting costs more than recomputing it would.
                 return None, False
-            tail_at = self._tail_at(request, keys)
             if self.secondary and self.secondary.fetch(req_id, keys, end,
                                                        set(keys).__contains__, budgeted=True,
                                                        tail=tail_at):

@@ -257,12 +257,14 @@ class SecondaryTiers:
         """Whether this run is read in the step that loads it: vLLM recomputes what fails
         to load, every block is on a local tier, and the read is expected to be short
         (the whole step waits for it)."""
-        if not (self.direct_reads and run and self.cost is not None):
+        if not run or any(tier.name not in DIRECT_TIERS for _, tier, _, _ in run):
             return False
-        if any(tier.name not in DIRECT_TIERS for _, tier, _, _ in run):
-            return False
-        return self.cost.tier_seconds(run[0][1].name,
-                                      len(run) * self.host.slot_bytes) <= DIRECT_READ_MAX_S
+        return self._short_read(run[0][1].name, len(run))
+
+    def _short_read(self, tier: str, blocks: int) -> bool:
+        """Direct reads are on, and `blocks` from `tier` read within DIRECT_READ_MAX_S."""
+        return self.direct_reads and self.cost is not None and self.cost.tier_seconds(
+            tier, blocks * self.host.slot_bytes) <= DIRECT_READ_MAX_S
 
     def adopt(self, asker: str, keys: list[BlockKey], start: int,
               tail: TailAt | None = None) -> list[tuple[BlockKey, int]]:
@@ -298,10 +300,8 @@ class SecondaryTiers:
             key = tail(i)
             if key is not None:
                 take(key)
-        blocks = sum(len(j.slots) for j in jobs.values())
-        if not out or self.cost.tier_seconds(
-                next(iter(jobs.values())).tier.name,
-                blocks * self.host.slot_bytes) > DIRECT_READ_MAX_S:
+        if not out or not self._short_read(next(iter(jobs.values())).tier.name,
+                                           sum(len(j.slots) for j in jobs.values())):
             return []
         for promo_id, job in jobs.items():
             unsent[promo_id].for_req = asker
