@@ -44,7 +44,7 @@ def test_threads_pinned_one_cpu_each_are_found():
 
 
 def test_auto_takes_a_cpu_the_openmp_threads_leave_free(monkeypatch):
-    monkeypatch.setattr(cll, "_process_cpus", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(cll, "process_cpus", lambda: {0, 1, 2, 3})
     assert choose_load_cpu("auto", 0, {"OMP_PLACES": "{1,2}"})[0] == 0
     assert choose_load_cpu("auto", 1, {"OMP_PLACES": "{1,2}"})[0] == 3  # one per rank
     cpu, why = choose_load_cpu("auto", 0, {"OMP_PLACES": "{0,1,2,3}"})
@@ -59,7 +59,7 @@ def test_auto_takes_a_cpu_the_openmp_threads_leave_free(monkeypatch):
 
 
 def test_a_cpu_this_process_may_not_use_is_refused(monkeypatch):
-    monkeypatch.setattr(cll, "_process_cpus", lambda: {0, 1})
+    monkeypatch.setattr(cll, "process_cpus", lambda: {0, 1})
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert choose_load_cpu("1")[0] == 1
     with pytest.raises(ValueError, match="may not run there"):
@@ -200,7 +200,7 @@ def test_what_runs_beside_the_forward():
 
 
 def test_other_ranks_and_smt_siblings_are_not_free(monkeypatch):
-    monkeypatch.setattr(cll, "_process_cpus", lambda: set(range(8)))
+    monkeypatch.setattr(cll, "process_cpus", lambda: set(range(8)))
     monkeypatch.setattr(cll, "_siblings", lambda c: {c})
     monkeypatch.setattr(cll, "_node", lambda c: 0)
     env = {"OMP_PLACES": "{0,1}", "VLLM_CPU_OMP_THREADS_BIND": "0-1|2-3"}

@@ -92,6 +92,44 @@ def pinned_thread_cpus() -> set[int]:
     return cpus
 
 
+def claimed_by_other(cpu: int, allowed: set[int], proc: str = "/proc") -> int | None:
+    """The pid of another process with a thread bound to `cpu`, or None.
+
+    Bound: the thread may run on fewer CPUs than `allowed` (this engine's, which vLLM
+    does not narrow), `cpu` among them -- another engine's OpenMP thread, a pinned
+    front end.  Kernel threads (children of kthreadd, pid 2) hold single CPUs by
+    design and are not counted; nor is this process.  Read once, when the CPU is
+    chosen: a process that binds itself there later is not seen."""
+    me = os.getpid()
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        if int(pid) in (me, 2):
+            continue
+        try:
+            tids = os.listdir(f"{proc}/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            status = _status(f"{proc}/{pid}/task/{tid}/status")
+            if status is None or status.get("PPid") == "2":
+                break  # gone, or a kernel thread (its tasks are too)
+            cpus = _cpu_list(status.get("Cpus_allowed_list", ""))
+            if cpus and cpu in cpus and cpus < allowed:
+                return int(pid)
+    return None
+
+
+def _status(path: str) -> dict[str, str] | None:
+    try:
+        with open(path) as f:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError:
+        return None
+
+
 def choose_load_cpu(setting: str, rank: int = 0, environ=os.environ,
                     ranks: int = 1) -> tuple[int | None, str]:
     """(the CPU the load thread runs on, or None; why), for ``load_cpu`` = `setting`.
@@ -100,9 +138,9 @@ def choose_load_cpu(setting: str, rank: int = 0, environ=os.environ,
         return None, "--promptcache-load-cpu off"
     if setting != "auto":
         cpu = int(setting)
-        if cpu not in os.sched_getaffinity(0) | _process_cpus():
+        if cpu not in os.sched_getaffinity(0) | process_cpus():
             raise ValueError(f"--promptcache-load-cpu {cpu}: this process may not run there "
-                             f"(allowed: {sorted(_process_cpus())})")
+                             f"(allowed: {sorted(process_cpus())})")
         return cpu, f"CPU {cpu} (--promptcache-load-cpu)"
     bound = omp_cpus(environ) or pinned_thread_cpus()
     if not bound:
@@ -119,9 +157,9 @@ def choose_load_cpu(setting: str, rank: int = 0, environ=os.environ,
     # Not a CPU sharing a core with one of them (SMT siblings): a free core, on their
     # NUMA node where there is one.
     busy = set().union(*(_siblings(c) for c in bound))
-    free = sorted(_process_cpus() - busy)
+    free = sorted(process_cpus() - busy)
     if not free:
-        return None, (f"every core this worker may use ({sorted(_process_cpus())}) runs "
+        return None, (f"every core this worker may use ({sorted(process_cpus())}) runs "
                       f"OpenMP threads ({sorted(bound)})")
     nodes = {_node(c) for c in bound}
     free.sort(key=lambda c: (_node(c) not in nodes, c))
@@ -146,7 +184,7 @@ def _node(cpu: int) -> int:
     return next((int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit()), 0)
 
 
-def _process_cpus() -> set[int]:
+def process_cpus() -> set[int]:
     """The CPUs this worker's process may use: its parent's affinity (the engine process,
     which vLLM does not bind), which the worker's own thread binding has narrowed."""
     try:

@@ -25,18 +25,19 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
-from .. import compat
+from .. import background_threads, compat
+from ..background_threads import BackgroundPool
 from ..config import PromptCacheConfig
 from ..kernels import blocks_first
 from ..metrics import PromptCacheStats, export_store_counts
 from ..store.secondary_io import SecondaryIO
 from ..store.host_buffer import HostBuffer, StagingPool
+from .cpu_layer_loads import process_cpus
 from .cpu_transfer import CpuTransfers
 from .gpu_transfer import GpuTransfers, ShiftGeometry
 from .metadata import BlockTransfer, TierWrite, PromptCacheMetadata, PromptCacheWorkerMeta
@@ -65,7 +66,7 @@ class PromptCacheWorker:
         self.device: torch.device | None = None
         self._stats = PromptCacheStats()
         self._stats_lock = threading.Lock()
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="promptcache-save")
+        self._saver = BackgroundPool(1, thread_name_prefix="promptcache-save")
         self._saved: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         self._failed: set[str] = set()
         # Promotions of the bound step already started (start_promotions), by id.
@@ -124,6 +125,13 @@ class PromptCacheWorker:
             self._transfers = CpuTransfers(self.kv, self.raw_kv, self.buffer, self.block_size,
                                            self._shift_geometry(), self.config.load_cpu,
                                            compat.tp_rank(), self.world_size)
+            # Saves and disk/remote IO beside the load thread, off the forward's CPU,
+            # where no other process (another engine's worker) is bound to that CPU.
+            cpu, why = background_threads.choose_cpu(self._transfers.layer_loads.cpu,
+                                                     process_cpus())
+            background_threads.set_cpu(cpu)
+            logger.info("promptcache: background threads (saves, disk and remote IO) %s",
+                        f"on {why}" if cpu is not None else f"stay on the forward's CPUs: {why}")
         logger.info("promptcache: host buffer of %.2f GiB allocated (%d slots, %s)",
                     self.buffer.nbytes / 2**30, self.num_slots,
                     "pinned" if on_cuda else "pageable")

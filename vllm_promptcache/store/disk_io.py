@@ -16,12 +16,12 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
 
 from . import disk_format as fmt
+from ..background_threads import BackgroundPool
 from .host_buffer import HostBuffer
 from .secondary_io import (PROMOTE, WARN_EVERY_SECONDS, WRITE,  # noqa: F401 - the event kinds
                            RateLimitedWarning, SecondaryIO)
@@ -55,8 +55,8 @@ class DiskIO(SecondaryIO):
         self.fingerprint = fingerprint
         self.rank = rank
         self.world = world
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="promptcache-disk-write")
-        self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="promptcache-disk-read")
+        self._writer = BackgroundPool(1, thread_name_prefix="promptcache-disk-write")
+        self._readers = BackgroundPool(READ_THREADS, thread_name_prefix="promptcache-disk-read")
         self._warn_full = RateLimitedWarning(WARN_EVERY_SECONDS)
         self._rejected = 0  # files whose header passed its checksum but not its checks
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy
 
+from ..background_threads import BackgroundPool
 from .host_buffer import HostBuffer
 from .remote_store import ChunkRef, RemoteStore
 from .secondary_io import SecondaryIO
@@ -33,7 +33,7 @@ class RemoteIO(SecondaryIO):
     def __init__(self, store: RemoteStore, block_bytes: int, max_staged_bytes: int):
         super().__init__(block_bytes, max_staged_bytes)
         self.store = store
-        self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="promptcache-remote")
+        self._pool = BackgroundPool(IO_THREADS, thread_name_prefix="promptcache-remote")
 
     def write(self, job_id: str, keys: Sequence[bytes], staging: HostBuffer) -> None:
         self._pool.submit(self._write, job_id, tuple(keys), staging)
