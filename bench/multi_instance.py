@@ -282,7 +282,7 @@ def stream_completion(server: Server, model: str, prompt: list[int], max_tokens:
     # The conversation id as vLLM's multi-turn client sends it (--send-conversation-id).
     headers = {"X-Session-ID": session} if session else None
     t0 = time.perf_counter()
-    ttft, tokens, usage = None, [], None
+    ttft, tokens, usage, chunks = None, [], None, 0
     with requests.post(server.base + "/v1/completions", json=body, stream=True,
                        headers=headers, timeout=600) as r:
         r.raise_for_status()
@@ -296,13 +296,14 @@ def stream_completion(server: Server, model: str, prompt: list[int], max_tokens:
                 ids = choice.get("token_ids") or []
                 if ids and ttft is None:
                     ttft = time.perf_counter() - t0
+                chunks += bool(ids)
                 tokens += ids
             usage = chunk.get("usage") or usage
     if ttft is None:
         raise RuntimeError(f"server {server.name} streamed no token")
     cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
     return {"ttft_s": ttft, "tokens": tokens, "cached_tokens": cached,
-            "latency_s": time.perf_counter() - t0}
+            "latency_s": time.perf_counter() - t0, "chunks": chunks}
 
 
 def warm_up(server: Server, model: str, seed: int, vocab: int) -> None:
@@ -331,6 +332,7 @@ def run_conversations(servers: list[Server], model: str, convs: list[dict],
                     time.sleep(c["think_s"][t] * think_s)
                 history += user
                 server = servers[(i + (t if routing == "alternate" else 0)) % len(servers)]
+                sent = time.perf_counter() - t0
                 out = stream_completion(server, model, history, c["answers"][t],
                                         session=f"conversation-{i}" if send_ids else None)
                 with lock:
@@ -338,7 +340,10 @@ def run_conversations(servers: list[Server], model: str, convs: list[dict],
                                     "prompt_tokens": len(history),
                                     "answer_tokens": len(out["tokens"]),
                                     "cached_tokens": out["cached_tokens"],
-                                    "ttft_s": out["ttft_s"], "latency_s": out["latency_s"]})
+                                    "ttft_s": out["ttft_s"], "latency_s": out["latency_s"],
+                                    # when it was sent, and in how many chunks its
+                                    # tokens came (1: the answer arrived in one piece)
+                                    "sent_s": round(sent, 4), "chunks": out["chunks"]})
                 history += out["tokens"]
         except BaseException as e:  # noqa: BLE001 - reported once all threads are done
             errors.append(e)
