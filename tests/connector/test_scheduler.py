@@ -109,6 +109,34 @@ def test_lookup_waits_for_a_save_in_flight(sched):
     assert sched.get_num_new_matched_tokens(nxt, 0) == (3 * BS, False)
 
 
+def test_a_tail_still_being_saved_holds_its_request_back_no_longer_than_recomputing_it(sched):
+    """Issue 31: a request is never held back asking again for longer than recomputing
+    what it waits for.  A tail (tails.py) whose save is in flight was waited for with
+    no bound; now as a block in flight is, then the request goes on without it."""
+    import time
+
+    toks = list(range(500, 511))  # KV for 10 tokens: 2 full blocks and a 2-token tail
+    finish_and_save(sched, request("a", toks), [1, 2, 3])
+    # The next turn's save: the same blocks, a longer tail (3 tokens), still in flight.
+    sched.request_finished(request("a2", toks[:10] + [50, 51]), [1, 2, 3])
+    nxt = toks[:10] + [50, 51, 52, 53]
+    # Nothing measured yet: waits, as for any save in flight.
+    assert sched.get_num_new_matched_tokens(request("b", nxt), 0) == (None, False)
+    for n in (64, 128, 256, 512):  # vLLM's prefill measured at 200 tokens/s: a block, 20 ms
+        sched.cost.observe_prefill(n, n, n / 200.0)
+    slow = request("c", nxt)
+    assert sched.get_num_new_matched_tokens(slow, 0) == (None, False)
+    time.sleep(0.1)
+    # Past the budget: the full blocks are loaded, the tail's tokens computed.
+    assert sched.get_num_new_matched_tokens(slow, 0) == (2 * BS, False)
+    stats = sched.get_kv_connector_stats().data["counter"]
+    assert stats["load_decisions_total|host,recompute"] == 1
+    # Once the save lands, the tail is loaded again.
+    sched.build_connector_meta(None)
+    sched.update_connector_output(output({"a2"}))
+    assert sched.get_num_new_matched_tokens(request("d", nxt), 0) == (2 * BS + 3, False)
+
+
 def test_never_loads_the_last_token_and_respects_salt(sched):
     toks = list(range(400, 412))  # exactly 3 blocks
     finish_and_save(sched, request("a", toks + [0], salt="s1"), [1, 2, 3])

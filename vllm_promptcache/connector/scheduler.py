@@ -248,8 +248,10 @@ class PromptCacheScheduler:
         if self.request_keys.shiftable(request):  # no images or embeddings
             tail = self.tails.find(keys, end, self.request_keys.namespace(request),
                                    request.all_token_ids, len(request.all_token_ids) - 1)
-            if tail is True:  # the tail's save is in flight
-                return None, False
+            if tail is True:  # the tail's save is in flight: wait, as for a block
+                if self.secondary.may_wait_for_tail(req_id, end * self.block_size):
+                    return None, False
+                tail = None
         return self._offer(state, request, params, keys, start, end, slots, tail,
                            num_computed_tokens)
 

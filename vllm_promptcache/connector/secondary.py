@@ -207,10 +207,18 @@ class SecondaryTiers:
         did not start, or a save of its previous turn): whether the asker may wait
         another step for it.  Budgeted as a lookup is, from the first step it waited:
         no longer than recomputing keys[start:] would take."""
-        job = self._promotion_of(keys[start])
+        return self._may_wait(asker, self._promotion_of(keys[start]), start * self.block_size,
+                              (len(keys) - start) * self.block_size)
+
+    def may_wait_for_tail(self, asker: str, start: int) -> bool:
+        """The tail the asker would load after its first `start` tokens is still being
+        saved into host (by the turn before): whether it may wait another step for it,
+        no longer than recomputing that block would take."""
+        return self._may_wait(asker, None, start, self.block_size)
+
+    def _may_wait(self, asker: str, job: _Job | None, start: int, tokens: int) -> bool:
         if self.cost is not None:
-            self.waits.start(asker, self.cost.lookup_budget_s(
-                start * self.block_size, (len(keys) - start) * self.block_size))
+            self.waits.start(asker, self.cost.lookup_budget_s(start, tokens))
         if not self.waits.expired(asker) and not self._lands_too_late(job, asker):
             return True
         self._gave_up(asker, job.tier.name if job is not None else "host")
