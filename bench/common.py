@@ -200,7 +200,7 @@ class MachineLoad:
         self.last_own = self._own(self.last)
         self.own_s = self.others_s = self.others_by_pid_s = self.steal_s = 0.0
         self.phases: dict[str, dict[str, float]] = {}
-        self._phase = (None, self.t0, 0.0, 0.0)
+        self._phase = (None, self.t0, 0.0, 0.0, 0.0)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
@@ -244,7 +244,7 @@ class MachineLoad:
         and need not see the same."""
         with self._lock:
             self._sample()
-            label, t, others, by_pid = self._phase
+            label, t, others, by_pid, own = self._phase
             if label is not None:
                 wall = max(1e-9, time.monotonic() - t)
                 foreign = self.others_by_pid_s - by_pid
@@ -252,8 +252,12 @@ class MachineLoad:
                     "wall_s": round(wall, 1),
                     "other_processes_cores": round(foreign / wall, 2),
                     "unattributed_cores": round(
-                        max(0.0, self.others_s - others - foreign) / wall, 2)}
-            self._phase = (name, time.monotonic(), self.others_s, self.others_by_pid_s)
+                        max(0.0, self.others_s - others - foreign) / wall, 2),
+                    # What the run itself (engines, servers, stores, client) used: a
+                    # case that takes more CPU leaves less to front ends and clients.
+                    "this_run_cores": round((self.own_s - own) / wall, 2)}
+            self._phase = (name, time.monotonic(), self.others_s, self.others_by_pid_s,
+                           self.own_s)
 
     def _run(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
