@@ -37,11 +37,12 @@ def test_without_a_background_cpu_threads_stay_where_they_start(cpus):
 
 
 def _fake_proc(root, tasks):
-    """A /proc with {pid: (ppid, Cpus_allowed_list)} (one task each)."""
-    for pid, (ppid, cpus) in tasks.items():
+    """A /proc with {pid: (ppid, Cpus_allowed_list[, thread name])} (one task each)."""
+    for pid, (ppid, cpus, *name) in tasks.items():
         task = root / str(pid) / "task" / str(pid)
         task.mkdir(parents=True)
-        (task / "status").write_text(f"Name:\tx\nPPid:\t{ppid}\nCpus_allowed_list:\t{cpus}\n")
+        (task / "status").write_text(f"Name:\t{name[0] if name else 'x'}\nPPid:\t{ppid}\n"
+                                     f"Cpus_allowed_list:\t{cpus}\n")
     return str(root)
 
 
@@ -60,6 +61,18 @@ def test_a_cpu_another_process_is_bound_to_is_claimed(tmp_path):
     assert claimed_by_other(2, allowed, proc) is None
     # A thread bound to every CPU the engine may use is not bound anywhere in particular.
     assert claimed_by_other(1, {1}, proc) is None
+
+
+def test_every_claimed_cpu_comes_from_one_scan_without_the_plugins_own_threads(tmp_path):
+    from vllm_promptcache.connector.cpu_layer_loads import claimed_cpus
+
+    proc = _fake_proc(tmp_path, {
+        100: (1, "1"),                       # another engine's OpenMP thread
+        300: (1, "2-3"),                     # a front end pinned to two CPUs
+        400: (1, "0", "promptcache-loa"),    # another engine's load thread: sleeps
+        500: (1, "0", "promptcache-sav"),    # ... and its saves
+    })
+    assert claimed_cpus({0, 1, 2, 3}, proc) == {1: 100, 2: 300, 3: 300}
 
 
 def test_background_threads_stay_put_where_another_process_holds_the_load_cpu(tmp_path):

@@ -9,14 +9,14 @@ was chosen for the load thread (`cpu_layer_loads.choose_load_cpu`), every pool m
 here moves its threads there on their first task; elsewhere (GPU workers, no free CPU)
 they stay where they were started.
 
-Only to a CPU no other process has claimed.  The load thread's CPU
-is free of this worker's threads, not necessarily of another engine's: with two
-servers on a CPU each, it is the other server's forward CPU, where vLLM's worker
+Only to a CPU no other process has claimed.  With two servers on a CPU each, the CPU
+their OpenMP threads leave free is the other server's forward CPU, where vLLM's worker
 busy-polls between steps.  Saves moved there waited for that worker at every wake-up,
 vLLM held the finished requests' blocks meanwhile, and TTFT p50 went from 0.045 s to
-0.4-0.9 s (bench/multi_instance.py --server-cpus own).  The load thread itself copes
-(the forward takes the layers it has not reached); the background threads do not, so
-they stay where they started when another process's threads are bound to that CPU
+0.4-0.9 s (bench/multi_instance.py --server-cpus own).  The load thread no longer
+takes such a CPU on its own (`cpu_layer_loads.choose_load_cpu`); one the operator
+named (``--promptcache-load-cpu N``) is checked here, and the background threads stay
+where they started when another process's threads are bound to it
 (`cpu_layer_loads.claimed_by_other`).
 """
 

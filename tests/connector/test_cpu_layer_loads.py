@@ -43,6 +43,13 @@ def test_threads_pinned_one_cpu_each_are_found():
     assert cpu in seen[0]
 
 
+@pytest.fixture(autouse=True)
+def no_other_process_bound(monkeypatch):
+    """Nothing else bound anywhere, whatever runs beside this suite (another test
+    engine's worker); a test that needs a claim sets one."""
+    monkeypatch.setattr(cll, "claimed_cpus", lambda allowed, proc="/proc": {})
+
+
 def test_auto_takes_a_cpu_the_openmp_threads_leave_free(monkeypatch):
     monkeypatch.setattr(cll, "process_cpus", lambda: {0, 1, 2, 3})
     assert choose_load_cpu("auto", 0, {"OMP_PLACES": "{1,2}"})[0] == 0
@@ -56,6 +63,21 @@ def test_auto_takes_a_cpu_the_openmp_threads_leave_free(monkeypatch):
     monkeypatch.setattr(cll, "pinned_thread_cpus", lambda: {0, 1})
     assert choose_load_cpu("auto", 0, {})[0] == 2
     assert choose_load_cpu("off", 0, {"OMP_PLACES": "{1}"})[0] is None
+
+
+def test_auto_skips_a_cpu_another_process_has_threads_bound_to(monkeypatch):
+    """Two servers on a CPU each: the CPU one server's OpenMP threads leave free is the
+    other's forward CPU.  A load thread there held the GIL while descheduled and stopped
+    its own forward; it is not started there, and a CPU named by hand still is."""
+    monkeypatch.setattr(cll, "process_cpus", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(cll, "claimed_cpus", lambda allowed, proc="/proc": {0: 4242})
+    assert choose_load_cpu("auto", 0, {"OMP_PLACES": "{1,2}"})[0] == 3
+    monkeypatch.setattr(cll, "claimed_cpus",
+                        lambda allowed, proc="/proc": {0: 4242, 3: 4343})
+    cpu, why = choose_load_cpu("auto", 0, {"OMP_PLACES": "{1,2}"})
+    assert cpu is None and "CPU 0 by process 4242" in why and "CPU 3 by process 4343" in why
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert choose_load_cpu("0")[0] == 0
 
 
 def test_a_cpu_this_process_may_not_use_is_refused(monkeypatch):

@@ -36,11 +36,23 @@ def baseline(reference):
     return reference  # the session's vLLM without the plugin (conftest.py)
 
 
+def free_load_cpu() -> dict:
+    """The CPU conftest's binding leaves free, named: on `auto` the plugin skips a CPU
+    another process has threads bound to, as another test engine's worker beside this
+    module may (the tensor-parallel fuzz binds one to each CPU)."""
+    from vllm_promptcache.connector.cpu_layer_loads import _cpu_list
+
+    free = (set(os.sched_getaffinity(0))
+            - _cpu_list(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")))
+    return {"load_cpu": str(min(free))} if free else {}
+
+
 @pytest.fixture(scope="module")
 def cached(tiny_model):
     from vllm_promptcache import engine_kwargs
 
-    llm = make_llm(tiny_model, enable_prefix_caching=False, **engine_kwargs(host_gb=HOST_GB, disk_gb=0))
+    llm = make_llm(tiny_model, enable_prefix_caching=False,
+                   **engine_kwargs(host_gb=HOST_GB, disk_gb=0, **free_load_cpu()))
     yield llm
     close_llm(llm)
 

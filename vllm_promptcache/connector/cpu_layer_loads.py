@@ -22,10 +22,12 @@ What makes it safe:
 * **vLLM must wait for every layer.**  The first step with loads runs them all before
   the forward and records which layers vLLM waited for; layer-wise loading starts only
   if every loaded layer was among them, else a warning says why it stays off.
-* **Never waiting for a CPU.**  The free CPU may not be free (another engine's worker,
-  a busy front end): a layer the load thread has not taken when the forward needs it
-  is moved by the forward's own thread, so a step is never slower than loading every
-  layer before it (`moved_by_caller` counts them).
+* **Never waiting for a CPU.**  A CPU another process has bound threads to (another
+  engine's worker) is never taken: the thread holds the GIL while it starts a layer,
+  and descheduled there it would hold up the forward too.  The CPU taken may still be
+  busy (a front end, the engine process): a layer the load thread has not taken when
+  the forward needs it is moved by the forward's own thread, so a step is never slower
+  than loading every layer before it (`moved_by_caller` counts them).
 * **Errors surface in the forward.**  A failed layer raises in that layer's wait (the
   step fails, as a failed load did before); `finish` waits for the rest, so a later
   save or promotion never reuses a slot still being read.
@@ -92,19 +94,22 @@ def pinned_thread_cpus() -> set[int]:
     return cpus
 
 
-def claimed_by_other(cpu: int, allowed: set[int], proc: str = "/proc") -> int | None:
-    """The pid of another process with a thread bound to `cpu`, or None.
+def claimed_cpus(allowed: set[int], proc: str = "/proc") -> dict[int, int]:
+    """{cpu: the pid of another process with a thread bound to it}, one scan of `proc`.
 
     Bound: the thread may run on fewer CPUs than `allowed` (this engine's, which vLLM
-    does not narrow), `cpu` among them -- another engine's OpenMP thread, a pinned
-    front end.  Kernel threads (children of kthreadd, pid 2) hold single CPUs by
-    design and are not counted; nor is this process.  Read once, when the CPU is
-    chosen: a process that binds itself there later is not seen."""
+    does not narrow) -- another engine's OpenMP thread, a pinned front end.  Not
+    counted: kernel threads (children of kthreadd, pid 2), which hold single CPUs by
+    design; this process; and the plugin's own threads in another engine (named
+    ``promptcache-*``: its load and background threads), which sleep between
+    transfers.  Read once, when a CPU is chosen: a process that binds itself there
+    later is not seen."""
     me = os.getpid()
+    claimed: dict[int, int] = {}
     try:
         pids = [p for p in os.listdir(proc) if p.isdigit()]
     except OSError:
-        return None
+        return claimed
     for pid in pids:
         if int(pid) in (me, 2):
             continue
@@ -116,10 +121,24 @@ def claimed_by_other(cpu: int, allowed: set[int], proc: str = "/proc") -> int | 
             status = _status(f"{proc}/{pid}/task/{tid}/status")
             if status is None or status.get("PPid") == "2":
                 break  # gone, or a kernel thread (its tasks are too)
+            if status.get("Name", "").startswith(PLUGIN_THREAD_PREFIX):
+                continue
             cpus = _cpu_list(status.get("Cpus_allowed_list", ""))
-            if cpus and cpu in cpus and cpus < allowed:
-                return int(pid)
-    return None
+            if cpus and cpus < allowed:
+                for cpu in cpus:
+                    claimed.setdefault(cpu, int(pid))
+    return claimed
+
+
+def claimed_by_other(cpu: int, allowed: set[int], proc: str = "/proc") -> int | None:
+    """The pid of another process with a thread bound to `cpu`, or None
+    (`claimed_cpus`)."""
+    return claimed_cpus(allowed, proc).get(cpu)
+
+
+# The names the plugin gives its threads ("promptcache-load", "promptcache-save_0", ...);
+# /proc shows the first 15 characters.
+PLUGIN_THREAD_PREFIX = "promptcache"
 
 
 def _status(path: str) -> dict[str, str] | None:
@@ -161,6 +180,17 @@ def choose_load_cpu(setting: str, rank: int = 0, environ=os.environ,
     if not free:
         return None, (f"every core this worker may use ({sorted(process_cpus())}) runs "
                       f"OpenMP threads ({sorted(bound)})")
+    # Nor a CPU another process has bound threads to (another engine's worker, which
+    # busy-polls between steps).  The load thread takes the GIL to start each layer; put
+    # off its CPU there while holding it, it stopped this worker's forward for as long
+    # (two servers on a CPU each: the forward's CPU idle for a second and more, whole
+    # answers arriving seconds late).
+    claimed = claimed_cpus(process_cpus())
+    if all(c in claimed for c in free):
+        held = ", ".join(f"CPU {c} by process {claimed[c]}" for c in free)
+        return None, (f"every core the OpenMP threads ({sorted(bound)}) leave free has "
+                      f"another process's threads bound to it ({held})")
+    free = [c for c in free if c not in claimed]
     nodes = {_node(c) for c in bound}
     free.sort(key=lambda c: (_node(c) not in nodes, c))
     cpu = free[rank % len(free)]
