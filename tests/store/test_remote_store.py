@@ -168,6 +168,41 @@ def test_lookup_is_one_round_trip(redis_server):
     store.close()
 
 
+def test_lookups_asked_while_one_is_out_share_the_next_round_trip(redis_server):
+    """A burst of requests against a store far away: each lookup queued for a round
+    trip of its own made the last wait for all the others.  Those asked while the
+    lookup thread is busy go out together, each key once, and each asker gets its
+    own answer."""
+    from vllm_promptcache.store.remote_tier import RemoteTier
+
+    store = make_store(redis_server.url)
+    keys, blocks = run(12)
+    assert store.put_chunks(keys[:6], blocks[:6])
+    tier = RemoteTier(store, BLOCK, timeout_ms=5000)  # no deadline passes here
+    store.take_counts()
+
+    def burst(lookups):
+        release = threading.Event()
+        tier.submit(release.wait, 10)  # the lookup thread, busy with a round trip
+        for asker, ks in lookups.items():
+            tier.start_lookup(asker, ks)
+        assert all(tier.lookup_pending(a) for a in lookups)
+        release.set()
+        deadline = time.monotonic() + 10
+        while any(tier.lookup_pending(a) for a in lookups) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return store.take_counts()
+
+    counts = burst({"a": keys[:4], "b": keys[4:8], "c": keys[8:]})
+    assert counts["round_trips"] == 1 and counts["lookups"] == 12 and counts["found"] == 6
+    assert [tier.locate(k) is not None for k in keys] == [True] * 6 + [False] * 6
+    assert sorted(tier.take_answered()) == []  # read already by lookup_pending
+    # Two requests with the same prefix: each key asked once.
+    counts = burst({"d": keys[:5], "e": keys[:5]})
+    assert counts["round_trips"] == 1 and counts["lookups"] == 5 and counts["found"] == 5
+    tier.close()
+
+
 def test_unix_socket(redis_server):
     store = make_store(redis_server.unix_url)
     keys, blocks = run(4)

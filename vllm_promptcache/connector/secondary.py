@@ -331,7 +331,7 @@ class SecondaryTiers:
         if self.cost is None:
             return self.promote(keys, start, spare, prefetch=True,
                                 run=self._run_below(keys, start, tail=tail))
-        run, decision = self._priced_run(keys, start, tail)
+        run, _ = self._priced_run(keys, start, tail)  # the request counts the decision
         if not run:
             return 0
         return self.promote(keys, start, spare, prefetch=True, max_blocks=len(run), run=run)
