@@ -101,6 +101,8 @@ def test_background_threads_stay_put_where_another_process_holds_the_load_cpu(tm
         assert claimed_by_other(min(allowed), allowed, str(view)) is None
         chosen, why = background_threads.choose_cpu(cpu, allowed)
         assert chosen is None and "bound to it" in why
+        # A CPU `auto` chose was checked when it was chosen: not read again.
+        assert background_threads.choose_cpu(cpu, allowed, named=False)[0] == cpu
     finally:
         child.kill()
         child.wait()

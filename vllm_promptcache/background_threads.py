@@ -50,13 +50,16 @@ def _move_here() -> None:
         logger.debug("promptcache: background thread stays off CPU %d: %s", cpu, e)
 
 
-def choose_cpu(load_cpu: int | None, allowed: set[int]) -> tuple[int | None, str]:
-    """(the CPU background threads move to, or None; why) given the load thread's."""
+def choose_cpu(load_cpu: int | None, allowed: set[int], named: bool = True
+               ) -> tuple[int | None, str]:
+    """(the CPU background threads move to, or None; why) given the load thread's.
+    `named`: the operator named that CPU; one `auto` chose is free of other processes'
+    threads already (`choose_load_cpu` read /proc for it), so /proc is not read again."""
     from .connector.cpu_layer_loads import claimed_by_other
 
     if load_cpu is None:
         return None, "no CPU is free of the forward's threads"
-    other = claimed_by_other(load_cpu, allowed)
+    other = claimed_by_other(load_cpu, allowed) if named else None
     if other is not None:
         return None, f"CPU {load_cpu} has threads of process {other} bound to it"
     return load_cpu, f"CPU {load_cpu}, beside the load thread"

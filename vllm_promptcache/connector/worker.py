@@ -128,7 +128,8 @@ class PromptCacheWorker:
             # Saves and disk/remote IO beside the load thread, off the forward's CPU,
             # where no other process (another engine's worker) is bound to that CPU.
             cpu, why = background_threads.choose_cpu(self._transfers.layer_loads.cpu,
-                                                     process_cpus())
+                                                     process_cpus(),
+                                                     named=self.config.load_cpu != "auto")
             background_threads.set_cpu(cpu)
             logger.info("promptcache: background threads (saves, disk and remote IO) %s",
                         f"on {why}" if cpu is not None else f"stay on the forward's CPUs: {why}")
