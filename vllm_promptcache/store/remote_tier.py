@@ -52,7 +52,7 @@ class RemoteTier:
         self._writing: set[BlockKey] = set()
         self._round_trips: deque[float] = deque(maxlen=64)
         # Lookups waiting for the next round trip, and whether one is scheduled.
-        self._queued: list[tuple[Future, list[BlockKey]]] = []
+        self._queued: deque[tuple[Future, list[BlockKey]]] = deque()
         self._queue_lock = threading.Lock()
         self._draining = False
         self.evictions = 0
@@ -92,7 +92,7 @@ class RemoteTier:
                 batch, size = [], 0
                 while self._queued and (not batch or
                                         size + len(self._queued[0][1]) <= MAX_LOOKUP_KEYS):
-                    batch.append(self._queued.pop(0))
+                    batch.append(self._queued.popleft())
                     size += len(batch[-1][1])
                 if not batch:
                     self._draining = False
