@@ -296,3 +296,32 @@ def test_a_lookups_round_trip_prices_a_tier_before_any_load_was_measured():
     assert first.load_tokens == 128 and first.basis == "probe"  # its rate, measured once
     assert cost.decide([Segment("remote", 128)], 0, 1024, 16).load_tokens == 0
     assert cost.tier_seconds("host", 128 * 1024) == 0.0  # host loads until measured
+
+
+def test_the_steps_a_promotion_spans_are_part_of_a_loads_cost():
+    """A run below host is promoted into host first, and loads in the step after the
+    promotion is reported: that wait, measured past the read, makes a 20 ms read of a
+    run that recomputes in 30 ms a loss.  A read short enough to be made in the loading
+    step itself (a direct read) does not wait it."""
+    from vllm_promptcache.connector.load_cost import LoadCost, Segment
+
+    cost = LoadCost()
+    for n in (64, 128, 256, 512):
+        cost.observe_prefill(n, 0, n * 30e-3 / 128)  # 128 tokens: 30 ms
+    for kb in (64, 128, 256):  # 20 ms for 128 tokens of 1 KiB; 2 ms for 16 of them
+        cost.observe_transfer("remote", kb * 1024, kb * 1024 * 20e-3 / (128 * 1024))
+        cost.observe_transfer("disk", kb * 1024, kb * 1024 * 20e-3 / (128 * 1024))
+    assert cost.decide([Segment("remote", 128)], 0, 1024, 16).load_tokens == 128
+    for _ in range(4):
+        cost.observe_promotion_wait(0.015)
+    assert abs(cost.promotion_wait_s - 0.015) < 1e-9
+    assert cost.decide([Segment("remote", 128)], 0, 1024, 16).load_tokens == 0
+    assert cost.priced_out("remote", 0, 128, 1024)
+    assert cost.load_seconds("remote", 128, 1024) > cost.tier_seconds("remote", 128 * 1024)
+    # 16 tokens from disk read in 2.5 ms: where disk reads are direct (made within 5 ms
+    # in the loading step), no promotion wait; else it waits the steps like the rest.
+    assert cost.load_seconds("disk", 16, 1024) > 0.015
+    cost.direct_tiers, cost.direct_read_max_s = frozenset({"disk"}), 0.005
+    assert cost.load_seconds("disk", 16, 1024) < 0.005
+    assert cost.load_seconds("disk", 128, 1024) > 0.015, "too long a read for a direct one"
+    assert cost.load_seconds("remote", 16, 1024) > 0.015, "the remote tier is never read direct"

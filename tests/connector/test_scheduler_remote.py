@@ -238,6 +238,58 @@ def test_a_store_whose_round_trip_outlasts_recomputing_is_not_waited_for_at_all(
     assert sched.get_num_new_matched_tokens(again, 0) == (None, False), "waits for the answer"
 
 
+def test_a_lookup_is_not_awaited_where_the_load_after_its_answer_outlasts_recomputing(setup):
+    """Issue 31: a lookup answered well within the budget can still only lead to a
+    recompute, once the promotion after it is priced: its read, and the engine steps a
+    promotion spans before the request may load (measured from promotions' reports).
+    Here the round trip is 20 ms and the read 23 ms, against 60 ms to recompute: worth
+    waiting for, until promotions are measured to wait 25 ms past their reads."""
+    sched, _ = setup
+    toks = only_in_the_store(*setup, list(range(1700, 1713)))
+    measured(sched, remote_s_per_block=0.001, prefill_tokens_per_s=200.0)
+    for _ in range(8):
+        sched.cost.observe_round_trip("remote", 0.020)
+    sched.remote.submit(lambda: None).result(10)  # the write's round trips are folded in
+    sched.secondary.answered()
+    for _ in range(8):
+        sched.cost.observe_round_trip("remote", 0.020)
+    first = request("b", toks + [1], computed=0)
+    assert sched.get_num_new_matched_tokens(first, 0) == (None, False), "waits for the answer"
+    sched.request_finished(first, [])
+    sched.remote.submit(lambda: None).result(10)
+    sched.secondary.answered()
+    sched.remote._where.clear()
+    for _ in range(8):
+        sched.cost.observe_round_trip("remote", 0.020)
+        sched.cost.observe_promotion_wait(0.025)
+    assert not sched.cost.priced_out("remote", 0, 12, sched.secondary.bytes_per_token), \
+        "the tier alone still loads faster than recomputing: it is asked"
+    again = request("c", toks + [2], computed=0)
+    assert sched.get_num_new_matched_tokens(again, 0) == (0, False), "not held back a step"
+    assert sched.remote.lookup_pending("c"), "asked all the same: the answer serves later turns"
+    stats = sched.get_kv_connector_stats().data["counter"]
+    assert stats["load_decisions_total|remote,recompute"] == 1
+
+
+def test_a_promotions_wait_past_its_read_is_measured_from_its_report(setup):
+    """The steps a promotion spans (sent with one step, reported at the end of the one it
+    lands in) are what a request waiting for it waits past the read: measured from each
+    report, as the time since it was issued less the read's own time."""
+    sched, store = setup
+    toks = list(range(1500, 1509))
+    write_through(sched, store, request("a", toks), [1, 2])
+    sched.host.clear()
+    nxt = request("b", toks + [1], computed=0)
+    assert sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
+    promos = sched.build_connector_meta(None).promotions
+    assert promos
+    assert sched.cost.promotion_wait_s == 0.0
+    time.sleep(0.08)
+    sched.update_connector_output(events_output(
+        [("promote", p.promo_id, True, 0.03) for p in promos]))
+    assert 0.045 <= sched.cost.promotion_wait_s < 0.5
+
+
 def test_a_store_measured_slower_than_recomputing_is_neither_asked_nor_written(setup):
     """Issue 31: a tier measured slower than recomputing the runs it would serve (and
     not due a probe) is not written with a finished request's blocks, nor asked about a

@@ -21,6 +21,11 @@ of a found run to load; vLLM computes the rest.
   Both sides are linear between segment and bucket boundaries, so the cheapest k is
   one of those boundaries (rounded down to a block): the decision costs O(segments +
   buckets), whatever the run's length.  A tie recomputes: a load must be faster.
+- A tier below host is staged through host: a promotion is sent with one engine step
+  and reported at the end of the step it lands in, and the request loads in the step
+  after.  That wait past the read (`observe_promotion_wait`, measured on every
+  promotion) is part of the load's cost, except for a read short enough to be made in
+  the loading step itself (`direct_tiers`, `direct_read_max_s`).
 - Cold start: a tier with fewer than `min_samples` transfers uses its prior
   (`TierPrior`; the defaults: host and shifted loads always load, disk and remote
   priced at one NVMe stream / a 25 Gb/s link); while the prefill rate is unmeasured
@@ -221,6 +226,7 @@ class LoadDecision:
     load_s: float           # expected time of the chosen load
     recompute_s: float      # expected time to recompute the whole run instead
     basis: str              # "measured", "prior", "cold", "probe" or ALWAYS_LOAD
+    load_all_s: float = 0.0  # expected time to load the whole run instead
 
     @property
     def split(self) -> bool:
@@ -251,11 +257,16 @@ class LoadCost:
     min_samples: int = 3
     probe_interval_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
+    # Tiers whose short reads are made in the step that loads them (secondary.py's
+    # direct reads; empty where vLLM does not recompute a failed load), and how short.
+    direct_tiers: frozenset[str] = frozenset()
+    direct_read_max_s: float = 0.0
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"load-cost mode must be one of {MODES}, got {self.mode!r}")
         self._tiers: dict[str, _Tier] = {}
+        self._promotion_wait_s: float | None = None  # an EWMA (observe_promotion_wait)
         self.prefill = PrefillRate(self.min_samples,
                                    prior_tokens_per_s=self.prefill_prior_tokens_per_s)
         self._decisions: dict[tuple[str, str], int] = {}
@@ -283,6 +294,22 @@ class LoadCost:
             return
         t = self._tier(tier)
         t.round_trip_s = seconds if t.round_trip_s is None else 0.75 * t.round_trip_s + 0.25 * seconds
+
+    def observe_promotion_wait(self, seconds: float) -> None:
+        """A promotion was reported `seconds` after its read itself would have let it:
+        from the step that issued it to the scheduler seeing it done, less the read's own
+        time.  That is the engine steps it spans (it is sent with a step, reported at the
+        end of the step it lands in), which a request waiting for it waits too, on top
+        of the read: a 40 ms read in a pipeline of 15 ms steps keeps it about 70 ms."""
+        if not (seconds >= 0 and math.isfinite(seconds)):
+            return
+        old = self._promotion_wait_s
+        self._promotion_wait_s = seconds if old is None else 0.75 * old + 0.25 * seconds
+
+    @property
+    def promotion_wait_s(self) -> float:
+        """The expected wait of a promotion past its read (0 until one was measured)."""
+        return self._promotion_wait_s or 0.0
 
     def observe_prefill(self, num_new_tokens: int, context_len: int, seconds: float) -> None:
         """A step computed `num_new_tokens` tokens that follow `context_len` tokens
@@ -361,8 +388,14 @@ class LoadCost:
             return False
         if self._probe_due(t, self.clock()):
             return False  # the next run found there is a probe: keep it findable
-        return (self.tier_seconds(tier, tokens * bytes_per_token)
+        return (self.load_seconds(tier, tokens, bytes_per_token)
                 >= self.recompute_seconds(start, tokens))
+
+    def load_seconds(self, tier: str, tokens: int, bytes_per_token: float) -> float:
+        """Expected time until `tokens` tokens found in `tier` can be loaded: the read,
+        and for a tier staged through host, the engine steps a promotion spans (unless
+        the read is short enough to be made in the loading step itself)."""
+        return self._load_seconds([Segment(tier, tokens)], tokens, bytes_per_token)
 
     # -- the decision --------------------------------------------------------------
     def decide(self, segments: Sequence[Segment], start: int, bytes_per_token: float,
@@ -431,12 +464,20 @@ class LoadCost:
 
     def _load_seconds(self, segs: list[Segment], k: int, bytes_per_token: float) -> float:
         seconds, left = 0.0, k
+        staged, staged_s, direct = False, 0.0, True
         for s in segs:
             if left <= 0:
                 break
             n = min(left, s.tokens)
-            seconds += self.tier_seconds(s.tier, n * bytes_per_token)
+            t = self.tier_seconds(s.tier, n * bytes_per_token)
+            seconds += t
+            if s.tier in STAGED_THROUGH_HOST:
+                staged, staged_s = True, staged_s + t
+                direct = direct and s.tier in self.direct_tiers
             left -= n
+        if staged and not (direct and staged_s <= self.direct_read_max_s):
+            # Promoted into host first: usable a step or two after it lands.
+            seconds += self.promotion_wait_s
         return seconds
 
     def _decision(self, segs: list[Segment], k: int, start: int, bytes_per_token: float,
@@ -450,8 +491,11 @@ class LoadCost:
             entry[0] += loaded
             entry[1] += s.tokens - loaded
             left -= loaded
+        load_s = self._load_seconds(segs, k, bytes_per_token)
         return LoadDecision(k, total, tuple((t, a, b) for t, (a, b) in per_tier.items()),
-                            self._load_seconds(segs, k, bytes_per_token), recompute_all, basis)
+                            load_s, recompute_all, basis,
+                            load_s if k == total else self._load_seconds(segs, total,
+                                                                         bytes_per_token))
 
     # -- metrics -------------------------------------------------------------------
     def count(self, decision: LoadDecision) -> None:

@@ -94,6 +94,18 @@ class SecondaryTiers:
         self.direct_reads = False
         self._direct: dict[str, list[tuple[BlockKey, int]]] = {}
 
+    @property
+    def direct_reads(self) -> bool:
+        return self._direct_reads
+
+    @direct_reads.setter
+    def direct_reads(self, on: bool) -> None:
+        # The cost model prices a direct read without the steps a promotion waits.
+        self._direct_reads = on
+        if self.cost is not None:
+            self.cost.direct_tiers = frozenset(DIRECT_TIERS) if on else frozenset()
+            self.cost.direct_read_max_s = DIRECT_READ_MAX_S
+
     def __bool__(self) -> bool:
         return bool(self.tiers)
 
@@ -163,7 +175,7 @@ class SecondaryTiers:
         # nothing nearer is being fetched: an answer arriving after a failed promotion
         # must not bring back the chunk it dropped.
         if self.ask(asker, keys[start:], retry_after_s, start=start):
-            if budgeted and self._answer_comes_too_late(asker):
+            if budgeted and self._answer_comes_too_late(asker, len(keys) - start):
                 # Waiting up to the budget and then recomputing would cost up to twice
                 # the recompute: where the tier's measured round trip alone is past
                 # what is left of it, go on now (the answer still serves later turns).
@@ -178,14 +190,20 @@ class SecondaryTiers:
                 self._gave_up(asker, out[0])
         return False
 
-    def _answer_comes_too_late(self, asker: str) -> bool:
+    def _answer_comes_too_late(self, asker: str, blocks: int) -> bool:
+        """Whether no pending tier could bring the asker's `blocks` blocks in time: its
+        measured round trip, then loading all of them (a read, and the steps its
+        promotion spans), is past what is left of the budget.  Loading all is the best
+        case: a shorter hit saves less recompute for about the same fixed cost."""
         if self.cost is None:
             return False
         left = self.waits.left_s(asker)
+        tokens = blocks * self.block_size
         for tier in self._asking:
             if tier.lookup_pending(asker):
                 round_trip = self.cost.round_trip_s(tier.name)
-                if round_trip is None or round_trip < left:
+                if round_trip is None or round_trip + self.cost.load_seconds(
+                        tier.name, tokens, self.bytes_per_token) < left:
                     return False
         return True
 
@@ -231,6 +249,8 @@ class SecondaryTiers:
             return False
         expected = job.issued + self.cost.tier_seconds(
             job.tier.name, len(job.slots) * self.host.slot_bytes)
+        if not job.direct:  # usable once reported, a step or so after it lands
+            expected += self.cost.promotion_wait_s
         return expected - time.monotonic() >= self.waits.left_s(asker)
 
     def _promotion_of(self, key: BlockKey) -> _Job | None:
@@ -254,7 +274,7 @@ class SecondaryTiers:
             if not run:
                 logger.debug("promptcache: %s recomputes %d tokens found below host (load "
                              "%.3f s > recompute %.3f s, %s)", asker, decision.total_tokens,
-                             decision.load_s, decision.recompute_s, decision.basis)
+                             decision.load_all_s, decision.recompute_s, decision.basis)
                 return False
         else:
             run = self._run_below(keys, start, tail=tail)
@@ -521,10 +541,13 @@ class SecondaryTiers:
                 # The read's own time where the workers report it: from issue to report
                 # also counts the engine steps in between (seconds each on a slow
                 # prefill), which once priced a disk as slower than recomputing.
-                elapsed = job.seconds if job.seconds is not None \
-                    else time.monotonic() - job.issued
+                wall = time.monotonic() - job.issued
+                elapsed = job.seconds if job.seconds is not None else wall
                 self.cost.observe_transfer(tier.name, len(job.slots) * self.host.slot_bytes,
                                            elapsed)
+                if job.seconds is not None and not job.direct:
+                    # What a request waiting for it waited past the read: the steps.
+                    self.cost.observe_promotion_wait(max(0.0, wall - job.seconds))
             self.host.commit(job.slots)
             self.stats.inc("promoted_blocks_total", len(job.slots), tier=tier.name)
             if job.hits:  # a direct read a load took from: its hits count now
