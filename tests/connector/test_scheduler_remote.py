@@ -97,15 +97,21 @@ def test_a_lookup_asks_again_until_the_store_answers_then_promotes(setup):
     assert sched.get_num_new_matched_tokens(nxt, 0) == (8, False)
 
 
-def test_a_value_the_store_evicted_is_a_plain_miss(setup, redis_server):  # noqa: F811
-    sched, store = setup
-    toks = list(range(500, 509))
+def promoted(sched, store, toks):
+    """`toks` (2 full blocks) written through to the store and gone from host: a new
+    request for them is held back while their promotion goes out; (request, promotions)."""
     write_through(sched, store, request("a", toks), [1, 2])
     sched.host.clear()
     nxt = request("b", toks + [1], computed=0)
     assert sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
     promos = sched.build_connector_meta(None).promotions
     assert promos
+    return nxt, promos
+
+
+def test_a_value_the_store_evicted_is_a_plain_miss(setup, redis_server):  # noqa: F811
+    sched, store = setup
+    nxt, promos = promoted(sched, store, list(range(500, 509)))
     # The store evicted the chunk (maxmemory) before the worker read it: the worker
     # reports the object missing.
     redis_server.client().flushall()
@@ -276,13 +282,7 @@ def test_a_promotions_wait_past_its_read_is_measured_from_its_report(setup):
     lands in) are what a request waiting for it waits past the read: measured from each
     report, as the time since it was issued less the read's own time."""
     sched, store = setup
-    toks = list(range(1500, 1509))
-    write_through(sched, store, request("a", toks), [1, 2])
-    sched.host.clear()
-    nxt = request("b", toks + [1], computed=0)
-    assert sched.get_num_new_matched_tokens(nxt, 0) == (None, False)
-    promos = sched.build_connector_meta(None).promotions
-    assert promos
+    _, promos = promoted(sched, store, list(range(1500, 1509)))
     assert sched.cost.promotion_wait_s == 0.0
     time.sleep(0.08)
     sched.update_connector_output(events_output(
