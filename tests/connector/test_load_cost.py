@@ -316,11 +316,8 @@ def test_the_steps_a_promotion_spans_are_part_of_a_loads_cost():
         cost.observe_promotion_wait(0.015)
     assert abs(cost.promotion_wait_s - 0.015) < 1e-9
     assert cost.decide([Segment("remote", 128)], 0, 1024, 16).load_tokens == 0
+    assert cost.priced_out("remote", 0, 128, 1024)
     assert cost.load_seconds("remote", 128, 1024) > cost.tier_seconds("remote", 128 * 1024)
-    # A queued request's prefetch waits out the steps in the queue: only the read counts,
-    # and so for what a tier is asked and written (a later load may be such a prefetch).
-    assert cost.decide([Segment("remote", 128)], 0, 1024, 16, waits=False).load_tokens == 128
-    assert not cost.priced_out("remote", 0, 128, 1024)
     # 16 tokens from disk read in 2.5 ms: where disk reads are direct (made within 5 ms
     # in the loading step), no promotion wait; else it waits the steps like the rest.
     assert cost.load_seconds("disk", 16, 1024) > 0.015

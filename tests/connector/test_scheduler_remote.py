@@ -12,7 +12,6 @@ from tests.connector.test_scheduler import (PAGE, Blocks, events_output, kv_cach
                                             request, vllm_config)
 from tests.redis_server import redis_server, redis_servers  # noqa: F401
 from vllm_promptcache.config import PromptCacheConfig
-from vllm_promptcache.connector.load_cost import Segment
 from vllm_promptcache.connector.scheduler import PromptCacheScheduler
 from vllm_promptcache.store.remote_store import RemoteStore
 
@@ -289,28 +288,6 @@ def test_a_promotions_wait_past_its_read_is_measured_from_its_report(setup):
     sched.update_connector_output(events_output(
         [("promote", p.promo_id, True, 0.03) for p in promos]))
     assert 0.045 <= sched.cost.promotion_wait_s < 0.5
-
-
-def test_a_queued_request_is_prefetched_where_only_the_promotions_wait_makes_it_dear(setup):
-    """A queued request waits in vLLM's queue through the steps a promotion spans, so its
-    prefetch is priced by the read alone: a run whose read (23 ms) beats recomputing it
-    (60 ms) is prefetched, though a request that could be scheduled now would recompute
-    it (the read and a 50 ms promotion wait)."""
-    sched, store = setup
-    toks = only_in_the_store(sched, store, list(range(1300, 1313)))
-    measured(sched, remote_s_per_block=0.001, prefill_tokens_per_s=200.0)
-    sched.remote.submit(lambda: None).result(10)
-    sched.secondary.answered()
-    for _ in range(8):
-        sched.cost.observe_round_trip("remote", 0.020)
-        sched.cost.observe_promotion_wait(0.050)
-    segments = [Segment("remote", 12)]
-    bpt = sched.secondary.bytes_per_token
-    assert sched.cost.decide(segments, 0, bpt, 4).load_tokens == 0
-    assert sched.cost.decide(segments, 0, bpt, 4, waits=False).load_tokens == 12
-    sched.on_new_request(request("b", toks + [7], computed=0))
-    promos = until(lambda: sched.build_connector_meta(None).promotions)
-    assert [p.tier for p in promos] == ["remote"] and sum(len(p.slots) for p in promos) == 3
 
 
 def test_a_store_measured_slower_than_recomputing_is_neither_asked_nor_written(setup):

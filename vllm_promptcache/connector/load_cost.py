@@ -25,9 +25,7 @@ of a found run to load; vLLM computes the rest.
   and reported at the end of the step it lands in, and the request loads in the step
   after.  That wait past the read (`observe_promotion_wait`, measured on every
   promotion) is part of the load's cost, except for a read short enough to be made in
-  the loading step itself (`direct_tiers`, `direct_read_max_s`), and except where the
-  request waits in vLLM's queue anyway (a queued request's prefetch; `priced_out`, since
-  what is written may be loaded by one).
+  the loading step itself (`direct_tiers`, `direct_read_max_s`).
 - Cold start: a tier with fewer than `min_samples` transfers uses its prior
   (`TierPrior`; the defaults: host and shifted loads always load, disk and remote
   priced at one NVMe stream / a 25 Gb/s link); while the prefill rate is unmeasured
@@ -382,9 +380,7 @@ class LoadCost:
         as slower than recomputing them, with no probe of the tier due: then asking the
         tier about them, or writing them to it, costs the machine work that no load will
         repay.  False wherever the answer rests on a guess (ALWAYS_LOAD, the prefill or
-        the tier not measured yet) or the tier is due to be measured again.  Priced
-        without the steps a promotion spans: a later load of what is written may be a
-        queued request's prefetch, which waits them out in the queue."""
+        the tier not measured yet) or the tier is due to be measured again."""
         if self.mode == ALWAYS_LOAD or not self.prefill.measured or tokens <= 0:
             return False
         t = self._tiers.get(tier)
@@ -392,44 +388,39 @@ class LoadCost:
             return False
         if self._probe_due(t, self.clock()):
             return False  # the next run found there is a probe: keep it findable
-        return (self.load_seconds(tier, tokens, bytes_per_token, waits=False)
+        return (self.load_seconds(tier, tokens, bytes_per_token)
                 >= self.recompute_seconds(start, tokens))
 
-    def load_seconds(self, tier: str, tokens: int, bytes_per_token: float,
-                     waits: bool = True) -> float:
+    def load_seconds(self, tier: str, tokens: int, bytes_per_token: float) -> float:
         """Expected time until `tokens` tokens found in `tier` can be loaded: the read,
-        and with `waits`, for a tier staged through host, the engine steps a promotion
-        spans (unless the read is short enough to be made in the loading step itself)."""
-        return self._load_seconds([Segment(tier, tokens)], tokens, bytes_per_token, waits)
+        and for a tier staged through host, the engine steps a promotion spans (unless
+        the read is short enough to be made in the loading step itself)."""
+        return self._load_seconds([Segment(tier, tokens)], tokens, bytes_per_token)
 
     # -- the decision --------------------------------------------------------------
     def decide(self, segments: Sequence[Segment], start: int, bytes_per_token: float,
-               block_size: int, waits: bool = True) -> LoadDecision:
+               block_size: int) -> LoadDecision:
         """How many leading tokens of the run `segments` (starting at position `start`)
         to load.  A partial load ends on a block boundary (start + k a multiple of
-        `block_size`); `bytes_per_token` is one worker's KV bytes per token.  `waits`:
-        the request could be scheduled now, so the steps a promotion spans are waited
-        (False for a queued request's prefetch, which waits in the queue anyway)."""
+        `block_size`); `bytes_per_token` is one worker's KV bytes per token."""
         segs = [s for s in segments if s.tokens > 0]
         total = sum(s.tokens for s in segs)
         recompute_all = self.recompute_seconds(start, total) if self.prefill.known else math.inf
         if self.mode == ALWAYS_LOAD or not self.prefill.known or not segs:
             basis = ALWAYS_LOAD if self.mode == ALWAYS_LOAD else "cold"
-            return self._decision(segs, total, start, bytes_per_token, recompute_all, basis,
-                                  waits=waits)
+            return self._decision(segs, total, start, bytes_per_token, recompute_all, basis)
         best_k, best_cost = 0, recompute_all
         for k in self._candidates(segs, start, total, block_size):
-            cost = (self._load_seconds(segs, k, bytes_per_token, waits)
+            cost = (self._load_seconds(segs, k, bytes_per_token)
                     + self.recompute_seconds(start + k, total - k))
             if cost < best_cost:
                 best_k, best_cost = k, cost
         if best_k < total and self._probe(segs, best_k):
-            return self._decision(segs, total, start, bytes_per_token, recompute_all, "probe",
-                                  waits=waits)
+            return self._decision(segs, total, start, bytes_per_token, recompute_all, "probe")
         basis = "measured" if self.prefill.measured and all(
             self.tier_basis(s.tier) == "measured" for s in segs) else "prior"
         return self._decision(segs, best_k, start, bytes_per_token, recompute_all, basis,
-                              total=total, waits=waits)
+                              total=total)
 
     def _probe(self, segs: list[Segment], k: int) -> bool:
         """Whether to load the whole run once, to measure a tier it would recompute:
@@ -471,8 +462,7 @@ class LoadCost:
             if 0 < k <= total:
                 yield k
 
-    def _load_seconds(self, segs: list[Segment], k: int, bytes_per_token: float,
-                      waits: bool = True) -> float:
+    def _load_seconds(self, segs: list[Segment], k: int, bytes_per_token: float) -> float:
         seconds, left = 0.0, k
         staged, staged_s, direct = False, 0.0, True
         for s in segs:
@@ -485,14 +475,13 @@ class LoadCost:
                 staged, staged_s = True, staged_s + t
                 direct = direct and s.tier in self.direct_tiers
             left -= n
-        if waits and staged and not (direct and staged_s <= self.direct_read_max_s):
+        if staged and not (direct and staged_s <= self.direct_read_max_s):
             # Promoted into host first: usable a step or two after it lands.
             seconds += self.promotion_wait_s
         return seconds
 
     def _decision(self, segs: list[Segment], k: int, start: int, bytes_per_token: float,
-                  recompute_all: float, basis: str, total: int | None = None,
-                  waits: bool = True) -> LoadDecision:
+                  recompute_all: float, basis: str, total: int | None = None) -> LoadDecision:
         total = k if total is None else total
         per_tier: dict[str, list[int]] = {}
         left = k
@@ -502,11 +491,11 @@ class LoadCost:
             entry[0] += loaded
             entry[1] += s.tokens - loaded
             left -= loaded
-        load_s = self._load_seconds(segs, k, bytes_per_token, waits)
+        load_s = self._load_seconds(segs, k, bytes_per_token)
         return LoadDecision(k, total, tuple((t, a, b) for t, (a, b) in per_tier.items()),
                             load_s, recompute_all, basis,
                             load_s if k == total else self._load_seconds(segs, total,
-                                                                         bytes_per_token, waits))
+                                                                         bytes_per_token))
 
     # -- metrics -------------------------------------------------------------------
     def count(self, decision: LoadDecision) -> None:

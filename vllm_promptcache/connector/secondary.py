@@ -344,23 +344,19 @@ class SecondaryTiers:
     def prefetch(self, keys: list[BlockKey], start: int, spare: Callable[[BlockKey], bool],
                  tail: TailAt | None = None) -> int:
         """Promote the run keys[start:] found below host ahead of a queued request's
-        turn, as much of it as beats recomputing it (load_cost.py), priced by its read
-        alone: the steps a promotion spans pass while the request is queued.  A run
-        that will be recomputed is not moved (its transfer would only compete with the
+        turn, as much of it as its own lookup would load (load_cost.py): a run that
+        will be recomputed is not moved (its transfer would only compete with the
         engine for the machine, and its blocks push others out of host).  Returns
         blocks issued; no decision is counted (the request makes its own)."""
         if self.cost is None:
             return self.promote(keys, start, spare, prefetch=True,
                                 run=self._run_below(keys, start, tail=tail))
-        # Queued, the request waits out the steps a promotion spans: only the read is
-        # priced (the request counts its own decision, once it can be scheduled).
-        run, _ = self._priced_run(keys, start, tail, waits=False)
+        run, _ = self._priced_run(keys, start, tail)  # the request counts the decision
         if not run:
             return 0
         return self.promote(keys, start, spare, prefetch=True, max_blocks=len(run), run=run)
 
-    def _priced_run(self, keys: list[BlockKey], start: int, tail: TailAt | None = None,
-                    waits: bool = True
+    def _priced_run(self, keys: list[BlockKey], start: int, tail: TailAt | None = None
                     ) -> tuple[list[tuple[BlockKey, Any, str, int]], LoadDecision | None]:
         """The run keys[start:] found below host (with its tail), cut to what is worth
         loading, with the decision that cut it (None: nothing found)."""
@@ -374,7 +370,7 @@ class SecondaryTiers:
             else:
                 segments.append(Segment(tier.name, self.block_size))
         decision = self.cost.decide(segments, start * self.block_size,
-                                    self.bytes_per_token, self.block_size, waits=waits)
+                                    self.bytes_per_token, self.block_size)
         return run[:decision.load_tokens // self.block_size], decision
 
     def tier(self, name: str) -> Any:
