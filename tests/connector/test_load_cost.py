@@ -325,3 +325,8 @@ def test_the_steps_a_promotion_spans_are_part_of_a_loads_cost():
     assert cost.load_seconds("disk", 16, 1024) < 0.005
     assert cost.load_seconds("disk", 128, 1024) > 0.015, "too long a read for a direct one"
     assert cost.load_seconds("remote", 16, 1024) > 0.015, "the remote tier is never read direct"
+    # One rule, which secondary.py's direct reads ask too; a run that spans disk and
+    # remote is promoted, however short its disk part.
+    assert cost.direct_read("disk", 16 * 1024) and not cost.direct_read("disk", 128 * 1024)
+    assert not cost.direct_read("remote", 16 * 1024)
+    assert cost._load_seconds([Segment("disk", 8), Segment("remote", 8)], 16, 1024) > 0.015

@@ -293,7 +293,7 @@ class LoadCost:
         if not (seconds >= 0 and math.isfinite(seconds)):
             return
         t = self._tier(tier)
-        t.round_trip_s = seconds if t.round_trip_s is None else 0.75 * t.round_trip_s + 0.25 * seconds
+        t.round_trip_s = _ewma(t.round_trip_s, seconds)
 
     def observe_promotion_wait(self, seconds: float) -> None:
         """A promotion was reported `seconds` after its read itself would have let it:
@@ -303,8 +303,7 @@ class LoadCost:
         of the read: a 40 ms read in a pipeline of 15 ms steps keeps it about 70 ms."""
         if not (seconds >= 0 and math.isfinite(seconds)):
             return
-        old = self._promotion_wait_s
-        self._promotion_wait_s = seconds if old is None else 0.75 * old + 0.25 * seconds
+        self._promotion_wait_s = _ewma(self._promotion_wait_s, seconds)
 
     @property
     def promotion_wait_s(self) -> float:
@@ -391,6 +390,12 @@ class LoadCost:
         return (self.load_seconds(tier, tokens, bytes_per_token)
                 >= self.recompute_seconds(start, tokens))
 
+    def direct_read(self, tier: str, nbytes: float) -> bool:
+        """Whether `nbytes` from `tier` are read in the step that loads them (a direct
+        read: the tier is in `direct_tiers` and the read is expected within
+        `direct_read_max_s`), so a load of them waits no promotion's steps."""
+        return tier in self.direct_tiers and self.tier_seconds(tier, nbytes) <= self.direct_read_max_s
+
     def load_seconds(self, tier: str, tokens: int, bytes_per_token: float) -> float:
         """Expected time until `tokens` tokens found in `tier` can be loaded: the read,
         and for a tier staged through host, the engine steps a promotion spans (unless
@@ -464,18 +469,16 @@ class LoadCost:
 
     def _load_seconds(self, segs: list[Segment], k: int, bytes_per_token: float) -> float:
         seconds, left = 0.0, k
-        staged, staged_s, direct = False, 0.0, True
+        staged: dict[str, float] = {}  # tier staged through host -> its bytes
         for s in segs:
             if left <= 0:
                 break
             n = min(left, s.tokens)
-            t = self.tier_seconds(s.tier, n * bytes_per_token)
-            seconds += t
+            seconds += self.tier_seconds(s.tier, n * bytes_per_token)
             if s.tier in STAGED_THROUGH_HOST:
-                staged, staged_s = True, staged_s + t
-                direct = direct and s.tier in self.direct_tiers
+                staged[s.tier] = staged.get(s.tier, 0.0) + n * bytes_per_token
             left -= n
-        if staged and not (direct and staged_s <= self.direct_read_max_s):
+        if staged and not (len(staged) == 1 and self.direct_read(*next(iter(staged.items())))):
             # Promoted into host first: usable a step or two after it lands.
             seconds += self.promotion_wait_s
         return seconds
@@ -522,6 +525,11 @@ class LoadCost:
         for (tier, decision), n in self._decisions.items():
             stats.inc("load_decisions_total", n, tier=(tier, decision))
         self._decisions.clear()
+
+
+def _ewma(old: float | None, new: float, weight: float = 0.25) -> float:
+    """A running mean of round trips and waits: the newest sample weighs `weight`."""
+    return new if old is None else (1.0 - weight) * old + weight * new
 
 
 class WaitBudgets:

@@ -290,9 +290,9 @@ class SecondaryTiers:
         return self._short_read(run[0][1].name, len(run))
 
     def _short_read(self, tier: str, blocks: int) -> bool:
-        """Direct reads are on, and `blocks` from `tier` read within DIRECT_READ_MAX_S."""
-        return self.direct_reads and self.cost is not None and self.cost.tier_seconds(
-            tier, blocks * self.host.slot_bytes) <= DIRECT_READ_MAX_S
+        """Direct reads are on, and `blocks` from `tier` read within DIRECT_READ_MAX_S
+        (the cost model holds the rule: it prices such a read without a promotion's wait)."""
+        return self.cost is not None and self.cost.direct_read(tier, blocks * self.host.slot_bytes)
 
     def adopt(self, asker: str, keys: list[BlockKey], start: int,
               tail: TailAt | None = None) -> list[tuple[BlockKey, int]]:
