@@ -110,3 +110,20 @@ def test_background_threads_stay_put_where_another_process_holds_the_load_cpu(tm
         chosen, why = background_threads.choose_cpu(cpu, allowed)
         assert chosen == cpu, why
     assert background_threads.choose_cpu(None, allowed)[0] is None
+
+
+def test_the_plugins_threads_carry_their_names_into_the_os():
+    """An operator's `top -H` or /proc shows which of the plugin's threads use the
+    machine: a pool's thread is named after its prefix, shortened to fit 15 bytes."""
+    import threading
+
+    def comm() -> str:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+
+    pool = BackgroundPool(1, thread_name_prefix="promptcache-disk-write")
+    try:
+        assert pool.submit(comm).result() == "pc-disk-write_0"
+    finally:
+        pool.shutdown()
+    assert comm() != "pc-disk-write_0", "the calling thread keeps its own name"

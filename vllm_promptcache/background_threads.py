@@ -18,10 +18,16 @@ takes such a CPU on its own (`cpu_layer_loads.choose_load_cpu`); one the operato
 named (``--promptcache-load-cpu N``) is checked here, and the background threads stay
 where they started when another process's threads are bound to it
 (`cpu_layer_loads.claimed_by_other`).
+
+Each thread also gives the OS its Python name, shortened ("promptcache-disk-write_0"
+shows as "pc-disk-write_0" in `top -H`, `ps -L` and /proc), so an operator can see
+which of the plugin's threads use the machine (`name_os_thread`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import threading
@@ -39,7 +45,28 @@ def set_cpu(cpu: int | None) -> None:
     _cpu = cpu
 
 
+_PR_SET_NAME = 15  # linux/prctl.h
+_libc = None
+
+
+def name_os_thread() -> None:
+    """Give the calling thread's Python name to the OS (15 bytes; "promptcache-" is
+    shortened to "pc-"), once per thread.  Where prctl is missing, nothing happens."""
+    global _libc
+    if getattr(_local, "named", False):
+        return
+    _local.named = True
+    name = threading.current_thread().name.replace("promptcache-", "pc-", 1)
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _move_here() -> None:
+    name_os_thread()
     cpu = _cpu
     if cpu is None or getattr(_local, "cpu", None) == cpu:
         return

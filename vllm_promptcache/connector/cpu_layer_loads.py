@@ -43,6 +43,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .. import background_threads
+
 logger = logging.getLogger("vllm.promptcache")
 
 LayerWork = Callable[[int], None]
@@ -392,6 +394,7 @@ class LayerwiseLoads:
             self._cond.notify_all()
 
     def _loop(self, bound: threading.Event) -> None:
+        background_threads.name_os_thread()
         try:
             os.sched_setaffinity(0, {self.cpu})  # this thread only
         except OSError as e:

@@ -61,6 +61,7 @@ from typing import Callable, Mapping, Sequence
 
 from blake3 import blake3
 
+from ..background_threads import name_os_thread
 from .secondary_io import RateLimitedWarning as _RateLimitedWarning
 from .remote_url import RemoteURL, parse_remote_url
 from .untrusted import BadValue, field, hex_list, int_field, json_object
@@ -337,6 +338,7 @@ class RemoteStore:
             self._prober.start()
 
     def _probe_loop(self) -> None:
+        name_os_thread()
         delay = self.retry_initial_s
         while not self._closed.wait(delay):
             if self._probe():

@@ -21,6 +21,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
+from ..background_threads import name_os_thread
 from .keys import BlockKey
 from .remote_store import ChunkRef, RemoteStore, chunk_id, chunk_ranges
 
@@ -44,7 +45,8 @@ class RemoteTier:
         self.store = store
         self.block_bytes = block_bytes
         self.deadline_s = 4 * timeout_ms / 1000 + 0.05
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="promptcache-remote-lookup")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="promptcache-remote-lookup",
+                                        initializer=name_os_thread)
         self._where: OrderedDict[BlockKey, ChunkRef] = OrderedDict()
         self._by_chunk: dict[str, set[BlockKey]] = {}
         self._lookups: dict[str, tuple[Future | None, float, list[BlockKey]]] = {}
