@@ -182,7 +182,7 @@ def test_a_step_without_a_forward_waits_briefly_for_its_reads_to_report_them(
         read(*args)
 
     monkeypatch.setattr(io, "_read_one", slow_read)
-    monkeypatch.setattr(worker_module, "IDLE_STEP_READ_WAIT_S", 5.0)
+    monkeypatch.setattr(worker_module, "IDLE_STEP_WAIT_S", 5.0)
     meta = PromptCacheMetadata(promotions=[Promotion("p9", "f9", [0], [2], keys)],
                                no_forward=no_forward)
     w.start_promotions(meta)
@@ -194,6 +194,40 @@ def test_a_step_without_a_forward_waits_briefly_for_its_reads_to_report_them(
     else:
         assert reported is None, "a step with a forward does not wait for reads"
         assert [e[:3] for e in write_events(io, 1)] == [(PROMOTE, "p9", True)]
+
+
+@pytest.mark.parametrize("no_forward", [True, False])
+def test_a_step_without_a_forward_waits_for_a_write_in_flight_to_end(
+        worker, monkeypatch, no_forward):
+    """vLLM keeps an idle engine stepping while writes drain (has_pending_push_work),
+    only to hear of them.  A step without a forward waits for one to end and reports
+    it, rather than returning at once and being called again about every millisecond;
+    a step with a forward never waits for a write."""
+    import vllm_promptcache.connector.worker as worker_module
+
+    w, kv = worker
+    io = w.secondary["disk"]
+    write = io._write
+
+    def slow_write(*args):
+        time.sleep(0.2)
+        write(*args)
+
+    monkeypatch.setattr(io, "_write", slow_write)
+    monkeypatch.setattr(worker_module, "IDLE_STEP_WAIT_S", 5.0)
+    w._save("r8", None, [TierWrite("r8", "f8", [os.urandom(16)], [4])], None)
+    assert io.writes_in_flight()
+    meta = PromptCacheMetadata(no_forward=no_forward)
+    started = time.monotonic()
+    w.wait_for_save(meta)
+    reported = w.build_worker_meta()
+    if no_forward:
+        assert [e[:3] for e in reported.events] == [(WRITE, "f8", True)]
+        assert not io.writes_in_flight()
+    else:
+        assert time.monotonic() - started < 0.15, "a step with a forward does not wait"
+        assert reported is None or not reported.events
+        assert write_events(io, 1) == [(WRITE, "f8", True)]
 
 
 def disk_block(w, name, block):

@@ -46,9 +46,10 @@ from .tiers import host_tier_geometry, worker_tiers
 # Staged (GPU -> RAM copied, not yet on disk) bytes beyond which disk saves are dropped;
 # also the size of the staging pool allocated (pinned on GPU machines) at start-up.
 MAX_STAGED_BYTES = 1 << 30
-# On a step without a forward, how long the worker waits for promotions in flight
-# (wait_for_save): a few blocks from a local disk land in about a millisecond.
-IDLE_STEP_READ_WAIT_S = 0.005
+# On a step without a forward, how long the worker waits for promotions in flight, or
+# else for a write in flight to end (wait_for_save): a few blocks from a local disk
+# land in about a millisecond.
+IDLE_STEP_WAIT_S = 0.005
 # How long a step waits for a direct read (one its loads read, secondary.py) before it
 # counts the read as failed: its blocks are then reported to vLLM, which recomputes them.
 DIRECT_READ_WAIT_S = 0.5
@@ -184,15 +185,21 @@ class PromptCacheWorker:
                 self._promote(promo)
                 self._early_promos.add(promo.promo_id)
 
-    def _wait_reads(self, timeout_s: float) -> None:
+    def _wait_idle(self, timeout_s: float) -> None:
         """Wait (at most `timeout_s` in all) for the promotions in flight: on a step
         without a forward, nothing else waits on the worker, and a read that lands now
         is reported at this step's end, so the request waiting for it loads in the next
         step rather than one or two later (each such step is a round trip through the
-        engine).  Bounded, so a request arriving meanwhile waits no longer than that."""
+        engine).  With no read left, for one write in flight to end: the engine steps
+        on only to hear of the writes (has_pending_push_work), so one step per ended
+        write will do.  Bounded, so a request arriving meanwhile waits no longer."""
         deadline = time.monotonic() + timeout_s
         for io in self.secondary.values():
             if not io.wait_reads(deadline - time.monotonic()):
+                return
+        for io in self.secondary.values():
+            if io.writes_in_flight():
+                io.wait_for_a_write(deadline - time.monotonic())
                 return
 
     def _promote(self, promo: Any, watch: bool = False) -> None:
@@ -299,7 +306,7 @@ class PromptCacheWorker:
                 self._promote(promo)
         self._early_promos, self._early_meta = set(), None
         if meta.no_forward:
-            self._wait_reads(IDLE_STEP_READ_WAIT_S)
+            self._wait_idle(IDLE_STEP_WAIT_S)
         if not (meta.saves or meta.tier_writes):
             return
         ready = self._transfers.step_done_event()

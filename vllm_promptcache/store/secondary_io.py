@@ -68,6 +68,8 @@ class SecondaryIO:
         self._moved_lock = threading.Lock()
         self._reading = 0  # promotions started and not reported yet
         self._reading_cv = threading.Condition()
+        self._writes_ended = 0  # writes finished (or dropped after staging) so far
+        self._writes_cv = threading.Condition(self._staged_lock)
         self._watched: dict[str, bool | None] = {}  # promotion -> its outcome, once known
 
     # -- writes ----------------------------------------------------------------
@@ -81,8 +83,26 @@ class SecondaryIO:
             return True
 
     def unstage(self, num_blocks: int) -> None:
-        with self._staged_lock:
+        with self._writes_cv:
             self._staged_bytes -= num_blocks * self.block_bytes
+            self._writes_ended += 1
+            self._writes_cv.notify_all()
+
+    def writes_in_flight(self) -> bool:
+        with self._writes_cv:
+            return self._staged_bytes > 0
+
+    def wait_for_a_write(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` until a write in flight ends (or none is left); True
+        if one ended or none was in flight.  An idle engine step calls it: the engine
+        keeps stepping while writes drain (their reports come with a step), and one
+        step per ended write is enough, where returning at once made an idle engine
+        step about a thousand times a second through a slow store's writes."""
+        with self._writes_cv:
+            ended = self._writes_ended
+            return self._writes_cv.wait_for(
+                lambda: self._staged_bytes <= 0 or self._writes_ended != ended,
+                max(0.0, timeout_s))
 
     def drop_write(self, job_id: str, why: str) -> None:
         self._warn_dropped("promptcache: %s tier dropped a save (%s); serving goes on",
@@ -119,11 +139,12 @@ class SecondaryIO:
         raise NotImplementedError
 
     def _finish_write(self, job_id: str, num_blocks: int, staging: HostBuffer, ok: bool) -> None:
-        self.unstage(num_blocks)
         release = getattr(staging, "release", None)
         if release is not None:  # a lease from the worker's staging pool
             release()
+        # The event first: a step waiting for this write (wait_for_a_write) reports it.
         self._events.put((WRITE, job_id, ok))
+        self.unstage(num_blocks)
 
     # -- reports ---------------------------------------------------------------
     def _count(self, what: str, nbytes: int) -> None:
