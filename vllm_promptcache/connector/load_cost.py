@@ -37,7 +37,8 @@ of a found run to load; vLLM computes the rest.
   prefetch) measure a tier too, at no request's cost: feed them to observe_transfer.
 - `priced_out`: a tier measured as slower than recomputing a whole run is not asked
   about it, nor written with it (secondary.py): the round trip and the write would
-  only compete with the engine for the machine.  A probe due keeps it asked and written.
+  only compete with the engine for the machine.  A probe due keeps it asked, and
+  written with one run per probe interval, for the probe to find.
 - `mode=ALWAYS_LOAD` pins every decision to loading (benchmarks, tiers an operator
   knows are fast); the estimates are still kept and exported.
 - `lookup_budget_s`: how long a remote lookup (or a promotion) may be waited for
@@ -244,6 +245,7 @@ class _Tier:
     prior: TierPrior
     last_observed: float = -math.inf
     last_probe: float = -math.inf
+    last_probe_write: float = -math.inf  # priced_out(write=True) let a run through for probes
     round_trip_s: float | None = None  # an EWMA of round trips that moved no KV (lookups)
 
 
@@ -374,21 +376,32 @@ class LoadCost:
             return math.inf
         return self.recompute_seconds(start, tokens)
 
-    def priced_out(self, tier: str, start: int, tokens: int, bytes_per_token: float) -> bool:
+    def priced_out(self, tier: str, start: int, tokens: int, bytes_per_token: float,
+                   write: bool = False) -> bool:
         """Whether loading `tokens` tokens from `tier` at position `start` is measured
         as slower than recomputing them, with no probe of the tier due: then asking the
-        tier about them, or writing them to it, costs the machine work that no load will
-        repay.  False wherever the answer rests on a guess (ALWAYS_LOAD, the prefill or
-        the tier not measured yet) or the tier is due to be measured again."""
+        tier about them, or writing them to it (`write`), costs the machine work that no
+        load will repay.  False wherever the answer rests on a guess (ALWAYS_LOAD, the
+        prefill or the tier not measured yet) or the tier is due to be measured again.
+        A probe needs a run to find, not every run: while a probe is due, one write per
+        `probe_interval_s` goes through, and the rest are priced as if none were due
+        (an engine that never found a run in a slow store wrote every run to it)."""
         if self.mode == ALWAYS_LOAD or not self.prefill.measured or tokens <= 0:
             return False
         t = self._tiers.get(tier)
         if t is None or (t.estimate.n < self.min_samples and t.round_trip_s is None):
             return False
-        if self._probe_due(t, self.clock()):
-            return False  # the next run found there is a probe: keep it findable
-        return (self.load_seconds(tier, tokens, bytes_per_token)
-                >= self.recompute_seconds(start, tokens))
+        slower = (self.load_seconds(tier, tokens, bytes_per_token)
+                  >= self.recompute_seconds(start, tokens))
+        now = self.clock()
+        if not (slower and self._probe_due(t, now)):
+            return slower
+        if not write:
+            return False  # the next run found there is a probe: keep asking
+        if now - t.last_probe_write > self.probe_interval_s:
+            t.last_probe_write = now  # something for the probe to find
+            return False
+        return True
 
     def direct_read(self, tier: str, nbytes: float) -> bool:
         """Whether `nbytes` from `tier` are read in the step that loads them (a direct

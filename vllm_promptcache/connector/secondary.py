@@ -139,9 +139,10 @@ class SecondaryTiers:
                     self.cost.observe_round_trip(tier.name, seconds)
         return out
 
-    def _priced_out(self, tier: Any, start: int, blocks: int) -> bool:
+    def _priced_out(self, tier: Any, start: int, blocks: int, write: bool = False) -> bool:
         return self.cost is not None and self.cost.priced_out(
-            tier.name, start * self.block_size, blocks * self.block_size, self.bytes_per_token)
+            tier.name, start * self.block_size, blocks * self.block_size, self.bytes_per_token,
+            write=write)
 
     def forget(self, asker: str) -> None:
         self._direct.pop(asker, None)
@@ -482,7 +483,7 @@ class SecondaryTiers:
         promptcache_skipped_writes_total{tier})."""
         planned = 0
         for tier in self.tiers:
-            if self._priced_out(tier, 0, len(keys)):
+            if self._priced_out(tier, 0, len(keys), write=True):
                 self.stats.inc("skipped_writes_total", len(keys), tier=tier.name)
                 continue
             jobs, dropped = tier.plan_write(keys)
