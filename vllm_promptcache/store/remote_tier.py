@@ -45,7 +45,7 @@ class RemoteTier:
         self.store = store
         self.block_bytes = block_bytes
         self.deadline_s = 4 * timeout_ms / 1000 + 0.05
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="promptcache-remote-lookup",
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="promptcache-lookup",
                                         initializer=name_os_thread)
         self._where: OrderedDict[BlockKey, ChunkRef] = OrderedDict()
         self._by_chunk: dict[str, set[BlockKey]] = {}
