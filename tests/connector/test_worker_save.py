@@ -215,6 +215,7 @@ def test_a_step_without_a_forward_waits_for_a_write_in_flight_to_end(
 
     monkeypatch.setattr(io, "_write", slow_write)
     monkeypatch.setattr(worker_module, "IDLE_STEP_WAIT_S", 5.0)
+    monkeypatch.setattr(worker_module, "IDLE_STEP_WRITE_WAIT_S", 5.0)
     w._save("r8", None, [TierWrite("r8", "f8", [os.urandom(16)], [4])], None)
     assert io.writes_in_flight()
     meta = PromptCacheMetadata(no_forward=no_forward)

@@ -46,10 +46,12 @@ from .tiers import host_tier_geometry, worker_tiers
 # Staged (GPU -> RAM copied, not yet on disk) bytes beyond which disk saves are dropped;
 # also the size of the staging pool allocated (pinned on GPU machines) at start-up.
 MAX_STAGED_BYTES = 1 << 30
-# On a step without a forward, how long the worker waits for promotions in flight, or
-# else for a write in flight to end (wait_for_save): a few blocks from a local disk
-# land in about a millisecond.
+# On a step without a forward, how long the worker waits for promotions in flight
+# (wait_for_save): a few blocks from a local disk land in about a millisecond.
 IDLE_STEP_WAIT_S = 0.005
+# ... or, with none in flight, for a write in flight to end: no request waits for a
+# write, and one arriving meanwhile waits for this step, so the bound is shorter.
+IDLE_STEP_WRITE_WAIT_S = 0.002
 # How long a step waits for a direct read (one its loads read, secondary.py) before it
 # counts the read as failed: its blocks are then reported to vLLM, which recomputes them.
 DIRECT_READ_WAIT_S = 0.5
@@ -190,16 +192,17 @@ class PromptCacheWorker:
         without a forward, nothing else waits on the worker, and a read that lands now
         is reported at this step's end, so the request waiting for it loads in the next
         step rather than one or two later (each such step is a round trip through the
-        engine).  With no read left, for one write in flight to end: the engine steps
-        on only to hear of the writes (has_pending_push_work), so one step per ended
-        write will do.  Bounded, so a request arriving meanwhile waits no longer."""
+        engine).  With no read left, for one write in flight to end (at most
+        IDLE_STEP_WRITE_WAIT_S): the engine steps on only to hear of the writes
+        (has_pending_push_work), so one step per ended write will do.  Bounded, so a
+        request arriving meanwhile waits no longer."""
         deadline = time.monotonic() + timeout_s
         for io in self.secondary.values():
             if not io.wait_reads(deadline - time.monotonic()):
                 return
         for io in self.secondary.values():
             if io.writes_in_flight():
-                io.wait_for_a_write(deadline - time.monotonic())
+                io.wait_for_a_write(min(IDLE_STEP_WRITE_WAIT_S, deadline - time.monotonic()))
                 return
 
     def _promote(self, promo: Any, watch: bool = False) -> None:
