@@ -60,6 +60,17 @@ def write_events(io, n, timeout=10.0):
     return events
 
 
+def slowed(monkeypatch, obj, name: str, seconds: float) -> None:
+    """obj.name made `seconds` slower: a slow disk read or write."""
+    fn = getattr(obj, name)
+
+    def slow(*args):
+        time.sleep(seconds)
+        return fn(*args)
+
+    monkeypatch.setattr(obj, name, slow)
+
+
 def block_bytes(kv, block):
     return torch.cat([t[block].reshape(-1).view(torch.uint8) for t in kv.values()])
 
@@ -175,13 +186,7 @@ def test_a_step_without_a_forward_waits_briefly_for_its_reads_to_report_them(
     io = w.secondary["disk"]
     assert write_events(io, 1) == [(WRITE, "f9", True)]
     w.get_finished(set())
-    read = io._read_one
-
-    def slow_read(*args):
-        time.sleep(0.05)
-        read(*args)
-
-    monkeypatch.setattr(io, "_read_one", slow_read)
+    slowed(monkeypatch, io, "_read_one", 0.05)
     monkeypatch.setattr(worker_module, "IDLE_STEP_WAIT_S", 5.0)
     meta = PromptCacheMetadata(promotions=[Promotion("p9", "f9", [0], [2], keys)],
                                no_forward=no_forward)
@@ -207,13 +212,7 @@ def test_a_step_without_a_forward_waits_for_a_write_in_flight_to_end(
 
     w, kv = worker
     io = w.secondary["disk"]
-    write = io._write
-
-    def slow_write(*args):
-        time.sleep(0.2)
-        write(*args)
-
-    monkeypatch.setattr(io, "_write", slow_write)
+    slowed(monkeypatch, io, "_write", 0.2)
     monkeypatch.setattr(worker_module, "IDLE_STEP_WAIT_S", 5.0)
     monkeypatch.setattr(worker_module, "IDLE_STEP_WRITE_WAIT_S", 5.0)
     w._save("r8", None, [TierWrite("r8", "f8", [os.urandom(16)], [4])], None)
