@@ -23,6 +23,11 @@ PREFIX = "vllm:promptcache_"
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 # A histogram's observations kept per interval (a payload vLLM never collects stays bounded).
 HISTOGRAM_CAP = 4096
+# A payload of histogram observations alone (a step's hook timings, nothing else
+# changed) is held back until it has HISTOGRAM_BATCH of them or is HISTOGRAM_HOLD_S
+# old: a quiet step then ships nothing, and vLLM skips its whole stats path for it.
+HISTOGRAM_BATCH = 256
+HISTOGRAM_HOLD_S = 1.0
 SCHEDULER_SECONDS_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
 # Not a metric: keys of layout templates whose gap encoding the scheduler side could
 # not find (modules/encoded_gaps.py); the front end's logger passes them on.
@@ -100,6 +105,9 @@ def _label_of(labels: dict) -> str | None:
     return ",".join(labels[k] for k in _LABELS if labels.get(k)) or None
 
 
+_UNSET = object()
+
+
 def _key(name: str, tier: str | tuple | None) -> str:
     return f"{name}|{','.join(tier) if isinstance(tier, tuple) else tier or ''}"
 
@@ -117,6 +125,10 @@ class PromptCacheStats(KVConnectorStats):
     def __post_init__(self):
         if COUNTER not in self.data:
             self.reset()
+        # The producer's memory across take(): each gauge's value as last shipped, and
+        # when a payload last left (never shipped in the payload itself).
+        self._shipped: dict[str, float] = {}
+        self._shipped_at = time.monotonic()
 
     def reset(self):
         self.data = {COUNTER: {}, GAUGE: {}, HISTOGRAM: {}, GAPS_MISSING: []}
@@ -131,8 +143,14 @@ class PromptCacheStats(KVConnectorStats):
         self.data[COUNTER][k] = self.data[COUNTER].get(k, 0) + value
 
     def set(self, name: str, value: float, tier: str | None = None) -> None:
+        """A gauge's value, shipped only where it differs from the one last shipped
+        (Prometheus keeps a gauge's last value): a step that changed nothing sends none."""
         assert METRICS[name][0] == GAUGE, name
-        self.data[GAUGE][_key(name, tier)] = value
+        k = _key(name, tier)
+        if self._shipped.get(k, _UNSET) == value:
+            self.data[GAUGE].pop(k, None)
+        else:
+            self.data[GAUGE][k] = value
 
     def observe(self, name: str, value: float, tier: str | None = None) -> None:
         assert METRICS[name][0] == HISTOGRAM, name
@@ -178,12 +196,23 @@ class PromptCacheStats(KVConnectorStats):
                     or self.data.get(HISTOGRAM) or self.data.get(GAPS_MISSING))
 
     def take(self) -> "PromptCacheStats | None":
-        """This interval's payload, leaving self empty for the next one."""
-        if self.is_empty():
+        """This interval's payload, leaving self empty for the next one; None while
+        there is nothing to ship, or only a few histogram observations (see
+        HISTOGRAM_BATCH: they go with the next payload)."""
+        if self.is_empty() or self._only_a_few_observations():
             return None
         out = PromptCacheStats(data=self.data)
+        self._shipped.update(self.data[GAUGE])
+        self._shipped_at = time.monotonic()
         self.reset()
         return out
+
+    def _only_a_few_observations(self) -> bool:
+        d = self.data
+        if d.get(COUNTER) or d.get(GAUGE) or d.get(GAPS_MISSING):
+            return False
+        held = sum(len(v) for v in d.get(HISTOGRAM, {}).values())
+        return held < HISTOGRAM_BATCH and time.monotonic() - self._shipped_at < HISTOGRAM_HOLD_S
 
 
 # Why a request is served uncached (connector/request_keys.py's `Unkeyable`): the
