@@ -297,6 +297,7 @@ def _drive(case, llm, convs, args, store, shutdown_llm, SamplingParams) -> dict:
                 "cached_tokens": out.num_cached_tokens or 0,
                 "ttft_s": m.first_token_latency,
                 "scheduled_ts": m.scheduled_ts, "first_token_ts": m.first_token_ts,
+                "last_token_ts": m.last_token_ts, "queued_ts": m.queued_ts,
             })
             history[i] += list(out.outputs[0].token_ids)
             turn[i] += 1
@@ -311,6 +312,9 @@ def _drive(case, llm, convs, args, store, shutdown_llm, SamplingParams) -> dict:
         time.sleep(1.0)
         plugin = read_metrics(llm)
     shutdown_llm(llm)
+    if os.environ.get("PC_DUMP"):
+        import json
+        json.dump(records, open(os.environ["PC_DUMP"] + "-" + case + "-" + str(int(time.time())) + ".json", "w"))
     out = {**summarize(case, records, wall, plugin), "engine_threads": threads}
     if case in PLUGIN_CASES:
         out["host_gb"] = host_gb_for(case, args)
