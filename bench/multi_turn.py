@@ -312,9 +312,6 @@ def _drive(case, llm, convs, args, store, shutdown_llm, SamplingParams) -> dict:
         time.sleep(1.0)
         plugin = read_metrics(llm)
     shutdown_llm(llm)
-    if os.environ.get("PC_DUMP"):
-        import json
-        json.dump(records, open(os.environ["PC_DUMP"] + "-" + case + "-" + str(int(time.time())) + ".json", "w"))
     out = {**summarize(case, records, wall, plugin), "engine_threads": threads}
     if case in PLUGIN_CASES:
         out["host_gb"] = host_gb_for(case, args)
@@ -383,8 +380,24 @@ def summarize(case: str, records: list[dict], wall: float, plugin: dict) -> dict
         "ttft_later_turns_p99_s": later_p["p99"],
         "prefill_time_s": prefill_time,
         "prefill_tokens_per_s": prompt_tokens / prefill_time if prefill_time else None,
+        **engine_pace(records),
         "plugin_metrics": plugin, "records": records,
     }
+
+
+def engine_pace(records: list[dict]) -> dict:
+    """What a TTFT percentile rides on beside the prefill: the wait in vLLM's queue
+    (p90), and the per-token decode time (median of the requests') of the requests
+    ahead, which hold the batch's seats.  The decode time is the same work in every
+    case (equal answers, equal batch limit): where it moves between cases or rounds,
+    the machine moved, and the TTFT ratios with it."""
+    queue = [r["scheduled_ts"] - r["queued_ts"] for r in records
+             if r.get("queued_ts") is not None and r.get("scheduled_ts") is not None]
+    decode = [(r["last_token_ts"] - r["first_token_ts"]) / (r["answer_tokens"] - 1)
+              for r in records if r.get("last_token_ts") and r.get("first_token_ts")
+              and r["answer_tokens"] > 1]
+    return {"queue_p90_s": percentiles(queue)["p90"] if queue else None,
+            "decode_ms_per_token_p50": 1e3 * statistics.median(decode) if decode else None}
 
 
 # Gauges among the plugin's metrics: pooled rounds keep the last value.
@@ -440,8 +453,8 @@ def table(results: dict[str, dict]) -> str:
     headers = ["case", "TTFT p50 / p90 / p99 (s)", "later turns p50 / p90 / p99 (s)"]
     for ref in refs:
         headers += [f"vs {ref}: p50 / p90 / p99", f"later turns vs {ref}"]
-    headers += ["prefill computed / minimum", "prefill tok/s", "hits host / disk / remote",
-                "load decisions"]
+    headers += ["prefill computed / minimum", "prefill tok/s", "queue p90 (s)",
+                "decode ms/token", "hits host / disk / remote", "load decisions"]
     rows = []
     for case, r in results.items():
         row = [case, _three(r, TTFT_KEYS[:3], secs), _three(r, TTFT_KEYS[3:], secs)]
@@ -452,6 +465,8 @@ def table(results: dict[str, dict]) -> str:
         row += [f"{r['prefill_tokens_computed']} / {r['prefill_tokens_minimum']} "
                 f"({ratio(vs_min)})",
                 f"{r['prefill_tokens_per_s']:.0f}" if r["prefill_tokens_per_s"] else "-",
+                secs(r.get("queue_p90_s")),
+                f"{r['decode_ms_per_token_p50']:.2f}" if r.get("decode_ms_per_token_p50") else "-",
                 f"{hits(r, 'host')} / {hits(r, 'disk')} / {hits(r, 'remote')}",
                 decisions(r)]
         rows.append(row)
