@@ -583,3 +583,35 @@ def test_a_load_vllm_trims_mid_block_copies_whole_blocks_and_never_plans_past_th
     # Counted as what vLLM took, not as the three blocks copied.
     counters = sched.get_kv_connector_stats().data["counter"]
     assert counters["hit_tokens_total|host"] == 2 * BS + 2
+
+
+def test_a_quiet_step_does_not_gather_the_tiers_gauges_and_a_request_event_does(sched):
+    """vLLM asks for stats after every step.  Gathering the tiers' figures on a decode
+    step where nothing happened only costs the step time; a step with a request event
+    gathers at once (a read right after generate() sees what it did), and a quiet one
+    at most every interval."""
+    now = [0.0]
+    sched.stats_gate.clock = lambda: now[0]
+    gathered = []
+    real = sched._gather_stats
+    sched._gather_stats = lambda: gathered.append(now[0]) or real()
+
+    def quiet_step():
+        sched.build_connector_meta(None)
+        sched.update_connector_output(output(set()))
+        return sched.get_kv_connector_stats()
+
+    first = quiet_step()  # start-up: the first step gathers
+    assert first.data["gauge"]["tier_capacity_bytes|host"] > 0 and gathered == [0.0]
+    now[0] += 0.01
+    assert quiet_step() is None and gathered == [0.0], "a quiet step gathered"
+    toks = list(range(100, 114))
+    finish_and_save(sched, request("a", toks), [7, 8, 9, 10])
+    saved = sched.get_kv_connector_stats()
+    assert gathered == [0.0, 0.01]
+    assert saved.data["gauge"]["tier_bytes_in_use|host"] > 0, "the save's occupancy not shipped"
+    now[0] += 0.02
+    assert quiet_step() is None and len(gathered) == 2
+    now[0] += sched.stats_gate.interval_s
+    quiet_step()
+    assert len(gathered) == 3, "a quiet engine's figures went stale past the interval"

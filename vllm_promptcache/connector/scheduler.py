@@ -45,6 +45,7 @@ from .request_state import Lookup, RequestState, RequestStates
 from .secondary import SecondaryTiers, TailAt
 from .sessions import EvictLast, Sessions, session_id_of
 from .shifted import ShiftedPlan, ShiftedReuse
+from .stats_gate import StatsGate
 from .step_timing import StepTimings
 from .tails import RunTails, Tail
 from .tiers import host_tier_geometry, model_fingerprint, scheduler_tiers
@@ -111,6 +112,7 @@ class PromptCacheScheduler:
         self._reported = {"host": 0}
         self.resets = 0
         self._reported_preemptions = 0
+        self.stats_gate = StatsGate()  # gathers gauges on request events, else now and then
         # Load or recompute by measured cost (load_cost.py): priced from the tiers' own
         # promotions and vLLM's step timings.
         self.cost = LoadCost(mode=config.load_decisions)
@@ -203,6 +205,7 @@ class PromptCacheScheduler:
     def get_num_new_matched_tokens(self, request: Any,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         req_id = request.request_id
+        self.stats_gate.event()
         state = self.requests.of(request)
         if not state.lookup_counted:
             state.lookup_counted = True
@@ -376,6 +379,7 @@ class PromptCacheScheduler:
         return self.secondary.prefetch(keys, start, spare, tail)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self.stats_gate.event()
         state = self.requests.of(request)
         self._unqueue(state)
         lookup = state.lookup
@@ -409,6 +413,7 @@ class PromptCacheScheduler:
 
     # -- saves -----------------------------------------------------------------
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        self.stats_gate.event()
         state = self.requests.of(request)
         self._unqueue(state)
         save_slots = None
@@ -512,6 +517,7 @@ class PromptCacheScheduler:
     # -- per step --------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: Any) -> PromptCacheMetadata:
         for req_id in compat.preempted_req_ids(scheduler_output):
+            self.stats_gate.event()
             state = self.requests.get(req_id)
             if state is not None:
                 self.requests.preempted(state)
@@ -530,10 +536,14 @@ class PromptCacheScheduler:
                                    no_forward=getattr(scheduler_output,
                                                       "total_num_scheduled_tokens", None) == 0)
         self._saves = []
+        if not meta.is_empty():
+            self.stats_gate.event()
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
         worker_meta = compat.worker_meta_of(connector_output)
+        if worker_meta is not None or connector_output.finished_sending:
+            self.stats_gate.event()
         if worker_meta is not None:
             # One rank may fail steps before the last rank finishes (vLLM reports
             # finished_sending once every rank is done): remember failures until then.
@@ -558,6 +568,11 @@ class PromptCacheScheduler:
         return bool(self._saves or self.requests.saving() or self.secondary.has_pending_work())
 
     def get_kv_connector_stats(self) -> PromptCacheStats | None:
+        if self.stats_gate.due():
+            self._gather_stats()
+        return self.stats.take()
+
+    def _gather_stats(self) -> None:
         self._report_delta("host", self.host.evictions, "evictions_total")
         self.stats.set("tier_bytes_in_use", self.host.bytes_in_use * self.world_size, tier="host")
         self.stats.set("tier_capacity_bytes", self.host.capacity_bytes * self.world_size, tier="host")
@@ -573,7 +588,6 @@ class PromptCacheScheduler:
         self.cost.export(self.stats)
         if self.remote is not None:  # the lookups' side of the store (the worker reports its own)
             export_store_counts(self.stats, self.remote.store.take_counts())
-        return self.stats.take()
 
     def _report_delta(self, name: str, total: int, metric: str, tier: str | None = None) -> None:
         new = total - self._reported[name]
@@ -618,6 +632,7 @@ class PromptCacheScheduler:
         self.requests.reset()
         self.resets += 1
         self.stats.inc("resets_total")
+        self.stats_gate.event()
         logger.info("promptcache: cache reset: %d host blocks dropped, %d prompt module(s) "
                     "dropped%s; disk and remote KV of before the reset is never served again "
                     "by this engine", dropped, len(modules),
