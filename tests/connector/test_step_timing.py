@@ -73,3 +73,23 @@ def test_mixed_steps_count_only_their_prefill_tokens():
     now[0] = 1.1
     timings.scheduled(step({"a": 1, "b": 1, "c": 1}))
     assert seen == [(200, 32, pytest.approx(0.9))]
+
+
+def test_a_steps_tokens_and_the_largest_prefills_position():
+    from vllm_promptcache.connector.step_timing import step_tokens
+
+    cached = SimpleNamespace(req_ids=["d1", "long", "d2"], num_computed_tokens=[700, 1200, 90])
+    new = [SimpleNamespace(req_id="first", num_computed_tokens=64)]
+    step = step_tokens(SimpleNamespace(
+        num_scheduled_tokens={"d1": 1, "first": 300, "long": 512, "d2": 1, "idle": 0},
+        scheduled_new_reqs=new, scheduled_cached_reqs=cached))
+    assert (step.prefill_tokens, step.decode_tokens, step.context) == (812, 2, 1200)
+    assert step.req_ids == {"d1", "first", "long", "d2", "idle"}
+    # The largest prefill is a new request: its position comes from the new list.
+    step = step_tokens(SimpleNamespace(num_scheduled_tokens={"first": 600, "long": 512},
+                                       scheduled_new_reqs=new, scheduled_cached_reqs=cached))
+    assert step.context == 64
+    # A decode-only step has no prefill position.
+    step = step_tokens(SimpleNamespace(num_scheduled_tokens={"d1": 1, "d2": 1},
+                                       scheduled_new_reqs=[], scheduled_cached_reqs=cached))
+    assert (step.prefill_tokens, step.decode_tokens, step.context) == (0, 2, 0)

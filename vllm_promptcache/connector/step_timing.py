@@ -40,18 +40,34 @@ class StepTokens:
 
 
 def step_tokens(scheduler_output: Any) -> StepTokens:
+    """One pass over the step's requests; the positions are looked up only for a step
+    with a prefill (a decode step, most of them, needs none)."""
     scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
-    starts = {getattr(req, "req_id", None): int(getattr(req, "num_computed_tokens", 0) or 0)
-              for req in getattr(scheduler_output, "scheduled_new_reqs", None) or ()}
+    prefill = decodes = most = 0
+    largest = None
+    for req_id, n in scheduled.items():
+        if n > 1:
+            prefill += n
+        elif n == 1:
+            decodes += 1
+        if n > most:
+            largest, most = req_id, n
+    context = _start_of(scheduler_output, largest) if prefill else 0
+    return StepTokens(prefill, decodes, context, frozenset(scheduled))
+
+
+def _start_of(scheduler_output: Any, req_id: Any) -> int:
+    """How many of the request's tokens were computed before this step."""
+    for req in getattr(scheduler_output, "scheduled_new_reqs", None) or ():
+        if getattr(req, "req_id", None) == req_id:
+            return int(getattr(req, "num_computed_tokens", 0) or 0)
     cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
     if cached is not None:
-        starts.update(zip(getattr(cached, "req_ids", ()) or (),
-                          (int(c) for c in getattr(cached, "num_computed_tokens", ()) or ())))
-    prefill = sum(n for n in scheduled.values() if n > 1)
-    decodes = sum(1 for n in scheduled.values() if n == 1)
-    largest = max(scheduled, key=scheduled.get, default=None)
-    context = starts.get(largest, 0) if prefill else 0
-    return StepTokens(prefill, decodes, context, frozenset(scheduled))
+        ids = list(getattr(cached, "req_ids", ()) or ())
+        computed = list(getattr(cached, "num_computed_tokens", ()) or ())
+        if req_id in ids and ids.index(req_id) < len(computed):
+            return int(computed[ids.index(req_id)])
+    return 0
 
 
 class StepTimings:
