@@ -187,7 +187,7 @@ def test_a_step_without_a_forward_waits_briefly_for_its_reads_to_report_them(
     assert write_events(io, 1) == [(WRITE, "f9", True)]
     w.get_finished(set())
     slowed(monkeypatch, io, "_read_one", 0.05)
-    monkeypatch.setattr(worker_module, "IDLE_STEP_WAIT_S", 5.0)
+    monkeypatch.setattr(worker_module, "IDLE_STEP_READ_WAIT_S", 5.0)
     meta = PromptCacheMetadata(promotions=[Promotion("p9", "f9", [0], [2], keys)],
                                no_forward=no_forward)
     w.start_promotions(meta)
@@ -213,7 +213,7 @@ def test_a_step_without_a_forward_waits_for_a_write_in_flight_to_end(
     w, kv = worker
     io = w.secondary["disk"]
     slowed(monkeypatch, io, "_write", 0.2)
-    monkeypatch.setattr(worker_module, "IDLE_STEP_WAIT_S", 5.0)
+    monkeypatch.setattr(worker_module, "IDLE_STEP_READ_WAIT_S", 5.0)
     monkeypatch.setattr(worker_module, "IDLE_STEP_WRITE_WAIT_S", 5.0)
     w._save("r8", None, [TierWrite("r8", "f8", [os.urandom(16)], [4])], None)
     assert io.writes_in_flight()

@@ -48,7 +48,7 @@ from .tiers import host_tier_geometry, worker_tiers
 MAX_STAGED_BYTES = 1 << 30
 # On a step without a forward, how long the worker waits for promotions in flight
 # (wait_for_save): a few blocks from a local disk land in about a millisecond.
-IDLE_STEP_WAIT_S = 0.005
+IDLE_STEP_READ_WAIT_S = 0.005
 # ... or, with none in flight, for a write in flight to end: no request waits for a
 # write, and one arriving meanwhile waits for this step, so the bound is shorter.
 IDLE_STEP_WRITE_WAIT_S = 0.002
@@ -309,7 +309,7 @@ class PromptCacheWorker:
                 self._promote(promo)
         self._early_promos, self._early_meta = set(), None
         if meta.no_forward:
-            self._wait_idle(IDLE_STEP_WAIT_S)
+            self._wait_idle(IDLE_STEP_READ_WAIT_S)
         if not (meta.saves or meta.tier_writes):
             return
         ready = self._transfers.step_done_event()

@@ -62,21 +62,21 @@ class SecondaryIO:
         self._gone: set[str] = set()
         self._corrupt_lock = threading.Lock()
         self._staged_bytes = 0
-        self._staged_lock = threading.Lock()
         self._warn_dropped = RateLimitedWarning(WARN_EVERY_SECONDS)
         self._moved = {"written": 0, "read": 0}
         self._moved_lock = threading.Lock()
         self._reading = 0  # promotions started and not reported yet
         self._reading_cv = threading.Condition()
         self._writes_ended = 0  # writes finished (or dropped after staging) so far
-        self._writes_cv = threading.Condition(self._staged_lock)
+        # Guards _staged_bytes and _writes_ended; notified when a write ends.
+        self._writes_cv = threading.Condition()
         self._watched: dict[str, bool | None] = {}  # promotion -> its outcome, once known
 
     # -- writes ----------------------------------------------------------------
     def try_stage(self, num_blocks: int) -> bool:
         """Claim staging memory for a write; False (drop the write) when too much is queued."""
         need = num_blocks * self.block_bytes
-        with self._staged_lock:
+        with self._writes_cv:
             if self._staged_bytes + need > self.max_staged_bytes:
                 return False
             self._staged_bytes += need
@@ -92,15 +92,14 @@ class SecondaryIO:
         with self._writes_cv:
             return self._staged_bytes > 0
 
-    def wait_for_a_write(self, timeout_s: float) -> bool:
-        """Wait up to `timeout_s` until a write in flight ends (or none is left); True
-        if one ended or none was in flight.  An idle engine step calls it: the engine
+    def wait_for_a_write(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` until a write in flight ends (or none is left).  An idle engine step calls it: the engine
         keeps stepping while writes drain (their reports come with a step), and one
         step per ended write is enough, where returning at once made an idle engine
         step about a thousand times a second through a slow store's writes."""
         with self._writes_cv:
             ended = self._writes_ended
-            return self._writes_cv.wait_for(
+            self._writes_cv.wait_for(
                 lambda: self._staged_bytes <= 0 or self._writes_ended != ended,
                 max(0.0, timeout_s))
 
