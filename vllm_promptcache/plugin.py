@@ -150,8 +150,9 @@ def install_cli_hooks() -> None:
 
 def register() -> None:
     """Entry point for `vllm.general_plugins`; safe to call many times."""
-    from .compat import check_vllm_version
+    from .compat import check_vllm_version, keep_worker_cores_with_this_connector
 
     check_vllm_version()
     migrate_legacy_env()
     install_cli_hooks()
+    keep_worker_cores_with_this_connector()
