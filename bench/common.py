@@ -144,7 +144,25 @@ def run_environment(dtype: str, load: MachineLoad, threads: dict[str, list],
     env["engine_threads"] = threads
     env["same_engine_threads"] = same_threads(threads)
     env["machine_load"] = load.record()
+    env["code_commit"] = code_commit()
     return env
+
+
+def code_commit() -> str | None:
+    """The commit the plugin's code came from, with "+dirty" where the package or the
+    benches differed from it; None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vllm_promptcache",
+                                "bench/*.py", "kernels"], cwd=root, text=True,
+                               capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _process_cpu() -> dict[int, tuple[int, float, float]]:
