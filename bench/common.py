@@ -148,20 +148,24 @@ def run_environment(dtype: str, load: MachineLoad, threads: dict[str, list],
     return env
 
 
+def git(*args: str) -> str | None:
+    """A git command's output in this checkout; None where git is missing or fails."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent,
+                              text=True, capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def code_commit() -> str | None:
     """The commit the plugin's code came from, with "+dirty" where the package or the
     benches differed from it; None outside a git checkout."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vllm_promptcache",
-                                "bench/*.py", "kernels"], cwd=root, text=True,
-                               capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
         return None
+    dirty = git("status", "--porcelain", "--", "vllm_promptcache", "bench/*.py", "kernels")
     return head + ("+dirty" if dirty else "")
 
 

@@ -396,7 +396,7 @@ def engine_pace(records: list[dict]) -> dict:
     decode = [(r["last_token_ts"] - r["first_token_ts"]) / (r["answer_tokens"] - 1)
               for r in records if r.get("last_token_ts") and r.get("first_token_ts")
               and r["answer_tokens"] > 1]
-    return {"queue_p90_s": percentiles(queue)["p90"] if queue else None,
+    return {"queue_p90_s": percentiles(queue)["p90"],
             "decode_ms_per_token_p50": 1e3 * statistics.median(decode) if decode else None}
 
 

@@ -275,16 +275,9 @@ def percentiles(xs: list[float]) -> dict:
 def code_version() -> dict:
     """The commit measured, and whether the package had uncommitted changes (the hooks
     timed are the working tree's)."""
-    import subprocess
-
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True,
-                                  cwd=Path(__file__).resolve().parent.parent).stdout.strip()
-        except OSError:
-            return ""
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted_package_changes": bool(git("status", "--porcelain", "vllm_promptcache"))}
+    return {"commit": common.git("rev-parse", "HEAD") or "",
+            "uncommitted_package_changes": bool(common.git("status", "--porcelain",
+                                                           "vllm_promptcache"))}
 
 
 def main() -> None:

@@ -402,9 +402,6 @@ def step_written_slots(forward_context: Any):
     return slots[slots >= 0]
 
 
-CONNECTOR_NAME = "PromptCacheConnector"
-
-
 def keep_worker_cores_with_this_connector() -> bool:
     """vLLM's CPU backend (vllm/utils/ompmultiprocessing.py, 0.32+) reserves one more core
     per worker for the engine process whenever any KV connector is configured ("for
@@ -417,6 +414,8 @@ def keep_worker_cores_with_this_connector() -> bool:
     reservation is kept for this connector alone (`VLLM_CPU_NUM_OF_RESERVED_CPU` still
     wins, as in vLLM).  Installed by the general plugin in every vLLM process; a vLLM
     without that module is left as it is.  True where installed."""
+    from .engine_config import CONNECTOR_CLASS
+
     try:
         from vllm.utils import ompmultiprocessing as omp
     except ImportError:
@@ -430,7 +429,7 @@ def keep_worker_cores_with_this_connector() -> bool:
 
     def __init__(self, config, *args, **kwargs):
         ktc = getattr(config, "kv_transfer_config", None)
-        if ktc is None or getattr(ktc, "kv_connector", None) != CONNECTOR_NAME:
+        if ktc is None or getattr(ktc, "kv_connector", None) != CONNECTOR_CLASS:
             return original(self, config, *args, **kwargs)
         config.kv_transfer_config = None  # read once, for the extra reservation only
         try:

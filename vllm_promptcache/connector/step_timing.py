@@ -63,10 +63,10 @@ def _start_of(scheduler_output: Any, req_id: Any) -> int:
             return int(getattr(req, "num_computed_tokens", 0) or 0)
     cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
     if cached is not None:
-        ids = list(getattr(cached, "req_ids", ()) or ())
-        computed = list(getattr(cached, "num_computed_tokens", ()) or ())
-        if req_id in ids and ids.index(req_id) < len(computed):
-            return int(computed[ids.index(req_id)])
+        for cached_id, computed in zip(getattr(cached, "req_ids", ()) or (),
+                                       getattr(cached, "num_computed_tokens", ()) or ()):
+            if cached_id == req_id:
+                return int(computed)
     return 0
 
 
